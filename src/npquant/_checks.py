@@ -1,0 +1,47 @@
+"""Argument checks shared by the public entry points (private)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import NpquantError
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def dtype_name(a) -> str:
+    """A dtype's name, also for ml_dtypes' types (bfloat16, float8_*)."""
+    return np.dtype(a.dtype).name
+
+
+def check_weight(w, name: str = "w") -> np.ndarray:
+    """Check that ``w`` is a non-empty 2-D floating array ``(out_features, in_features)``.
+
+    Returns ``w`` itself (an ndarray view of it), never a converted copy:
+    callers convert row chunks to float32 so big inputs stay cheap.
+    """
+    if not isinstance(w, np.ndarray):
+        raise NpquantError(f"{name} must be a numpy array (out_features, in_features), got {type(w).__name__}")
+    if dtype_name(w) not in _FLOAT_DTYPES:
+        raise NpquantError(
+            f"{name} must be floating ({', '.join(_FLOAT_DTYPES)}), got dtype {dtype_name(w)}; "
+            f"convert it with .astype(np.float32)"
+        )
+    if w.ndim != 2:
+        raise NpquantError(f"{name} must be 2-D (out_features, in_features), got shape {w.shape}")
+    if w.size == 0:
+        raise NpquantError(f"{name} must not be empty, got shape {w.shape}")
+    return w
+
+
+def check_finite_rows(chunk: np.ndarray, row0: int, name: str) -> None:
+    """Raise naming the first row of ``chunk`` (offset ``row0``) holding NaN or Inf."""
+    finite = np.isfinite(chunk).all(axis=1)
+    if not finite.all():
+        row = row0 + int(np.argmin(finite))
+        raise NpquantError(f"{name} row {row} holds NaN or Inf; only finite weights can be quantized")
+
+
+def rows_per_chunk(in_features: int, elements: int = 1 << 21) -> int:
+    """Rows per work chunk so that a float32 chunk holds about ``elements`` values (8 MiB)."""
+    return max(1, elements // max(1, in_features))

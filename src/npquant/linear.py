@@ -1,0 +1,104 @@
+"""The apply path: ``y = x @ dequantize(qt).T (+ bias)`` without the float32 weight.
+
+Backends, chosen by argument (never by a global):
+
+- ``"numpy"``: the reference. Dequantizes ``qt`` in tiles of rows (about 4 MiB
+  of float32 each) and multiplies each tile with BLAS, so the full float32
+  weight never exists.
+- ``"numba"``: fused kernels (optional extra ``npquant[fast]``) that read the
+  codes directly; see :mod:`npquant.kernels`.
+- ``"auto"``: ``"numba"`` when numba is installed, else ``"numpy"``.
+
+>>> import numpy as np
+>>> from npquant import quantize
+>>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+>>> x = np.ones((5, 64), np.float32)
+>>> linear(x, quantize(w, "w8-channel"), backend="numpy").shape
+(5, 32)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from ._checks import dtype_name
+from .errors import NpquantError
+from .quantize import QuantizedTensor
+
+__all__ = ["linear", "available_backends"]
+
+_BACKENDS = ("auto", "numpy", "numba")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_TILE_ELEMENTS = 1 << 20
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here, ``"numpy"`` first."""
+    names = ["numpy"]
+    if importlib.util.find_spec("numba") is not None and importlib.util.find_spec("npquant.kernels") is not None:
+        names.append("numba")
+    return names
+
+
+def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarray:
+    """Quantized linear layer ``x @ W.T + bias`` with ``W = qt.dequantize()``.
+
+    Parameters
+    ----------
+    x : float16, bfloat16, float32 or float64 (I,) or (..., I)
+        Activations; computed in float32.
+    qt : QuantizedTensor of shape (O, I)
+    bias : float (O,) or None
+    backend : {"auto", "numpy", "numba"}
+
+    Returns
+    -------
+    float32 (O,) or (..., O)
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise NpquantError(f"qt must be a QuantizedTensor (see npquant.quantize), got {type(qt).__name__}")
+    out_features, in_features = qt.shape
+    if not isinstance(x, np.ndarray) or dtype_name(x) not in _FLOAT_DTYPES:
+        got = dtype_name(x) if isinstance(x, np.ndarray) else type(x).__name__
+        raise NpquantError(f"x must be a floating numpy array ({', '.join(_FLOAT_DTYPES)}), got {got}")
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise NpquantError(
+            f"x shape {x.shape} does not fit the weight shape {qt.shape}: "
+            f"x's last dimension must be in_features={in_features}"
+        )
+    if bias is not None:
+        if not isinstance(bias, np.ndarray) or dtype_name(bias) not in _FLOAT_DTYPES:
+            raise NpquantError("bias must be a floating numpy array (O,) or None")
+        if bias.shape != (out_features,):
+            raise NpquantError(f"bias must have shape ({out_features},) for weight {qt.shape}, got {bias.shape}")
+    if backend not in _BACKENDS:
+        raise NpquantError(f"backend={backend!r} is not known; expected one of {_BACKENDS}")
+    if backend == "auto":
+        backend = available_backends()[-1]
+    if backend == "numba" and "numba" not in available_backends():
+        raise NpquantError("backend='numba' needs numba: pip install 'npquant[fast]'")
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).astype(np.float32)  # (M, I)
+    if backend == "numba":
+        from .kernels import numba_linear
+
+        y = numba_linear(x2, qt)
+    else:
+        y = _numpy_linear(x2, qt)
+    if bias is not None:
+        y += bias.astype(np.float32)
+    return y.reshape(*lead, out_features)
+
+
+def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:
+    """float32 ``(M, O)`` from ``x2 (M, I)``, dequantizing ``tile`` rows at a time."""
+    out_features, in_features = qt.shape
+    y = np.empty((x2.shape[0], out_features), np.float32)
+    tile = max(1, tile_elements // in_features)
+    for o0 in range(0, out_features, tile):
+        w_tile = qt.dequantize_rows(o0, min(o0 + tile, out_features))  # (T, I)
+        np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
+    return y

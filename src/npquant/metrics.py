@@ -1,0 +1,89 @@
+"""Error metrics between a weight and its reconstruction, computed in float64.
+
+>>> import numpy as np
+>>> w = np.array([[3.0, 4.0]])
+>>> relative_error(w, w), sqnr_db(w, w)
+(0.0, inf)
+>>> round(sqnr_db(w, w * 1.1), 6)
+20.0
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import NpquantError
+
+__all__ = [
+    "relative_error",
+    "sqnr_db",
+    "max_abs_error",
+    "per_channel_relative_error",
+    "output_relative_error",
+]
+
+
+def _pair(w, w_hat) -> tuple[np.ndarray, np.ndarray]:
+    w = np.asarray(w).astype(np.float64)
+    w_hat = np.asarray(w_hat).astype(np.float64)
+    if w.shape != w_hat.shape:
+        raise NpquantError(f"w_hat must have the shape of w {w.shape}, got {w_hat.shape}")
+    return w, w_hat
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` with 0/0 = 0 and x/0 = inf, no warnings."""
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return float(num / den)
+
+
+def relative_error(w, w_hat) -> float:
+    """``||w - w_hat||_F / ||w||_F``; 0 when both are zero."""
+    w, w_hat = _pair(w, w_hat)
+    return _ratio(float(np.linalg.norm(w - w_hat)), float(np.linalg.norm(w)))
+
+
+def sqnr_db(w, w_hat) -> float:
+    """Signal to quantization noise ratio ``20 * log10(||w|| / ||w - w_hat||)`` in dB.
+
+    ``inf`` for an exact reconstruction, without warnings.
+    """
+    rel = relative_error(w, w_hat)
+    if rel == 0.0:
+        return float("inf")
+    if rel == float("inf"):
+        return float("-inf")
+    return float(-20.0 * np.log10(rel))
+
+
+def max_abs_error(w, w_hat) -> float:
+    """``max |w - w_hat|``."""
+    w, w_hat = _pair(w, w_hat)
+    return float(np.max(np.abs(w - w_hat))) if w.size else 0.0
+
+
+def per_channel_relative_error(w, w_hat) -> np.ndarray:
+    """float64 ``(O,)``: relative error of each output row; 0 for an exact zero row."""
+    w, w_hat = _pair(w, w_hat)
+    if w.ndim != 2:
+        raise NpquantError(f"w must be 2-D (out_features, in_features), got shape {w.shape}")
+    num = np.linalg.norm(w - w_hat, axis=1)
+    den = np.linalg.norm(w, axis=1)
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den != 0)
+    out[(den == 0) & (num != 0)] = np.inf
+    return out
+
+
+def output_relative_error(x, w, w_hat) -> float:
+    """Relative Frobenius error of ``x @ w_hat.T`` against ``x @ w.T``.
+
+    ``x`` is ``(..., I)``; ``w`` and ``w_hat`` are ``(O, I)``.
+    """
+    w, w_hat = _pair(w, w_hat)
+    x = np.asarray(x).astype(np.float64)
+    if x.shape[-1] != w.shape[1]:
+        raise NpquantError(f"x last dimension must be in_features={w.shape[1]}, got x shape {x.shape}")
+    y = x @ w.T
+    return _ratio(float(np.linalg.norm(y - x @ w_hat.T)), float(np.linalg.norm(y)))

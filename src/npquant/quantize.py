@@ -1,0 +1,283 @@
+"""The quantization engine: one code path for every scheme.
+
+Rules (all arithmetic in float32, true division, round half to even):
+
+- symmetric int, ``b`` bits: ``qmax = 2**(b-1) - 1``;
+  ``scale = absmax(block) / qmax``; ``q = clip(round(w / scale), -qmax, qmax)``;
+  dequantized ``float32(q) * scale``.
+- asymmetric int: ``lo = min(min(block), 0)``, ``hi = max(max(block), 0)``;
+  ``scale = (hi - lo) / (2**b - 1)``; ``zero_point = clip(round(-lo / scale), 0, 2**b - 1)``;
+  ``q = clip(round(w / scale) + zero_point, 0, 2**b - 1)``;
+  dequantized ``(float32(q) - float32(zero_point)) * scale``.
+- fp8: ``scale = absmax(block) / fmax`` (448 for e4m3, 57344 for e5m2);
+  codes are ``w / scale`` cast to ``float8_e4m3fn`` / ``float8_e5m2`` (round to
+  nearest even); dequantized ``float32(codes) * scale``.
+- A block whose scale is 0 (all zeros) gets codes 0 (zero point 0) and
+  dequantizes to 0, without warnings.
+- With a float16/bfloat16 ``scale_dtype`` the scale is rounded to that dtype
+  first and the codes are computed with the rounded scale.
+
+Blocks follow :meth:`Scheme.block_shape`; the scale has shape
+``(O // block_rows, I // block_cols)``: ``(1, 1)`` per tensor, ``(O, 1)`` per
+channel, ``(O, I // group_size)`` per group.
+
+>>> import numpy as np
+>>> w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+>>> qt = quantize(w, "w4-g128")
+>>> qt.codes.shape, qt.scale.shape, qt.dequantize().shape, qt.nbytes
+((64, 128), (64, 2), (64, 256), 8704)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._checks import check_finite_rows, check_weight, dtype_name, rows_per_chunk
+from .errors import NpquantError
+from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .schemes import Scheme, get_scheme
+
+__all__ = ["QuantizedTensor", "quantize", "scale_numpy_dtype", "code_numpy_dtype"]
+
+
+def scale_numpy_dtype(scheme: Scheme) -> np.dtype:
+    """The numpy dtype scales are stored in."""
+    if scheme.scale_dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(scheme.scale_dtype)
+
+
+def code_numpy_dtype(scheme: Scheme) -> np.dtype:
+    """The dtype of :attr:`QuantizedTensor.codes`.
+
+    uint8 when packed (bits < 8) or asymmetric, int8 for symmetric int8,
+    ml_dtypes' float8 for fp8.
+    """
+    if scheme.dtype == "fp8_e4m3":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.float8_e4m3fn)
+    if scheme.dtype == "fp8_e5m2":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.float8_e5m2)
+    if scheme.packed or not scheme.symmetric:
+        return np.dtype(np.uint8)
+    return np.dtype(np.int8)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized weight: codes, scales, zero points, shape and scheme.
+
+    Attributes
+    ----------
+    codes : ndarray
+        ``(O, ceil(I * bits / 8))`` uint8 when packed (bits < 8; see
+        :mod:`npquant.packing`, stored value ``q + 2**(bits-1)`` symmetric,
+        ``q`` asymmetric); otherwise ``(O, I)`` int8 (symmetric int8), uint8
+        (asymmetric int8) or float8 (fp8).
+    scale : ndarray ``(O // block_rows, I // block_cols)`` in ``scheme.scale_dtype``
+    zero_point : uint8 ndarray, same shape as ``scale``, or None (symmetric)
+    shape : (O, I)
+    scheme : Scheme
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    shape: tuple[int, int]
+    scheme: Scheme
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        out_features, in_features = self.shape
+        scheme = self.scheme
+        bo, bi = scheme.block_shape(self.shape)
+        want_codes = (
+            (out_features, packed_row_bytes(in_features, scheme.bits)) if scheme.packed else self.shape
+        )
+        if self.codes.shape != want_codes or self.codes.dtype != code_numpy_dtype(scheme):
+            raise NpquantError(
+                f"codes must be {code_numpy_dtype(scheme).name} {want_codes} for {scheme} and shape "
+                f"{self.shape}, got {dtype_name(self.codes)} {self.codes.shape}"
+            )
+        want_scale = (out_features // bo, in_features // bi)
+        if self.scale.shape != want_scale or self.scale.dtype != scale_numpy_dtype(scheme):
+            raise NpquantError(
+                f"scale must be {scheme.scale_dtype} {want_scale}, got {dtype_name(self.scale)} {self.scale.shape}"
+            )
+        if scheme.symmetric != (self.zero_point is None):
+            raise NpquantError(
+                "zero_point must be given exactly when the scheme is asymmetric "
+                f"(symmetric={scheme.symmetric}, zero_point={'None' if self.zero_point is None else 'array'})"
+            )
+        if self.zero_point is not None and (
+            self.zero_point.shape != want_scale or self.zero_point.dtype != np.uint8
+        ):
+            raise NpquantError(
+                f"zero_point must be uint8 {want_scale}, got {dtype_name(self.zero_point)} {self.zero_point.shape}"
+            )
+
+    # --- accounting ----------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held: codes + scale (+ zero point).
+
+        ``O * ceil(I * bits / 8) + n_blocks * scale_bytes (+ n_blocks)``.
+        """
+        total = self.codes.nbytes + self.scale.nbytes
+        if self.zero_point is not None:
+            total += self.zero_point.nbytes
+        return int(total)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * nbytes / (O * I)``: storage cost per weight, scales included."""
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """``(block_rows, block_cols)`` sharing one scale."""
+        return self.scheme.block_shape(self.shape)
+
+    # --- decoding ------------------------------------------------------
+    def int_codes(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Unpacked codes of rows ``[start, stop)``.
+
+        Returns int8 ``(R, I)`` for symmetric int (in ``[-qmax, qmax]``),
+        uint8 for asymmetric int (in ``[0, 2**bits - 1]``), float8 for fp8.
+        """
+        scheme = self.scheme
+        rows = self.codes[start:stop]
+        if not scheme.packed:
+            return rows.copy()
+        u = unpack_codes(rows, scheme.bits, self.shape[1])
+        if not scheme.symmetric:
+            return u
+        return (u.astype(np.int16) - (1 << (scheme.bits - 1))).astype(np.int8)
+
+    def row_scales(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 ``(R, I // block_cols)``: the scale of each block of rows ``[start, stop)``."""
+        stop = self.shape[0] if stop is None else stop
+        index = np.arange(start, stop) // self.block_shape[0]
+        return self.scale[index].astype(np.float32)
+
+    def dequantize_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 ``(R, I)``: rows ``[start, stop)`` of the dequantized weight."""
+        stop = self.shape[0] if stop is None else stop
+        in_features = self.shape[1]
+        bi = self.block_shape[1]
+        q = self.int_codes(start, stop).astype(np.float32)  # (R, I)
+        rows = q.shape[0]
+        q = q.reshape(rows, in_features // bi, bi)  # (R, CB, bi)
+        if self.zero_point is not None:
+            index = np.arange(start, stop) // self.block_shape[0]
+            q -= self.zero_point[index].astype(np.float32)[:, :, None]
+        q *= self.row_scales(start, stop)[:, :, None]
+        return q.reshape(rows, in_features)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 ``(O, I)``: the weight the codes stand for."""
+        return self.dequantize_rows(0, self.shape[0])
+
+
+def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> QuantizedTensor:
+    """Quantize a weight matrix with a scheme (a :class:`Scheme` or a preset name).
+
+    Parameters
+    ----------
+    w : float16, bfloat16, float32 or float64 (O, I)
+        The weight, ``(out_features, in_features)``. Never modified; read in
+        row chunks, so a memory-mapped ``w`` is never copied whole.
+    scheme : Scheme or str
+    name : str
+        How error messages call ``w``.
+
+    Returns
+    -------
+    QuantizedTensor
+    """
+    scheme = get_scheme(scheme)
+    check_weight(w, name)
+    out_features, in_features = w.shape
+    bo, bi = scheme.block_shape(w.shape)
+    n_col_blocks = in_features // bi
+    step = rows_per_chunk(in_features)
+    f32 = np.float32
+
+    # Pass 1: per-row block statistics, then reduced over block rows.
+    lo_rows = np.empty((out_features, n_col_blocks), f32)
+    hi_rows = np.empty((out_features, n_col_blocks), f32)
+    for r0 in range(0, out_features, step):
+        chunk = np.asarray(w[r0 : r0 + step]).astype(f32)  # (R, I)
+        check_finite_rows(chunk, r0, name)
+        blocks = chunk.reshape(chunk.shape[0], n_col_blocks, bi)  # (R, CB, bi)
+        if scheme.symmetric:
+            hi_rows[r0 : r0 + step] = np.abs(blocks).max(axis=2)
+        else:
+            lo_rows[r0 : r0 + step] = blocks.min(axis=2)
+            hi_rows[r0 : r0 + step] = blocks.max(axis=2)
+    hi = hi_rows.reshape(-1, bo, n_col_blocks).max(axis=1)  # (RB, CB)
+    if scheme.symmetric:
+        scale = hi / f32(scheme.qmax)
+    else:
+        lo = np.minimum(lo_rows.reshape(-1, bo, n_col_blocks).min(axis=1), f32(0))
+        hi = np.maximum(hi, f32(0))
+        with np.errstate(over="ignore"):
+            scale = (hi - lo) / f32(scheme.qmax)
+
+    # The engine reads the stored scale, so quantize with it.
+    with np.errstate(over="ignore"):
+        stored_scale = scale.astype(scale_numpy_dtype(scheme))
+    scale = stored_scale.astype(f32)
+    if not np.isfinite(scale).all():
+        raise NpquantError(
+            f"{name}: a scale overflows {scheme.scale_dtype} (weights up to {float(np.abs(hi).max()):.3g}); "
+            f"use scale_dtype='float32'"
+        )
+
+    zero_point = None
+    if not scheme.symmetric:
+        zp = _safe_divide(-lo, scale)
+        zero_point = np.clip(np.rint(zp), 0, scheme.qmax).astype(np.uint8)  # (RB, CB)
+        zp_f32 = zero_point.astype(f32)
+
+    # Pass 2: codes, chunk by chunk.
+    codes = np.empty(
+        (out_features, packed_row_bytes(in_features, scheme.bits)) if scheme.packed else w.shape,
+        dtype=code_numpy_dtype(scheme),
+    )
+    for r0 in range(0, out_features, step):
+        chunk = np.asarray(w[r0 : r0 + step]).astype(f32)  # (R, I)
+        rows = chunk.shape[0]
+        index = np.arange(r0, r0 + rows) // bo
+        blocks = chunk.reshape(rows, n_col_blocks, bi)  # (R, CB, bi)
+        ratio = _safe_divide(blocks, scale[index][:, :, None])  # (R, CB, bi)
+        if scheme.is_float:
+            np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
+            codes[r0 : r0 + rows] = ratio.reshape(rows, in_features).astype(codes.dtype)
+            continue
+        np.rint(ratio, out=ratio)
+        if zero_point is not None:
+            ratio += zp_f32[index][:, :, None]
+        np.clip(ratio, scheme.qmin, scheme.qmax, out=ratio)
+        q = ratio.reshape(rows, in_features)
+        if scheme.packed:
+            u = (q + f32(0 if zero_point is not None else 1 << (scheme.bits - 1))).astype(np.uint8)
+            codes[r0 : r0 + rows] = pack_codes(u, scheme.bits)
+        else:
+            codes[r0 : r0 + rows] = q.astype(codes.dtype)
+    return QuantizedTensor(codes, stored_scale, zero_point, w.shape, scheme)
+
+
+def _safe_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 ``a / b`` with 0 where ``b == 0`` (no warning)."""
+    a, b = np.broadcast_arrays(a, b)
+    out = np.zeros(a.shape, np.float32)
+    np.divide(a, b, out=out, where=b != 0)
+    return out
