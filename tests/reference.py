@@ -1,0 +1,167 @@
+"""An independent reference of npquant's rules, written from the docstrings.
+
+It shares no code with npquant: plain Python loops over blocks, float64
+arithmetic rounded to float32 after each operation where the rules say
+float32 (for +, -, *, / of float32 operands, computing in float64 and
+rounding once gives exactly IEEE float32's answer, since 53 >= 2 * 24 + 2),
+Python's ``round`` (half to even), and fp8 values decoded from their bit
+fields by formula. It is slow and meant for small matrices.
+"""
+
+import math
+import struct
+
+import numpy as np
+
+
+def f32(v: float) -> float:
+    """Round a float64 to the nearest float32 (half to even), as a Python float."""
+    return float(np.float32(v))
+
+
+def round_bf16(v: float) -> float:
+    """Round a float32 value to bfloat16 (half to even), by its bits."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", v))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def round_scale(v: float, scale_dtype: str) -> float:
+    if scale_dtype == "float32":
+        return v
+    if scale_dtype == "float16":
+        return float(np.float16(v))
+    return round_bf16(v)
+
+
+# --- fp8 by formula -----------------------------------------------------
+FP8_FORMATS = {
+    # name: (exponent bits, mantissa bits, bias, has_inf)
+    "fp8_e4m3": (4, 3, 7, False),
+    "fp8_e5m2": (5, 2, 15, True),
+}
+
+
+def fp8_decode(code: int, fmt: str) -> float:
+    """The value of an 8-bit pattern: sign, exponent, mantissa fields."""
+    e_bits, m_bits, bias, has_inf = FP8_FORMATS[fmt]
+    sign = -1.0 if code & 0x80 else 1.0
+    exp = (code >> m_bits) & ((1 << e_bits) - 1)
+    man = code & ((1 << m_bits) - 1)
+    top = (1 << e_bits) - 1
+    if has_inf and exp == top:
+        return sign * math.inf if man == 0 else math.nan
+    if not has_inf and exp == top and man == (1 << m_bits) - 1:
+        return math.nan  # e4m3fn: only S.1111.111 is NaN, no infinities
+    if exp == 0:
+        return sign * man * 2.0 ** (1 - bias - m_bits)
+    return sign * (1 + man / 2**m_bits) * 2.0 ** (exp - bias)
+
+
+def fp8_finite_table(fmt: str) -> list[tuple[float, int]]:
+    """(value, code) of every finite pattern, +0 and -0 included."""
+    out = []
+    for code in range(256):
+        v = fp8_decode(code, fmt)
+        if math.isfinite(v):
+            out.append((v, code))
+    return out
+
+
+def fp8_round(v: float, fmt: str) -> int:
+    """Code of the nearest finite fp8 value; ties go to the even mantissa (code's low bit 0)."""
+    negative = math.copysign(1.0, v) < 0
+    best = None
+    for value, code in fp8_finite_table(fmt):
+        if value == 0 and bool(code & 0x80) != negative:
+            continue  # zero keeps the input's sign
+        d = abs(value - v)
+        key = (d, code & 1)
+        if best is None or key < best[0]:
+            best = (key, code)
+    return best[1]
+
+
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+
+
+# --- quantization -------------------------------------------------------
+def blocks(shape, granularity, group_size):
+    """Yield (rows, cols) index ranges of each block, in scale order (row-major)."""
+    out_features, in_features = shape
+    if granularity == "tensor":
+        yield range(out_features), range(in_features)
+    elif granularity == "channel":
+        for o in range(out_features):
+            yield range(o, o + 1), range(in_features)
+    else:
+        for o in range(out_features):
+            for g in range(in_features // group_size):
+                yield range(o, o + 1), range(g * group_size, (g + 1) * group_size)
+
+
+def reference_quantize(w, dtype="int", bits=8, granularity="channel", group_size=None,
+                       symmetric=True, scale_dtype="float32"):
+    """Codes (int64 or fp8 bit patterns), scales and zero points as nested lists.
+
+    Returns
+    -------
+    codes : int64 (O, I): signed codes (symmetric), unsigned (asymmetric), or
+        fp8 bit patterns
+    scales : list of float, one per block in row-major block order
+    zero_points : list of int or None
+    """
+    w = np.asarray(w).astype(np.float64)
+    codes = np.zeros(w.shape, dtype=np.int64)
+    scales, zero_points = [], []
+    for rows, cols in blocks(w.shape, granularity, group_size):
+        vals = [f32(w[o, i]) for o in rows for i in cols]
+        if dtype != "int":
+            qmax = FP8_MAX[dtype]
+        elif symmetric:
+            qmax = 2 ** (bits - 1) - 1
+        else:
+            qmax = 2**bits - 1
+        if symmetric:
+            scale = f32(max(abs(v) for v in vals) / qmax)
+        else:
+            lo = min(min(vals), 0.0)
+            hi = max(max(vals), 0.0)
+            scale = f32(f32(hi - lo) / qmax)
+        scale = round_scale(scale, scale_dtype)
+        scales.append(scale)
+        zp = 0
+        if not symmetric:
+            zp = 0 if scale == 0 else min(max(round(f32(-lo / scale)), 0), qmax)
+            zero_points.append(zp)
+        for o in rows:
+            for i in cols:
+                r = 0.0 if scale == 0 else f32(f32(w[o, i]) / scale)
+                if dtype != "int":
+                    codes[o, i] = fp8_round(min(max(r, -qmax), qmax), dtype)
+                elif symmetric:
+                    codes[o, i] = min(max(round(r), -qmax), qmax)
+                else:
+                    codes[o, i] = min(max(round(r) + zp, 0), qmax)
+    return codes, scales, (zero_points if not symmetric else None)
+
+
+def reference_dequantize(codes, scales, zero_points, shape, dtype="int", granularity="channel", group_size=None):
+    """float32 (O, I) from the reference's codes: ``(q - zp) * scale`` rounded to float32."""
+    out = np.zeros(shape, dtype=np.float32)
+    for b, (rows, cols) in enumerate(blocks(shape, granularity, group_size)):
+        zp = zero_points[b] if zero_points is not None else 0
+        for o in rows:
+            for i in cols:
+                q = fp8_decode(int(codes[o, i]), dtype) if dtype != "int" else codes[o, i] - zp
+                out[o, i] = f32(q * scales[b])
+    return out
+
+
+def reference_pack(values, bits):
+    """One row of unsigned values into bytes, through a Python big integer."""
+    acc = 0
+    for i, v in enumerate(values):
+        acc |= int(v) << (i * bits)
+    nbytes = (len(values) * bits + 7) // 8
+    return list(acc.to_bytes(nbytes, "little"))

@@ -1,0 +1,63 @@
+"""Scheme construction, presets and their rules."""
+
+import pytest
+
+import npquant
+from npquant import NpquantError, Scheme, get_scheme
+
+
+def test_presets_are_the_documented_list():
+    assert list(npquant.schemes()) == [
+        "w8-tensor", "w8-channel", "w8-g128", "w4-tensor", "w4-channel", "w4-g128", "w4-g64",
+        "w4-g32", "w4-g128-asym", "w3-g128", "w2-g64", "fp8-tensor", "fp8-channel",
+    ]
+    assert all(s.scale_dtype == "float32" for s in npquant.schemes().values())
+    assert get_scheme("w4-g128-asym") == Scheme("int", 4, "group", 128, symmetric=False)
+    assert get_scheme("fp8-channel") == Scheme("fp8_e4m3", 8, "channel")
+
+
+def test_format_facts():
+    assert (Scheme(bits=8).qmin, Scheme(bits=8).qmax) == (-127, 127)
+    assert (Scheme(bits=4).qmin, Scheme(bits=4).qmax) == (-7, 7)
+    assert (Scheme(bits=4, symmetric=False).qmin, Scheme(bits=4, symmetric=False).qmax) == (0, 15)
+    assert Scheme("fp8_e5m2").qmax == 57344.0
+    assert Scheme(bits=3).packed and not Scheme(bits=8).packed and not Scheme("fp8_e4m3").packed
+
+
+def test_schemes_are_frozen():
+    with pytest.raises(AttributeError):
+        Scheme().bits = 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dtype="int9"), r"dtype='int9' is not known; expected one of \('int', 'fp8_e4m3', 'fp8_e5m2'\)"),
+        (dict(bits=1), r"bits=1 is out of range; int codes take 2 to 8 bits"),
+        (dict(bits=9), r"bits=9 is out of range"),
+        (dict(bits=4.0), r"bits=4.0 must be an int"),
+        (dict(dtype="fp8_e4m3", bits=4), r"bits=4 does not fit dtype='fp8_e4m3'"),
+        (dict(dtype="fp8_e5m2", symmetric=False), r"symmetric=False is for int codes only"),
+        (dict(granularity="row"), r"granularity='row' is not known"),
+        (dict(granularity="group"), r"granularity='group' needs a positive int group_size, got None"),
+        (dict(granularity="group", group_size=0), r"needs a positive int group_size, got 0"),
+        (dict(granularity="channel", group_size=64), r"group_size=64 is only for granularity='group'"),
+        (dict(scale_dtype="float64"), r"scale_dtype='float64' is not known"),
+    ],
+)
+def test_invalid_combinations_say_what_is_allowed(kwargs, match):
+    with pytest.raises(NpquantError, match=match):
+        Scheme(**kwargs)
+
+
+def test_get_scheme_refuses_other_types():
+    with pytest.raises(NpquantError, match=r"scheme must be a Scheme or a preset name, got int"):
+        get_scheme(4)
+
+
+def test_describe_is_one_line_per_preset():
+    for name, s in npquant.schemes().items():
+        text = s.describe()
+        assert "\n" not in text and "scale" in text, name
+    assert "per group of 128 inputs" in get_scheme("w4-g128").describe()
+    assert "[0, 15] with zero point" in get_scheme("w4-g128-asym").describe()
