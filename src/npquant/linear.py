@@ -37,7 +37,7 @@ _TILE_ELEMENTS = 1 << 20
 def available_backends() -> list[str]:
     """Backends that can run here, ``"numpy"`` first."""
     names = ["numpy"]
-    if importlib.util.find_spec("numba") is not None and importlib.util.find_spec("npquant.kernels") is not None:
+    if importlib.util.find_spec("numba") is not None:
         names.append("numba")
     return names
 
@@ -101,4 +101,5 @@ def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TIL
     for o0 in range(0, out_features, tile):
         w_tile = qt.dequantize_rows(o0, min(o0 + tile, out_features))  # (T, I)
         np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
+        del w_tile  # free this tile before the next one is made
     return y

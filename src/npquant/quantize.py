@@ -168,18 +168,28 @@ class QuantizedTensor:
         return self.scale[index].astype(np.float32)
 
     def dequantize_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """float32 ``(R, I)``: rows ``[start, stop)`` of the dequantized weight."""
+        """float32 ``(R, I)``: rows ``[start, stop)`` of the dequantized weight.
+
+        Allocates the float32 rows and, when packed, one byte per code.
+        """
         stop = self.shape[0] if stop is None else stop
+        scheme = self.scheme
         in_features = self.shape[1]
         bi = self.block_shape[1]
-        q = self.int_codes(start, stop).astype(np.float32)  # (R, I)
-        rows = q.shape[0]
-        q = q.reshape(rows, in_features // bi, bi)  # (R, CB, bi)
+        rows = self.codes[start:stop]
+        if scheme.packed:
+            q = unpack_codes(rows, scheme.bits, in_features).astype(np.float32)  # (R, I)
+            if scheme.symmetric:
+                q -= np.float32(1 << (scheme.bits - 1))  # stored offset; exact
+        else:
+            q = rows.astype(np.float32)  # (R, I)
+        n_rows = q.shape[0]
+        q = q.reshape(n_rows, in_features // bi, bi)  # (R, CB, bi)
         if self.zero_point is not None:
             index = np.arange(start, stop) // self.block_shape[0]
             q -= self.zero_point[index].astype(np.float32)[:, :, None]
         q *= self.row_scales(start, stop)[:, :, None]
-        return q.reshape(rows, in_features)
+        return q.reshape(n_rows, in_features)
 
     def dequantize(self) -> np.ndarray:
         """float32 ``(O, I)``: the weight the codes stand for."""

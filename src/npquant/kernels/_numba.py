@@ -1,0 +1,225 @@
+"""numba kernels that read the codes directly (private; see :mod:`npquant.kernels`).
+
+Each code format decodes to ``v - z``, where ``v`` is the code's value and
+``z`` is ``2**(bits-1)`` for packed symmetric codes (their stored offset), the
+zero point for asymmetric ones, and 0 otherwise; the weight is
+``(v - z) * scale``:
+
+====  =====================  ==================================================
+kind  codes                  ``v`` of element ``i`` of a row
+====  =====================  ==================================================
+0     int8, unpacked         ``int8(byte[i])``
+1     uint8, unpacked        ``byte[i]``
+2     4-bit packed           ``(byte[i // 2] >> 4 * (i % 2)) & 15``
+3     2..7-bit packed        bits ``[i * bits, (i + 1) * bits)`` of the row stream
+4     fp8 (e4m3 or e5m2)     the fp8 fields moved into a float32's bit fields
+                             (exponent left unbiased), times ``2**(127 - bias)``
+====  =====================  ==================================================
+
+Every decode is exact (integer ops, int-to-float conversion, a power-of-two
+multiply), so a dequantized weight is bit-equal to the numpy reference.
+
+Performance notes, measured on the kernels below:
+
+- loops index slices from 0, so numba knows indices are non-negative, skips
+  its negative-index wraparound, and LLVM vectorises them;
+- integer ops are cast back to narrow types (numba widens small integers to
+  int64, which makes LLVM convert 64-bit lanes);
+- float constants arrive as float32 arguments, not literals.
+
+Dot products accumulate in float32 with reassociation allowed (``fastmath``
+flags ``reassoc``/``contract``/``arcp`` only: nothing assumes away NaN or
+Inf), so linear results differ from the numpy reference by float32
+summation order only.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+_FASTMATH = {"reassoc", "contract", "arcp"}
+_CHUNK = 1024  # columns decoded per step: the float32 buffer stays in L1
+_ROWS_PER_TASK = 16  # output rows per parallel task: scratch allocated once per task
+
+_U8_15 = np.uint8(15)
+_U8_4 = np.uint8(4)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf):
+    """``buf[:n] = v - z`` for columns ``[c0, c0 + n)`` of one code row (uint8 bytes)."""
+    if kind == 0:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = np.float32(np.int8(src[k]))
+    elif kind == 1:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = np.float32(src[k]) - z
+    elif kind == 2:
+        # c0 is even: the caller picks kind 2 only for byte-aligned blocks.
+        half = n // 2
+        src = row[c0 // 2 : c0 // 2 + (n + 1) // 2]
+        for k in range(half):
+            b = src[k]
+            buf[2 * k] = np.float32(np.uint8(b & _U8_15)) - z
+            buf[2 * k + 1] = np.float32(np.uint8(b >> _U8_4)) - z
+        if n % 2:
+            buf[n - 1] = np.float32(np.uint8(src[half] & _U8_15)) - z
+    elif kind == 3:
+        mask = np.int32((1 << bits) - 1)
+        last = row.shape[0] - 1
+        for k in range(n):
+            bit = (c0 + k) * bits
+            j = bit >> 3
+            v = np.int32(row[j])
+            if j < last:
+                v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
+            buf[k] = np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z
+    else:
+        src = row[c0 : c0 + n]
+        low = np.uint32(0x7F)
+        sign = np.uint32(0x80)
+        shift = np.uint32(fp8_shift)
+        for k in range(n):
+            b = np.uint32(src[k])
+            ubuf[k] = np.uint32(np.uint32((b & low) << shift) | np.uint32((b & sign) << np.uint32(24)))
+        fbuf = ubuf.view(np.float32)
+        for k in range(n):
+            buf[k] = fbuf[k] * fp8_mult
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_shift, fp8_mult, y):
+    """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
+
+    Parallel over tasks of output rows. Each chunk of a weight row is decoded
+    into a float32 buffer in L1, then dotted with the chunk of every row of
+    ``x``. ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)``
+    (``zp`` unused unless ``has_zp``).
+    """
+    m_rows, in_features = x.shape
+    out_features = y.shape[1]
+    n_col_blocks = in_features // bi
+    for task in prange((out_features + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        buf = np.empty(_CHUNK, np.float32)
+        ubuf = np.empty(_CHUNK, np.uint32)
+        acc = np.empty(m_rows, np.float32)
+        for o in range(task * _ROWS_PER_TASK, min(out_features, (task + 1) * _ROWS_PER_TASK)):
+            acc[:] = 0
+            row = codes[o]
+            so = o // bo
+            for g in range(n_col_blocks):
+                z = np.float32(base_off)
+                if has_zp:
+                    z += np.float32(zp[so, g])
+                s = scale[so, g]
+                end = (g + 1) * bi
+                for c0 in range(g * bi, end, _CHUNK):
+                    n = min(_CHUNK, end - c0)
+                    _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf)
+                    for m in range(m_rows):
+                        xs = x[m, c0 : c0 + n]
+                        t = np.float32(0.0)
+                        for k in range(n):
+                            t += xs[k] * buf[k]
+                        acc[m] += s * t
+            for m in range(m_rows):
+                y[m, o] = acc[m]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv_int8(x, codes, scale, bo, bi, y):
+    """``y (1, O) = x (1, I) @ W.T`` for symmetric int8 codes: four rows per pass over ``x``."""
+    in_features = x.shape[1]
+    out_features = y.shape[1]
+    xs_all = x[0]
+    n_col_blocks = in_features // bi
+    for quad in prange((out_features + 3) // 4):
+        o = quad * 4
+        last = out_features - 1
+        i1, i2, i3 = min(o + 1, last), min(o + 2, last), min(o + 3, last)
+        acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
+        for g in range(n_col_blocks):
+            c0 = g * bi
+            xs = xs_all[c0 : c0 + bi]
+            a = codes[o, c0 : c0 + bi]
+            b = codes[i1, c0 : c0 + bi]
+            c = codes[i2, c0 : c0 + bi]
+            d = codes[i3, c0 : c0 + bi]
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for k in range(bi):
+                xv = xs[k]
+                t0 += xv * np.float32(np.int8(a[k]))
+                t1 += xv * np.float32(np.int8(b[k]))
+                t2 += xv * np.float32(np.int8(c[k]))
+                t3 += xv * np.float32(np.int8(d[k]))
+            acc0 += scale[o // bo, g] * t0
+            acc1 += scale[i1 // bo, g] * t1
+            acc2 += scale[i2 // bo, g] * t2
+            acc3 += scale[i3 // bo, g] * t3
+        y[0, o] = acc0
+        if o + 1 <= last:
+            y[0, o + 1] = acc1
+        if o + 2 <= last:
+            y[0, o + 2] = acc2
+        if o + 3 <= last:
+            y[0, o + 3] = acc3
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
+    """``y (1, O) = x @ W.T`` for 4-bit packed codes with byte-aligned blocks.
+
+    ``bi`` is even. ``x_even``/``x_odd`` ``(I / 2,)`` hold x's even and odd
+    columns, so byte ``j``'s low and high codes meet them at unit stride.
+    """
+    out_features = y.shape[1]
+    n_col_blocks = scale.shape[1]
+    half_block = bi // 2
+    for o in prange(out_features):
+        row = codes[o]
+        so = o // bo
+        acc = np.float32(0.0)
+        for g in range(n_col_blocks):
+            z = np.float32(base_off)
+            if has_zp:
+                z += np.float32(zp[so, g])
+            j0 = g * half_block
+            src = row[j0 : j0 + half_block]
+            xe = x_even[j0 : j0 + half_block]
+            xo = x_odd[j0 : j0 + half_block]
+            t = np.float32(0.0)
+            for k in range(half_block):
+                b = src[k]
+                t += xe[k] * (np.float32(np.uint8(b & _U8_15)) - z) + xo[k] * (np.float32(np.uint8(b >> _U8_4)) - z)
+            acc += scale[so, g] * t
+        y[0, o] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_shift, fp8_mult, o0, out):
+    """``out (T, I)`` = float32 rows ``[o0, o0 + T)`` of the weight, ``(v - z) * scale``.
+
+    Serial on purpose: the large-M path runs it between BLAS calls, whose
+    worker threads spin for a while after each call; competing with them
+    costs more than a second thread gains.
+    """
+    rows, in_features = out.shape
+    n_col_blocks = in_features // bi
+    ubuf = np.empty(_CHUNK, np.uint32)
+    for t in range(rows):
+        o = o0 + t
+        row = codes[o]
+        so = o // bo
+        for g in range(n_col_blocks):
+            z = np.float32(base_off)
+            if has_zp:
+                z += np.float32(zp[so, g])
+            s = scale[so, g]
+            end = (g + 1) * bi
+            for c0 in range(g * bi, end, _CHUNK):
+                n = min(_CHUNK, end - c0)
+                dst = out[t, c0 : c0 + n]
+                _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, dst, ubuf)
+                for k in range(n):
+                    dst[k] *= s

@@ -1,0 +1,198 @@
+"""The apply path: numpy reference tiles, numba kernels, and their agreement."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import npquant
+from npquant import NpquantError, Scheme, linear, quantize
+from npquant.linear import _numpy_linear
+
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term float32 sum."""
+    return n * U32 / (1 - n * U32)
+
+
+def sum_bound(x, w_hat, terms):
+    """gamma_terms * |x| @ |W_hat|^T: how far a float32 dot product may stray from the exact one."""
+    return gamma(terms) * (np.abs(x.astype(np.float64)) @ np.abs(w_hat.astype(np.float64)).T)
+
+
+SCHEMES = list(npquant.schemes().values()) + [
+    Scheme("int", 8, "channel", symmetric=False),
+    Scheme("int", 8, "group", 64, symmetric=False),
+    Scheme("int", 5, "group", 32),
+    Scheme("int", 3, "channel", symmetric=False),
+    Scheme("int", 4, "group", 5),  # odd groups: 4-bit codes that straddle bytes
+    Scheme("int", 4, "channel"),
+    Scheme("fp8_e5m2", 8, "channel"),
+    Scheme("fp8_e4m3", 8, "group", 32),
+    Scheme("int", 4, "group", 32, scale_dtype="bfloat16"),
+]
+
+
+def shape_for(scheme: Scheme):
+    """Awkward shapes: out not a multiple of 4 or 16, in not a multiple of any vector width."""
+    if scheme.granularity != "group":
+        return (37, 203)
+    return (67, scheme.group_size * (3 if scheme.group_size >= 32 else 41))
+
+
+def weight(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape) * np.exp(rng.uniform(-2, 2, (shape[0], 1)))
+    w[0] *= 50
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_numpy_backend_is_x_times_the_dequantized_weight(scheme, m):
+    w = weight(shape_for(scheme))
+    qt = quantize(w, scheme)
+    x = np.random.default_rng(m).standard_normal((m, w.shape[1])).astype(np.float32)
+    y = linear(x, qt, backend="numpy")
+    assert y.dtype == np.float32 and y.shape == (m, w.shape[0])
+    w_hat = qt.dequantize()
+    exact = x.astype(np.float64) @ w_hat.astype(np.float64).T
+    # One float32 dot product of I terms against the exact sum.
+    assert np.all(np.abs(y - exact) <= sum_bound(x, w_hat, w.shape[1]) + 1e-30)
+
+
+def test_numpy_tiles_cover_every_row():
+    w = weight((50, 40))
+    qt = quantize(w, "w8-channel")
+    x = np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32)
+    whole = _numpy_linear(x, qt, tile_elements=10**9)
+    tiled = _numpy_linear(x, qt, tile_elements=40 * 7)  # 7 rows a tile, last tile short
+    exact = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
+    bound = sum_bound(x, qt.dequantize(), 40)
+    assert np.all(np.abs(tiled - exact) <= bound) and np.all(np.abs(whole - exact) <= bound)
+
+
+def test_numpy_backend_never_holds_the_float32_weight():
+    out_features, in_features = 4096, 512
+    w = weight((out_features, in_features))
+    qt = quantize(w, "w4-g128")
+    x = np.ones((4, in_features), np.float32)
+    tile_elements = 1 << 16
+    tracemalloc.start()
+    _numpy_linear(x, qt, tile_elements=tile_elements)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    full = out_features * in_features * 4
+    tile = tile_elements * 4
+    out = 4 * out_features * 4
+    # One float32 tile and the unpacked codes it came from (1 byte per
+    # weight, a quarter tile), plus the output; small index arrays aside.
+    assert peak <= 1.5 * tile + out
+    assert peak < full / 10
+
+
+def test_bias_and_1d_x():
+    w = weight((9, 16))
+    qt = quantize(w, "w8-channel")
+    bias = np.arange(9, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    y = linear(x, qt, bias=bias, backend="numpy")
+    assert y.shape == (9,)
+    np.testing.assert_allclose(y - bias, linear(x, qt, backend="numpy"), rtol=0, atol=1e-5)
+    x3 = np.broadcast_to(x, (2, 3, 16)).astype(np.float16)
+    assert linear(x3, qt, backend="numpy").shape == (2, 3, 9)
+
+
+def test_inputs_are_not_modified():
+    w = weight((9, 16))
+    qt = quantize(w, "w4-channel")
+    codes = qt.codes.copy()
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    x0 = x.copy()
+    for backend in npquant.available_backends():
+        linear(x, qt, backend=backend)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(qt.codes, codes)
+
+
+def test_bad_arguments():
+    qt = quantize(weight((9, 16)), "w8-channel")
+    x = np.ones((2, 16), np.float32)
+    with pytest.raises(NpquantError, match=r"backend='cuda' is not known; expected one of \('auto', 'numpy', 'numba'\)"):
+        linear(x, qt, backend="cuda")
+    with pytest.raises(NpquantError, match=r"bias must have shape \(9,\) for weight \(9, 16\), got \(8,\)"):
+        linear(x, qt, bias=np.ones(8, np.float32))
+    with pytest.raises(NpquantError, match=r"qt must be a QuantizedTensor"):
+        linear(x, np.ones((9, 16), np.float32))
+    with pytest.raises(NpquantError, match=r"x shape \(\) does not fit"):
+        linear(np.ones((), np.float32), qt)
+
+
+def test_numba_missing_is_a_clear_error(monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("npquant.linear"), "available_backends", lambda: ["numpy"])
+    qt = quantize(weight((9, 16)), "w8-channel")
+    with pytest.raises(NpquantError, match=r"backend='numba' needs numba: pip install 'npquant\[fast\]'"):
+        linear(np.ones(16, np.float32), qt, backend="numba")
+    # "auto" falls back to numpy.
+    assert linear(np.ones(16, np.float32), qt, backend="auto").shape == (9,)
+
+
+# --- numba ---------------------------------------------------------------------------
+numba_reason = "numba is not installed (pip install 'npquant[fast]'); the numba backend is optional"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("numba", reason=numba_reason)
+    from npquant import kernels
+
+    return kernels
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_numba_dequantize_is_bit_equal(kernels, scheme):
+    qt = quantize(weight(shape_for(scheme)), scheme)
+    np.testing.assert_array_equal(kernels.numba_dequantize(qt), qt.dequantize())
+    np.testing.assert_array_equal(kernels.numba_dequantize(qt, 5, 9), qt.dequantize_rows(5, 9))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_numba_matches_numpy(kernels, scheme, m):
+    w = weight(shape_for(scheme), seed=m)
+    qt = quantize(w, scheme)
+    x = np.random.default_rng(m).standard_normal((m, w.shape[1])).astype(np.float32)
+    fast = linear(x, qt, backend="numba")
+    ref = linear(x, qt, backend="numpy")
+    assert fast.dtype == np.float32 and fast.shape == ref.shape
+    # Both are float32 sums of I products of x with the same dequantized
+    # weights (the kernels decode exactly; per-group partial sums are scaled
+    # once, adding one rounding): each is within gamma_(I+2) |x| @ |W_hat|^T
+    # of the exact sum, so they are within twice that of each other.
+    bound = 2 * sum_bound(x, qt.dequantize(), w.shape[1] + 2)
+    assert np.all(np.abs(fast - ref) <= bound + 1e-30)
+
+
+def test_numba_large_m_uses_several_tiles(kernels):
+    w = weight((67, 256))
+    qt = quantize(w, "w4-g128")
+    x = np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32)
+    tiled = kernels.numba_linear(x, qt, tile_elements=256 * 10)  # 10 rows a tile, last one short
+    ref = linear(x, qt, backend="numpy")
+    assert np.all(np.abs(tiled - ref) <= 2 * sum_bound(x, qt.dequantize(), 258))
+
+
+def test_numba_bias_1d_and_auto(kernels):
+    w = weight((13, 64))
+    qt = quantize(w, "fp8-channel")
+    bias = np.linspace(-1, 1, 13).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal(64).astype(np.float32)
+    assert "numba" in npquant.available_backends()
+    fast = linear(x, qt, bias=bias, backend="auto")
+    ref = linear(x, qt, bias=bias, backend="numpy")
+    assert fast.shape == (13,)
+    assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x[None], qt.dequantize(), 66)[0] + 4 * U32 * np.abs(ref))
