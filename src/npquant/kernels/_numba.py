@@ -37,8 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
-_CHUNK = 1024  # columns decoded per step: the float32 buffer stays in L1
-_ROWS_PER_TASK = 16  # output rows per parallel task: scratch allocated once per task
+_CHUNK = 512  # columns decoded per step: four float32 buffers and x's chunks stay in L1
 
 _U8_15 = np.uint8(15)
 _U8_4 = np.uint8(4)
@@ -92,39 +91,55 @@ def _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf):
 def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_shift, fp8_mult, y):
     """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
 
-    Parallel over tasks of output rows. Each chunk of a weight row is decoded
-    into a float32 buffer in L1, then dotted with the chunk of every row of
-    ``x``. ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)``
-    (``zp`` unused unless ``has_zp``).
+    Parallel over quads of output rows. Each chunk of the four weight rows is
+    decoded into float32 buffers in L1, then every row of ``x`` is dotted
+    with all four at once (one load of ``x`` feeds four products).
+    ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)`` (``zp``
+    unused unless ``has_zp``).
     """
     m_rows, in_features = x.shape
     out_features = y.shape[1]
     n_col_blocks = in_features // bi
-    for task in prange((out_features + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        buf = np.empty(_CHUNK, np.float32)
+    last = out_features - 1
+    for quad in prange((out_features + 3) // 4):
+        bufs = np.empty((4, _CHUNK), np.float32)
         ubuf = np.empty(_CHUNK, np.uint32)
-        acc = np.empty(m_rows, np.float32)
-        for o in range(task * _ROWS_PER_TASK, min(out_features, (task + 1) * _ROWS_PER_TASK)):
-            acc[:] = 0
-            row = codes[o]
-            so = o // bo
-            for g in range(n_col_blocks):
-                z = np.float32(base_off)
-                if has_zp:
-                    z += np.float32(zp[so, g])
-                s = scale[so, g]
-                end = (g + 1) * bi
-                for c0 in range(g * bi, end, _CHUNK):
-                    n = min(_CHUNK, end - c0)
-                    _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf)
-                    for m in range(m_rows):
-                        xs = x[m, c0 : c0 + n]
-                        t = np.float32(0.0)
-                        for k in range(n):
-                            t += xs[k] * buf[k]
-                        acc[m] += s * t
+        acc = np.zeros((m_rows, 4), np.float32)
+        o = quad * 4
+        rows = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last))  # past the end: repeat, not stored
+        for g in range(n_col_blocks):
+            end = (g + 1) * bi
+            for c0 in range(g * bi, end, _CHUNK):
+                n = min(_CHUNK, end - c0)
+                for j in range(4):
+                    z = np.float32(base_off)
+                    if has_zp:
+                        z += np.float32(zp[rows[j] // bo, g])
+                    _decode(kind, codes[rows[j]], c0, n, z, bits, fp8_shift, fp8_mult, bufs[j], ubuf)
+                b0 = bufs[0, :n]
+                b1 = bufs[1, :n]
+                b2 = bufs[2, :n]
+                b3 = bufs[3, :n]
+                s0 = scale[rows[0] // bo, g]
+                s1 = scale[rows[1] // bo, g]
+                s2 = scale[rows[2] // bo, g]
+                s3 = scale[rows[3] // bo, g]
+                for m in range(m_rows):
+                    xs = x[m, c0 : c0 + n]
+                    t0 = t1 = t2 = t3 = np.float32(0.0)
+                    for k in range(n):
+                        xv = xs[k]
+                        t0 += xv * b0[k]
+                        t1 += xv * b1[k]
+                        t2 += xv * b2[k]
+                        t3 += xv * b3[k]
+                    acc[m, 0] += s0 * t0
+                    acc[m, 1] += s1 * t1
+                    acc[m, 2] += s2 * t2
+                    acc[m, 3] += s3 * t3
+        for j in range(min(4, out_features - o)):
             for m in range(m_rows):
-                y[m, o] = acc[m]
+                y[m, o + j] = acc[m, j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)

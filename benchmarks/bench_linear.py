@@ -1,0 +1,150 @@
+"""Quantized linear against numpy's float32 matmul, measured in one process.
+
+For each weight shape, batch size M and scheme it prints the median time of
+``npquant.linear`` (numba backend when installed, else numpy) and its ratio
+to numpy float32 ``x @ W.T`` timed in the same process, runs interleaved.
+The bandwidth limit is the time to read the codes and scales once at the
+read bandwidth measured in this run, as a ratio to the same float32 time.
+Where torch is installed it adds ``torch._weight_int8pack_mm`` (bf16
+activations, int8 per-channel weights) beside ``w8-channel``.
+
+    python benchmarks/bench_linear.py              # full run (a few minutes)
+    python benchmarks/bench_linear.py --quick      # seconds, small shapes
+    python benchmarks/bench_linear.py --threads 1
+
+Lower ratios are better; below 1 beats float32 BLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for BLAS and numba (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats, for CI")
+    p.add_argument("--repeats", type=int, default=None, help="rounds per case (default 11, quick 2)")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba"], help="npquant backend")
+    return p.parse_args()
+
+
+ARGS = _parse()
+# Thread counts must be set before numpy, numba or torch start their pools.
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+import npquant  # noqa: E402
+
+
+BURST = 3  # calls of one function in a row within a round
+
+
+def interleaved(fns: dict, repeats: int, settle: float = 0.0) -> dict:
+    """Median seconds of each function over ``repeats`` rounds.
+
+    Each round runs every function ``BURST`` times in a row, so drift in the
+    machine's state hits all of them alike. After each library's call its
+    idle worker threads keep polling for a while (OpenBLAS's and OpenMP's),
+    slowing whatever runs next on a 2-core machine; ``settle`` seconds of
+    sleep before each burst let them go idle, so each function is timed as
+    it runs in a sequence of calls of its own kind.
+    """
+    for f in fns.values():  # warm-up: compile, fault pages in
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            time.sleep(settle)
+            for _ in range(BURST):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
+    """Bytes per second to read a large buffer with every thread (numba) or numpy's sum."""
+    buf = np.ones(nbytes // 4, np.float32)
+    try:
+        from numba import njit, prange
+
+        @njit(parallel=True, fastmath=True)
+        def total(a):
+            s = np.float32(0.0)
+            for i in prange(a.shape[0]):
+                s += a[i]
+            return s
+
+    except ImportError:
+        total = np.sum
+    t = interleaved({"read": lambda: total(buf)}, repeats)["read"]
+    return buf.nbytes / t
+
+
+def torch_case(w, x):
+    """A callable running torch's int8 weight-only kernel on w's per-channel codes, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    q, scales = npquant.quantize_per_channel(w)
+    tq = torch.from_numpy(q)
+    ts = torch.from_numpy(scales).to(torch.bfloat16)
+    tx = torch.from_numpy(x).to(torch.bfloat16)
+    torch.set_num_threads(ARGS.threads)
+    return lambda: torch._weight_int8pack_mm(tx, tq, ts)
+
+
+def main() -> int:
+    shapes = [(512, 512), (1024, 1024)] if ARGS.quick else [(4096, 4096), (11008, 4096)]
+    batches = [1, 8, 128] if not ARGS.quick else [1, 8, 32]
+    names = ["w8-channel", "w4-g128", "fp8-channel"]
+    repeats = ARGS.repeats or (2 if ARGS.quick else 11)
+    backend = ARGS.backend
+    if backend == "auto":
+        backend = npquant.available_backends()[-1]
+    bw = read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
+    print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
+    print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of {BURST} calls")
+    print()
+    head = f"{'shape':>13} {'M':>4} {'scheme':<12} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} {'bw limit':>8}"
+    print(head)
+    print("-" * len(head))
+    rng = np.random.default_rng(0)
+    for out_features, in_features in shapes:
+        w = (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
+        qts = {name: npquant.quantize(w, name) for name in names}
+        for m in batches:
+            x = rng.standard_normal((m, in_features)).astype(np.float32)
+            fns = {"f32": lambda: x @ w.T}
+            for name, qt in qts.items():
+                fns[name] = lambda qt=qt: npquant.linear(x, qt, backend=backend)
+            tc = torch_case(w, x)
+            if tc is not None:
+                fns["torch int8"] = tc
+            t = interleaved(fns, repeats, settle=0.0 if ARGS.quick else 0.3)
+            for name in fns:
+                if name == "f32":
+                    continue
+                limit = ""
+                if name in qts:
+                    limit = f"{qts[name].nbytes / bw / t['f32']:8.3f}"
+                print(
+                    f"{str((out_features, in_features)):>13} {m:>4} {name:<12} "
+                    f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} {limit:>8}"
+                )
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
