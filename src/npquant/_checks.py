@@ -17,19 +17,22 @@ def dtype_name(a) -> str:
 def check_weight(w, name: str = "w") -> np.ndarray:
     """Check that ``w`` is a non-empty 2-D floating array ``(out_features, in_features)``.
 
-    Returns ``w`` itself (an ndarray view of it), never a converted copy:
-    callers convert row chunks to float32 so big inputs stay cheap.
+    ``w`` is an ndarray or a row source: anything with ``shape``, ``dtype``
+    and row slicing (``np.memmap``, a checkpoint's TensorSource). Returns
+    ``w`` itself, never a converted copy: callers convert row chunks to
+    float32 so big inputs stay cheap.
     """
-    if not isinstance(w, np.ndarray):
+    row_source = all(hasattr(w, a) for a in ("shape", "dtype", "__getitem__")) and not isinstance(w, (list, tuple))
+    if not (isinstance(w, np.ndarray) or row_source):
         raise NpquantError(f"{name} must be a numpy array (out_features, in_features), got {type(w).__name__}")
     if dtype_name(w) not in _FLOAT_DTYPES:
         raise NpquantError(
             f"{name} must be floating ({', '.join(_FLOAT_DTYPES)}), got dtype {dtype_name(w)}; "
             f"convert it with .astype(np.float32)"
         )
-    if w.ndim != 2:
+    if len(w.shape) != 2:
         raise NpquantError(f"{name} must be 2-D (out_features, in_features), got shape {w.shape}")
-    if w.size == 0:
+    if 0 in w.shape:
         raise NpquantError(f"{name} must not be empty, got shape {w.shape}")
     return w
 

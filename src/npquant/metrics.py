@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import NpquantError
@@ -20,6 +22,7 @@ __all__ = [
     "max_abs_error",
     "per_channel_relative_error",
     "output_relative_error",
+    "weight_error",
 ]
 
 
@@ -87,3 +90,29 @@ def output_relative_error(x, w, w_hat) -> float:
         raise NpquantError(f"x last dimension must be in_features={w.shape[1]}, got x shape {x.shape}")
     y = x @ w.T
     return _ratio(float(np.linalg.norm(y - x @ w_hat.T)), float(np.linalg.norm(y)))
+
+
+def weight_error(w, qt, rows_per_chunk: int | None = None) -> tuple[float, float]:
+    """``(relative_error, sqnr_db)`` of ``qt`` against ``w``, row chunk by row chunk.
+
+    Neither the float32 weight nor its reconstruction is held whole, so this
+    works on memory-mapped or row-sliced sources (anything ``w[r0:r1]`` reads).
+    """
+    from ._checks import rows_per_chunk as default_rows
+
+    out_features, in_features = qt.shape
+    step = rows_per_chunk or default_rows(in_features)
+    err2 = 0.0
+    ref2 = 0.0
+    for r0 in range(0, out_features, step):
+        r1 = min(r0 + step, out_features)
+        w_rows = np.asarray(w[r0:r1]).astype(np.float64)
+        diff = w_rows - qt.dequantize_rows(r0, r1)
+        err2 += float(np.einsum("ij,ij->", diff, diff))
+        ref2 += float(np.einsum("ij,ij->", w_rows, w_rows))
+    rel = _ratio(math.sqrt(err2), math.sqrt(ref2))
+    if rel == 0.0:
+        return rel, float("inf")
+    if math.isinf(rel):
+        return rel, float("-inf")
+    return rel, float(-20.0 * np.log10(rel))

@@ -1,0 +1,345 @@
+"""Reading safetensors checkpoints row by row, and writing them as a stream.
+
+Reading goes through the ``safetensors`` package (memory-mapped; never
+unpickles anything): :class:`Checkpoint` opens a ``.safetensors`` file or a
+model directory (one file, or shards listed in ``model.safetensors.index.json``)
+and hands out :class:`TensorSource` objects that read rows on demand, so a
+tensor is never copied whole.
+
+Writing uses :func:`write_safetensors`, which lays out the header first from
+the planned names, dtypes and shapes, then writes each tensor's bytes as it
+is produced: memory stays at one tensor, whatever the file size. The format
+(8-byte little-endian header length, JSON header, raw little-endian data)
+is the one ``safetensors`` reads; the tests read our files back with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import NpquantError
+
+__all__ = [
+    "Checkpoint",
+    "TensorSource",
+    "TensorPlan",
+    "write_safetensors",
+    "numpy_dtype",
+    "PICKLE_SUFFIXES",
+    "INDEX_NAME",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+#: File types that hold pickles: refused, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype code (``"BF16"`` -> ml_dtypes.bfloat16)."""
+    if code in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[code]))
+    try:
+        return np.dtype(_NUMPY_DTYPES[code])
+    except KeyError:
+        raise NpquantError(f"safetensors dtype {code!r} is not supported") from None
+
+
+def dtype_code(dtype) -> str:
+    """The safetensors code of a numpy dtype."""
+    name = np.dtype(dtype).name
+    for code, np_name in {**_NUMPY_DTYPES, **_ML_DTYPES}.items():
+        if np_name == name:
+            return code
+    raise NpquantError(f"dtype {name} has no safetensors code")
+
+
+class TensorSource:
+    """One tensor of a checkpoint, read in row slices from the memory-mapped file.
+
+    Has ``name``, ``file``, ``shape``, ``dtype`` (numpy), ``nbytes``, ``ndim``;
+    ``source[r0:r1]`` reads rows ``[r0, r1)`` into a new array, ``read()`` all.
+    """
+
+    def __init__(self, name: str, file: Path, code: str, shape: tuple[int, ...], handle):
+        self.name = name
+        self.file = file
+        self.code = code
+        self.shape = tuple(int(d) for d in shape)
+        self._handle = handle
+
+    @property
+    def dtype(self) -> np.dtype:
+        return numpy_dtype(self.code)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.code]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("a TensorSource takes a row slice")
+        if self.ndim == 0:
+            return self.read()
+        start, stop, step = rows.indices(self.shape[0])  # safetensors does not clamp
+        stop = max(start, stop)
+        if self.code.startswith("F8"):
+            return self._raw()[start:stop:step].copy()
+        return np.asarray(self._handle.get_slice(self.name)[start:stop:step])
+
+    def read(self) -> np.ndarray:
+        """The whole tensor as a new array."""
+        if self.code.startswith("F8"):
+            return self._raw().copy()
+        return np.asarray(self._handle.get_tensor(self.name))
+
+    def _raw(self) -> np.ndarray:
+        """A read-only memory map of the tensor's bytes, for dtypes the package cannot hand to numpy (fp8)."""
+        with open(self.file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            begin, end = json.loads(f.read(n))[self.name]["data_offsets"]
+        flat = np.memmap(self.file, dtype=np.uint8, mode="r", offset=8 + n + begin, shape=(end - begin,))
+        return flat.view(self.dtype).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"TensorSource({self.name!r}, {self.code} {self.shape}, {self.file.name})"
+
+
+class Checkpoint:
+    """A safetensors model: a ``.safetensors`` file or a model directory.
+
+    Use as a context manager, or call :meth:`close`. ``tensors`` maps each
+    tensor name to its :class:`TensorSource`, in file order; ``files`` lists
+    the shard files; ``root`` is the directory (or the file's directory);
+    ``index`` is the parsed index JSON or None; ``metadata`` maps each file
+    to its ``__metadata__``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        self.path = path
+        self.index = None
+        if not path.exists():
+            raise NpquantError(f"MODEL {path} does not exist")
+        if path.is_file():
+            _refuse_pickle(path)
+            if path.suffix != ".safetensors":
+                raise NpquantError(f"MODEL {path} is not a .safetensors file or a model directory")
+            self.root = path.parent
+            self.files = [path]
+            shard_of = None
+        else:
+            self.root = path
+            index_path = path / INDEX_NAME
+            if index_path.exists():
+                self.index = _read_index(index_path)
+                shard_of = self.index["weight_map"]
+                names = list(dict.fromkeys(shard_of.values()))
+                for shard in names:
+                    if not (path / shard).is_file():
+                        raise NpquantError(f"{index_path} names shard {shard!r}, which is missing from {path}")
+                self.files = [path / shard for shard in names]
+            else:
+                self.files = sorted(path.glob("*.safetensors"))
+                shard_of = None
+                if not self.files:
+                    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                    if pickles:
+                        _refuse_pickle(path / pickles[0])
+                    raise NpquantError(f"MODEL {path} holds no .safetensors files")
+        self._handles = []
+        self.tensors: dict[str, TensorSource] = {}
+        self.metadata: dict[Path, dict] = {}
+        try:
+            for file in self.files:
+                try:
+                    handle = safe_open(str(file), framework="numpy")
+                except SafetensorError as exc:
+                    raise NpquantError(f"{file} is not a readable safetensors file: {exc}") from None
+                except OSError as exc:
+                    raise NpquantError(f"{file} cannot be read: {exc}") from None
+                self._handles.append(handle)
+                self.metadata[file] = handle.metadata() or {}
+                for name in handle.keys():
+                    if name in self.tensors:
+                        raise NpquantError(f"tensor {name!r} appears in both {self.tensors[name].file} and {file}")
+                    if shard_of is not None and shard_of.get(name) != file.name:
+                        raise NpquantError(
+                            f"tensor {name!r} is in {file.name} but the index maps it to {shard_of.get(name)!r}"
+                        )
+                    piece = handle.get_slice(name)
+                    code = piece.get_dtype()
+                    if code not in _ITEMSIZE:
+                        raise NpquantError(f"tensor {name!r} in {file.name} has unsupported dtype {code}")
+                    self.tensors[name] = TensorSource(name, file, code, piece.get_shape(), handle)
+            if shard_of is not None:
+                missing = sorted(set(shard_of) - set(self.tensors))
+                if missing:
+                    raise NpquantError(f"the index lists tensor {missing[0]!r}, found in no shard")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the memory maps."""
+        for handle in self._handles:
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._handles = []
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def config(self) -> dict | None:
+        """``config.json`` beside the weights, or None."""
+        path = self.root / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise NpquantError(f"{path} is not valid JSON: {exc}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise NpquantError(
+            f"{path} is a pickle checkpoint ({path.suffix}): npquant never unpickles files. "
+            f"Convert it to safetensors first (safetensors.torch.save_file in a trusted environment)"
+        )
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NpquantError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise NpquantError(f"{path} has no 'weight_map' object")
+    return index
+
+
+# --- writing -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorPlan:
+    """A tensor to write: its name, numpy dtype and shape, known before its data."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors(
+    path: Path, plans: list[TensorPlan], arrays: Iterable[dict], metadata: dict | None = None
+) -> int:
+    """Write a safetensors file whose tensors are planned first and produced later.
+
+    Parameters
+    ----------
+    path : where to write (the caller makes it atomic)
+    plans : every tensor, in file order, with its dtype and shape
+    arrays : dicts ``{name: array or TensorSource}`` covering the plans in
+        order; each dict is written and dropped before the next one is
+        drawn, so memory stays at one dict (a TensorSource is copied in row
+        chunks, never whole)
+    metadata : str -> str ``__metadata__``
+
+    Returns
+    -------
+    int : bytes of tensor data written
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for plan in plans:
+        header[plan.name] = {
+            "dtype": dtype_code(plan.dtype),
+            "shape": list(plan.shape),
+            "data_offsets": [offset, offset + plan.nbytes],
+        }
+        offset += plan.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes
+    pending = list(reversed(plans))
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for group in arrays:
+            while group:
+                if not pending:
+                    raise NpquantError(f"internal: {path.name} got more tensors than planned")
+                plan = pending.pop()
+                arr = group.pop(plan.name, None)
+                if arr is None:
+                    raise NpquantError(f"internal: {path.name} expected {plan.name} next")
+                if np.dtype(arr.dtype) != plan.dtype or tuple(arr.shape) != tuple(plan.shape):
+                    raise NpquantError(
+                        f"internal: {plan.name} is {arr.dtype} {arr.shape}, planned {plan.dtype} {plan.shape}"
+                    )
+                _write_array(f, arr)
+                del arr
+    if pending:
+        raise NpquantError(f"internal: {path.name} is missing {pending[-1].name}")
+    return offset
+
+
+def _write_array(f, arr) -> None:
+    """Write an array's raw little-endian bytes; a TensorSource in row chunks."""
+    if isinstance(arr, TensorSource):
+        if arr.ndim == 0 or arr.nbytes == 0:
+            _write_array(f, arr.read())
+            return
+        row_bytes = max(1, arr.nbytes // max(1, arr.shape[0]))
+        step = max(1, (16 << 20) // row_bytes)
+        for r0 in range(0, arr.shape[0], step):
+            _write_array(f, arr[r0 : r0 + step])
+        return
+    if arr.dtype.byteorder == ">":
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+
+
+_NUMPY_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ITEMSIZE = {code: (2 if code == "BF16" else 1 if code.startswith("F8") else np.dtype(n).itemsize)
+             for code, n in {**_NUMPY_DTYPES, **dict.fromkeys(_ML_DTYPES)}.items()}
