@@ -144,7 +144,7 @@ def _default_skip(name: str, t: TensorSource) -> str:
     if t.ndim != 2:
         return f"{t.ndim}-D, not a linear weight"
     if t.code not in _QUANTIZABLE:
-        return f"dtype {t.code} is not floating"
+        return f"dtype {t.code} is not float32, float16 or bfloat16"
     module = name[: -len(".weight")]
     for rule, why in _SKIP_RULES:
         if rule.search(module):

