@@ -179,11 +179,16 @@ def check_loadable(scheme: Scheme) -> list[str]:
 # --- compressed-tensors layout ------------------------------------------------------
 def _pack_words(u: np.ndarray, bits: int) -> np.ndarray:
     """int32 ``(R, ceil(n * bits / 32))`` words from unsigned codes ``u (R, n)``."""
-    rows, n = u.shape
-    packed = pack_codes(u, bits)  # (R, ceil(n * bits / 8)) bytes
-    words = math.ceil(n * bits / 32)
-    out = np.zeros((rows, words * 4), np.uint8)
-    out[:, : packed.shape[1]] = packed
+    return _bytes_to_words(pack_codes(u, bits))
+
+
+def _bytes_to_words(packed: np.ndarray) -> np.ndarray:
+    """int32 words from rows of little-endian packed bytes, zero-padded to whole words."""
+    rows, nbytes = packed.shape
+    if nbytes % 4 == 0:
+        return np.ascontiguousarray(packed).view("<i4")
+    out = np.zeros((rows, -(-nbytes // 4) * 4), np.uint8)
+    out[:, :nbytes] = packed
     return out.view("<i4")
 
 
@@ -221,14 +226,12 @@ def _layer_arrays(module: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
         scale = qt.scale.reshape(1) if scheme.granularity == "tensor" else qt.scale
         return {f"{module}.weight": qt.codes, f"{module}.weight_scale": scale}
     bits = scheme.bits
-    if scheme.packed:
-        u = unpack_codes(qt.codes, bits, qt.shape[1])  # stored values already
-    elif scheme.symmetric:
-        u = (qt.codes.astype(np.int16) + 128).astype(np.uint8)
+    if scheme.packed or not scheme.symmetric:
+        stored = qt.codes  # packed bytes hold the stored values already; asymmetric int8 is unsigned
     else:
-        u = qt.codes
+        stored = qt.codes.view(np.uint8) ^ np.uint8(0x80)  # int8 q -> q + 128
     arrays = {
-        f"{module}.weight_packed": _pack_words(u, bits),
+        f"{module}.weight_packed": _bytes_to_words(stored),
         f"{module}.weight_scale": qt.scale,
         f"{module}.weight_shape": np.array(qt.shape, np.int64),
     }

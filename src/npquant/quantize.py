@@ -218,76 +218,109 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> Quantiz
     bo, bi = scheme.block_shape(w.shape)
     n_col_blocks = in_features // bi
     step = rows_per_chunk(in_features)
-    f32 = np.float32
-
-    # Pass 1: per-row block statistics, then reduced over block rows.
-    lo_rows = np.empty((out_features, n_col_blocks), f32)
-    hi_rows = np.empty((out_features, n_col_blocks), f32)
-    for r0 in range(0, out_features, step):
-        chunk = np.asarray(w[r0 : r0 + step]).astype(f32)  # (R, I)
-        check_finite_rows(chunk, r0, name)
-        blocks = chunk.reshape(chunk.shape[0], n_col_blocks, bi)  # (R, CB, bi)
-        if scheme.symmetric:
-            hi_rows[r0 : r0 + step] = np.abs(blocks).max(axis=2)
-        else:
-            lo_rows[r0 : r0 + step] = blocks.min(axis=2)
-            hi_rows[r0 : r0 + step] = blocks.max(axis=2)
-    hi = hi_rows.reshape(-1, bo, n_col_blocks).max(axis=1)  # (RB, CB)
-    if scheme.symmetric:
-        scale = hi / f32(scheme.qmax)
-    else:
-        lo = np.minimum(lo_rows.reshape(-1, bo, n_col_blocks).min(axis=1), f32(0))
-        hi = np.maximum(hi, f32(0))
-        with np.errstate(over="ignore"):
-            scale = (hi - lo) / f32(scheme.qmax)
-
-    # The engine reads the stored scale, so quantize with it.
-    with np.errstate(over="ignore"):
-        stored_scale = scale.astype(scale_numpy_dtype(scheme))
-    scale = stored_scale.astype(f32)
-    if not np.isfinite(scale).all():
-        raise NpquantError(
-            f"{name}: a scale overflows {scheme.scale_dtype} (weights up to {float(np.abs(hi).max()):.3g}); "
-            f"use scale_dtype='float32'"
-        )
-
-    zero_point = None
-    if not scheme.symmetric:
-        zp = _safe_divide(-lo, scale)
-        zero_point = np.clip(np.rint(zp), 0, scheme.qmax).astype(np.uint8)  # (RB, CB)
-        zp_f32 = zero_point.astype(f32)
-
-    # Pass 2: codes, chunk by chunk.
     codes = np.empty(
         (out_features, packed_row_bytes(in_features, scheme.bits)) if scheme.packed else w.shape,
         dtype=code_numpy_dtype(scheme),
     )
-    for r0 in range(0, out_features, step):
-        chunk = np.asarray(w[r0 : r0 + step]).astype(f32)  # (R, I)
-        rows = chunk.shape[0]
-        index = np.arange(r0, r0 + rows) // bo
-        blocks = chunk.reshape(rows, n_col_blocks, bi)  # (R, CB, bi)
-        ratio = _safe_divide(blocks, scale[index][:, :, None])  # (R, CB, bi)
-        if scheme.is_float:
-            np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
-            codes[r0 : r0 + rows] = ratio.reshape(rows, in_features).astype(codes.dtype)
-            continue
-        np.rint(ratio, out=ratio)
+    scale = np.empty((out_features // bo, n_col_blocks), scale_numpy_dtype(scheme))
+    zero_point = None if scheme.symmetric else np.empty(scale.shape, np.uint8)
+
+    if bo == 1:
+        # Channel and group scales depend on their own row alone: one pass.
+        for r0, chunk in _row_chunks(w, step, name):
+            rows = slice(r0, r0 + chunk.shape[0])
+            lo, hi = _block_stats(chunk, n_col_blocks, bi, scheme.symmetric)
+            scale[rows], scale32, zp = _scales(lo, hi, scheme, name)
+            if zero_point is not None:
+                zero_point[rows] = zp
+            codes[rows] = _encode(chunk, scale32, zp, scheme)
+    else:
+        # One scale for all rows: statistics first, then codes.
+        lo_rows = np.empty((out_features, n_col_blocks), np.float32)
+        hi_rows = np.empty((out_features, n_col_blocks), np.float32)
+        for r0, chunk in _row_chunks(w, step, name):
+            rows = slice(r0, r0 + chunk.shape[0])
+            lo_rows[rows], hi_rows[rows] = _block_stats(chunk, n_col_blocks, bi, scheme.symmetric)
+        lo = lo_rows.reshape(-1, bo, n_col_blocks).min(axis=1)  # (RB, CB)
+        hi = hi_rows.reshape(-1, bo, n_col_blocks).max(axis=1)  # (RB, CB)
+        scale[:], scale32, zp = _scales(lo, hi, scheme, name)
         if zero_point is not None:
-            ratio += zp_f32[index][:, :, None]
-        np.clip(ratio, scheme.qmin, scheme.qmax, out=ratio)
-        q = ratio.reshape(rows, in_features)
-        if scheme.packed:
-            u = (q + f32(0 if zero_point is not None else 1 << (scheme.bits - 1))).astype(np.uint8)
-            codes[r0 : r0 + rows] = pack_codes(u, scheme.bits)
+            zero_point[:] = zp
+        for r0, chunk in _row_chunks(w, step, name, check=False):
+            index = np.arange(r0, r0 + chunk.shape[0]) // bo
+            codes[r0 : r0 + chunk.shape[0]] = _encode(
+                chunk, scale32[index], None if zp is None else zp[index], scheme
+            )
+    return QuantizedTensor(codes, scale, zero_point, w.shape, scheme)
+
+
+def _row_chunks(w, step: int, name: str, check: bool = True):
+    """Yield ``(r0, float32 rows)`` of ``w`` in chunks of ``step`` rows, refusing NaN/Inf rows."""
+    for r0 in range(0, w.shape[0], step):
+        chunk = np.asarray(w[r0 : r0 + step]).astype(np.float32)  # (R, I)
+        if check:
+            check_finite_rows(chunk, r0, name)
+        yield r0, chunk
+
+
+def _block_stats(chunk: np.ndarray, n_col_blocks: int, bi: int, symmetric: bool):
+    """float32 ``(R, CB)`` block minimum and maximum (symmetric: ``lo`` unused, ``hi`` = absmax)."""
+    blocks = chunk.reshape(chunk.shape[0], n_col_blocks, bi)  # (R, CB, bi)
+    if symmetric:
+        return np.zeros((chunk.shape[0], n_col_blocks), np.float32), np.abs(blocks).max(axis=2)
+    return blocks.min(axis=2), blocks.max(axis=2)
+
+
+def _scales(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str):
+    """Stored scale (scale dtype), the float32 scale codes are made with, and the zero point."""
+    f32 = np.float32
+    with np.errstate(over="ignore"):
+        if scheme.symmetric:
+            scale = hi / f32(scheme.qmax)
         else:
-            codes[r0 : r0 + rows] = q.astype(codes.dtype)
-    return QuantizedTensor(codes, stored_scale, zero_point, w.shape, scheme)
+            lo = np.minimum(lo, f32(0))
+            hi = np.maximum(hi, f32(0))
+            scale = (hi - lo) / f32(scheme.qmax)
+        # The engine reads the stored scale, so quantize with it.
+        stored = scale.astype(scale_numpy_dtype(scheme))
+    scale32 = stored.astype(f32)
+    if not np.isfinite(scale32).all():
+        raise NpquantError(
+            f"{name}: a scale overflows {scheme.scale_dtype} (weights up to {float(np.abs(hi).max()):.3g}); "
+            f"use scale_dtype='float32'"
+        )
+    zp = None
+    if not scheme.symmetric:
+        zp = np.clip(np.rint(_safe_divide(-lo, scale32)), 0, scheme.qmax).astype(np.uint8)
+    return stored, scale32, zp
+
+
+def _encode(chunk: np.ndarray, scale32: np.ndarray, zp: np.ndarray | None, scheme: Scheme) -> np.ndarray:
+    """Codes of float32 rows ``chunk (R, I)`` given their blocks' ``scale32``/``zp`` ``(R, CB)``."""
+    rows, in_features = chunk.shape
+    n_col_blocks = scale32.shape[1]
+    blocks = chunk.reshape(rows, n_col_blocks, -1)  # (R, CB, bi)
+    ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
+    if scheme.is_float:
+        np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
+        return ratio.reshape(rows, in_features).astype(code_numpy_dtype(scheme))
+    np.rint(ratio, out=ratio)
+    if zp is not None:
+        ratio += zp.astype(np.float32)[:, :, None]
+    np.clip(ratio, scheme.qmin, scheme.qmax, out=ratio)
+    q = ratio.reshape(rows, in_features)
+    if scheme.packed:
+        q += np.float32(0 if zp is not None else 1 << (scheme.bits - 1))  # stored values
+        return pack_codes(q.astype(np.uint8), scheme.bits)
+    return q.astype(code_numpy_dtype(scheme))
 
 
 def _safe_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float32 ``a / b`` with 0 where ``b == 0`` (no warning)."""
-    a, b = np.broadcast_arrays(a, b)
-    out = np.zeros(a.shape, np.float32)
+    """float32 ``a / b`` with 0 where ``b == 0`` (no warning); ``b`` broadcasts against ``a``."""
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    if b.all():
+        out = np.empty(shape, np.float32)
+        return np.divide(a, b, out=out)
+    out = np.zeros(shape, np.float32)
     np.divide(a, b, out=out, where=b != 0)
     return out
