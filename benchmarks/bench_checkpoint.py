@@ -10,8 +10,11 @@ memory: what the process allocated, not the file pages it maps) every 5 ms.
     python benchmarks/bench_checkpoint.py --size-gb 4 --scheme w4-g128
     python benchmarks/bench_checkpoint.py --quick          # ~0.2 GB, for CI
 
-It prints input GB/s (bytes of the input checkpoint over wall time) and the
-peak RssAnon against the target ``3 x largest tensor in float32 + 300 MiB``.
+It prints input GB/s (bytes of the input checkpoint over wall time, the
+input being in the page cache, as just written and flushed) and the peak
+RssAnon against the target ``3 x largest tensor in float32 + 300 MiB``. The
+output goes through the page cache too; once it outgrows the kernel's dirty
+limit, the disk's write speed sets the pace.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def main() -> int:
     try:
         t0 = time.perf_counter()
         total, largest = write_checkpoint(work / "model", size)
+        os.sync()  # flush the input now, so its writeback does not compete with the run measured
         print(f"wrote {total / 1e9:.2f} GB bf16 checkpoint in {time.perf_counter() - t0:.0f} s "
               f"({len(list((work / 'model').glob('*.safetensors')))} shards)")
         cmd = [sys.executable, "-m", "npquant", "quantize", str(work / "model"), "-o", str(work / "out"),

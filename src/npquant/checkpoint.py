@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import NpquantError
 from .packing import pack_codes, unpack_codes
-from .quantize import QuantizedTensor, quantize
+from .quantize import QuantizedTensor, quantize_measured
 from .safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, TensorPlan, TensorSource, write_safetensors
 from .schemes import Scheme, get_scheme
 
@@ -330,12 +330,9 @@ def quantize_checkpoint(
 
 def _write_shards(ckpt, tmp, scheme, picked, results, workers, progress) -> dict[str, list[str]]:
     """Write every shard into ``tmp``; return each output file's tensor names."""
-    from .metrics import weight_error
-
     def job(src: TensorSource) -> dict:
         if src.name in picked:
-            qt = quantize(src, scheme, name=f"tensor {src.name!r} in {src.file.name}:")
-            rel, sqnr = weight_error(src, qt)
+            qt, rel, sqnr = quantize_measured(src, scheme, name=f"tensor {src.name!r} in {src.file.name}:")
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
         else:

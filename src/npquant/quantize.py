@@ -39,7 +39,7 @@ from .errors import NpquantError
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .schemes import Scheme, get_scheme
 
-__all__ = ["QuantizedTensor", "quantize", "scale_numpy_dtype", "code_numpy_dtype"]
+__all__ = ["QuantizedTensor", "quantize", "quantize_measured", "scale_numpy_dtype", "code_numpy_dtype"]
 
 
 def scale_numpy_dtype(scheme: Scheme) -> np.dtype:
@@ -199,6 +199,8 @@ class QuantizedTensor:
 def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> QuantizedTensor:
     """Quantize a weight matrix with a scheme (a :class:`Scheme` or a preset name).
 
+    See :func:`quantize_measured` for the same with its error measured on the way.
+
     Parameters
     ----------
     w : float16, bfloat16, float32 or float64 (O, I)
@@ -212,12 +214,34 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> Quantiz
     -------
     QuantizedTensor
     """
+    return _quantize(w, scheme, name, measure=False)[0]
+
+
+def quantize_measured(w, scheme: Scheme | str, *, name: str = "w") -> tuple[QuantizedTensor, float, float]:
+    """:func:`quantize`, plus ``(relative_error, sqnr_db)`` measured chunk by chunk as it goes.
+
+    The error of each float32 chunk against its dequantized codes is summed
+    while the chunk is at hand (squares in float32, sums in float64), so a
+    big or memory-mapped ``w`` is read once more only for per-tensor scales.
+    Same codes and scales as :func:`quantize`.
+    """
+    qt, (err2, ref2) = _quantize(w, scheme, name, measure=True)
+    if err2 == 0.0:
+        return qt, 0.0, float("inf")
+    if ref2 == 0.0:
+        return qt, float("inf"), float("-inf")
+    rel = float(np.sqrt(err2 / ref2))
+    return qt, rel, float(-20.0 * np.log10(rel))
+
+
+def _quantize(w, scheme, name: str, measure: bool):
+    """The engine: ``(QuantizedTensor, (error sum of squares, weight sum of squares) or None)``."""
     scheme = get_scheme(scheme)
     check_weight(w, name)
     out_features, in_features = w.shape
     bo, bi = scheme.block_shape(w.shape)
     n_col_blocks = in_features // bi
-    step = rows_per_chunk(in_features)
+    step = rows_per_chunk(in_features, 1 << 18)  # 1 MiB float32 chunks: the passes below stay in L2
     codes = np.empty(
         (out_features, packed_row_bytes(in_features, scheme.bits)) if scheme.packed else w.shape,
         dtype=code_numpy_dtype(scheme),
@@ -225,6 +249,7 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> Quantiz
     scale = np.empty((out_features // bo, n_col_blocks), scale_numpy_dtype(scheme))
     zero_point = None if scheme.symmetric else np.empty(scale.shape, np.uint8)
 
+    sums = np.zeros(2)  # squared error, squared weight
     if bo == 1:
         # Channel and group scales depend on their own row alone: one pass.
         for r0, chunk in _row_chunks(w, step, name):
@@ -233,7 +258,7 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> Quantiz
             scale[rows], scale32, zp = _scales(lo, hi, scheme, name)
             if zero_point is not None:
                 zero_point[rows] = zp
-            codes[rows] = _encode(chunk, scale32, zp, scheme)
+            codes[rows] = _encode(chunk, scale32, zp, scheme, sums if measure else None)
     else:
         # One scale for all rows: statistics first, then codes.
         lo_rows = np.empty((out_features, n_col_blocks), np.float32)
@@ -249,9 +274,10 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> Quantiz
         for r0, chunk in _row_chunks(w, step, name, check=False):
             index = np.arange(r0, r0 + chunk.shape[0]) // bo
             codes[r0 : r0 + chunk.shape[0]] = _encode(
-                chunk, scale32[index], None if zp is None else zp[index], scheme
+                chunk, scale32[index], None if zp is None else zp[index], scheme, sums if measure else None
             )
-    return QuantizedTensor(codes, scale, zero_point, w.shape, scheme)
+    qt = QuantizedTensor(codes, scale, zero_point, w.shape, scheme)
+    return qt, (tuple(float(v) for v in sums) if measure else None)
 
 
 def _row_chunks(w, step: int, name: str, check: bool = True):
@@ -295,24 +321,49 @@ def _scales(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str):
     return stored, scale32, zp
 
 
-def _encode(chunk: np.ndarray, scale32: np.ndarray, zp: np.ndarray | None, scheme: Scheme) -> np.ndarray:
-    """Codes of float32 rows ``chunk (R, I)`` given their blocks' ``scale32``/``zp`` ``(R, CB)``."""
+def _encode(chunk, scale32, zp, scheme: Scheme, sums: np.ndarray | None = None) -> np.ndarray:
+    """Codes of float32 rows ``chunk (R, I)`` given their blocks' ``scale32``/``zp`` ``(R, CB)``.
+
+    With ``sums``, adds the chunk's squared error against its dequantized
+    codes to ``sums[0]`` and its squared norm to ``sums[1]``.
+    """
     rows, in_features = chunk.shape
     n_col_blocks = scale32.shape[1]
     blocks = chunk.reshape(rows, n_col_blocks, -1)  # (R, CB, bi)
     ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
     if scheme.is_float:
         np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
-        return ratio.reshape(rows, in_features).astype(code_numpy_dtype(scheme))
+        codes = ratio.reshape(rows, in_features).astype(code_numpy_dtype(scheme))
+        if sums is not None:
+            np.copyto(ratio, codes.reshape(ratio.shape), casting="unsafe")  # float32(codes)
+            _add_error(sums, blocks, ratio, scale32)
+        return codes
     np.rint(ratio, out=ratio)
     if zp is not None:
-        ratio += zp.astype(np.float32)[:, :, None]
+        zp32 = zp.astype(np.float32)[:, :, None]
+        ratio += zp32
     np.clip(ratio, scheme.qmin, scheme.qmax, out=ratio)
+    if sums is not None:
+        levels = ratio - zp32 if zp is not None else ratio.copy()  # float32(q) - float32(zp), exact
+        _add_error(sums, blocks, levels, scale32)
     q = ratio.reshape(rows, in_features)
     if scheme.packed:
         q += np.float32(0 if zp is not None else 1 << (scheme.bits - 1))  # stored values
         return pack_codes(q.astype(np.uint8), scheme.bits)
     return q.astype(code_numpy_dtype(scheme))
+
+
+def _add_error(sums: np.ndarray, blocks: np.ndarray, levels: np.ndarray, scale32: np.ndarray) -> None:
+    """``sums += (sum (w - levels * scale)**2, sum w**2)``; ``levels`` is overwritten.
+
+    ``levels * scale`` is the dequantized weight bit for bit (float32 product,
+    as in :meth:`QuantizedTensor.dequantize_rows`); the squares are float32,
+    their sums float64.
+    """
+    levels *= scale32[:, :, None]
+    np.subtract(blocks, levels, out=levels)
+    sums[0] += np.sum(np.square(levels, out=levels), dtype=np.float64)
+    sums[1] += np.sum(np.square(blocks), dtype=np.float64)
 
 
 def _safe_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -140,7 +140,7 @@ def layer_report(model, names=None, include=None, exclude=None, progress=None) -
     skipped : list of ``(name, reason)`` for tensors left alone
     """
     from .checkpoint import select_layers
-    from .metrics import weight_error
+    from .quantize import quantize_measured
     from .safetensors_io import Checkpoint
 
     names = list(names or DEFAULT_REPORT_SCHEMES)
@@ -159,8 +159,7 @@ def layer_report(model, names=None, include=None, exclude=None, progress=None) -
                 if scheme.granularity == "group" and c.shape[1] % scheme.group_size:
                     skipped.append((c.name, f"{label}: group_size={scheme.group_size} does not divide in_features={c.shape[1]}"))
                     continue
-                qt = quantize(src, scheme, name=f"tensor {c.name!r}:")
-                rel, sqnr = weight_error(src, qt)
+                qt, rel, sqnr = quantize_measured(src, scheme, name=f"tensor {c.name!r}:")
                 rows.append(
                     {
                         "name": c.name,

@@ -68,11 +68,12 @@ class TensorSource:
     ``source[r0:r1]`` reads rows ``[r0, r1)`` into a new array, ``read()`` all.
     """
 
-    def __init__(self, name: str, file: Path, code: str, shape: tuple[int, ...], handle):
+    def __init__(self, name: str, file: Path, code: str, shape: tuple[int, ...], handle, offset: int):
         self.name = name
         self.file = file
         self.code = code
         self.shape = tuple(int(d) for d in shape)
+        self.offset = offset  # of the tensor's first byte in the file
         self._handle = handle
 
     @property
@@ -106,10 +107,7 @@ class TensorSource:
 
     def _raw(self) -> np.ndarray:
         """A read-only memory map of the tensor's bytes, for dtypes the package cannot hand to numpy (fp8)."""
-        with open(self.file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            begin, end = json.loads(f.read(n))[self.name]["data_offsets"]
-        flat = np.memmap(self.file, dtype=np.uint8, mode="r", offset=8 + n + begin, shape=(end - begin,))
+        flat = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.nbytes,))
         return flat.view(self.dtype).reshape(self.shape)
 
     def __repr__(self) -> str:
@@ -173,6 +171,7 @@ class Checkpoint:
                     raise NpquantError(f"{file} cannot be read: {exc}") from None
                 self._handles.append(handle)
                 self.metadata[file] = handle.metadata() or {}
+                offsets = _data_offsets(file)
                 for name in handle.keys():
                     if name in self.tensors:
                         raise NpquantError(f"tensor {name!r} appears in both {self.tensors[name].file} and {file}")
@@ -184,7 +183,7 @@ class Checkpoint:
                     code = piece.get_dtype()
                     if code not in _ITEMSIZE:
                         raise NpquantError(f"tensor {name!r} in {file.name} has unsupported dtype {code}")
-                    self.tensors[name] = TensorSource(name, file, code, piece.get_shape(), handle)
+                    self.tensors[name] = TensorSource(name, file, code, piece.get_shape(), handle, offsets[name])
             if shard_of is not None:
                 missing = sorted(set(shard_of) - set(self.tensors))
                 if missing:
@@ -221,6 +220,14 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """Absolute file offset of each tensor's data (the header was validated by safetensors)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -311,19 +318,38 @@ def write_safetensors(
 
 
 def _write_array(f, arr) -> None:
-    """Write an array's raw little-endian bytes; a TensorSource in row chunks."""
+    """Write an array's raw little-endian bytes; a TensorSource's straight from its file."""
     if isinstance(arr, TensorSource):
-        if arr.ndim == 0 or arr.nbytes == 0:
-            _write_array(f, arr.read())
-            return
-        row_bytes = max(1, arr.nbytes // max(1, arr.shape[0]))
-        step = max(1, (16 << 20) // row_bytes)
-        for r0 in range(0, arr.shape[0], step):
-            _write_array(f, arr[r0 : r0 + step])
+        f.flush()
+        with open(arr.file, "rb") as src:
+            _copy_range(src, f, arr.offset, arr.nbytes)
         return
     if arr.dtype.byteorder == ">":
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
     f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst``'s position, in the kernel where it can."""
+    copy = getattr(os, "copy_file_range", None)
+    if copy is not None:
+        try:
+            while count:
+                n = copy(src.fileno(), dst.fileno(), count, offset)
+                if n == 0:
+                    raise NpquantError(f"{src.name} ended early: truncated while being read?")
+                offset += n
+                count -= n
+            return
+        except OSError:
+            pass  # not on this filesystem: fall back to reading
+    src.seek(offset)
+    while count:
+        block = src.read(min(count, 16 << 20))
+        if not block:
+            raise NpquantError(f"{src.name} ended early: truncated while being read?")
+        dst.write(block)
+        count -= len(block)
 
 
 _NUMPY_DTYPES = {
