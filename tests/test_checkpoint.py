@@ -396,3 +396,31 @@ def test_default_model_report_and_quantize(tmp_path, capsys):
     code, _, _ = run(capsys, "quantize", "-o", str(tmp_path / "q"), "--scheme", "w4-g128")
     assert code == 0 and len(load(tmp_path / "q")) == 37
     assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "1_Pooling" / "config.json").is_file()
+
+
+def test_bf16_rows_read_in_a_fresh_process(model):
+    # safetensors finds numpy's "bfloat16" by name: it exists only once ml_dtypes is imported.
+    import subprocess
+    import sys
+
+    code = ("import sys; from npquant.safetensors_io import Checkpoint\n"
+            f"ck = Checkpoint({str(model)!r}); t = ck.tensors['lm_head.weight']\n"
+            "print(t[0:3].dtype, t[0:3].shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "bfloat16 (3, 256)"
+
+
+def test_quantize_measured_matches_the_metrics():
+    from npquant.quantize import quantize_measured
+
+    w = tensors()["model.layers.0.mlp.up_proj.weight"]
+    for preset in ("w8-channel", "w4-g32", "w4-g128-asym", "fp8-channel", "w8-tensor", "fp8-tensor"):
+        qt, rel, sqnr = quantize_measured(w, preset)
+        ref = quantize(w, preset)
+        np.testing.assert_array_equal(qt.codes.view(np.uint8), ref.codes.view(np.uint8))
+        exact = npquant.metrics.relative_error(w.astype(np.float32), ref.dequantize())
+        # float32 differences and squares (2**-24 relative each), float64 sums.
+        assert rel == pytest.approx(exact, rel=1e-6)
+        assert sqnr == pytest.approx(-20 * np.log10(exact), abs=1e-4)
+        assert npquant.metrics.weight_error(w, ref)[0] == pytest.approx(exact, rel=1e-6)

@@ -125,6 +125,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 and fp8 with numpy: safetensors looks them up by name)
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
