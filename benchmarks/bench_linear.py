@@ -31,6 +31,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats, for CI")
     p.add_argument("--repeats", type=int, default=None, help="rounds per case (default 11, quick 2)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba"], help="npquant backend")
+    p.add_argument("--batch", type=int, action="append", help="batch sizes M (repeatable; default 1, 8, 128)")
+    p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("OUT", "IN"),
+                   help="weight shapes (repeatable; default 4096 4096 and 11008 4096)")
     return p.parse_args()
 
 
@@ -104,8 +107,9 @@ def torch_case(w, x):
 
 
 def main() -> int:
-    shapes = [(512, 512), (1024, 1024)] if ARGS.quick else [(4096, 4096), (11008, 4096)]
-    batches = [1, 8, 128] if not ARGS.quick else [1, 8, 32]
+    shapes = [tuple(s) for s in ARGS.shape] if ARGS.shape else (
+        [(512, 512), (1024, 1024)] if ARGS.quick else [(4096, 4096), (11008, 4096)])
+    batches = ARGS.batch or ([1, 8, 32] if ARGS.quick else [1, 8, 128])
     names = ["w8-channel", "w4-g128", "fp8-channel"]
     repeats = ARGS.repeats or (2 if ARGS.quick else 11)
     backend = ARGS.backend

@@ -169,10 +169,11 @@ def test_numba_matches_numpy(kernels, scheme, m):
     fast = linear(x, qt, backend="numba")
     ref = linear(x, qt, backend="numpy")
     assert fast.dtype == np.float32 and fast.shape == ref.shape
-    # Both are float32 sums of I products of x with the same dequantized
-    # weights (the kernels decode exactly; per-group partial sums are scaled
-    # once, adding one rounding): each is within gamma_(I+2) |x| @ |W_hat|^T
-    # of the exact sum, so they are within twice that of each other.
+    # Both are float32 sums of the I products of x with the same dequantized
+    # weights (the kernels dequantize bit for bit as numpy does) in different
+    # orders; the kernels add partial sums per chunk, a few more additions.
+    # Each is within gamma_(I+2) |x| @ |W_hat|^T of the exact sum, so they
+    # are within twice that of each other.
     bound = 2 * sum_bound(x, qt.dequantize(), w.shape[1] + 2)
     assert np.all(np.abs(fast - ref) <= bound + 1e-30)
 

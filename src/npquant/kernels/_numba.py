@@ -44,26 +44,30 @@ _U8_4 = np.uint8(4)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf):
-    """``buf[:n] = v - z`` for columns ``[c0, c0 + n)`` of one code row (uint8 bytes)."""
+def _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, buf, ubuf):
+    """``buf[:n] = (v - z) * s``: the weights of columns ``[c0, c0 + n)`` of one code row (uint8 bytes).
+
+    ``(v - z)`` is exact in float32 and ``* s`` rounds once, as in the numpy
+    reference, so the result is the dequantized weight bit for bit.
+    """
     if kind == 0:
         src = row[c0 : c0 + n]
         for k in range(n):
-            buf[k] = np.float32(np.int8(src[k]))
+            buf[k] = np.float32(np.int8(src[k])) * s
     elif kind == 1:
         src = row[c0 : c0 + n]
         for k in range(n):
-            buf[k] = np.float32(src[k]) - z
+            buf[k] = (np.float32(src[k]) - z) * s
     elif kind == 2:
         # c0 is even: the caller picks kind 2 only for byte-aligned blocks.
         half = n // 2
         src = row[c0 // 2 : c0 // 2 + (n + 1) // 2]
         for k in range(half):
             b = src[k]
-            buf[2 * k] = np.float32(np.uint8(b & _U8_15)) - z
-            buf[2 * k + 1] = np.float32(np.uint8(b >> _U8_4)) - z
+            buf[2 * k] = (np.float32(np.uint8(b & _U8_15)) - z) * s
+            buf[2 * k + 1] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
         if n % 2:
-            buf[n - 1] = np.float32(np.uint8(src[half] & _U8_15)) - z
+            buf[n - 1] = (np.float32(np.uint8(src[half] & _U8_15)) - z) * s
     elif kind == 3:
         mask = np.int32((1 << bits) - 1)
         last = row.shape[0] - 1
@@ -73,7 +77,7 @@ def _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf):
             v = np.int32(row[j])
             if j < last:
                 v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
-            buf[k] = np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z
+            buf[k] = (np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z) * s
     else:
         src = row[c0 : c0 + n]
         low = np.uint32(0x7F)
@@ -84,7 +88,7 @@ def _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, buf, ubuf):
             ubuf[k] = np.uint32(np.uint32((b & low) << shift) | np.uint32((b & sign) << np.uint32(24)))
         fbuf = ubuf.view(np.float32)
         for k in range(n):
-            buf[k] = fbuf[k] * fp8_mult
+            buf[k] = (fbuf[k] * fp8_mult) * s
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -92,7 +96,7 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
 
     Parallel over quads of output rows. Each chunk of the four weight rows is
-    decoded into float32 buffers in L1, then every row of ``x`` is dotted
+    dequantized into float32 buffers in L1, then every row of ``x`` is dotted
     with all four at once (one load of ``x`` feeds four products).
     ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)`` (``zp``
     unused unless ``has_zp``).
@@ -115,15 +119,12 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
                     z = np.float32(base_off)
                     if has_zp:
                         z += np.float32(zp[rows[j] // bo, g])
-                    _decode(kind, codes[rows[j]], c0, n, z, bits, fp8_shift, fp8_mult, bufs[j], ubuf)
+                    s = scale[rows[j] // bo, g]
+                    _decode(kind, codes[rows[j]], c0, n, z, s, bits, fp8_shift, fp8_mult, bufs[j], ubuf)
                 b0 = bufs[0, :n]
                 b1 = bufs[1, :n]
                 b2 = bufs[2, :n]
                 b3 = bufs[3, :n]
-                s0 = scale[rows[0] // bo, g]
-                s1 = scale[rows[1] // bo, g]
-                s2 = scale[rows[2] // bo, g]
-                s3 = scale[rows[3] // bo, g]
                 for m in range(m_rows):
                     xs = x[m, c0 : c0 + n]
                     t0 = t1 = t2 = t3 = np.float32(0.0)
@@ -133,10 +134,10 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
                         t1 += xv * b1[k]
                         t2 += xv * b2[k]
                         t3 += xv * b3[k]
-                    acc[m, 0] += s0 * t0
-                    acc[m, 1] += s1 * t1
-                    acc[m, 2] += s2 * t2
-                    acc[m, 3] += s3 * t3
+                    acc[m, 0] += t0
+                    acc[m, 1] += t1
+                    acc[m, 2] += t2
+                    acc[m, 3] += t3
         for j in range(min(4, out_features - o)):
             for m in range(m_rows):
                 y[m, o + j] = acc[m, j]
@@ -234,7 +235,4 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
             end = (g + 1) * bi
             for c0 in range(g * bi, end, _CHUNK):
                 n = min(_CHUNK, end - c0)
-                dst = out[t, c0 : c0 + n]
-                _decode(kind, row, c0, n, z, bits, fp8_shift, fp8_mult, dst, ubuf)
-                for k in range(n):
-                    dst[k] *= s
+                _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, out[t, c0 : c0 + n], ubuf)
