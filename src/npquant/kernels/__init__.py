@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quantize import QuantizedTensor
-from ._numba import dequantize_rows, gemm_small_m, gemv_int4, gemv_int8
+from ._numba import dequantize_rows, gemm_small_m, gemv_fp8, gemv_int4, gemv_int8
 
 __all__ = ["numba_linear", "numba_dequantize", "SMALL_M"]
 
@@ -72,6 +72,9 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     if m_rows == 1 and kind == 0:
         gemv_int8(x2, codes, scale, bo, bi, y)
+        return y
+    if m_rows == 1 and kind == 4:
+        gemv_fp8(x2, codes, scale, bo, bi, args[9], args[10], y)
         return y
     if m_rows == 1 and kind == 2:
         x_even = np.ascontiguousarray(x2[0, 0::2])  # (I / 2,)

@@ -12,8 +12,10 @@ kind  codes                  ``v`` of element ``i`` of a row
 1     uint8, unpacked        ``byte[i]``
 2     4-bit packed           ``(byte[i // 2] >> 4 * (i % 2)) & 15``
 3     2..7-bit packed        bits ``[i * bits, (i + 1) * bits)`` of the row stream
-4     fp8 (e4m3 or e5m2)     the fp8 fields moved into a float32's bit fields
+4     fp8 (e4m3 or e5m2)     the fp8 fields shifted into a float32's bit fields
                              (exponent left unbiased), times ``2**(127 - bias)``
+                             (exact; fp8 subnormals become float32 subnormals
+                             and the product normalises them)
 ====  =====================  ==================================================
 
 Every decode is exact (integer ops, int-to-float conversion, a power-of-two
@@ -34,17 +36,50 @@ summation order only.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _CHUNK = 512  # columns decoded per step: four float32 buffers and x's chunks stay in L1
 
 _U8_15 = np.uint8(15)
 _U8_4 = np.uint8(4)
+_U32 = np.uint32
+
+
+@intrinsic
+def _bits_to_f32(typingctx, u):
+    """The float32 whose bit pattern is the uint32 ``u`` (an LLVM bitcast: free, vectorisable)."""
+    if u != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always")
+def _e4m3_bits(b):
+    """float32 bits holding an e4m3 byte's sign, exponent (unbiased) and mantissa fields.
+
+    Every operation is cast back to uint32 and shifts are by constants, or
+    numba widens them to 64 bits and LLVM's vectors shrink fourfold.
+    """
+    b = _U32(b)
+    return _U32(_U32(_U32(b & _U32(0x7F)) << _U32(20)) | _U32(_U32(b & _U32(0x80)) << _U32(24)))
+
+
+@njit(inline="always")
+def _e5m2_bits(b):
+    """As :func:`_e4m3_bits` for e5m2 (two mantissa bits: one place further left)."""
+    b = _U32(b)
+    return _U32(_U32(_U32(b & _U32(0x7F)) << _U32(21)) | _U32(_U32(b & _U32(0x80)) << _U32(24)))
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, buf, ubuf):
+def _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, buf):
     """``buf[:n] = (v - z) * s``: the weights of columns ``[c0, c0 + n)`` of one code row (uint8 bytes).
 
     ``(v - z)`` is exact in float32 and ``* s`` rounds once, as in the numpy
@@ -78,17 +113,14 @@ def _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, buf, ubuf):
             if j < last:
                 v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
             buf[k] = (np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z) * s
+    elif fp8_shift == 20:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = (_bits_to_f32(_e4m3_bits(src[k])) * fp8_mult) * s
     else:
         src = row[c0 : c0 + n]
-        low = np.uint32(0x7F)
-        sign = np.uint32(0x80)
-        shift = np.uint32(fp8_shift)
         for k in range(n):
-            b = np.uint32(src[k])
-            ubuf[k] = np.uint32(np.uint32((b & low) << shift) | np.uint32((b & sign) << np.uint32(24)))
-        fbuf = ubuf.view(np.float32)
-        for k in range(n):
-            buf[k] = (fbuf[k] * fp8_mult) * s
+            buf[k] = (_bits_to_f32(_e5m2_bits(src[k])) * fp8_mult) * s
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -107,7 +139,6 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     last = out_features - 1
     for quad in prange((out_features + 3) // 4):
         bufs = np.empty((4, _CHUNK), np.float32)
-        ubuf = np.empty(_CHUNK, np.uint32)
         acc = np.zeros((m_rows, 4), np.float32)
         o = quad * 4
         rows = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last))  # past the end: repeat, not stored
@@ -120,7 +151,7 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
                     if has_zp:
                         z += np.float32(zp[rows[j] // bo, g])
                     s = scale[rows[j] // bo, g]
-                    _decode(kind, codes[rows[j]], c0, n, z, s, bits, fp8_shift, fp8_mult, bufs[j], ubuf)
+                    _decode(kind, codes[rows[j]], c0, n, z, s, bits, fp8_shift, fp8_mult, bufs[j])
                 b0 = bufs[0, :n]
                 b1 = bufs[1, :n]
                 b2 = bufs[2, :n]
@@ -212,6 +243,30 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
         y[0, o] = acc
 
 
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv_fp8(x, codes, scale, bo, bi, fp8_shift, fp8_mult, y):
+    """``y (1, O) = x @ W.T`` for fp8 codes, decoded in registers (one row per task)."""
+    out_features = y.shape[1]
+    n_col_blocks = scale.shape[1]
+    xs_all = x[0]
+    e4m3 = fp8_shift == 20
+    for o in prange(out_features):
+        acc = np.float32(0.0)
+        for g in range(n_col_blocks):
+            c0 = g * bi
+            src = codes[o, c0 : c0 + bi]
+            xs = xs_all[c0 : c0 + bi]
+            t = np.float32(0.0)
+            if e4m3:
+                for k in range(bi):
+                    t += xs[k] * (_bits_to_f32(_e4m3_bits(src[k])) * fp8_mult)
+            else:
+                for k in range(bi):
+                    t += xs[k] * (_bits_to_f32(_e5m2_bits(src[k])) * fp8_mult)
+            acc += scale[o // bo, g] * t
+        y[0, o] = acc
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_shift, fp8_mult, o0, out):
     """``out (T, I)`` = float32 rows ``[o0, o0 + T)`` of the weight, ``(v - z) * scale``.
@@ -222,7 +277,6 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     """
     rows, in_features = out.shape
     n_col_blocks = in_features // bi
-    ubuf = np.empty(_CHUNK, np.uint32)
     for t in range(rows):
         o = o0 + t
         row = codes[o]
@@ -235,4 +289,4 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
             end = (g + 1) * bi
             for c0 in range(g * bi, end, _CHUNK):
                 n = min(_CHUNK, end - c0)
-                _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, out[t, c0 : c0 + n], ubuf)
+                _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, out[t, c0 : c0 + n])
