@@ -1,6 +1,13 @@
-"""Root pytest configuration: skip collecting the numba kernels when numba is absent."""
+"""Root pytest configuration.
+
+--doctest-modules imports every module it collects: the numba kernels need
+numba (skipped when it is absent), and tests/data holds the script that
+made the reference embeddings with sentence-transformers, which the tests
+never need.
+"""
 
 import importlib.util
 
-# --doctest-modules imports every module; the kernels import numba.
-collect_ignore = [] if importlib.util.find_spec("numba") else ["src/npquant/kernels"]
+collect_ignore = ["tests/data"]
+if importlib.util.find_spec("numba") is None:
+    collect_ignore.append("src/npquant/kernels")

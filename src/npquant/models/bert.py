@@ -1,0 +1,302 @@
+"""A BERT sentence encoder in numpy: all-MiniLM-L6-v2, as sentence-transformers runs it.
+
+Pipeline (sentence-transformers' Transformer -> Pooling(mean) -> Normalize):
+
+1. ``tokenizers`` with the model's ``tokenizer.json`` (lowercasing WordPiece),
+   ``[CLS] ... [SEP]``, truncated to ``max_seq_length`` (256) tokens
+   including the special tokens, padded to the longest in the batch, with an
+   attention mask.
+2. Embeddings: word + position + token type 0, then LayerNorm.
+3. Post-layer-norm blocks: ``x = LN(x + Attn(x))``; ``x = LN(x + W2 GELU(W1 x))``
+   with exact (erf) GELU; padded keys get ``float32.min`` added to their
+   attention scores, as in transformers.
+4. Mean over the tokens the mask keeps, then L2 normalisation.
+
+Every linear layer goes through :func:`npquant.linear` when quantized
+(:meth:`SentenceEncoder.quantized`), else ``x @ W.T + b`` in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NpquantError
+from ..linear import linear
+from ..quantize import QuantizedTensor, quantize
+from ..schemes import Scheme, get_scheme
+
+__all__ = ["SentenceEncoder", "BertConfig"]
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The architecture, read from ``config.json``."""
+
+    hidden_size: int  # C, model width
+    num_layers: int  # transformer blocks
+    num_heads: int  # H; head width D = C // H
+    intermediate_size: int  # feed-forward width
+    layer_norm_eps: float
+    max_position: int  # rows of the position table
+
+    @classmethod
+    def from_json(cls, config: dict) -> "BertConfig":
+        try:
+            act = config.get("hidden_act", "gelu")
+            if act != "gelu":
+                raise NpquantError(f"config.json hidden_act={act!r}: only exact 'gelu' BERT models are supported")
+            return cls(
+                hidden_size=int(config["hidden_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=int(config["num_attention_heads"]),
+                intermediate_size=int(config["intermediate_size"]),
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                max_position=int(config["max_position_embeddings"]),
+            )
+        except KeyError as exc:
+            raise NpquantError(f"config.json lacks {exc.args[0]!r}: is this a BERT model?") from None
+
+
+class SentenceEncoder:
+    """Sentence embeddings from a BERT checkpoint, in numpy.
+
+    Example (needs the bundled model, so not run as a doctest)::
+
+        enc = SentenceEncoder.from_pretrained()         # all-MiniLM-L6-v2
+        enc.encode(["a sentence", "another"]).shape    # (2, 384), float32
+        enc.quantized("w4-g128").encode(["a sentence"])
+    """
+
+    def __init__(self, config: BertConfig, tensors: dict, tokenizer, max_seq_length: int = 256,
+                 backend: str = "auto", scheme: Scheme | None = None):
+        self.config = config
+        self.tensors = tensors  # name -> float32 array or QuantizedTensor (linear weights)
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.backend = backend
+        self.scheme = scheme
+
+    # --- loading -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path=None, backend: str = "auto") -> "SentenceEncoder":
+        """Load a model directory (``None``: the bundled all-MiniLM-L6-v2)."""
+        from ..checkpoint import default_model_path
+        from ..safetensors_io import Checkpoint
+
+        root = Path(path) if path is not None else default_model_path()
+        if not root.is_dir():
+            raise NpquantError(f"MODEL {root} is not a model directory (config.json, tokenizer.json, safetensors)")
+        for needed in ("config.json", "tokenizer.json"):
+            if not (root / needed).is_file():
+                raise NpquantError(f"MODEL {root} has no {needed}")
+        config = BertConfig.from_json(json.loads((root / "config.json").read_text()))
+        max_len = 256
+        st_config = root / "sentence_bert_config.json"
+        if st_config.is_file():
+            max_len = int(json.loads(st_config.read_text()).get("max_seq_length", max_len))
+        with Checkpoint(root) as ckpt:
+            tensors = {}
+            for name, src in ckpt.tensors.items():
+                arr = src.read()
+                key = name[len("bert."):] if name.startswith("bert.") else name
+                tensors[key] = arr.astype(np.float32) if arr.dtype.kind in "fV" else arr
+        missing = [n for n in _required(config) if n not in tensors]
+        if missing:
+            raise NpquantError(f"MODEL {root} lacks tensor {missing[0]!r}: not a BERT encoder")
+        return cls(config, tensors, _load_tokenizer(root / "tokenizer.json", max_len), max_len, backend)
+
+    def linear_names(self) -> list[str]:
+        """The linear weights of the encoder blocks (what :meth:`quantized` replaces)."""
+        names = []
+        for i in range(self.config.num_layers):
+            p = f"encoder.layer.{i}."
+            names += [p + s + ".weight" for s in _BLOCK_LINEARS]
+        return names
+
+    def quantized(self, scheme: Scheme | str) -> "SentenceEncoder":
+        """A copy whose every linear layer is a :class:`QuantizedTensor` of ``scheme``."""
+        scheme = get_scheme(scheme)
+        tensors = dict(self.tensors)
+        for name in self.linear_names():
+            w = tensors[name]
+            if isinstance(w, QuantizedTensor):
+                raise NpquantError("this encoder is quantized already; quantize the float32 one")
+            tensors[name] = quantize(w, scheme, name=f"tensor {name!r}:")
+        return SentenceEncoder(self.config, tensors, self.tokenizer, self.max_seq_length, self.backend, scheme)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the encoder holds (quantized ones exactly)."""
+        return int(sum(t.nbytes for t in self.tensors.values()))
+
+    @property
+    def linear_bits_per_weight(self) -> float:
+        """Storage bits per weight of the linear layers, scales included."""
+        names = self.linear_names()
+        nbytes = sum(self.tensors[n].nbytes for n in names)
+        count = sum(int(np.prod(self.tensors[n].shape)) for n in names)
+        return 8.0 * nbytes / count
+
+    # --- inference ------------------------------------------------------------------
+    def tokenize(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ids and attention mask, both ``(B, T)``, padded to the longest."""
+        encodings = self.tokenizer.encode_batch(list(sentences))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return ids, mask
+
+    def encode(self, sentences, batch_size: int = 32) -> np.ndarray:
+        """float32 ``(n, C)``: L2-normalised mean-pooled embeddings, in input order.
+
+        Sentences are sorted by token count and batched (at most
+        ``batch_size``, and a batch ends where lengths halve, so one long
+        sentence does not pad many short ones), then put back in order.
+        Padding does not change a sentence's embedding beyond float32
+        rounding: padded keys get zero attention weight.
+        """
+        if isinstance(sentences, str):
+            raise NpquantError("sentences must be a list of strings, not one string")
+        sentences = list(sentences)
+        if not all(isinstance(s, str) for s in sentences):
+            raise NpquantError("sentences must be strings")
+        if batch_size < 1:
+            raise NpquantError(f"batch_size must be at least 1, got {batch_size}")
+        out = np.zeros((len(sentences), self.config.hidden_size), np.float32)
+        lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(sentences)]
+        order = sorted(range(len(sentences)), key=lambda i: -lengths[i])
+        batch: list[int] = []
+        for i in order + [None]:
+            if batch and (i is None or len(batch) == batch_size or 2 * lengths[i] < lengths[batch[0]]):
+                ids, mask = self.tokenize([sentences[j] for j in batch])
+                out[batch] = self._forward(ids, mask)
+                batch = []
+            if i is not None:
+                batch.append(i)
+        return out
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        t = self.tensors
+        B, T = ids.shape
+        C, H = cfg.hidden_size, cfg.num_heads
+        D = C // H
+        x = t["embeddings.word_embeddings.weight"][ids]  # (B, T, C)
+        x = x + t["embeddings.position_embeddings.weight"][:T][None]
+        x = x + t["embeddings.token_type_embeddings.weight"][0][None, None]
+        x = _layer_norm(x, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], cfg.layer_norm_eps)
+        # Additive mask over keys, as transformers builds it: 0 or float32.min.
+        bias = (1.0 - mask[:, None, None, :].astype(np.float32)) * np.finfo(np.float32).min  # (B, 1, 1, T)
+        scale = np.float32(1.0 / math.sqrt(D))
+        for i in range(cfg.num_layers):
+            p = f"encoder.layer.{i}."
+            q = self._linear(x, p + "attention.self.query").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+            k = self._linear(x, p + "attention.self.key").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+            v = self._linear(x, p + "attention.self.value").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+            scores = (q @ k.transpose(0, 1, 3, 2)) * scale + bias  # (B, H, T, T)
+            probs = _softmax(scores)
+            ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
+            attn = self._linear(ctx, p + "attention.output.dense")
+            x = _layer_norm(attn + x, t[p + "attention.output.LayerNorm.weight"],
+                            t[p + "attention.output.LayerNorm.bias"], cfg.layer_norm_eps)
+            h = _gelu(self._linear(x, p + "intermediate.dense"))  # (B, T, intermediate)
+            h = self._linear(h, p + "output.dense")
+            x = _layer_norm(h + x, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"], cfg.layer_norm_eps)
+        m = mask.astype(np.float32)[:, :, None]  # (B, T, 1)
+        pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))  # (B, C)
+        norm = np.sqrt((pooled * pooled).sum(axis=1, keepdims=True))
+        return pooled / np.maximum(norm, np.float32(1e-12))
+
+    def _linear(self, x: np.ndarray, module: str) -> np.ndarray:
+        w = self.tensors[module + ".weight"]
+        b = self.tensors[module + ".bias"]
+        if isinstance(w, QuantizedTensor):
+            return linear(x, w, bias=b, backend=self.backend)
+        y = x.reshape(-1, x.shape[-1]) @ w.T  # (B * T, O): one BLAS call
+        y += b
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+_BLOCK_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+def _required(config: BertConfig) -> list[str]:
+    names = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+             "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    for i in range(config.num_layers):
+        p = f"encoder.layer.{i}."
+        for s in _BLOCK_LINEARS:
+            names += [p + s + ".weight", p + s + ".bias"]
+        for s in ("attention.output.LayerNorm", "output.LayerNorm"):
+            names += [p + s + ".weight", p + s + ".bias"]
+    return names
+
+
+def _load_tokenizer(path: Path, max_len: int):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise NpquantError("the sentence encoder needs tokenizers: pip install 'npquant[models]'") from None
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises a plain Exception on bad files
+        raise NpquantError(f"{path} is not a tokenizers file: {exc}") from None
+    tok.enable_truncation(max_length=max_len)
+    pad_id = tok.token_to_id("[PAD]")
+    tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    return tok
+
+
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis, float32 (biased variance, as torch)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    return xc / np.sqrt(var + np.float32(eps)) * gamma + beta
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    s = s - s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+# Abramowitz & Stegun 7.1.26: |erf(x) - approximation| <= 1.5e-7 for all x,
+# about float32's resolution of erf's values near 1.
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """float32 erf, within 1.5e-7 (+ float32 rounding) of the exact value."""
+    a = np.abs(x)
+    t = np.float32(_AS_P) * a
+    t += np.float32(1.0)
+    np.reciprocal(t, out=t)
+    poly = np.float32(_AS_A[4]) * t
+    for c in _AS_A[3::-1]:
+        poly += np.float32(c)
+        poly *= t
+    np.square(a, out=a)
+    np.negative(a, out=a)
+    np.exp(a, out=a)
+    poly *= a
+    np.subtract(np.float32(1.0), poly, out=poly)
+    return np.copysign(poly, x, out=poly)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, ``x / 2 * (1 + erf(x / sqrt(2)))``."""
+    return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1.0 / math.sqrt(2.0))))

@@ -1,0 +1,148 @@
+"""The numpy sentence encoder against sentence-transformers, and npquant eval."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npquant import NpquantError, QuantizedTensor
+from npquant.cli import main
+
+REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
+
+
+def default_model_or_skip():
+    from npquant.checkpoint import default_model_path
+
+    try:
+        return default_model_path()
+    except NpquantError as exc:
+        pytest.skip(f"the default model is not installed ({exc})")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    pytest.importorskip("tokenizers", reason="the sentence encoder needs tokenizers (npquant[models])")
+    default_model_or_skip()
+    from npquant.models import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained()
+
+
+def reference():
+    ref = json.loads(REFERENCE.read_text())
+    return ref["sentences"], np.array([[float(v) for v in row] for row in ref["embeddings"]], np.float32)
+
+
+def test_matches_the_committed_sentence_transformers_reference(encoder):
+    sentences, expected = reference()
+    got = encoder.encode(sentences)
+    assert got.dtype == np.float32 and got.shape == expected.shape == (len(sentences), 384)
+    # The issue's bar: float32 embeddings within 1e-5 of sentence-transformers.
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_matches_sentence_transformers_live(encoder):
+    pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0); the committed "
+                                        "reference file covers this check without it")
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    model = st.SentenceTransformer(str(default_model_or_skip()), device="cpu")
+    sentences, _ = reference()
+    expected = model.encode(sentences, convert_to_numpy=True)
+    assert np.abs(encoder.encode(sentences) - expected).max() <= 1e-5
+
+
+def test_truncation_padding_and_order(encoder):
+    sentences, _ = reference()
+    long = max(sentences, key=len)
+    ids, mask = encoder.tokenize([long, "short"])
+    assert ids.shape == (2, 256) and mask[0].sum() == 256 and mask[1].sum() == 3  # [CLS] short [SEP], then padding
+    together = encoder.encode(sentences, batch_size=5)
+    alone = np.stack([encoder.encode([s])[0] for s in sentences[:4]])
+    # Padding adds keys with zero attention weight: only float32 summation order changes.
+    assert np.abs(together[:4] - alone).max() <= 1e-6
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
+
+
+def test_quantized_encoder_uses_quantized_linears(encoder):
+    q = encoder.quantized("w8-channel")
+    names = encoder.linear_names()
+    assert len(names) == 36
+    assert all(isinstance(q.tensors[n], QuantizedTensor) for n in names)
+    assert not any(isinstance(encoder.tensors[n], QuantizedTensor) for n in names)
+    assert q.nbytes < encoder.nbytes and abs(q.linear_bits_per_weight - 8.0) < 0.1
+    sentences, _ = reference()
+    base = encoder.encode(sentences)
+    got = q.encode(sentences)
+    assert np.min((got * base).sum(axis=1)) > 0.99
+    with pytest.raises(NpquantError, match=r"quantized already"):
+        q.quantized("w4-g128")
+
+
+def test_backends_agree_on_the_quantized_encoder(encoder):
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed (npquant[fast]); the numpy backend alone is tested elsewhere")
+    from npquant.models import SentenceEncoder
+
+    sentences, _ = reference()
+    q_numpy = SentenceEncoder(encoder.config, encoder.tensors, encoder.tokenizer, backend="numpy").quantized("w4-g128")
+    q_numba = SentenceEncoder(encoder.config, encoder.tensors, encoder.tokenizer, backend="numba").quantized("w4-g128")
+    # Same codes and float32 sums in another order through 6 blocks of layer norms: ~1e-6.
+    assert np.abs(q_numpy.encode(sentences) - q_numba.encode(sentences)).max() <= 1e-4
+
+
+def test_bad_input(encoder, tmp_path):
+    from npquant.models import SentenceEncoder
+
+    with pytest.raises(NpquantError, match=r"sentences must be a list of strings, not one string"):
+        encoder.encode("one string")
+    with pytest.raises(NpquantError, match=r"batch_size must be at least 1, got 0"):
+        encoder.encode(["a"], batch_size=0)
+    with pytest.raises(NpquantError, match=r"has no config.json"):
+        SentenceEncoder.from_pretrained(tmp_path)
+
+
+def test_erf_against_math_erf():
+    from npquant.models.bert import _erf
+
+    x = np.linspace(-6, 6, 4001, dtype=np.float32)
+    exact = np.array([math.erf(float(v)) for v in x])
+    # Abramowitz-Stegun 7.1.26 is within 1.5e-7; float32 evaluation of its
+    # polynomial and exponential adds a few ulps of 1 (6e-8 each).
+    assert np.abs(_erf(x) - exact).max() <= 1.5e-7 + 6 * 2.0**-24
+
+
+# --- npquant eval ---------------------------------------------------------------------
+def test_eval_json(encoder, tmp_path, capsys):
+    path = tmp_path / "s.txt"
+    path.write_text("The cat sat on the mat.\n\nA dog barked at night.\nStocks fell on Monday.\nShares dropped.\n")
+    code = main(["eval", "--sentences", str(path), "--scheme", "w8-channel", "--scheme", "w3-g128", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["scheme"] for r in rows] == ["float32", "w8-channel", "w3-g128"]
+    f32, w8, w3 = rows
+    assert f32["mean_cosine"] == pytest.approx(1.0, abs=1e-6) and f32["top1_agreement"] == 1.0
+    assert 0.99 < w8["mean_cosine"] <= 1.0 + 1e-6 and w8["min_cosine"] <= w8["mean_cosine"]
+    assert w3["mean_cosine"] < w8["mean_cosine"]
+    assert w8["model_bytes"] < f32["model_bytes"] and w3["bits_per_weight"] < w8["bits_per_weight"]
+    assert len(w8["worst"]) == 3 and w8["worst"][0]["cosine"] == pytest.approx(w8["min_cosine"])
+
+
+def test_eval_table_and_plot(encoder, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (npquant[plot]); --plot needs it")
+    png = tmp_path / "eval.png"
+    code = main(["eval", "--scheme", "w8-channel", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0 and "top-1 agreement" in out and "worst sentences" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_bad_sentences_file(tmp_path, capsys):
+    assert main(["eval", "--sentences", str(tmp_path / "none.txt")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("only one\n")
+    assert main(["eval", "--sentences", str(one)]) == 2
+    assert "needs at least 2 non-empty lines, found 1" in capsys.readouterr().err
