@@ -177,8 +177,8 @@ def test_float_quantized_layout(model, tmp_path, preset):
 @pytest.mark.parametrize("preset", ["w4-g128", "w8-channel", "w4-g128-asym", "w3-g128", "fp8-channel", "fp8-tensor"])
 def test_load_round_trips_codes_and_scales_exactly(sharded, tmp_path, preset):
     out = tmp_path / "out"
-    quantize_checkpoint(sharded, out, preset)
-    loaded = load(out)
+    npquant.quantize_checkpoint(sharded, out, preset)
+    loaded = npquant.load(out)
     src = tensors()
     assert sorted(loaded) == LINEAR
     for name, qt in loaded.items():

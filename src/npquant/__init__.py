@@ -16,6 +16,8 @@ the quantized linear layer without building the float32 weight.
 __version__ = "0.1.0"
 
 from . import metrics
+from .checkpoint import load
+from .checkpoint import quantize_checkpoint
 from .errors import NpquantError
 from .lab import dequantize
 from .lab import memory_bytes
@@ -27,6 +29,7 @@ from .linear import available_backends
 from .linear import linear
 from .quantize import QuantizedTensor
 from .quantize import quantize
+from .quantize import quantize_measured
 from .schemes import Scheme
 from .schemes import get_scheme
 from .schemes import schemes
@@ -37,9 +40,13 @@ __all__ = [
     "schemes",
     "get_scheme",
     "quantize",
+    "quantize_measured",
     "QuantizedTensor",
     "linear",
     "available_backends",
+    # checkpoints
+    "quantize_checkpoint",
+    "load",
     # the lab-01 API
     "quantize_per_channel",
     "quantize_per_tensor",
