@@ -358,3 +358,23 @@ def test_quantized_tensor_checks_its_arrays():
         QuantizedTensor(qt.codes, qt.scale[:, :1], None, (4, 64), qt.scheme)
     with pytest.raises(NpquantError, match=r"zero_point must be given exactly when"):
         QuantizedTensor(qt.codes, qt.scale, np.zeros((4, 2), np.uint8), (4, 64), qt.scheme)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scheme_and_weight())
+def test_numba_quantizer_is_bit_equal_to_numpy(case):
+    pytest.importorskip("numba", reason="numba is not installed (npquant[fast]); the numpy engine is the reference")
+    from npquant.quantize import quantize_measured
+
+    scheme, w = case
+    a, rel_a, _ = quantize_measured(w, scheme, backend="numpy")
+    b, rel_b, _ = quantize_measured(w, scheme, backend="numba")
+    np.testing.assert_array_equal(a.codes.view(np.uint8), b.codes.view(np.uint8))
+    np.testing.assert_array_equal(a.scale.view(np.uint8), b.scale.view(np.uint8))
+    # Both square in float32 and sum in float64, in different orders.
+    assert rel_a == pytest.approx(rel_b, rel=1e-6, abs=1e-12)
+
+
+def test_unknown_quantize_backend():
+    with pytest.raises(NpquantError, match=r"backend='gpu' is not known"):
+        quantize(np.ones((2, 4), np.float32), "w8-channel", backend="gpu")

@@ -196,7 +196,7 @@ class QuantizedTensor:
         return self.dequantize_rows(0, self.shape[0])
 
 
-def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> QuantizedTensor:
+def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w", backend: str = "auto") -> QuantizedTensor:
     """Quantize a weight matrix with a scheme (a :class:`Scheme` or a preset name).
 
     See :func:`quantize_measured` for the same with its error measured on the way.
@@ -209,15 +209,21 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w") -> Quantiz
     scheme : Scheme or str
     name : str
         How error messages call ``w``.
+    backend : {"auto", "numpy", "numba"}
+        ``"numba"`` runs symmetric int codes with channel or group scales in
+        one fused pass (same codes and scales, bit for bit); other schemes,
+        and ``"numpy"``, use numpy. ``"auto"``: numba when installed.
 
     Returns
     -------
     QuantizedTensor
     """
-    return _quantize(w, scheme, name, measure=False)[0]
+    return _quantize(w, scheme, name, measure=False, backend=backend)[0]
 
 
-def quantize_measured(w, scheme: Scheme | str, *, name: str = "w") -> tuple[QuantizedTensor, float, float]:
+def quantize_measured(
+    w, scheme: Scheme | str, *, name: str = "w", backend: str = "auto"
+) -> tuple[QuantizedTensor, float, float]:
     """:func:`quantize`, plus ``(relative_error, sqnr_db)`` measured chunk by chunk as it goes.
 
     The error of each float32 chunk against its dequantized codes is summed
@@ -225,7 +231,7 @@ def quantize_measured(w, scheme: Scheme | str, *, name: str = "w") -> tuple[Quan
     big or memory-mapped ``w`` is read once more only for per-tensor scales.
     Same codes and scales as :func:`quantize`.
     """
-    qt, (err2, ref2) = _quantize(w, scheme, name, measure=True)
+    qt, (err2, ref2) = _quantize(w, scheme, name, measure=True, backend=backend)
     if err2 == 0.0:
         return qt, 0.0, float("inf")
     if ref2 == 0.0:
@@ -234,10 +240,11 @@ def quantize_measured(w, scheme: Scheme | str, *, name: str = "w") -> tuple[Quan
     return qt, rel, float(-20.0 * np.log10(rel))
 
 
-def _quantize(w, scheme, name: str, measure: bool):
+def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto"):
     """The engine: ``(QuantizedTensor, (error sum of squares, weight sum of squares) or None)``."""
     scheme = get_scheme(scheme)
     check_weight(w, name)
+    fused = _fused_kernel(scheme, w.shape, backend)
     out_features, in_features = w.shape
     bo, bi = scheme.block_shape(w.shape)
     n_col_blocks = in_features // bi
@@ -254,6 +261,9 @@ def _quantize(w, scheme, name: str, measure: bool):
         # Channel and group scales depend on their own row alone: one pass.
         for r0, chunk in _row_chunks(w, step, name):
             rows = slice(r0, r0 + chunk.shape[0])
+            if fused is not None:
+                codes[rows] = _fused_rows(fused, chunk, bi, scheme, scale[rows], sums)
+                continue
             lo, hi = _block_stats(chunk, n_col_blocks, bi, scheme.symmetric)
             scale[rows], scale32, zp = _scales(lo, hi, scheme, name)
             if zero_point is not None:
@@ -278,6 +288,40 @@ def _quantize(w, scheme, name: str, measure: bool):
             )
     qt = QuantizedTensor(codes, scale, zero_point, w.shape, scheme)
     return qt, (tuple(float(v) for v in sums) if measure else None)
+
+
+def _fused_kernel(scheme: Scheme, shape, backend: str):
+    """The numba quantizer when ``backend`` asks for it and the scheme has it, else None."""
+    if backend not in ("auto", "numpy", "numba"):
+        raise NpquantError(f"backend={backend!r} is not known; expected one of ('auto', 'numpy', 'numba')")
+    if backend == "numpy":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        if backend == "numba":
+            raise NpquantError("backend='numba' needs numba: pip install 'npquant[fast]'")
+        return None
+    fits = (
+        scheme.dtype == "int" and scheme.symmetric and scheme.scale_dtype == "float32"
+        and scheme.block_shape(shape)[0] == 1
+    )
+    if not fits:
+        return None
+    from .kernels._numba import quantize_sym_rows
+
+    return quantize_sym_rows
+
+
+def _fused_rows(kernel, chunk, bi: int, scheme: Scheme, scale_rows: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Codes of float32 ``chunk`` rows from the numba quantizer (it fills ``scale_rows``, adds to ``sums``)."""
+    if scheme.packed:
+        stored = np.empty(chunk.shape, np.uint8)
+        kernel(chunk, bi, scheme.qmax, 1 << (scheme.bits - 1), stored, scale_rows, sums)
+        return pack_codes(stored, scheme.bits)
+    codes = np.empty(chunk.shape, np.int8)
+    kernel(chunk, bi, scheme.qmax, 0, codes, scale_rows, sums)
+    return codes
 
 
 def _row_chunks(w, step: int, name: str, check: bool = True):
