@@ -176,41 +176,55 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def gemv_int8(x, codes, scale, bo, bi, y):
-    """``y (1, O) = x (1, I) @ W.T`` for symmetric int8 codes: four rows per pass over ``x``."""
+    """``y (1, O) = x (1, I) @ W.T`` for symmetric int8 codes: eight rows per pass over ``x``.
+
+    Eight independent accumulators per load of ``x`` keep the FMA units and
+    the memory streams busy (measured: 4 rows 1.96 ms, 8 rows 1.60 ms for
+    11008 x 4096 on 2 cores). Rows past the end repeat the last row and are
+    not stored.
+    """
     in_features = x.shape[1]
     out_features = y.shape[1]
     xs_all = x[0]
     n_col_blocks = in_features // bi
-    for quad in prange((out_features + 3) // 4):
-        o = quad * 4
-        last = out_features - 1
-        i1, i2, i3 = min(o + 1, last), min(o + 2, last), min(o + 3, last)
-        acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
+    last = out_features - 1
+    for blk in prange((out_features + 7) // 8):
+        o = blk * 8
+        r = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last),
+             min(o + 4, last), min(o + 5, last), min(o + 6, last), min(o + 7, last))
+        acc = np.zeros(8, np.float32)
         for g in range(n_col_blocks):
             c0 = g * bi
             xs = xs_all[c0 : c0 + bi]
-            a = codes[o, c0 : c0 + bi]
-            b = codes[i1, c0 : c0 + bi]
-            c = codes[i2, c0 : c0 + bi]
-            d = codes[i3, c0 : c0 + bi]
-            t0 = t1 = t2 = t3 = np.float32(0.0)
+            a0 = codes[r[0], c0 : c0 + bi]
+            a1 = codes[r[1], c0 : c0 + bi]
+            a2 = codes[r[2], c0 : c0 + bi]
+            a3 = codes[r[3], c0 : c0 + bi]
+            a4 = codes[r[4], c0 : c0 + bi]
+            a5 = codes[r[5], c0 : c0 + bi]
+            a6 = codes[r[6], c0 : c0 + bi]
+            a7 = codes[r[7], c0 : c0 + bi]
+            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
             for k in range(bi):
                 xv = xs[k]
-                t0 += xv * np.float32(np.int8(a[k]))
-                t1 += xv * np.float32(np.int8(b[k]))
-                t2 += xv * np.float32(np.int8(c[k]))
-                t3 += xv * np.float32(np.int8(d[k]))
-            acc0 += scale[o // bo, g] * t0
-            acc1 += scale[i1 // bo, g] * t1
-            acc2 += scale[i2 // bo, g] * t2
-            acc3 += scale[i3 // bo, g] * t3
-        y[0, o] = acc0
-        if o + 1 <= last:
-            y[0, o + 1] = acc1
-        if o + 2 <= last:
-            y[0, o + 2] = acc2
-        if o + 3 <= last:
-            y[0, o + 3] = acc3
+                t0 += xv * np.float32(np.int8(a0[k]))
+                t1 += xv * np.float32(np.int8(a1[k]))
+                t2 += xv * np.float32(np.int8(a2[k]))
+                t3 += xv * np.float32(np.int8(a3[k]))
+                t4 += xv * np.float32(np.int8(a4[k]))
+                t5 += xv * np.float32(np.int8(a5[k]))
+                t6 += xv * np.float32(np.int8(a6[k]))
+                t7 += xv * np.float32(np.int8(a7[k]))
+            acc[0] += scale[r[0] // bo, g] * t0
+            acc[1] += scale[r[1] // bo, g] * t1
+            acc[2] += scale[r[2] // bo, g] * t2
+            acc[3] += scale[r[3] // bo, g] * t3
+            acc[4] += scale[r[4] // bo, g] * t4
+            acc[5] += scale[r[5] // bo, g] * t5
+            acc[6] += scale[r[6] // bo, g] * t6
+            acc[7] += scale[r[7] // bo, g] * t7
+        for j in range(min(8, out_features - o)):
+            y[0, o + j] = acc[j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -243,28 +257,54 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
         y[0, o] = acc
 
 
+@njit(inline="always", fastmath=_FASTMATH)
+def _fp8_dot4(xs, a, b, c, d, mult, e4m3):
+    """Dot products of ``xs`` with four fp8 code rows, decoded in registers."""
+    t0 = t1 = t2 = t3 = np.float32(0.0)
+    if e4m3:
+        for k in range(xs.shape[0]):
+            xv = xs[k]
+            t0 += xv * (_bits_to_f32(_e4m3_bits(a[k])) * mult)
+            t1 += xv * (_bits_to_f32(_e4m3_bits(b[k])) * mult)
+            t2 += xv * (_bits_to_f32(_e4m3_bits(c[k])) * mult)
+            t3 += xv * (_bits_to_f32(_e4m3_bits(d[k])) * mult)
+    else:
+        for k in range(xs.shape[0]):
+            xv = xs[k]
+            t0 += xv * (_bits_to_f32(_e5m2_bits(a[k])) * mult)
+            t1 += xv * (_bits_to_f32(_e5m2_bits(b[k])) * mult)
+            t2 += xv * (_bits_to_f32(_e5m2_bits(c[k])) * mult)
+            t3 += xv * (_bits_to_f32(_e5m2_bits(d[k])) * mult)
+    return t0, t1, t2, t3
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def gemv_fp8(x, codes, scale, bo, bi, fp8_shift, fp8_mult, y):
-    """``y (1, O) = x @ W.T`` for fp8 codes, decoded in registers (one row per task)."""
+    """``y (1, O) = x @ W.T`` for fp8 codes, decoded in registers, four rows per pass over ``x``."""
     out_features = y.shape[1]
     n_col_blocks = scale.shape[1]
     xs_all = x[0]
     e4m3 = fp8_shift == 20
-    for o in prange(out_features):
-        acc = np.float32(0.0)
+    last = out_features - 1
+    for quad in prange((out_features + 3) // 4):
+        o = quad * 4
+        r0, r1, r2, r3 = o, min(o + 1, last), min(o + 2, last), min(o + 3, last)
+        acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
         for g in range(n_col_blocks):
             c0 = g * bi
-            src = codes[o, c0 : c0 + bi]
-            xs = xs_all[c0 : c0 + bi]
-            t = np.float32(0.0)
-            if e4m3:
-                for k in range(bi):
-                    t += xs[k] * (_bits_to_f32(_e4m3_bits(src[k])) * fp8_mult)
-            else:
-                for k in range(bi):
-                    t += xs[k] * (_bits_to_f32(_e5m2_bits(src[k])) * fp8_mult)
-            acc += scale[o // bo, g] * t
-        y[0, o] = acc
+            t0, t1, t2, t3 = _fp8_dot4(xs_all[c0 : c0 + bi], codes[r0, c0 : c0 + bi], codes[r1, c0 : c0 + bi],
+                                       codes[r2, c0 : c0 + bi], codes[r3, c0 : c0 + bi], fp8_mult, e4m3)
+            acc0 += scale[r0 // bo, g] * t0
+            acc1 += scale[r1 // bo, g] * t1
+            acc2 += scale[r2 // bo, g] * t2
+            acc3 += scale[r3 // bo, g] * t3
+        y[0, o] = acc0
+        if o + 1 <= last:
+            y[0, o + 1] = acc1
+        if o + 2 <= last:
+            y[0, o + 2] = acc2
+        if o + 3 <= last:
+            y[0, o + 3] = acc3
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
