@@ -47,25 +47,29 @@ import numpy as np  # noqa: E402
 import npquant  # noqa: E402
 
 
-BURST = 3  # calls of one function in a row within a round
+BURST = 5  # timed calls of one function in a row within a round
+WARM_S = 0.05  # untimed calls first, for at least this long
 
 
-def interleaved(fns: dict, repeats: int, settle: float = 0.0) -> dict:
+def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> dict:
     """Median seconds of each function over ``repeats`` rounds.
 
-    Each round runs every function ``BURST`` times in a row, so drift in the
-    machine's state hits all of them alike. After each library's call its
-    idle worker threads keep polling for a while (OpenBLAS's and OpenMP's),
-    slowing whatever runs next on a 2-core machine; ``settle`` seconds of
-    sleep before each burst let them go idle, so each function is timed as
-    it runs in a sequence of calls of its own kind.
+    Each round runs every function in turn: first untimed for at least
+    ``warm_s`` seconds (at least twice), then ``BURST`` timed calls. Rounds
+    interleave the functions, so drift in the machine's state hits all of
+    them alike; the warm-up absorbs what switching costs on this 2-core
+    machine: the other library's idle threads keep polling for a while after
+    its last call (OpenBLAS's and OpenMP's), and a core left idle wakes slowly.
+    Each function is timed as it runs in a sequence of calls of its own kind.
     """
-    for f in fns.values():  # warm-up: compile, fault pages in
-        f()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            time.sleep(settle)
+            t_end = time.perf_counter() + warm_s
+            n = 0
+            while n < 2 or time.perf_counter() < t_end:
+                f()
+                n += 1
             for _ in range(BURST):
                 t0 = time.perf_counter()
                 f()
@@ -88,7 +92,7 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
 
     except ImportError:
         total = np.sum
-    t = interleaved({"read": lambda: total(buf)}, repeats)["read"]
+    t = interleaved({"read": lambda: total(buf)}, repeats, warm_s=0.0)["read"]
     return buf.nbytes / t
 
 
@@ -118,7 +122,8 @@ def main() -> int:
     bw = read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
-    print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of {BURST} calls")
+    print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
+          f"{BURST} calls after a warm-up")
     print()
     head = f"{'shape':>13} {'M':>4} {'scheme':<12} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} {'bw limit':>8}"
     print(head)
@@ -135,7 +140,7 @@ def main() -> int:
             tc = torch_case(w, x)
             if tc is not None:
                 fns["torch int8"] = tc
-            t = interleaved(fns, repeats, settle=0.0 if ARGS.quick else 0.3)
+            t = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
             for name in fns:
                 if name == "f32":
                     continue

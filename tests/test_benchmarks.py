@@ -1,0 +1,41 @@
+"""The benchmark scripts run (quick modes): they must not rot. No timing is asserted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script, *args, timeout=300):
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_bench_linear_quick():
+    out = run("bench_linear.py", "--quick", "--repeats", "1", "--batch", "1", "--batch", "17")
+    rows = [line for line in out.splitlines() if "channel" in line or "g128" in line]
+    assert len(rows) == 2 * 2 * 3  # shapes x batches x schemes
+    assert "read bandwidth (measured)" in out
+
+
+def test_bench_checkpoint_quick():
+    out = run("bench_checkpoint.py", "--quick")
+    assert "GB/s of input" in out and "peak RssAnon" in out
+
+
+def test_bench_encoder_quick():
+    pytest.importorskip("tokenizers", reason="the encoder needs tokenizers (npquant[models])")
+    from npquant import NpquantError
+    from npquant.checkpoint import default_model_path
+
+    try:
+        default_model_path()
+    except NpquantError as exc:
+        pytest.skip(f"the default model is not installed ({exc})")
+    out = run("bench_encoder.py", "--repeats", "1", "--scheme", "w8-channel")
+    assert "npquant float32" in out and "npquant w8-channel" in out
