@@ -8,7 +8,7 @@ read bandwidth measured in this run, as a ratio to the same float32 time.
 Where torch is installed it adds ``torch._weight_int8pack_mm`` (bf16
 activations, int8 per-channel weights) beside ``w8-channel``.
 
-    python benchmarks/bench_linear.py              # full run (a few minutes)
+    python benchmarks/bench_linear.py              # full run (a few minutes), one process per case
     python benchmarks/bench_linear.py --quick      # seconds, small shapes
     python benchmarks/bench_linear.py --threads 1
 
@@ -34,6 +34,10 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, action="append", help="batch sizes M (repeatable; default 1, 8, 128)")
     p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("OUT", "IN"),
                    help="weight shapes (repeatable; default 4096 4096 and 11008 4096)")
+    p.add_argument("--same-process", action="store_true",
+                   help="run every case in this process (default: each shape and batch in a fresh child, "
+                        "so that one case's idle thread pools cannot slow the next)")
+    p.add_argument("--child-bw", type=float, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -48,7 +52,7 @@ import npquant  # noqa: E402
 
 
 BURST = 5  # timed calls of one function in a row within a round
-WARM_S = 0.05  # untimed calls first, for at least this long
+WARM_S = 0.3  # untimed calls first, for at least this long (OpenBLAS workers poll ~0.1 s or more after a call)
 
 
 def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> dict:
@@ -75,6 +79,21 @@ def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> dict:
                 f()
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+ROTATE_BYTES = 128 << 20  # well past this machine's 32 MiB of L3
+
+
+def _rotating(items: list, fn):
+    """A callable applying ``fn`` to ``items`` in turn, one per call."""
+    state = {"i": 0}
+
+    def call():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return fn(item)
+
+    return call
 
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
@@ -119,24 +138,65 @@ def main() -> int:
     backend = ARGS.backend
     if backend == "auto":
         backend = npquant.available_backends()[-1]
-    bw = read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
+    bw = ARGS.child_bw or read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
+    if not ARGS.quick and not ARGS.same_process and ARGS.child_bw is None:
+        return _run_children(shapes, batches, bw)
+    if ARGS.child_bw is not None:
+        return _run_cases(shapes, batches, names, repeats, backend, bw)
+    _header(bw, repeats, backend, isolated=False)
+    return _run_cases(shapes, batches, names, repeats, backend, bw)
+
+
+def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
+    where = "each shape and batch in a fresh process" if isolated else "all in this process"
     print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
-          f"{BURST} calls after a warm-up")
+          f"{BURST} calls after a warm-up; {where}")
     print()
     head = f"{'shape':>13} {'M':>4} {'scheme':<12} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} {'bw limit':>8}"
     print(head)
     print("-" * len(head))
+
+
+def _run_children(shapes, batches, bw: float) -> int:
+    """Each (shape, batch) in a child process of this script; their rows printed in order."""
+    import subprocess
+
+    repeats = ARGS.repeats or 11
+    backend = ARGS.backend if ARGS.backend != "auto" else npquant.available_backends()[-1]
+    _header(bw, repeats, backend)
+    for shape in shapes:
+        for m in batches:
+            cmd = [sys.executable, __file__, "--threads", str(ARGS.threads), "--repeats", str(repeats),
+                   "--backend", ARGS.backend, "--shape", str(shape[0]), str(shape[1]), "--batch", str(m),
+                   "--child-bw", repr(bw)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(done.stderr, file=sys.stderr)
+                return done.returncode
+            sys.stdout.write(done.stdout)
+            sys.stdout.flush()
+        print()
+    return 0
+
+
+def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
     rng = np.random.default_rng(0)
     for out_features, in_features in shapes:
         w = (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
         qts = {name: npquant.quantize(w, name) for name in names}
+        # Enough copies of each quantized weight, taken in turn, that their
+        # codes outgrow the last-level cache as the float32 weight does:
+        # every call reads its weight from memory.
+        copies = {name: [qt] + [npquant.QuantizedTensor(qt.codes.copy(), qt.scale.copy(), qt.zero_point, qt.shape,
+                                                         qt.scheme) for _ in range(-(-ROTATE_BYTES // qt.nbytes) - 1)]
+                  for name, qt in qts.items()}
         for m in batches:
             x = rng.standard_normal((m, in_features)).astype(np.float32)
             fns = {"f32": lambda: x @ w.T}
             for name, qt in qts.items():
-                fns[name] = lambda qt=qt: npquant.linear(x, qt, backend=backend)
+                fns[name] = _rotating(copies[name], lambda qt: npquant.linear(x, qt, backend=backend))
             tc = torch_case(w, x)
             if tc is not None:
                 fns["torch int8"] = tc
@@ -151,7 +211,8 @@ def main() -> int:
                     f"{str((out_features, in_features)):>13} {m:>4} {name:<12} "
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} {limit:>8}"
                 )
-        print()
+        if ARGS.child_bw is None:
+            print()
     return 0
 
 
