@@ -410,19 +410,20 @@ def _quantize(args) -> int:
 
 
 def _eval(args) -> int:
-    from .fidelity import evaluate, read_sentences
+    from .fidelity import DEFAULT_EVAL_SCHEMES, evaluate, read_sentences
     from .models import SentenceEncoder
     from .schemes import get_scheme
 
-    schemes = [get_scheme(s) for s in args.scheme] if args.scheme else None
-    labels = args.scheme
+    labels = args.scheme or list(DEFAULT_EVAL_SCHEMES)
+    for label in labels:
+        get_scheme(label)  # refuse unknown presets before loading the model
     sentences = read_sentences(args.sentences) if args.sentences else None
     if args.batch_size < 1:
         raise NpquantError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.plot:
         _need_matplotlib()
     encoder = SentenceEncoder.from_pretrained(args.model, backend=args.backend)
-    n_runs = 1 + len(schemes or ()) if schemes else 6
+    n_runs = 1 + len(labels)  # float32, then each scheme
     bar = None
     if sys.stderr.isatty():
         from rich.console import Console
