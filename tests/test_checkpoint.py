@@ -222,6 +222,14 @@ def test_everything_else_comes_along(sharded, tmp_path):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
 
 
+def test_output_directory_has_the_usual_permissions(model, tmp_path):
+    out = tmp_path / "out"
+    quantize_checkpoint(model, out, "w8-channel")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)
+
+
 def test_single_file_input(tmp_path):
     root = tmp_path / "m"
     write_model(root)
@@ -424,3 +432,29 @@ def test_quantize_measured_matches_the_metrics():
         assert rel == pytest.approx(exact, rel=1e-6)
         assert sqnr == pytest.approx(-20 * np.log10(exact), abs=1e-4)
         assert npquant.metrics.weight_error(w, ref)[0] == pytest.approx(exact, rel=1e-6)
+
+
+def test_interrupt_leaves_nothing(model, tmp_path, capsys, monkeypatch):
+    import npquant.checkpoint as ck
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C (or SIGTERM, which the CLI maps to it) late in the run
+
+    monkeypatch.setattr(ck, "_write_sidecars", interrupted)
+    code, _, err = run(capsys, "quantize", str(model), "-o", str(tmp_path / "out"))
+    assert code == 130 and err == "npquant quantize: interrupted; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_sigterm_unwinds_like_ctrl_c():
+    import signal
+
+    from npquant.cli import _terminate_as_interrupt
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        _terminate_as_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, old)

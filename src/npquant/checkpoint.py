@@ -309,6 +309,7 @@ def quantize_checkpoint(
             raise NpquantError(f"no tensor of {ckpt.path} was selected for quantization; see --include")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
         results: list[LayerResult] = []
         try:
             shard_files = _write_shards(ckpt, tmp, scheme, picked, results, workers, progress)
@@ -401,6 +402,12 @@ def _tensor_bytes(path: Path) -> int:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
     return path.stat().st_size - 8 - n
+
+
+def _chmod_as_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
 
 
 def _replace(tmp: Path, out: Path) -> None:

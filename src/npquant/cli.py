@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    _terminate_as_interrupt()
     try:
         if args.command == "demo":
             return _demo(args)
@@ -150,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _terminate_as_interrupt() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so partial outputs are removed on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _json_value(v):
