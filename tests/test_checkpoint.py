@@ -452,9 +452,10 @@ def test_sigterm_unwinds_like_ctrl_c():
     from npquant.cli import _terminate_as_interrupt
 
     old = signal.getsignal(signal.SIGTERM)
+    restore = _terminate_as_interrupt()
     try:
-        _terminate_as_interrupt()
         with pytest.raises(KeyboardInterrupt):
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is old

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    _terminate_as_interrupt()
+    restore = _terminate_as_interrupt()
     try:
         if args.command == "demo":
             return _demo(args)
@@ -149,22 +149,28 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        restore()
     parser.error(f"unknown command {args.command}")
     return 2
 
 
-def _terminate_as_interrupt() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so partial outputs are removed on the way out."""
+def _terminate_as_interrupt():
+    """Make SIGTERM unwind like Ctrl-C while the CLI runs, so partial outputs are removed.
+
+    Returns a callable that puts the previous handler back.
+    """
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _json_value(v):
