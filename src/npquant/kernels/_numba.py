@@ -128,21 +128,20 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
 
     Parallel over quads of output rows. Each chunk of the four weight rows is
-    dequantized into float32 buffers in L1, then every row of ``x`` is dotted
-    with all four at once (one load of ``x`` feeds four products).
+    dequantized into float32 buffers in L1, then rows of ``x`` are dotted with
+    all four, two rows of ``x`` at a time (six loads feed eight products).
     ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)`` (``zp``
     unused unless ``has_zp``).
     """
     m_rows, in_features = x.shape
     out_features = y.shape[1]
-    n_col_blocks = in_features // bi
     last = out_features - 1
     for quad in prange((out_features + 3) // 4):
-        bufs = np.empty((4, _CHUNK), np.float32)
+        bufs = np.empty((4, _CHUNK), np.float32)  # step below is at most _CHUNK
         acc = np.zeros((m_rows, 4), np.float32)
         o = quad * 4
         rows = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last))  # past the end: repeat, not stored
-        for g in range(n_col_blocks):
+        for g in range(in_features // bi):
             end = (g + 1) * bi
             for c0 in range(g * bi, end, _CHUNK):
                 n = min(_CHUNK, end - c0)
@@ -156,7 +155,33 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
                 b1 = bufs[1, :n]
                 b2 = bufs[2, :n]
                 b3 = bufs[3, :n]
-                for m in range(m_rows):
+                # Two rows of x at a time: six loads feed eight products.
+                for m in range(0, m_rows - 1, 2):
+                    xa = x[m, c0 : c0 + n]
+                    xb = x[m + 1, c0 : c0 + n]
+                    a0 = a1 = a2 = a3 = np.float32(0.0)
+                    d0 = d1 = d2 = d3 = np.float32(0.0)
+                    for k in range(n):
+                        u = xa[k]
+                        v = xb[k]
+                        a0 += u * b0[k]
+                        a1 += u * b1[k]
+                        a2 += u * b2[k]
+                        a3 += u * b3[k]
+                        d0 += v * b0[k]
+                        d1 += v * b1[k]
+                        d2 += v * b2[k]
+                        d3 += v * b3[k]
+                    acc[m, 0] += a0
+                    acc[m, 1] += a1
+                    acc[m, 2] += a2
+                    acc[m, 3] += a3
+                    acc[m + 1, 0] += d0
+                    acc[m + 1, 1] += d1
+                    acc[m + 1, 2] += d2
+                    acc[m + 1, 3] += d3
+                if m_rows % 2:
+                    m = m_rows - 1
                     xs = x[m, c0 : c0 + n]
                     t0 = t1 = t2 = t3 = np.float32(0.0)
                     for k in range(n):
