@@ -137,7 +137,7 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     out_features = y.shape[1]
     last = out_features - 1
     for quad in prange((out_features + 3) // 4):
-        bufs = np.empty((4, _CHUNK), np.float32)  # step below is at most _CHUNK
+        bufs = np.empty((4, _CHUNK), np.float32)
         acc = np.zeros((m_rows, 4), np.float32)
         o = quad * 4
         rows = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last))  # past the end: repeat, not stored
