@@ -133,12 +133,15 @@ def test_bad_arguments():
 def test_numba_missing_is_a_clear_error(monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("npquant.linear"), "available_backends", lambda: ["numpy"])
+    monkeypatch.setattr(importlib.import_module("npquant._backends"), "available_backends", lambda: ["numpy"])
     qt = quantize(weight((9, 16)), "w8-channel")
     with pytest.raises(NpquantError, match=r"backend='numba' needs numba: pip install 'npquant\[fast\]'"):
         linear(np.ones(16, np.float32), qt, backend="numba")
     # "auto" falls back to numpy.
     assert linear(np.ones(16, np.float32), qt, backend="auto").shape == (9,)
+    with pytest.raises(NpquantError, match=r"backend='numba' needs numba"):
+        quantize(weight((9, 16)), "w8-channel", backend="numba")
+    assert quantize(weight((9, 16)), "w8-channel", backend="auto").codes.shape == (9, 16)
 
 
 # --- numba ---------------------------------------------------------------------------

@@ -19,27 +19,17 @@ Backends, chosen by argument (never by a global):
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
+from ._backends import available_backends, resolve_backend
 from ._checks import dtype_name
 from .errors import NpquantError
 from .quantize import QuantizedTensor
 
 __all__ = ["linear", "available_backends"]
 
-_BACKENDS = ("auto", "numpy", "numba")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _TILE_ELEMENTS = 1 << 20
-
-
-def available_backends() -> list[str]:
-    """Backends that can run here, ``"numpy"`` first."""
-    names = ["numpy"]
-    if importlib.util.find_spec("numba") is not None:
-        names.append("numba")
-    return names
 
 
 def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarray:
@@ -73,12 +63,7 @@ def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarr
             raise NpquantError("bias must be a floating numpy array (O,) or None")
         if bias.shape != (out_features,):
             raise NpquantError(f"bias must have shape ({out_features},) for weight {qt.shape}, got {bias.shape}")
-    if backend not in _BACKENDS:
-        raise NpquantError(f"backend={backend!r} is not known; expected one of {_BACKENDS}")
-    if backend == "auto":
-        backend = available_backends()[-1]
-    if backend == "numba" and "numba" not in available_backends():
-        raise NpquantError("backend='numba' needs numba: pip install 'npquant[fast]'")
+    backend = resolve_backend(backend)
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).astype(np.float32)  # (M, I)

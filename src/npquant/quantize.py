@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._backends import resolve_backend
 from ._checks import check_finite_rows, check_weight, dtype_name, rows_per_chunk
 from .errors import NpquantError
 from .packing import pack_codes, packed_row_bytes, unpack_codes
@@ -292,15 +293,7 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto"):
 
 def _fused_kernel(scheme: Scheme, shape, backend: str):
     """The numba quantizer when ``backend`` asks for it and the scheme has it, else None."""
-    if backend not in ("auto", "numpy", "numba"):
-        raise NpquantError(f"backend={backend!r} is not known; expected one of ('auto', 'numpy', 'numba')")
-    if backend == "numpy":
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec("numba") is None:
-        if backend == "numba":
-            raise NpquantError("backend='numba' needs numba: pip install 'npquant[fast]'")
+    if resolve_backend(backend) == "numpy":
         return None
     fits = (
         scheme.dtype == "int" and scheme.symmetric and scheme.scale_dtype == "float32"

@@ -1,0 +1,28 @@
+"""Which compute backend runs: one resolution for every entry point that takes ``backend``."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .errors import NpquantError
+
+BACKENDS = ("auto", "numpy", "numba")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here, ``"numpy"`` first."""
+    names = ["numpy"]
+    if importlib.util.find_spec("numba") is not None:
+        names.append("numba")
+    return names
+
+
+def resolve_backend(backend: str) -> str:
+    """``"numpy"`` or ``"numba"`` for a ``backend`` argument; ``"auto"`` means numba when installed."""
+    if backend not in BACKENDS:
+        raise NpquantError(f"backend={backend!r} is not known; expected one of {BACKENDS}")
+    if backend == "auto":
+        return available_backends()[-1]
+    if backend == "numba" and "numba" not in available_backends():
+        raise NpquantError("backend='numba' needs numba: pip install 'npquant[fast]'")
+    return backend
