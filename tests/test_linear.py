@@ -181,13 +181,41 @@ def test_numba_matches_numpy(kernels, scheme, m):
     assert np.all(np.abs(fast - ref) <= bound + 1e-30)
 
 
-def test_numba_large_m_uses_several_tiles(kernels):
+@pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", Scheme("int", 4, "group", 64, symmetric=False)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_numba_large_m_tiles_and_threads(kernels, scheme, threads):
     w = weight((67, 256))
-    qt = quantize(w, "w4-g128")
+    qt = quantize(w, scheme)
     x = np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32)
-    tiled = kernels.numba_linear(x, qt, tile_elements=256 * 10)  # 10 rows a tile, last one short
+    # 10 rows a tile at most: each thread's share (22 or 23 rows) in three tiles.
+    tiled = kernels.numba_linear(x, qt, tile_elements=256 * 10, threads=threads)
     ref = linear(x, qt, backend="numpy")
     assert np.all(np.abs(tiled - ref) <= 2 * sum_bound(x, qt.dequantize(), 258))
+
+
+def test_numba_large_m_restores_blas_threads(kernels):
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl (part of npquant[fast]) is not installed")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    qt = quantize(weight((64, 256)), "w8-channel")
+    kernels.numba_linear(np.ones((32, 256), np.float32), qt, tile_elements=256 * 8, threads=2)
+    with pytest.raises(ValueError):  # an error inside a worker thread reaches the caller
+        kernels.numba_linear(np.ones((32, 255), np.float32), qt, tile_elements=256 * 8, threads=2)
+    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert after == before
+
+
+@pytest.mark.parametrize("scheme", ["w4-g128", Scheme("int", 4, "channel"),
+                                    Scheme("int", 4, "group", 32, symmetric=False)], ids=str)
+def test_numba_int4_split_dequantize_is_bit_equal_reordered(kernels, scheme):
+    from npquant.kernels._numba import dequantize_rows_int4_split
+
+    qt = quantize(weight((19, 256)), scheme)
+    codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = kernels._kernel_args(qt)[:9]
+    assert kind == 2
+    out = np.empty((7, 256), np.float32)
+    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, 5, out)
+    ref = qt.dequantize_rows(5, 12)
+    np.testing.assert_array_equal(out, np.concatenate([ref[:, 0::2], ref[:, 1::2]], axis=1))
 
 
 def test_numba_bias_1d_and_auto(kernels):

@@ -66,13 +66,13 @@ def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarr
     backend = resolve_backend(backend)
 
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).astype(np.float32)  # (M, I)
+    x2 = x.reshape(-1, in_features)  # (M, I)
     if backend == "numba":
         from .kernels import numba_linear
 
-        y = numba_linear(x2, qt)
+        y = numba_linear(x2, qt)  # converts x2 to float32 itself
     else:
-        y = _numpy_linear(x2, qt)
+        y = _numpy_linear(x2.astype(np.float32, copy=False), qt)
     if bias is not None:
         y += bias.astype(np.float32)
     return y.reshape(*lead, out_features)
