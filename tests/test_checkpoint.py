@@ -190,6 +190,20 @@ def test_load_round_trips_codes_and_scales_exactly(sharded, tmp_path, preset):
             np.testing.assert_array_equal(qt.zero_point, ref.zero_point)
 
 
+def test_load_refuses_a_nan_fp8_code(model, tmp_path):
+    out = tmp_path / "out"
+    quantize_checkpoint(model, out, "fp8-channel")
+    name = "model.layers.0.mlp.up_proj.weight"
+    f = next(out.glob("*.safetensors"))
+    data = bytearray(f.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin = json.loads(data[8 : 8 + header_len])[name]["data_offsets"][0]
+    data[8 + header_len + begin + 1] = 0x7F  # row 0, column 1: a NaN in e4m3
+    f.write_bytes(bytes(data))
+    with pytest.raises(NpquantError, match=rf"tensor {name}: codes hold a NaN or Inf fp8_e4m3 pattern at row 0, column 1 "):
+        load(out)
+
+
 def test_everything_else_comes_along(sharded, tmp_path):
     out = tmp_path / "out"
     quantize_checkpoint(sharded, out, "w4-g128")

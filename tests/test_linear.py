@@ -218,6 +218,26 @@ def test_numba_int4_split_dequantize_is_bit_equal_reordered(kernels, scheme):
     np.testing.assert_array_equal(out, np.concatenate([ref[:, 0::2], ref[:, 1::2]], axis=1))
 
 
+@pytest.mark.parametrize("dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_numba_fp8_decodes_every_finite_code_exactly(kernels, dtype):
+    from reference import fp8_finite_table
+
+    table = fp8_finite_table(dtype)
+    values = np.array([v for v, _ in table])  # float64, each exact in float32
+    codes = np.repeat(np.array([c for _, c in table], np.uint8)[:, None], 8, axis=1)  # row i: code i, 8 times
+    ml_type = np.dtype(npquant.quantize(np.ones((1, 1), np.float32), Scheme(dtype, 8, "tensor")).codes.dtype)
+    scale = np.ones((1, 1), np.float32)
+    qt = npquant.QuantizedTensor(codes.view(ml_type), scale, None, codes.shape, Scheme(dtype, 8, "tensor"))
+    np.testing.assert_array_equal(kernels.numba_dequantize(qt)[:, 0], values.astype(np.float32))
+    # One-hot x: each output is one product, exact. 2**110 takes the path where
+    # x is too large to carry e4m3's 2**8 and the output carries it instead.
+    for big in (1.0, 2.0**110):
+        x = np.zeros(8, np.float32)
+        x[3] = big
+        y = linear(x, qt, backend="numba")
+        np.testing.assert_array_equal(y, (values * big).astype(np.float32))
+
+
 def test_numba_bias_1d_and_auto(kernels):
     w = weight((13, 64))
     qt = quantize(w, "fp8-channel")

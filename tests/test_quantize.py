@@ -378,3 +378,19 @@ def test_numba_quantizer_is_bit_equal_to_numpy(case):
 def test_unknown_quantize_backend():
     with pytest.raises(NpquantError, match=r"backend='gpu' is not known"):
         quantize(np.ones((2, 4), np.float32), "w8-channel", backend="gpu")
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_non_finite_fp8_codes_are_refused(dtype):
+    finite = np.array([c for _, c in fp8_finite_table(dtype)], np.uint8)
+    ml_type = ml_dtypes.float8_e4m3fn if dtype == "fp8_e4m3" else ml_dtypes.float8_e5m2
+    scheme = Scheme(dtype, 8, "tensor")
+    scale = np.ones((1, 1), np.float32)
+    QuantizedTensor(finite[None, :].view(ml_type), scale, None, (1, finite.size), scheme)  # every finite code is fine
+    non_finite = sorted(set(range(256)) - set(finite.tolist()))
+    assert len(non_finite) == (2 if dtype == "fp8_e4m3" else 8)  # e4m3fn: +-NaN; e5m2: +-Inf and 6 NaNs
+    for code in non_finite:
+        codes = np.zeros((3, 5), np.uint8)
+        codes[2, 4] = code
+        with pytest.raises(NpquantError, match=rf"NaN or Inf {dtype} pattern at row 2, column 4 \(byte 0x{code:02X}\)"):
+            QuantizedTensor(codes.view(ml_type), scale, None, (3, 5), scheme)

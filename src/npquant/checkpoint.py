@@ -471,7 +471,10 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
                 module = name[: -len(".weight_scale")]
                 codes = t[f"{module}.weight"].read()
                 scale = t[name].read().astype(np.float32).reshape(-1, 1)
-                out[f"{module}.weight"] = QuantizedTensor(codes, scale, None, codes.shape, scheme)
+                try:
+                    out[f"{module}.weight"] = QuantizedTensor(codes, scale, None, codes.shape, scheme)
+                except NpquantError as exc:
+                    raise NpquantError(f"{path}: tensor {module}.weight: {exc}") from None
         else:
             raise NpquantError(f"{config_path}: format {fmt!r} is not one npquant writes")
     return out

@@ -123,6 +123,8 @@ class QuantizedTensor:
             raise NpquantError(
                 f"zero_point must be uint8 {want_scale}, got {dtype_name(self.zero_point)} {self.zero_point.shape}"
             )
+        if scheme.is_float:
+            _check_fp8_codes_finite(self.codes, scheme.dtype)
 
     # --- accounting ----------------------------------------------------
     @property
@@ -195,6 +197,28 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         """float32 ``(O, I)``: the weight the codes stand for."""
         return self.dequantize_rows(0, self.shape[0])
+
+
+# Bits that are all ones exactly in the NaN (e4m3) or Inf/NaN (e5m2) patterns.
+_FP8_NONFINITE_MASK = {"fp8_e4m3": 0x7F, "fp8_e5m2": 0x7C}
+
+
+def _check_fp8_codes_finite(codes: np.ndarray, dtype: str) -> None:
+    """Refuse fp8 codes that are NaN or Inf: quantization never makes them, so they mean corrupt data.
+
+    Scans about 16 MiB of codes at a time.
+    """
+    mask = np.uint8(_FP8_NONFINITE_MASK[dtype])
+    raw = codes.view(np.uint8)  # (O, I)
+    step = max(1, (16 << 20) // max(1, raw.shape[1]))
+    for start in range(0, raw.shape[0], step):
+        bad = np.flatnonzero((raw[start : start + step] & mask) == mask)
+        if bad.size:
+            row, col = divmod(int(bad[0]), raw.shape[1])
+            raise NpquantError(
+                f"codes hold a NaN or Inf {dtype} pattern at row {start + row}, column {col} "
+                f"(byte 0x{int(raw[start + row, col]):02X}): fp8 codes must be finite"
+            )
 
 
 def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w", backend: str = "auto") -> QuantizedTensor:

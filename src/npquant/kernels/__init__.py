@@ -35,8 +35,10 @@ __all__ = ["numba_linear", "numba_dequantize", "SMALL_M"]
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
 _TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes wide tiles)
-# fp8: (shift moving the fields into float32's, 2**(127 - bias))
-_FP8 = {"fp8_e4m3": (20, 2.0**120), "fp8_e5m2": (21, 2.0**112)}
+# fp8: (e4m3?, power of two taking the float16 the fields make to the value)
+_FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
+# x * 2**8 is exact below this (and far below float32's 2**128)
+_FP8_X_LIMIT = 2.0**100
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _ALIGN = 64  # bytes: one cache line
 
@@ -64,7 +66,7 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     scale = np.ascontiguousarray(qt.scale, dtype=np.float32)
     has_zp = qt.zero_point is not None
     zp = qt.zero_point if has_zp else _NO_ZP
-    fp8_shift, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
+    fp8_e4m3, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
     base_off = 0
     if scheme.is_float:
         kind = 4
@@ -74,7 +76,7 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
         base_off = 0 if has_zp else 1 << (scheme.bits - 1)
     else:
         kind = 1 if has_zp else 0
-    return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_shift, np.float32(fp8_mult))
+    return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
 
 
 def _copy_aligned(a: np.ndarray) -> np.ndarray:
@@ -111,7 +113,13 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE
         gemv_int8(x2, codes, scale, bo, bi, y)
         return y
     if m_rows == 1 and kind == 4:
-        gemv_fp8(x2, codes, scale, bo, bi, args[9], args[10], y)
+        # The decode leaves out fp8_mult (a power of two); x takes it when
+        # that is exact, else y does.
+        mult = args[10]
+        x_big = mult != 1 and not np.abs(x2).max() < _FP8_X_LIMIT  # NaN counts as big
+        gemv_fp8(x2 if mult == 1 or x_big else x2 * mult, codes, scale, bo, bi, args[9], y)
+        if x_big:
+            y *= mult
         return y
     if m_rows == 1 and kind == 2:
         x_even = np.ascontiguousarray(x2[0, 0::2])  # (I / 2,)

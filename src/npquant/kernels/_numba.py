@@ -12,14 +12,18 @@ kind  codes                  ``v`` of element ``i`` of a row
 1     uint8, unpacked        ``byte[i]``
 2     4-bit packed           ``(byte[i // 2] >> 4 * (i % 2)) & 15``
 3     2..7-bit packed        bits ``[i * bits, (i + 1) * bits)`` of the row stream
-4     fp8 (e4m3 or e5m2)     the fp8 fields shifted into a float32's bit fields
-                             (exponent left unbiased), times ``2**(127 - bias)``
-                             (exact; fp8 subnormals become float32 subnormals
-                             and the product normalises them)
+4     fp8 (e4m3 or e5m2)     the float16 whose sign, exponent and mantissa
+                             fields are the fp8 code's (integer shifts and a
+                             mask), converted to float32 (one instruction per
+                             vector: vcvtph2ps), times ``fp8_mult``: 1 for
+                             e5m2 (the float16 is the value: e5m2 is float16's
+                             top byte), 2**8 for e4m3 (float16's exponent bias
+                             is 8 more than e4m3's; subnormals map to float16
+                             subnormals, which convert exactly)
 ====  =====================  ==================================================
 
-Every decode is exact (integer ops, int-to-float conversion, a power-of-two
-multiply), so a dequantized weight is bit-equal to the numpy reference.
+Every decode is exact (integer ops, int-to-float or half-to-float
+conversion, a power-of-two multiply), so a dequantized weight is bit-equal to the numpy reference.
 
 Performance notes, measured on the kernels below:
 
@@ -45,41 +49,50 @@ _CHUNK = 512  # columns decoded per step: four float32 buffers and x's chunks st
 
 _U8_15 = np.uint8(15)
 _U8_4 = np.uint8(4)
-_U32 = np.uint32
 
 
 @intrinsic
-def _bits_to_f32(typingctx, u):
-    """The float32 whose bit pattern is the uint32 ``u`` (an LLVM bitcast: free, vectorisable)."""
-    if u != types.uint32:
+def _f16_bits_to_f32(typingctx, h):
+    """The float32 value of the float16 whose bit pattern is the int16 ``h``.
+
+    An LLVM bitcast to half and an fpext, which x86 vectorises to
+    vcvtph2ps: exact for every float16, subnormals included.
+    """
+    if h != types.int16:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-    return types.float32(types.uint32), codegen
+    return types.float32(types.int16), codegen
+
+
+_I16 = np.int16
+_E4M3_TO_F16_MASK = np.int16(-16512)  # 0xBF80: sign bit, exponent bits 13..10, mantissa bits 9..7
 
 
 @njit(inline="always")
-def _e4m3_bits(b):
-    """float32 bits holding an e4m3 byte's sign, exponent (unbiased) and mantissa fields.
+def _e4m3_as_f16(b):
+    """float32 of the float16 holding an e4m3 byte's fields: the e4m3 value / 2**8.
 
-    Every operation is cast back to uint32 and shifts are by constants, or
-    numba widens them to 64 bits and LLVM's vectors shrink fourfold.
+    The byte is sign-extended to 16 bits and shifted left 7: its sign lands
+    on bit 15, a copy of it on bit 14 (masked off: float16's exponent is one
+    bit wider), exponent on 13..10, mantissa on 9..7. Every op is cast back
+    to int16 and shifts are by constants, or numba widens them to 64 bits.
+    The two NaN codes (0x7F, 0xFF) decode to +-480; quantization never makes
+    them and :class:`~npquant.QuantizedTensor` refuses them.
     """
-    b = _U32(b)
-    return _U32(_U32(_U32(b & _U32(0x7F)) << _U32(20)) | _U32(_U32(b & _U32(0x80)) << _U32(24)))
+    return _f16_bits_to_f32(_I16(_I16(_I16(np.int8(b)) << _I16(7)) & _E4M3_TO_F16_MASK))
 
 
 @njit(inline="always")
-def _e5m2_bits(b):
-    """As :func:`_e4m3_bits` for e5m2 (two mantissa bits: one place further left)."""
-    b = _U32(b)
-    return _U32(_U32(_U32(b & _U32(0x7F)) << _U32(21)) | _U32(_U32(b & _U32(0x80)) << _U32(24)))
+def _e5m2_as_f16(b):
+    """float32 of the float16 whose top byte is the e5m2 byte: the e5m2 value itself."""
+    return _f16_bits_to_f32(_I16(_I16(np.int8(b)) << _I16(8)))
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, buf):
+def _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, buf):
     """``buf[:n] = (v - z) * s``: the weights of columns ``[c0, c0 + n)`` of one code row (uint8 bytes).
 
     ``(v - z)`` is exact in float32 and ``* s`` rounds once, as in the numpy
@@ -113,18 +126,18 @@ def _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, buf):
             if j < last:
                 v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
             buf[k] = (np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z) * s
-    elif fp8_shift == 20:
+    elif fp8_e4m3:
         src = row[c0 : c0 + n]
         for k in range(n):
-            buf[k] = (_bits_to_f32(_e4m3_bits(src[k])) * fp8_mult) * s
+            buf[k] = (_e4m3_as_f16(src[k]) * fp8_mult) * s
     else:
         src = row[c0 : c0 + n]
         for k in range(n):
-            buf[k] = (_bits_to_f32(_e5m2_bits(src[k])) * fp8_mult) * s
+            buf[k] = (_e5m2_as_f16(src[k]) * fp8_mult) * s
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_shift, fp8_mult, y):
+def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y):
     """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
 
     Parallel over quads of output rows. Each chunk of the four weight rows is
@@ -150,7 +163,7 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
                     if has_zp:
                         z += np.float32(zp[rows[j] // bo, g])
                     s = scale[rows[j] // bo, g]
-                    _decode(kind, codes[rows[j]], c0, n, z, s, bits, fp8_shift, fp8_mult, bufs[j])
+                    _decode(kind, codes[rows[j]], c0, n, z, s, bits, fp8_e4m3, fp8_mult, bufs[j])
                 b0 = bufs[0, :n]
                 b1 = bufs[1, :n]
                 b2 = bufs[2, :n]
@@ -282,58 +295,73 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
         y[0, o] = acc
 
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _fp8_dot4(xs, a, b, c, d, mult, e4m3):
-    """Dot products of ``xs`` with four fp8 code rows, decoded in registers."""
-    t0 = t1 = t2 = t3 = np.float32(0.0)
-    if e4m3:
-        for k in range(xs.shape[0]):
-            xv = xs[k]
-            t0 += xv * (_bits_to_f32(_e4m3_bits(a[k])) * mult)
-            t1 += xv * (_bits_to_f32(_e4m3_bits(b[k])) * mult)
-            t2 += xv * (_bits_to_f32(_e4m3_bits(c[k])) * mult)
-            t3 += xv * (_bits_to_f32(_e4m3_bits(d[k])) * mult)
-    else:
-        for k in range(xs.shape[0]):
-            xv = xs[k]
-            t0 += xv * (_bits_to_f32(_e5m2_bits(a[k])) * mult)
-            t1 += xv * (_bits_to_f32(_e5m2_bits(b[k])) * mult)
-            t2 += xv * (_bits_to_f32(_e5m2_bits(c[k])) * mult)
-            t3 += xv * (_bits_to_f32(_e5m2_bits(d[k])) * mult)
-    return t0, t1, t2, t3
-
-
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_fp8(x, codes, scale, bo, bi, fp8_shift, fp8_mult, y):
-    """``y (1, O) = x @ W.T`` for fp8 codes, decoded in registers, four rows per pass over ``x``."""
+def gemv_fp8(x, codes, scale, bo, bi, fp8_e4m3, y):
+    """``y (1, O) = x @ W_hat.T / m`` for fp8 codes, decoded in registers, eight rows per pass.
+
+    ``m`` is the decode's ``fp8_mult`` (``2**8`` for e4m3, 1 for e5m2), left
+    to the caller: it passes ``x * m`` (exact, and the products are then
+    exactly those of ``x`` with the weights, rounding included) or scales
+    ``y``. Rows past the end repeat the last row and are not stored.
+    """
+    in_features = x.shape[1]
     out_features = y.shape[1]
-    n_col_blocks = scale.shape[1]
     xs_all = x[0]
-    e4m3 = fp8_shift == 20
+    n_col_blocks = in_features // bi
     last = out_features - 1
-    for quad in prange((out_features + 3) // 4):
-        o = quad * 4
-        r0, r1, r2, r3 = o, min(o + 1, last), min(o + 2, last), min(o + 3, last)
-        acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
+    for blk in prange((out_features + 7) // 8):
+        o = blk * 8
+        r = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last),
+             min(o + 4, last), min(o + 5, last), min(o + 6, last), min(o + 7, last))
+        acc = np.zeros(8, np.float32)
         for g in range(n_col_blocks):
             c0 = g * bi
-            t0, t1, t2, t3 = _fp8_dot4(xs_all[c0 : c0 + bi], codes[r0, c0 : c0 + bi], codes[r1, c0 : c0 + bi],
-                                       codes[r2, c0 : c0 + bi], codes[r3, c0 : c0 + bi], fp8_mult, e4m3)
-            acc0 += scale[r0 // bo, g] * t0
-            acc1 += scale[r1 // bo, g] * t1
-            acc2 += scale[r2 // bo, g] * t2
-            acc3 += scale[r3 // bo, g] * t3
-        y[0, o] = acc0
-        if o + 1 <= last:
-            y[0, o + 1] = acc1
-        if o + 2 <= last:
-            y[0, o + 2] = acc2
-        if o + 3 <= last:
-            y[0, o + 3] = acc3
+            xs = xs_all[c0 : c0 + bi]
+            a0 = codes[r[0], c0 : c0 + bi]
+            a1 = codes[r[1], c0 : c0 + bi]
+            a2 = codes[r[2], c0 : c0 + bi]
+            a3 = codes[r[3], c0 : c0 + bi]
+            a4 = codes[r[4], c0 : c0 + bi]
+            a5 = codes[r[5], c0 : c0 + bi]
+            a6 = codes[r[6], c0 : c0 + bi]
+            a7 = codes[r[7], c0 : c0 + bi]
+            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
+            if fp8_e4m3:
+                for k in range(bi):
+                    xv = xs[k]
+                    t0 += xv * _e4m3_as_f16(a0[k])
+                    t1 += xv * _e4m3_as_f16(a1[k])
+                    t2 += xv * _e4m3_as_f16(a2[k])
+                    t3 += xv * _e4m3_as_f16(a3[k])
+                    t4 += xv * _e4m3_as_f16(a4[k])
+                    t5 += xv * _e4m3_as_f16(a5[k])
+                    t6 += xv * _e4m3_as_f16(a6[k])
+                    t7 += xv * _e4m3_as_f16(a7[k])
+            else:
+                for k in range(bi):
+                    xv = xs[k]
+                    t0 += xv * _e5m2_as_f16(a0[k])
+                    t1 += xv * _e5m2_as_f16(a1[k])
+                    t2 += xv * _e5m2_as_f16(a2[k])
+                    t3 += xv * _e5m2_as_f16(a3[k])
+                    t4 += xv * _e5m2_as_f16(a4[k])
+                    t5 += xv * _e5m2_as_f16(a5[k])
+                    t6 += xv * _e5m2_as_f16(a6[k])
+                    t7 += xv * _e5m2_as_f16(a7[k])
+            acc[0] += scale[r[0] // bo, g] * t0
+            acc[1] += scale[r[1] // bo, g] * t1
+            acc[2] += scale[r[2] // bo, g] * t2
+            acc[3] += scale[r[3] // bo, g] * t3
+            acc[4] += scale[r[4] // bo, g] * t4
+            acc[5] += scale[r[5] // bo, g] * t5
+            acc[6] += scale[r[6] // bo, g] * t6
+            acc[7] += scale[r[7] // bo, g] * t7
+        for j in range(min(8, out_features - o)):
+            y[0, o + j] = acc[j]
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_shift, fp8_mult, o0, out):
+def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out):
     """``out (T, I)`` = float32 rows ``[o0, o0 + T)`` of the weight, ``(v - z) * scale``.
 
     Serial on purpose: the large-M path runs it between BLAS calls, whose
@@ -354,7 +382,7 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
             end = (g + 1) * bi
             for c0 in range(g * bi, end, _CHUNK):
                 n = min(_CHUNK, end - c0)
-                _decode(kind, row, c0, n, z, s, bits, fp8_shift, fp8_mult, out[t, c0 : c0 + n])
+                _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, out[t, c0 : c0 + n])
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
