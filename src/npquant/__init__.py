@@ -27,6 +27,8 @@ from .lab import quantize_per_channel
 from .lab import quantize_per_tensor
 from .linear import available_backends
 from .linear import linear
+from .prepared import PreparedInt4
+from .prepared import prepare
 from .quantize import QuantizedTensor
 from .quantize import quantize
 from .quantize import quantize_measured
@@ -44,6 +46,8 @@ __all__ = [
     "QuantizedTensor",
     "linear",
     "available_backends",
+    "prepare",
+    "PreparedInt4",
     # checkpoints
     "quantize_checkpoint",
     "load",

@@ -24,6 +24,7 @@ import numpy as np
 from ._backends import available_backends, resolve_backend
 from ._checks import dtype_name
 from .errors import NpquantError
+from .prepared import PreparedInt4
 from .quantize import QuantizedTensor
 
 __all__ = ["linear", "available_backends"]
@@ -32,14 +33,14 @@ _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _TILE_ELEMENTS = 1 << 20
 
 
-def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarray:
+def linear(x, qt: QuantizedTensor | PreparedInt4, bias=None, backend: str = "auto") -> np.ndarray:
     """Quantized linear layer ``x @ W.T + bias`` with ``W = qt.dequantize()``.
 
     Parameters
     ----------
     x : float16, bfloat16, float32 or float64 (I,) or (..., I)
         Activations; computed in float32.
-    qt : QuantizedTensor of shape (O, I)
+    qt : QuantizedTensor or PreparedInt4 (see :func:`npquant.prepare`) of shape (O, I)
     bias : float (O,) or None
     backend : {"auto", "numpy", "numba"}
 
@@ -47,8 +48,11 @@ def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarr
     -------
     float32 (O,) or (..., O)
     """
-    if not isinstance(qt, QuantizedTensor):
-        raise NpquantError(f"qt must be a QuantizedTensor (see npquant.quantize), got {type(qt).__name__}")
+    if not isinstance(qt, (QuantizedTensor, PreparedInt4)):
+        raise NpquantError(
+            f"qt must be a QuantizedTensor (see npquant.quantize) or PreparedInt4 (npquant.prepare), "
+            f"got {type(qt).__name__}"
+        )
     out_features, in_features = qt.shape
     if not isinstance(x, np.ndarray) or dtype_name(x) not in _FLOAT_DTYPES:
         got = dtype_name(x) if isinstance(x, np.ndarray) else type(x).__name__
@@ -78,7 +82,7 @@ def linear(x, qt: QuantizedTensor, bias=None, backend: str = "auto") -> np.ndarr
     return y.reshape(*lead, out_features)
 
 
-def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:
+def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:
     """float32 ``(M, O)`` from ``x2 (M, I)``, dequantizing ``tile`` rows at a time."""
     out_features, in_features = qt.shape
     y = np.empty((x2.shape[0], out_features), np.float32)

@@ -28,7 +28,18 @@ import threading
 import numpy as np
 
 from ..quantize import QuantizedTensor
-from ._numba import dequantize_rows, dequantize_rows_int4_split, gemm_small_m, gemv_fp8, gemv_int4, gemv_int8
+from ..prepared import ROWS, PreparedInt4
+from ._numba import (
+    dequantize_int4_blocks_t,
+    dequantize_rows,
+    dequantize_rows_int4_split,
+    gemm_small_m,
+    gemm_small_m_int4_blocks,
+    gemv_fp8,
+    gemv_int4,
+    gemv_int4_blocks,
+    gemv_int8,
+)
 
 __all__ = ["numba_linear", "numba_dequantize", "SMALL_M"]
 
@@ -40,17 +51,15 @@ _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
 _FP8_X_LIMIT = 2.0**100
 _NO_ZP = np.zeros((1, 1), np.uint8)
+_NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
 _ALIGN = 64  # bytes: one cache line
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
-    """An uninitialised float32 array whose data starts on a cache line.
+    """An uninitialised C-contiguous float32 array whose data starts on a cache line.
 
-    malloc aligns large blocks to 16 bytes only. Measured on the large-M
-    path (11008 x 4096, M = 128): once glibc starts serving these buffers
-    from its heap instead of fresh mappings, a tile or output that starts
-    mid-line makes the dequantize and the BLAS calls both ~1.8x slower,
-    and the process stays in that state. Starting on a line removes it.
+    malloc aligns large blocks to 16 bytes only; BLAS and the kernels read
+    and write these tiles, outputs and copies of ``x`` by whole lines.
     """
     nbytes = int(np.prod(shape)) * 4
     raw = np.empty(nbytes + _ALIGN, np.uint8)
@@ -94,12 +103,12 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
     return out
 
 
-def numba_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE_ELEMENTS,
+def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elements: int = _TILE_ELEMENTS,
                  threads: int | None = None) -> np.ndarray:
     """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``.
 
-    ``tile_elements`` bounds each float32 tile of the large-M path;
-    ``threads`` is its number of threads (default: BLAS's thread count,
+    ``tile_elements`` bounds each float32 tile of the tiled paths;
+    ``threads`` is their number of threads (default: BLAS's thread count,
     1 without threadpoolctl).
     """
     out_features, in_features = qt.shape
@@ -107,6 +116,9 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE
     if x2.dtype != np.float32 or not x2.flags.c_contiguous or x2.ctypes.data % _ALIGN:
         x2 = _copy_aligned(x2)
     y = _aligned_empty((m_rows, out_features))
+    if isinstance(qt, PreparedInt4):
+        _prepared_linear(x2, qt, y, tile_elements, threads)
+        return y
     args = _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     if m_rows == 1 and kind == 0:
@@ -129,35 +141,80 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE
     if m_rows <= SMALL_M:
         gemm_small_m(x2, *args, y)
         return y
-    blas = _blas_controller()
-    workers = threads or (1 if blas is None else max(lib.num_threads for lib in blas.lib_controllers))
-    workers = max(1, min(workers, out_features, out_features * in_features // tile_elements))
-    if kind == 2 and in_features % 2 == 0:
-        # 4-bit codes dequantize faster into even|odd column order; x follows.
+    if kind == 2:
+        # 4-bit codes dequantize faster into even|odd column order (unit-stride
+        # stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit.
         x2 = _copy_aligned(np.concatenate([x2[:, 0::2], x2[:, 1::2]], axis=1))
 
-        def dequantize(o0, w_tile):
+        def dequantize(o0: int, w_tile: np.ndarray) -> None:
             dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, w_tile)
     else:
 
-        def dequantize(o0, w_tile):
+        def dequantize(o0: int, w_tile: np.ndarray) -> None:
             dequantize_rows(*args, o0, w_tile)
 
+    tile = max(1, tile_elements // in_features)
+
     def share(lo: int, hi: int) -> None:
-        """``y[:, lo:hi]``, in tiles of about ``tile_elements`` (whole blocks of 16 rows)."""
-        n_tiles = -(-(hi - lo) * in_features // tile_elements)
-        tile = -(-(hi - lo) // n_tiles // 16) * 16  # BLAS runs best on whole blocks of 16 rows
-        buf = _aligned_empty((tile, in_features))
+        """``y[:, lo:hi]``, ``tile`` rows at a time."""
+        buf = _aligned_empty((min(tile, hi - lo), in_features))
         for o0 in range(lo, hi, tile):
             w_tile = buf[: min(tile, hi - o0)]  # (T, I)
             dequantize(o0, w_tile)
             np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
 
+    _in_threads(out_features, min(out_features * in_features // tile_elements, out_features), threads, share)
+    return y
+
+
+def _prepared_linear(x2: np.ndarray, p: PreparedInt4, y: np.ndarray, tile_elements: int, threads: int | None) -> None:
+    """``y (M, O) = x2 @ W.T`` for 4-bit codes in blocks of rows."""
+    m_rows, in_features = x2.shape
+    out_features = p.shape[0]
+    has_zp = p.zero_point is not None
+    zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
+    half_block = p.block_shape[1] // 2
+    if m_rows == 1:
+        x_even = np.ascontiguousarray(x2[0, 0::2])  # (I / 2,)
+        x_odd = np.ascontiguousarray(x2[0, 1::2])  # (I / 2,)
+        gemv_int4_blocks(x_even, x_odd, p.codes, p.scale, zp, has_zp, half_block, y)
+        return
+    if m_rows <= SMALL_M:
+        x_even = np.ascontiguousarray(x2[:, 0::2])  # (M, I / 2)
+        x_odd = np.ascontiguousarray(x2[:, 1::2])  # (M, I / 2)
+        gemm_small_m_int4_blocks(x_even, x_odd, p.codes, p.scale, zp, has_zp, half_block, y)
+        return
+    # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
+    n_blocks = p.codes.shape[0]
+    per_tile = max(1, tile_elements // (ROWS * in_features))  # blocks
+
+    def share(b_lo: int, b_hi: int) -> None:
+        """``y`` for blocks ``[b_lo, b_hi)``, ``per_tile`` blocks at a time."""
+        buf = _aligned_empty((in_features * ROWS * min(per_tile, b_hi - b_lo),))
+        for b0 in range(b_lo, b_hi, per_tile):
+            o0 = b0 * ROWS
+            n = min(per_tile * ROWS, out_features - o0)
+            w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
+            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, half_block, b0, w_t)
+            np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
+
+    _in_threads(n_blocks, max(1, n_blocks // per_tile), threads, share)
+
+
+def _in_threads(n: int, max_workers: int, threads: int | None, share) -> None:
+    """``share(lo, hi)`` over ``[0, n)`` cut into contiguous shares, one per thread.
+
+    As many threads as BLAS has (or ``threads``), at most ``max_workers``;
+    with more than one, BLAS runs single-threaded in each for the duration.
+    The caller's thread takes the first share; errors reach the caller.
+    """
+    blas = _blas_controller()
+    workers = threads or (1 if blas is None else max(lib.num_threads for lib in blas.lib_controllers))
+    workers = max(1, min(workers, max_workers, n))
     if workers == 1:
-        share(0, out_features)
-        return y
-    # One contiguous share of the rows per thread; the caller takes the first.
-    bounds = [out_features * k // workers for k in range(workers + 1)]
+        share(0, n)
+        return
+    bounds = [n * k // workers for k in range(workers + 1)]
     errors = []
 
     def run(k: int) -> None:
@@ -175,7 +232,6 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor, tile_elements: int = _TILE
             t.join()
     if errors:
         raise errors[0]
-    return y
 
 
 _BLAS = []  # [controller or None], filled on first use

@@ -433,6 +433,145 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, o
                 dhi[k] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
 
 
+# --- 4-bit codes in blocks of rows (npquant.prepared) ---------------------------------
+# codes (B, I / 2, R): byte j of rows R b .. R b + R - 1 side by side; scale and
+# zero point (B, G, R). Symmetric nibbles hold q in two's complement. A loop
+# over r (the R rows of a block) is a loop over SIMD lanes: each lane is one
+# output row, so sums never cross lanes.
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
+    """``y (1, O) = x @ W.T`` for 4-bit codes in blocks of rows.
+
+    ``x_even``/``x_odd`` ``(I / 2,)`` hold x's even and odd columns;
+    ``half_block`` is the bytes per block of columns (``bi / 2``). Each
+    output row accumulates ``x . (q - z)`` over a block of columns in its
+    own lane (``t``), then adds ``scale * t``: the same products and
+    rounding as the checkpoint-layout kernels. Padding rows are not stored.
+    """
+    n_blocks, _, rows = codes.shape
+    n_col_blocks = scale.shape[1]
+    out_features = y.shape[1]
+    for blk in prange(n_blocks):
+        acc = np.zeros(rows, np.float32)
+        t = np.empty(rows, np.float32)
+        zi = np.zeros(rows, np.int32)
+        for g in range(n_col_blocks):
+            t[:] = 0
+            j0 = g * half_block
+            if has_zp:
+                zg = zp[blk, g]
+                for r in range(rows):
+                    zi[r] = _I32(zg[r])
+                for j in range(j0, j0 + half_block):
+                    b = codes[blk, j]
+                    e = x_even[j]
+                    f = x_odd[j]
+                    for r in range(rows):
+                        c = _I32(b[r])
+                        z = zi[r]
+                        t[r] += e * np.float32(_I32(_I32(c & _I32(15)) - z)) + f * np.float32(_I32(_I32(c >> _I32(4)) - z))
+            else:
+                for j in range(j0, j0 + half_block):
+                    b = codes[blk, j]
+                    e = x_even[j]
+                    f = x_odd[j]
+                    for r in range(rows):
+                        c = _I32(np.int8(b[r]))  # sign-extended: the high nibble is c >> 4
+                        t[r] += e * np.float32(_I32(_I32(c << _I32(28)) >> _I32(28))) + f * np.float32(_I32(c >> _I32(4)))
+            sc = scale[blk, g]
+            for r in range(rows):
+                acc[r] += sc[r] * t[r]
+        o0 = blk * rows
+        for r in range(min(rows, out_features - o0)):
+            y[0, o0 + r] = acc[r]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
+    """``y (M, O) = x @ W.T`` for small M and 4-bit codes in blocks of rows.
+
+    ``x_even``/``x_odd`` ``(M, I / 2)``. Per byte position the block's
+    rows are decoded once into two lanes-wide buffers (low and high
+    nibbles), then every row of ``x`` accumulates against them.
+    """
+    n_blocks, _, rows = codes.shape
+    n_col_blocks = scale.shape[1]
+    m_rows, out_features = y.shape
+    for blk in prange(n_blocks):
+        acc = np.zeros((m_rows, rows), np.float32)
+        t = np.empty((m_rows, rows), np.float32)
+        lo = np.empty(rows, np.float32)
+        hi = np.empty(rows, np.float32)
+        for g in range(n_col_blocks):
+            t[:] = 0
+            zg = zp[blk, g] if has_zp else zp[0, 0]
+            for j in range(g * half_block, (g + 1) * half_block):
+                b = codes[blk, j]
+                if has_zp:
+                    for r in range(rows):
+                        c = _I32(b[r])
+                        z = _I32(zg[r])
+                        lo[r] = np.float32(_I32(_I32(c & _I32(15)) - z))
+                        hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z))
+                else:
+                    for r in range(rows):
+                        c = _I32(np.int8(b[r]))
+                        lo[r] = np.float32(_I32(_I32(c << _I32(28)) >> _I32(28)))
+                        hi[r] = np.float32(_I32(c >> _I32(4)))
+                for m in range(m_rows):
+                    e = x_even[m, j]
+                    f = x_odd[m, j]
+                    tm = t[m]
+                    for r in range(rows):
+                        tm[r] += e * lo[r] + f * hi[r]
+            sc = scale[blk, g]
+            for m in range(m_rows):
+                am = acc[m]
+                tm = t[m]
+                for r in range(rows):
+                    am[r] += sc[r] * tm[r]
+        o0 = blk * rows
+        for m in range(m_rows):
+            for r in range(min(rows, out_features - o0)):
+                y[m, o0 + r] = acc[m, r]
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t):
+    """``out_t (I, T)``: the weight's rows ``[R blk0, R blk0 + T)`` as columns, bit-equal to the numpy reference.
+
+    ``(q - z)`` is an exact integer, converted exactly, times the scale:
+    one rounding, as in the reference. Each step writes the ``R`` rows of
+    one byte position to two rows of ``out_t`` at unit stride.
+    """
+    _, half_in, rows = codes.shape
+    n_cols = out_t.shape[1]
+    for bb in range((n_cols + rows - 1) // rows):
+        blk = blk0 + bb
+        c0 = bb * rows
+        n = min(rows, n_cols - c0)
+        for g in range(scale.shape[1]):
+            sc = scale[blk, g]
+            zg = zp[blk, g] if has_zp else zp[0, 0]
+            for j in range(g * half_block, (g + 1) * half_block):
+                b = codes[blk, j]
+                lo = out_t[2 * j, c0 : c0 + n]
+                hi = out_t[2 * j + 1, c0 : c0 + n]
+                if has_zp:
+                    for r in range(n):
+                        c = _I32(b[r])
+                        z = _I32(zg[r])
+                        lo[r] = np.float32(_I32(_I32(c & _I32(15)) - z)) * sc[r]
+                        hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z)) * sc[r]
+                else:
+                    for r in range(n):
+                        c = _I32(np.int8(b[r]))
+                        lo[r] = np.float32(_I32(_I32(c << _I32(28)) >> _I32(28))) * sc[r]
+                        hi[r] = np.float32(_I32(c >> _I32(4))) * sc[r]
+
+
 # --- quantization -----------------------------------------------------------------
 # Exact IEEE division and rounding: fastmath only for the reductions ("reassoc"
 # to vectorise the sums, "nnan"/"nsz" to vectorise the max; callers have

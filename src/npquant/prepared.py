@@ -1,0 +1,160 @@
+"""4-bit codes in the order a batch-1 kernel reads them: the step an engine takes after loading.
+
+An inference engine stores codes and scales as the checkpoint has them
+(vLLM's ``create_weights``), then may rearrange them once for its kernel
+(``process_weights_after_loading``) before any ``apply``. :func:`prepare`
+is that step for 4-bit codes and the numba backend.
+
+Why: :class:`~npquant.QuantizedTensor` keeps each output row's codes
+together. A batch-1 kernel over that layout multiplies a group of one row
+with ``x`` in SIMD lanes and must then add the lanes together (a horizontal
+sum per row and group: 32 per row for ``w4-g128`` at ``in_features=4096``).
+:class:`PreparedInt4` puts ``ROWS`` = 64 output rows side by side instead:
+byte ``j`` of 64 consecutive rows is 64 adjacent bytes, each SIMD lane
+accumulates its own output row, and no horizontal sum is ever needed
+(measured, codes in cache, 2048 x 4096 ``w4-g128``: 0.23 ms against 0.32 ms).
+
+Layout, ``B = ceil(O / 64)`` blocks of rows, ``G = I / block_cols``:
+
+- ``codes`` uint8 ``(B, I / 2, 64)``: ``codes[b, j, r]`` is byte ``j`` of
+  row ``64 b + r`` (low nibble column ``2 j``, high nibble ``2 j + 1``).
+  Symmetric: each nibble holds ``q`` in two's complement (the stored
+  ``q + 8`` with its top bit flipped), so the kernel sign-extends it with
+  two shifts. Asymmetric: the stored ``q``, as in the checkpoint layout.
+- ``scale`` float32 ``(B, G, 64)``: the scale of row ``64 b + r``, block ``g``.
+- ``zero_point`` uint8 ``(B, G, 64)`` or None (symmetric).
+
+Rows past ``O`` (the last block's padding) hold code 0 and scale 0.
+The layout holds the same information as the tensor it came from:
+:meth:`PreparedInt4.quantized` gives that tensor back, bit for bit.
+
+>>> import numpy as np, npquant
+>>> w = np.random.default_rng(0).standard_normal((100, 256)).astype(np.float32)
+>>> p = npquant.prepare(npquant.quantize(w, "w4-g128"))
+>>> p.codes.shape, p.scale.shape
+((2, 128, 64), (2, 2, 64))
+>>> np.array_equal(p.dequantize(), npquant.quantize(w, "w4-g128").dequantize())
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NpquantError
+from .quantize import QuantizedTensor, scale_numpy_dtype
+from .schemes import Scheme
+
+__all__ = ["PreparedInt4", "prepare", "ROWS"]
+
+#: Output rows side by side in one block of :class:`PreparedInt4`.
+ROWS = 64
+_SIGN_FLIP = np.uint8(0x88)  # stored q + 8 <-> two's complement q, both nibbles at once
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedInt4:
+    """4-bit codes, scales and zero points in blocks of 64 output rows (see the module docstring).
+
+    Attributes
+    ----------
+    codes : uint8 ``(B, I / 2, 64)``
+    scale : float32 ``(B, G, 64)``
+    zero_point : uint8 ``(B, G, 64)`` or None (symmetric)
+    shape : (O, I)
+    scheme : Scheme (4-bit int, even block width)
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    shape: tuple[int, int]
+    scheme: Scheme
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """``(block_rows, block_cols)`` sharing one scale in the original tensor."""
+        return self.scheme.block_shape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, float32 scales and zero points, one per row and block, padding included."""
+        total = self.codes.nbytes + self.scale.nbytes
+        if self.zero_point is not None:
+            total += self.zero_point.nbytes
+        return int(total)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * nbytes / (O * I)``."""
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def quantized(self) -> QuantizedTensor:
+        """The :class:`~npquant.QuantizedTensor` this was prepared from, bit for bit."""
+        return self._rows(0, self.shape[0])
+
+    def dequantize_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 ``(R, I)``: rows ``[start, stop)`` of the dequantized weight."""
+        stop = self.shape[0] if stop is None else stop
+        return self._rows(start, stop).dequantize()
+
+    def dequantize(self) -> np.ndarray:
+        """float32 ``(O, I)``: the weight the codes stand for."""
+        return self.dequantize_rows(0, self.shape[0])
+
+    def _rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Rows ``[start, stop)`` in the checkpoint layout, as a QuantizedTensor of shape ``(R, I)``."""
+        b0, b1 = start // ROWS, -(-stop // ROWS)
+        first = start - b0 * ROWS
+
+        def rows_of(blocks: np.ndarray) -> np.ndarray:  # (b, K, 64) -> (R, K)
+            flat = blocks[b0:b1].transpose(0, 2, 1).reshape(-1, blocks.shape[1])  # (b * 64, K)
+            return np.ascontiguousarray(flat[first : first + stop - start])
+
+        codes = rows_of(self.codes)  # (R, I / 2)
+        if self.zero_point is None:
+            codes ^= _SIGN_FLIP
+        scale = rows_of(self.scale)  # (R, G)
+        zero_point = None if self.zero_point is None else rows_of(self.zero_point)
+        if self.scheme.granularity == "tensor":  # one scale for every row
+            scale = scale[:1]
+            zero_point = None if zero_point is None else zero_point[:1]
+        scale = scale.astype(scale_numpy_dtype(self.scheme))  # exact: the values came from this dtype
+        return QuantizedTensor(codes, scale, zero_point, (stop - start, self.shape[1]), self.scheme)
+
+
+def prepare(qt: QuantizedTensor) -> PreparedInt4 | QuantizedTensor:
+    """Rearrange ``qt`` for the numba backend's kernels, when a layout of its own helps.
+
+    4-bit int codes whose blocks span an even number of columns (``w4-g128``,
+    ``w4-channel``, ...) become a :class:`PreparedInt4`; every other tensor
+    is returned as it is (its kernels read the checkpoint layout at full
+    speed). Either result goes to :func:`npquant.linear` with any backend.
+
+    Parameters
+    ----------
+    qt : QuantizedTensor of shape (O, I)
+
+    Returns
+    -------
+    PreparedInt4 (holding the same information; ``.quantized()`` gives ``qt`` back) or ``qt``
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise NpquantError(f"qt must be a QuantizedTensor (see npquant.quantize), got {type(qt).__name__}")
+    scheme = qt.scheme
+    out_features, in_features = qt.shape
+    if scheme.is_float or scheme.bits != 4 or qt.block_shape[1] % 2:
+        return qt
+    n_blocks = -(-out_features // ROWS)
+    pad = n_blocks * ROWS - out_features
+
+    def blocks_of(rows: np.ndarray) -> np.ndarray:  # (O, K) -> (B, K, 64), padded with zeros
+        rows = np.pad(rows, ((0, pad), (0, 0)))  # (B * 64, K)
+        return np.ascontiguousarray(rows.reshape(n_blocks, ROWS, rows.shape[1]).transpose(0, 2, 1))
+
+    codes = qt.codes ^ _SIGN_FLIP if scheme.symmetric else qt.codes  # (O, I / 2)
+    index = np.arange(out_features) // qt.block_shape[0]  # the scale row of each weight row
+    zero_point = None if qt.zero_point is None else blocks_of(qt.zero_point[index])
+    return PreparedInt4(blocks_of(codes), blocks_of(qt.row_scales()), zero_point, qt.shape, scheme)

@@ -1,0 +1,161 @@
+"""4-bit codes in blocks of rows: layout checked independently, exact round trips, kernels against numpy."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import npquant
+from npquant import NpquantError, PreparedInt4, Scheme, linear, prepare, quantize
+from npquant.prepared import ROWS
+from test_linear import sum_bound, weight
+
+FOUR_BIT = [
+    Scheme("int", 4, "group", 128),
+    Scheme("int", 4, "group", 32, symmetric=False),
+    Scheme("int", 4, "channel"),
+    Scheme("int", 4, "channel", symmetric=False),
+    Scheme("int", 4, "tensor"),
+    Scheme("int", 4, "group", 64, scale_dtype="bfloat16"),
+    Scheme("int", 4, "group", 2, scale_dtype="float16"),
+]
+
+
+def in_features_for(scheme: Scheme) -> int:
+    return 3 * scheme.group_size if scheme.granularity == "group" else 258
+
+
+def assert_same_tensor(a, b):
+    assert a.shape == b.shape and a.scheme == b.scheme
+    for name in ("codes", "scale", "zero_point"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None or y is None:
+            assert x is None and y is None, name
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), err_msg=name)
+
+
+@pytest.mark.parametrize("scheme", ["w8-channel", "fp8-channel", "w3-g128", Scheme("int", 4, "group", 5)], ids=str)
+def test_other_tensors_come_back_unchanged(scheme):
+    w = weight((70, 384 if scheme != Scheme("int", 4, "group", 5) else 325))
+    qt = quantize(w, scheme)
+    assert prepare(qt) is qt
+
+
+def test_prepare_refuses_what_is_not_a_quantized_tensor():
+    with pytest.raises(NpquantError, match=r"qt must be a QuantizedTensor .* got ndarray"):
+        prepare(np.zeros((4, 4), np.float32))
+
+
+def test_layout_of_every_byte_value():
+    # 256 rows of one byte each: row i holds byte value i, so every pair of
+    # nibbles appears once. Stored nibbles are q + 8 (symmetric).
+    codes = np.arange(256, dtype=np.uint8)[:, None]  # (256, 1)
+    scale = np.linspace(0.5, 2, 256, dtype=np.float32)[:, None]  # (256, 1)
+    qt = npquant.QuantizedTensor(codes, scale, None, (256, 2), Scheme("int", 4, "channel"))
+    p = prepare(qt)
+    assert isinstance(p, PreparedInt4) and p.codes.shape == (4, 1, ROWS) and p.scale.shape == (4, 1, ROWS)
+    for i in range(256):
+        b, r = divmod(i, ROWS)
+        lo, hi = i & 15, i >> 4  # stored values
+        got = int(p.codes[b, 0, r])
+        assert got & 15 == (lo - 8) & 15 and got >> 4 == (hi - 8) & 15  # q in two's complement
+        assert p.scale[b, 0, r] == scale[i, 0]
+    expect = np.stack([(codes[:, 0] & 15).astype(np.float64) - 8, (codes[:, 0] >> 4).astype(np.float64) - 8], axis=1)
+    np.testing.assert_array_equal(p.dequantize(), (expect * scale).astype(np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scheme=st.sampled_from(FOUR_BIT),
+    out_features=st.integers(1, 150),
+    start=st.integers(0, 149),
+    length=st.integers(1, 150),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_and_row_ranges_are_exact(scheme, out_features, start, length, seed):
+    qt = quantize(weight((out_features, in_features_for(scheme)), seed), scheme)
+    codes_before = qt.codes.copy()
+    p = prepare(qt)
+    np.testing.assert_array_equal(qt.codes, codes_before)  # the input is left alone
+    assert_same_tensor(p.quantized(), qt)
+    start = min(start, out_features - 1)
+    stop = min(out_features, start + length)
+    np.testing.assert_array_equal(p.dequantize_rows(start, stop), qt.dequantize_rows(start, stop))
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+def test_nbytes_counts_codes_scales_zero_points_and_padding(scheme):
+    out_features, in_features = 100, in_features_for(scheme)
+    p = prepare(quantize(weight((out_features, in_features)), scheme))
+    n_blocks, n_col_blocks = 2, in_features // scheme.block_shape((out_features, in_features))[1]
+    per_row_block = 4 + (1 if not scheme.symmetric else 0)  # float32 scale (+ uint8 zero point)
+    assert p.nbytes == n_blocks * ROWS * (in_features // 2 + n_col_blocks * per_row_block)
+    assert p.bits_per_weight == 8 * p.nbytes / (out_features * in_features)
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+def test_numpy_backend_gives_the_same_bits_as_the_tensor(scheme):
+    qt = quantize(weight((90, in_features_for(scheme))), scheme)
+    x = np.random.default_rng(1).standard_normal((5, qt.shape[1])).astype(np.float32)
+    np.testing.assert_array_equal(linear(x, prepare(qt), backend="numpy"), linear(x, qt, backend="numpy"))
+
+
+# --- numba ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("numba", reason="numba is not installed (pip install 'npquant[fast]'); the numba backend is optional")
+    from npquant import kernels
+
+    return kernels
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
+    from npquant.kernels._numba import dequantize_int4_blocks_t
+
+    qt = quantize(weight((150, in_features_for(scheme))), scheme)
+    p = prepare(qt)
+    zp = p.zero_point if p.zero_point is not None else np.zeros((1, 1, 1), np.uint8)
+    for blk0, n in ((0, 150), (1, 86), (2, 22), (0, 5)):
+        out_t = np.empty((qt.shape[1], n), np.float32)
+        dequantize_int4_blocks_t(p.codes, p.scale, zp, p.zero_point is not None, p.block_shape[1] // 2, blk0, out_t)
+        o0 = blk0 * ROWS
+        np.testing.assert_array_equal(out_t.T, qt.dequantize_rows(o0, o0 + n))
+
+
+@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("out_features", [37, 64, 150])
+def test_numba_matches_numpy(kernels, scheme, m, out_features):
+    qt = quantize(weight((out_features, in_features_for(scheme)), seed=m), scheme)
+    x = np.random.default_rng(m).standard_normal((m, qt.shape[1])).astype(np.float32)
+    fast = linear(x, prepare(qt), backend="numba")
+    ref = linear(x, qt, backend="numpy")
+    assert fast.dtype == np.float32 and fast.shape == ref.shape
+    # As for the checkpoint layout (test_linear.test_numba_matches_numpy): both
+    # sum the I products of x with (q - z) exactly converted, times the scale,
+    # in different orders: each within gamma_(I+2) |x| @ |W_hat|^T of the exact sum.
+    assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), qt.shape[1] + 2) + 1e-30)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_numba_tiles_and_threads(kernels, threads):
+    qt = quantize(weight((300, 256)), "w4-g128")
+    x = np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32)
+    # One block of 64 rows a tile: five blocks, the last one short.
+    fast = kernels.numba_linear(x, prepare(qt), tile_elements=ROWS * 256, threads=threads)
+    ref = linear(x, qt, backend="numpy")
+    assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), 258))
+
+
+def test_numba_bias_and_1d_x(kernels):
+    qt = quantize(weight((70, 256)), "w4-g128")
+    bias = np.linspace(-1, 1, 70).astype(ml_dtypes.bfloat16)
+    x = np.random.default_rng(2).standard_normal(256).astype(np.float16)
+    fast = linear(x, prepare(qt), bias=bias, backend="numba")
+    ref = linear(x, qt, bias=bias, backend="numpy")
+    assert fast.shape == (70,) and fast.dtype == np.float32
+    assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x[None, :], qt.dequantize(), 258)[0] + 1e-30)
