@@ -5,8 +5,11 @@ For each weight shape, batch size M and scheme it prints the median time of
 to numpy float32 ``x @ W.T`` timed in the same process, runs interleaved.
 The bandwidth limit is the time to read the codes and scales once at the
 read bandwidth measured in this run, as a ratio to the same float32 time.
-Where torch is installed it adds ``torch._weight_int8pack_mm`` (bf16
-activations, int8 per-channel weights) beside ``w8-channel``.
+``w4-g128 prep`` is ``w4-g128`` after :func:`npquant.prepare` (4-bit codes
+in blocks of 64 rows, the numba kernels' layout; prepared once, outside the
+timing, as an engine does after loading). Where torch is installed it adds
+``torch._weight_int8pack_mm`` (bf16 activations, int8 per-channel weights)
+beside ``w8-channel``.
 
     python benchmarks/bench_linear.py              # full run (a few minutes), one process per case
     python benchmarks/bench_linear.py --quick      # seconds, small shapes
@@ -154,7 +157,7 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
     print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
           f"{BURST} calls after a warm-up; {where}")
     print()
-    head = f"{'shape':>13} {'M':>4} {'scheme':<12} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} {'bw limit':>8}"
+    head = f"{'shape':>13} {'M':>4} {'scheme':<13} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} {'bw limit':>8}"
     print(head)
     print("-" * len(head))
 
@@ -181,17 +184,28 @@ def _run_children(shapes, batches, bw: float) -> int:
     return 0
 
 
+PREPARED = "w4-g128 prep"
+
+
+def _copy(qt):
+    """An equal quantized tensor (QuantizedTensor or PreparedInt4) with arrays of its own."""
+    own = None if qt.zero_point is None else qt.zero_point.copy()
+    return type(qt)(qt.codes.copy(), qt.scale.copy(), own, qt.shape, qt.scheme)
+
+
 def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
     rng = np.random.default_rng(0)
     for out_features, in_features in shapes:
         w = (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
-        qts = {name: npquant.quantize(w, name) for name in names}
+        qts = {}
+        for name in names:
+            qts[name] = npquant.quantize(w, name)
+            if name == "w4-g128":  # also after npquant.prepare: blocks of 64 rows, the kernels' own layout
+                qts[PREPARED] = npquant.prepare(qts[name])
         # Enough copies of each quantized weight, taken in turn, that their
         # codes outgrow the last-level cache as the float32 weight does:
         # every call reads its weight from memory.
-        copies = {name: [qt] + [npquant.QuantizedTensor(qt.codes.copy(), qt.scale.copy(), qt.zero_point, qt.shape,
-                                                         qt.scheme) for _ in range(-(-ROTATE_BYTES // qt.nbytes) - 1)]
-                  for name, qt in qts.items()}
+        copies = {name: [qt] + [_copy(qt) for _ in range(-(-ROTATE_BYTES // qt.nbytes) - 1)] for name, qt in qts.items()}
         for m in batches:
             x = rng.standard_normal((m, in_features)).astype(np.float32)
             fns = {"f32": lambda: x @ w.T}
@@ -208,7 +222,7 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
                 if name in qts:
                     limit = f"{qts[name].nbytes / bw / t['f32']:8.3f}"
                 print(
-                    f"{str((out_features, in_features)):>13} {m:>4} {name:<12} "
+                    f"{str((out_features, in_features)):>13} {m:>4} {name:<13} "
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} {limit:>8}"
                 )
         if ARGS.child_bw is None:
