@@ -460,23 +460,27 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
         for g in range(n_col_blocks):
             t[:] = 0
             j0 = g * half_block
+            # Slices from 0: numba then knows indices are non-negative.
+            cg = codes[blk, j0 : j0 + half_block]  # (half_block, rows)
+            xe = x_even[j0 : j0 + half_block]
+            xo = x_odd[j0 : j0 + half_block]
             if has_zp:
                 zg = zp[blk, g]
                 for r in range(rows):
                     zi[r] = _I32(zg[r])
-                for j in range(j0, j0 + half_block):
-                    b = codes[blk, j]
-                    e = x_even[j]
-                    f = x_odd[j]
+                for j in range(half_block):
+                    b = cg[j]
+                    e = xe[j]
+                    f = xo[j]
                     for r in range(rows):
                         c = _I32(b[r])
                         z = zi[r]
                         t[r] += e * np.float32(_I32(_I32(c & _I32(15)) - z)) + f * np.float32(_I32(_I32(c >> _I32(4)) - z))
             else:
-                for j in range(j0, j0 + half_block):
-                    b = codes[blk, j]
-                    e = x_even[j]
-                    f = x_odd[j]
+                for j in range(half_block):
+                    b = cg[j]
+                    e = xe[j]
+                    f = xo[j]
                     for r in range(rows):
                         c = _I32(np.int8(b[r]))  # sign-extended: the high nibble is c >> 4
                         t[r] += e * np.float32(_I32(_I32(c << _I32(28)) >> _I32(28))) + f * np.float32(_I32(c >> _I32(4)))
