@@ -1,28 +1,39 @@
-"""Fused quantized-linear kernels (optional extra ``npquant[fast]``, needs numba).
+"""Fused quantized-linear kernels (optional extra ``npquant[fast]``: numba, threadpoolctl).
 
 Importing this package imports numba; :func:`npquant.linear` imports it only
 when the ``"numba"`` backend is asked for (or ``"auto"`` finds numba).
 Kernels compile on first use and are cached on disk, so a second process
 loads them instead of compiling.
 
-- ``M <= SMALL_M`` (decoding, batch 1 to 16): :func:`gemm_small_m` reads
-  each weight row once, decodes it chunk by chunk into float32 in L1, and
-  accumulates all ``M`` rows of ``x`` against it, in parallel over output rows.
+For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
+
+- ``M == 1``: kernels of their own for int8 (eight rows per pass over
+  ``x``), 4-bit codes in byte-aligned blocks (nibbles against ``x``'s even
+  and odd columns) and fp8 (decoded through float16 in registers).
+- ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
+  decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
+  rows of ``x`` against it, in parallel over output rows.
 - larger ``M`` (prefill): tiles of rows are dequantized into a reused
   float32 buffer and multiplied with BLAS; the full float32 weight never
   exists. With ``B > 1`` BLAS threads configured, ``B`` Python threads each
   take a contiguous share of the output rows and run single-threaded BLAS
-  on their own tiles (BLAS is limited to one thread for the duration of the
-  call through threadpoolctl, and restored after). Measured for 11008 x 4096,
-  M = 128, 2 cores: about 1.05x float32 BLAS this way, against 1.1x in the
-  best case and ~1.8x in a state the process falls into after some seconds
-  of calls when one thread alternates serial dequantization with 2-thread
-  BLAS calls (its BLAS worker polls through every dequantization).
+  on their own tiles; BLAS is limited to one thread through threadpoolctl
+  for the duration of the call and restored after (a process-wide setting:
+  BLAS calls made meanwhile by other threads run single-threaded too).
+  Measured for 11008 x 4096, M = 128, on 2 cores: about 1.0 to 1.1x
+  float32 BLAS, where one thread alternating serial dequantization with
+  2-thread BLAS calls ran at 1.1x or, after some seconds of calls, ~1.8x.
+
+For a :class:`~npquant.PreparedInt4` (:func:`npquant.prepare`: 4-bit codes
+in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M`` kernels whose SIMD
+lanes are output rows (no horizontal sums), and for larger ``M`` tiles
+dequantized transposed, ``(I, T)``, for BLAS, threaded as above.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -234,21 +245,17 @@ def _in_threads(n: int, max_workers: int, threads: int | None, share) -> None:
         raise errors[0]
 
 
-_BLAS = []  # [controller or None], filled on first use
-
-
+@functools.cache
 def _blas_controller():
     """threadpoolctl's controller of the BLAS libraries loaded in this process, or None.
 
     None when threadpoolctl is not installed or finds no BLAS it can limit;
-    the large-M path then runs in one thread (BLAS threading as configured).
+    the tiled paths then run in one thread (BLAS threading as configured).
+    Looked up once per process.
     """
-    if not _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _BLAS.append(None)
-        else:
-            blas = ThreadpoolController().select(user_api="blas")
-            _BLAS.append(blas if blas.lib_controllers else None)
-    return _BLAS[0]
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    blas = ThreadpoolController().select(user_api="blas")
+    return blas if blas.lib_controllers else None
