@@ -49,6 +49,18 @@ def test_prepare_refuses_what_is_not_a_quantized_tensor():
         prepare(np.zeros((4, 4), np.float32))
 
 
+def test_bad_layouts_are_refused():
+    p = prepare(quantize(weight((70, 256)), "w4-g128"))
+    with pytest.raises(NpquantError, match=r"codes must be C-contiguous uint8 \(2, 128, 64\) .* got uint8 \(2, 128, 32\)"):
+        PreparedInt4(p.codes[:, :, :32].copy(), p.scale, None, p.shape, p.scheme)
+    with pytest.raises(NpquantError, match=r"scale must be C-contiguous float32 \(2, 2, 64\) .* got float16"):
+        PreparedInt4(p.codes, p.scale.astype(np.float16), None, p.shape, p.scheme)
+    with pytest.raises(NpquantError, match=r"zero_point must be given exactly when the scheme is asymmetric"):
+        PreparedInt4(p.codes, p.scale, p.scale.astype(np.uint8), p.shape, p.scheme)
+    with pytest.raises(NpquantError, match=r"PreparedInt4 holds 4-bit int codes"):
+        PreparedInt4(p.codes, p.scale, None, p.shape, Scheme("int", 8, "group", 128))
+
+
 def test_layout_of_every_byte_value():
     # 256 rows of one byte each: row i holds byte value i, so every pair of
     # nibbles appears once. Stored nibbles are q + 8 (symmetric).

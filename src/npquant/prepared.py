@@ -73,6 +73,30 @@ class PreparedInt4:
     shape: tuple[int, int]
     scheme: Scheme
 
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        out_features, in_features = self.shape
+        scheme = self.scheme
+        if scheme.is_float or scheme.bits != 4 or scheme.block_shape(self.shape)[1] % 2:
+            raise NpquantError(f"PreparedInt4 holds 4-bit int codes in blocks of an even width, got {scheme}")
+        n_blocks = -(-out_features // ROWS)
+        n_col_blocks = in_features // self.block_shape[1]
+        checks = [
+            ("codes", self.codes, np.uint8, (n_blocks, in_features // 2, ROWS)),
+            ("scale", self.scale, np.float32, (n_blocks, n_col_blocks, ROWS)),
+        ]
+        if scheme.symmetric != (self.zero_point is None):
+            raise NpquantError(f"zero_point must be given exactly when the scheme is asymmetric ({scheme})")
+        if self.zero_point is not None:
+            checks.append(("zero_point", self.zero_point, np.uint8, (n_blocks, n_col_blocks, ROWS)))
+        for name, arr, dtype, shape in checks:
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != shape or not arr.flags.c_contiguous:
+                got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise NpquantError(
+                    f"{name} must be C-contiguous {np.dtype(dtype).name} {shape} for shape {self.shape} "
+                    f"and {scheme}, got {got}"
+                )
+
     @property
     def block_shape(self) -> tuple[int, int]:
         """``(block_rows, block_cols)`` sharing one scale in the original tensor."""

@@ -266,7 +266,27 @@ def gemv_int8(x, codes, scale, bo, bi, y):
 
 
 _I32 = np.int32
+_I8 = np.int8
+_I8_4 = np.int8(4)
 _U8_88 = np.uint8(0x88)
+
+
+@njit(inline="always")
+def _low_nibble_signed(c):
+    """int8 value of the two's complement low nibble of the byte ``c``.
+
+    8-bit shifts (left, then arithmetic right), cast back at each step:
+    LLVM turns them into GFNI byte transforms (vgf2p8affineqb, 16 bytes an
+    op) before widening, where 32-bit shifts after widening cost four
+    times the vector width. Measured: 6% faster batch-1 int4.
+    """
+    return _I8(_I8(np.uint8(c << _U8_4)) >> _I8_4)
+
+
+@njit(inline="always")
+def _high_nibble_signed(c):
+    """int8 value of the two's complement high nibble of the byte ``c`` (arithmetic shift)."""
+    return _I8(_I8(c) >> _I8_4)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -301,8 +321,8 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
                     t += xe[k] * (np.float32(np.uint8(b & _U8_15)) - z) + xo[k] * (np.float32(np.uint8(b >> _U8_4)) - z)
             else:
                 for k in range(half_block):
-                    c = _I32(np.int8(np.uint8(src[k] ^ _U8_88)))  # sign-extended: hi nibble in bits 4..31
-                    t += xe[k] * np.float32(_I32(_I32(c << _I32(28)) >> _I32(28))) + xo[k] * np.float32(_I32(c >> _I32(4)))
+                    c = np.uint8(src[k] ^ _U8_88)  # stored q + 8 -> two's complement q, both nibbles
+                    t += xe[k] * np.float32(_low_nibble_signed(c)) + xo[k] * np.float32(_high_nibble_signed(c))
             acc += scale[so, g] * t
         y[0, o] = acc
 
@@ -434,6 +454,7 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, o
 
 
 # --- 4-bit codes in blocks of rows (npquant.prepared) ---------------------------------
+_ROWS = 64  # npquant.prepared.ROWS
 # codes (B, I / 2, R): byte j of rows R b .. R b + R - 1 side by side; scale and
 # zero point (B, G, R). Symmetric nibbles hold q in two's complement. A loop
 # over r (the R rows of a block) is a loop over SIMD lanes: each lane is one
@@ -450,7 +471,8 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
     own lane (``t``), then adds ``scale * t``: the same products and
     rounding as the checkpoint-layout kernels. Padding rows are not stored.
     """
-    n_blocks, _, rows = codes.shape
+    n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedInt4 checks the last dimension
+    rows = _ROWS  # a compile-time constant: LLVM unrolls the lanes loops and keeps t in registers
     n_col_blocks = scale.shape[1]
     out_features = y.shape[1]
     for blk in prange(n_blocks):
@@ -482,8 +504,8 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
                     e = xe[j]
                     f = xo[j]
                     for r in range(rows):
-                        c = _I32(np.int8(b[r]))  # sign-extended: the high nibble is c >> 4
-                        t[r] += e * np.float32(_I32(_I32(c << _I32(28)) >> _I32(28))) + f * np.float32(_I32(c >> _I32(4)))
+                        c = b[r]
+                        t[r] += e * np.float32(_low_nibble_signed(c)) + f * np.float32(_high_nibble_signed(c))
             sc = scale[blk, g]
             for r in range(rows):
                 acc[r] += sc[r] * t[r]
@@ -500,7 +522,8 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block
     rows are decoded once into two lanes-wide buffers (low and high
     nibbles), then every row of ``x`` accumulates against them.
     """
-    n_blocks, _, rows = codes.shape
+    n_blocks = codes.shape[0]
+    rows = _ROWS
     n_col_blocks = scale.shape[1]
     m_rows, out_features = y.shape
     for blk in prange(n_blocks):
@@ -521,9 +544,9 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block
                         hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z))
                 else:
                     for r in range(rows):
-                        c = _I32(np.int8(b[r]))
-                        lo[r] = np.float32(_I32(_I32(c << _I32(28)) >> _I32(28)))
-                        hi[r] = np.float32(_I32(c >> _I32(4)))
+                        c = b[r]
+                        lo[r] = np.float32(_low_nibble_signed(c))
+                        hi[r] = np.float32(_high_nibble_signed(c))
                 for m in range(m_rows):
                     e = x_even[m, j]
                     f = x_odd[m, j]
@@ -571,9 +594,9 @@ def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t):
                         hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z)) * sc[r]
                 else:
                     for r in range(n):
-                        c = _I32(np.int8(b[r]))
-                        lo[r] = np.float32(_I32(_I32(c << _I32(28)) >> _I32(28))) * sc[r]
-                        hi[r] = np.float32(_I32(c >> _I32(4))) * sc[r]
+                        c = b[r]
+                        lo[r] = np.float32(_low_nibble_signed(c)) * sc[r]
+                        hi[r] = np.float32(_high_nibble_signed(c)) * sc[r]
 
 
 # --- quantization -----------------------------------------------------------------
