@@ -297,9 +297,10 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
     columns, so byte ``j``'s low and high codes meet them at unit stride.
     Symmetric codes (stored ``q + 8``, ``base_off`` 8) are decoded with
     integer ops only: XOR with 0x88 turns both nibbles into two's
-    complement ``q``, and arithmetic shifts of the sign-extended byte
-    extract them (measured for 11008 x 4096: ~10% faster than subtracting
-    8 in float32; vector ops, not memory, bound this kernel).
+    complement ``q``, and 8-bit arithmetic shifts extract them (measured
+    for 11008 x 4096: ~10% faster than subtracting 8 in float32; vector
+    ops, not memory, bound this kernel). What remains is a horizontal sum
+    per row and block of columns; :func:`gemv_int4_blocks` has none.
     """
     out_features = y.shape[1]
     n_col_blocks = scale.shape[1]
