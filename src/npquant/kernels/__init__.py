@@ -46,10 +46,9 @@ from ._numba import (
     dequantize_rows_int4_split,
     gemm_small_m,
     gemm_small_m_int4_blocks,
-    gemv_fp8,
+    gemv_bytes,
     gemv_int4,
     gemv_int4_blocks,
-    gemv_int8,
 )
 
 __all__ = ["numba_linear", "numba_dequantize", "SMALL_M"]
@@ -133,14 +132,14 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
     args = _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     if m_rows == 1 and kind == 0:
-        gemv_int8(x2, codes, scale, bo, bi, y)
+        gemv_bytes(x2, codes, scale, bo, bi, 0, y)
         return y
     if m_rows == 1 and kind == 4:
         # The decode leaves out fp8_mult (a power of two); x takes it when
         # that is exact, else y does.
         mult = args[10]
         x_big = mult != 1 and not np.abs(x2).max() < _FP8_X_LIMIT  # NaN counts as big
-        gemv_fp8(x2 if mult == 1 or x_big else x2 * mult, codes, scale, bo, bi, args[9], y)
+        gemv_bytes(x2 if mult == 1 or x_big else x2 * mult, codes, scale, bo, bi, 1 if args[9] else 2, y)
         if x_big:
             y *= mult
         return y

@@ -213,13 +213,16 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_int8(x, codes, scale, bo, bi, y):
-    """``y (1, O) = x (1, I) @ W.T`` for symmetric int8 codes: eight rows per pass over ``x``.
+def gemv_bytes(x, codes, scale, bo, bi, code_kind, y):
+    """``y (1, O) = x @ W_hat.T`` for one-byte codes, eight rows per pass over ``x``.
 
-    Eight independent accumulators per load of ``x`` keep the FMA units and
-    the memory streams busy (measured: 4 rows 1.96 ms, 8 rows 1.60 ms for
-    11008 x 4096 on 2 cores). Rows past the end repeat the last row and are
-    not stored.
+    ``code_kind``: 0 symmetric int8, 1 fp8 e4m3, 2 fp8 e5m2, decoded in
+    registers. e4m3 decodes to its value / 2**8 (the float16 it makes);
+    the caller passes ``x * 2**8`` (exact, so every product is the one
+    with the weight) or scales ``y``. Eight independent accumulators per
+    load of ``x`` keep the FMA units and the memory streams busy
+    (measured for int8: 4 rows 1.96 ms, 8 rows 1.60 ms for 11008 x 4096
+    on 2 cores). Rows past the end repeat the last row and are not stored.
     """
     in_features = x.shape[1]
     out_features = y.shape[1]
@@ -243,16 +246,39 @@ def gemv_int8(x, codes, scale, bo, bi, y):
             a6 = codes[r[6], c0 : c0 + bi]
             a7 = codes[r[7], c0 : c0 + bi]
             t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
-            for k in range(bi):
-                xv = xs[k]
-                t0 += xv * np.float32(np.int8(a0[k]))
-                t1 += xv * np.float32(np.int8(a1[k]))
-                t2 += xv * np.float32(np.int8(a2[k]))
-                t3 += xv * np.float32(np.int8(a3[k]))
-                t4 += xv * np.float32(np.int8(a4[k]))
-                t5 += xv * np.float32(np.int8(a5[k]))
-                t6 += xv * np.float32(np.int8(a6[k]))
-                t7 += xv * np.float32(np.int8(a7[k]))
+            if code_kind == 0:
+                for k in range(bi):
+                    xv = xs[k]
+                    t0 += xv * np.float32(np.int8(a0[k]))
+                    t1 += xv * np.float32(np.int8(a1[k]))
+                    t2 += xv * np.float32(np.int8(a2[k]))
+                    t3 += xv * np.float32(np.int8(a3[k]))
+                    t4 += xv * np.float32(np.int8(a4[k]))
+                    t5 += xv * np.float32(np.int8(a5[k]))
+                    t6 += xv * np.float32(np.int8(a6[k]))
+                    t7 += xv * np.float32(np.int8(a7[k]))
+            elif code_kind == 1:
+                for k in range(bi):
+                    xv = xs[k]
+                    t0 += xv * _e4m3_as_f16(a0[k])
+                    t1 += xv * _e4m3_as_f16(a1[k])
+                    t2 += xv * _e4m3_as_f16(a2[k])
+                    t3 += xv * _e4m3_as_f16(a3[k])
+                    t4 += xv * _e4m3_as_f16(a4[k])
+                    t5 += xv * _e4m3_as_f16(a5[k])
+                    t6 += xv * _e4m3_as_f16(a6[k])
+                    t7 += xv * _e4m3_as_f16(a7[k])
+            else:
+                for k in range(bi):
+                    xv = xs[k]
+                    t0 += xv * _e5m2_as_f16(a0[k])
+                    t1 += xv * _e5m2_as_f16(a1[k])
+                    t2 += xv * _e5m2_as_f16(a2[k])
+                    t3 += xv * _e5m2_as_f16(a3[k])
+                    t4 += xv * _e5m2_as_f16(a4[k])
+                    t5 += xv * _e5m2_as_f16(a5[k])
+                    t6 += xv * _e5m2_as_f16(a6[k])
+                    t7 += xv * _e5m2_as_f16(a7[k])
             acc[0] += scale[r[0] // bo, g] * t0
             acc[1] += scale[r[1] // bo, g] * t1
             acc[2] += scale[r[2] // bo, g] * t2
@@ -328,78 +354,12 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
         y[0, o] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_fp8(x, codes, scale, bo, bi, fp8_e4m3, y):
-    """``y (1, O) = x @ W_hat.T / m`` for fp8 codes, decoded in registers, eight rows per pass.
-
-    ``m`` is the decode's ``fp8_mult`` (``2**8`` for e4m3, 1 for e5m2), left
-    to the caller: it passes ``x * m`` (exact, and the products are then
-    exactly those of ``x`` with the weights, rounding included) or scales
-    ``y``. Rows past the end repeat the last row and are not stored.
-    """
-    in_features = x.shape[1]
-    out_features = y.shape[1]
-    xs_all = x[0]
-    n_col_blocks = in_features // bi
-    last = out_features - 1
-    for blk in prange((out_features + 7) // 8):
-        o = blk * 8
-        r = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last),
-             min(o + 4, last), min(o + 5, last), min(o + 6, last), min(o + 7, last))
-        acc = np.zeros(8, np.float32)
-        for g in range(n_col_blocks):
-            c0 = g * bi
-            xs = xs_all[c0 : c0 + bi]
-            a0 = codes[r[0], c0 : c0 + bi]
-            a1 = codes[r[1], c0 : c0 + bi]
-            a2 = codes[r[2], c0 : c0 + bi]
-            a3 = codes[r[3], c0 : c0 + bi]
-            a4 = codes[r[4], c0 : c0 + bi]
-            a5 = codes[r[5], c0 : c0 + bi]
-            a6 = codes[r[6], c0 : c0 + bi]
-            a7 = codes[r[7], c0 : c0 + bi]
-            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
-            if fp8_e4m3:
-                for k in range(bi):
-                    xv = xs[k]
-                    t0 += xv * _e4m3_as_f16(a0[k])
-                    t1 += xv * _e4m3_as_f16(a1[k])
-                    t2 += xv * _e4m3_as_f16(a2[k])
-                    t3 += xv * _e4m3_as_f16(a3[k])
-                    t4 += xv * _e4m3_as_f16(a4[k])
-                    t5 += xv * _e4m3_as_f16(a5[k])
-                    t6 += xv * _e4m3_as_f16(a6[k])
-                    t7 += xv * _e4m3_as_f16(a7[k])
-            else:
-                for k in range(bi):
-                    xv = xs[k]
-                    t0 += xv * _e5m2_as_f16(a0[k])
-                    t1 += xv * _e5m2_as_f16(a1[k])
-                    t2 += xv * _e5m2_as_f16(a2[k])
-                    t3 += xv * _e5m2_as_f16(a3[k])
-                    t4 += xv * _e5m2_as_f16(a4[k])
-                    t5 += xv * _e5m2_as_f16(a5[k])
-                    t6 += xv * _e5m2_as_f16(a6[k])
-                    t7 += xv * _e5m2_as_f16(a7[k])
-            acc[0] += scale[r[0] // bo, g] * t0
-            acc[1] += scale[r[1] // bo, g] * t1
-            acc[2] += scale[r[2] // bo, g] * t2
-            acc[3] += scale[r[3] // bo, g] * t3
-            acc[4] += scale[r[4] // bo, g] * t4
-            acc[5] += scale[r[5] // bo, g] * t5
-            acc[6] += scale[r[6] // bo, g] * t6
-            acc[7] += scale[r[7] // bo, g] * t7
-        for j in range(min(8, out_features - o)):
-            y[0, o + j] = acc[j]
-
-
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out):
     """``out (T, I)`` = float32 rows ``[o0, o0 + T)`` of the weight, ``(v - z) * scale``.
 
-    Serial on purpose: the large-M path runs it between BLAS calls, whose
-    worker threads spin for a while after each call; competing with them
-    costs more than a second thread gains.
+    Serial and GIL-free: the tiled paths run it in one Python thread per
+    share of the rows.
     """
     rows, in_features = out.shape
     n_col_blocks = in_features // bi
