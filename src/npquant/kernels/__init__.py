@@ -105,6 +105,11 @@ def _copy_aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x's even and odd columns, each C-contiguous float32 ``(M, I / 2)``: what byte ``j``'s two nibbles meet."""
+    return np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])
+
+
 def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     """float32 ``(R, I)``: rows ``[start, stop)`` of ``qt``'s weight, bit-equal to ``qt.dequantize_rows``."""
     stop = qt.shape[0] if stop is None else stop
@@ -144,9 +149,8 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
             y *= mult
         return y
     if m_rows == 1 and kind == 2:
-        x_even = np.ascontiguousarray(x2[0, 0::2])  # (I / 2,)
-        x_odd = np.ascontiguousarray(x2[0, 1::2])  # (I / 2,)
-        gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y)
+        x_even, x_odd = _even_odd(x2)
+        gemv_int4(x_even[0], x_odd[0], codes, scale, zp, has_zp, bo, bi, base_off, y)
         return y
     if m_rows <= SMALL_M:
         gemm_small_m(x2, *args, y)
@@ -154,7 +158,9 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
     if kind == 2:
         # 4-bit codes dequantize faster into even|odd column order (unit-stride
         # stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit.
-        x2 = _copy_aligned(np.concatenate([x2[:, 0::2], x2[:, 1::2]], axis=1))
+        x_split = _aligned_empty(x2.shape)  # (M, I): even columns, then odd ones
+        x_split[:, : in_features // 2], x_split[:, in_features // 2 :] = _even_odd(x2)
+        x2 = x_split
 
         def dequantize(o0: int, w_tile: np.ndarray) -> None:
             dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, w_tile)
@@ -173,7 +179,7 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
             dequantize(o0, w_tile)
             np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
 
-    _in_threads(out_features, min(out_features * in_features // tile_elements, out_features), threads, share)
+    _in_threads(out_features, out_features * in_features // tile_elements, threads, share)
     return y
 
 
@@ -185,14 +191,11 @@ def _prepared_linear(x2: np.ndarray, p: PreparedInt4, y: np.ndarray, tile_elemen
     zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
     half_block = p.block_shape[1] // 2
     if m_rows == 1:
-        x_even = np.ascontiguousarray(x2[0, 0::2])  # (I / 2,)
-        x_odd = np.ascontiguousarray(x2[0, 1::2])  # (I / 2,)
-        gemv_int4_blocks(x_even, x_odd, p.codes, p.scale, zp, has_zp, half_block, y)
+        x_even, x_odd = _even_odd(x2)
+        gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, half_block, y)
         return
     if m_rows <= SMALL_M:
-        x_even = np.ascontiguousarray(x2[:, 0::2])  # (M, I / 2)
-        x_odd = np.ascontiguousarray(x2[:, 1::2])  # (M, I / 2)
-        gemm_small_m_int4_blocks(x_even, x_odd, p.codes, p.scale, zp, has_zp, half_block, y)
+        gemm_small_m_int4_blocks(*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y)
         return
     # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
     n_blocks = p.codes.shape[0]
