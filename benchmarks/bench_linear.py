@@ -2,7 +2,11 @@
 
 For each weight shape, batch size M and scheme it prints the median time of
 ``npquant.linear`` (numba backend when installed, else numpy) and its ratio
-to numpy float32 ``x @ W.T`` timed in the same process, runs interleaved.
+to numpy float32 ``x @ W.T`` timed in the same process, runs interleaved
+(ratio of the two medians). ``rounds q1-q3`` is the spread of that ratio:
+the quartiles, over the rounds, of each round's quantized median over the
+same round's float32 median; on a noisy machine it shows how far one run's
+ratio can be trusted.
 The bandwidth limit is the time to read the codes and scales once at the
 read bandwidth measured in this run, as a ratio to the same float32 time.
 ``w4-g128 prep`` is ``w4-g128`` after :func:`npquant.prepare` (4-bit codes
@@ -58,8 +62,8 @@ BURST = 5  # timed calls of one function in a row within a round
 WARM_S = 0.3  # untimed calls first, for at least this long (OpenBLAS workers poll ~0.1 s or more after a call)
 
 
-def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> dict:
-    """Median seconds of each function over ``repeats`` rounds.
+def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> tuple[dict, dict]:
+    """Median seconds of each function over ``repeats`` rounds, and each round's median.
 
     Each round runs every function in turn: first untimed for at least
     ``warm_s`` seconds (at least twice), then ``BURST`` timed calls. Rounds
@@ -68,8 +72,11 @@ def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> dict:
     machine: the other library's idle threads keep polling for a while after
     its last call (OpenBLAS's and OpenMP's), and a core left idle wakes slowly.
     Each function is timed as it runs in a sequence of calls of its own kind.
+    Returns ``(median, rounds)``: the median over all timed calls, and the
+    list of per-round medians (for the spread of a ratio across rounds).
     """
     times = {k: [] for k in fns}
+    rounds = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             t_end = time.perf_counter() + warm_s
@@ -77,11 +84,23 @@ def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> dict:
             while n < 2 or time.perf_counter() < t_end:
                 f()
                 n += 1
+            burst = []
             for _ in range(BURST):
                 t0 = time.perf_counter()
                 f()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+                burst.append(time.perf_counter() - t0)
+            times[k] += burst
+            rounds[k].append(statistics.median(burst))
+    return {k: statistics.median(v) for k, v in times.items()}, rounds
+
+
+def ratio_spread(num: list, den: list) -> str:
+    """Quartiles of the per-round ratios ``num[i] / den[i]`` as ``"q1-q3"`` (one value for one round)."""
+    r = sorted(a / b for a, b in zip(num, den))
+    if len(r) < 2:
+        return f"{r[0]:.2f}"
+    q1, _, q3 = statistics.quantiles(r, n=4, method="inclusive")
+    return f"{q1:.2f}-{q3:.2f}"
 
 
 ROTATE_BYTES = 128 << 20  # well past this machine's 32 MiB of L3
@@ -114,7 +133,7 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
 
     except ImportError:
         total = np.sum
-    t = interleaved({"read": lambda: total(buf)}, repeats, warm_s=0.0)["read"]
+    t = interleaved({"read": lambda: total(buf)}, repeats, warm_s=0.0)[0]["read"]
     return buf.nbytes / t
 
 
@@ -157,7 +176,8 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
     print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
           f"{BURST} calls after a warm-up; {where}")
     print()
-    head = f"{'shape':>13} {'M':>4} {'scheme':<13} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} {'bw limit':>8}"
+    head = (f"{'shape':>13} {'M':>4} {'scheme':<13} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
+            f"{'rounds q1-q3':>12} {'bw limit':>8}")
     print(head)
     print("-" * len(head))
 
@@ -214,7 +234,7 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
             tc = torch_case(w, x)
             if tc is not None:
                 fns["torch int8"] = tc
-            t = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
+            t, rounds = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
             for name in fns:
                 if name == "f32":
                     continue
@@ -223,7 +243,8 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
                     limit = f"{qts[name].nbytes / bw / t['f32']:8.3f}"
                 print(
                     f"{str((out_features, in_features)):>13} {m:>4} {name:<13} "
-                    f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} {limit:>8}"
+                    f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} "
+                    f"{ratio_spread(rounds[name], rounds['f32']):>12} {limit:>8}"
                 )
         if ARGS.child_bw is None:
             print()

@@ -238,6 +238,19 @@ def test_numba_fp8_decodes_every_finite_code_exactly(kernels, dtype):
         np.testing.assert_array_equal(y, (values * big).astype(np.float32))
 
 
+@pytest.mark.parametrize("m", [1, 8])  # x of 4 KiB (left where it is) and 32 KiB (copied to a cache line)
+def test_numba_x_at_any_address(kernels, m):
+    qt = quantize(weight((40, 1024)), "w8-channel")
+    buf = np.random.default_rng(m).standard_normal(m * 1024 + 1).astype(np.float32)
+    x = buf[1:].reshape(m, 1024)  # 4 bytes past malloc's alignment: never on a cache line
+    assert x.ctypes.data % 64
+    ref = linear(x, qt, backend="numpy")
+    assert np.all(np.abs(linear(x, qt, backend="numba") - ref) <= 2 * sum_bound(x, qt.dequantize(), 1026))
+    big = kernels._aligned_empty((m, 4096))
+    assert big.shape == (m, 4096) and big.dtype == np.float32 and big.flags.c_contiguous
+    assert big.ctypes.data % 64 == 0
+
+
 def test_numba_bias_1d_and_auto(kernels):
     w = weight((13, 64))
     qt = quantize(w, "fp8-channel")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from .errors import NpquantError
@@ -11,10 +12,14 @@ BACKENDS = ("auto", "numpy", "numba")
 
 def available_backends() -> list[str]:
     """Backends that can run here, ``"numpy"`` first."""
-    names = ["numpy"]
-    if importlib.util.find_spec("numba") is not None:
-        names.append("numba")
-    return names
+    return ["numpy", "numba"] if _numba_installed() else ["numpy"]
+
+
+@functools.cache
+def _numba_installed() -> bool:
+    # Looked up once: a module search on every call of a small layer costs
+    # about a microsecond.
+    return importlib.util.find_spec("numba") is not None
 
 
 def resolve_backend(backend: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import NpquantError
@@ -11,7 +13,14 @@ _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def dtype_name(a) -> str:
     """A dtype's name, also for ml_dtypes' types (bfloat16, float8_*)."""
-    return np.dtype(a.dtype).name
+    return _name_of(a.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _name_of(dtype) -> str:
+    # numpy computes ``dtype.name`` on every access (about 2 us): a quarter
+    # of a small layer's whole ``linear`` call before this cache.
+    return np.dtype(dtype).name
 
 
 def check_weight(w, name: str = "w") -> np.ndarray:

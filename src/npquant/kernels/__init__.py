@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 
 import numpy as np
@@ -63,15 +64,21 @@ _FP8_X_LIMIT = 2.0**100
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
 _ALIGN = 64  # bytes: one cache line
+# Arrays smaller than this are left as malloc places them: asking numpy for
+# an address costs about a microsecond, which a small layer's call notices
+# and its few cache lines do not repay.
+_ALIGN_FROM_BYTES = 1 << 14
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
-    """An uninitialised C-contiguous float32 array whose data starts on a cache line.
+    """An uninitialised C-contiguous float32 array whose data starts on a cache line (from 16 KiB).
 
     malloc aligns large blocks to 16 bytes only; BLAS and the kernels read
     and write these tiles, outputs and copies of ``x`` by whole lines.
     """
-    nbytes = int(np.prod(shape)) * 4
+    nbytes = math.prod(shape) * 4
+    if nbytes < _ALIGN_FROM_BYTES:
+        return np.empty(shape, np.float32)
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     start = -raw.ctypes.data % _ALIGN
     return raw[start : start + nbytes].view(np.float32).reshape(shape)
@@ -128,7 +135,8 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
-    if x2.dtype != np.float32 or not x2.flags.c_contiguous or x2.ctypes.data % _ALIGN:
+    if (x2.dtype != np.float32 or not x2.flags.c_contiguous
+            or (x2.nbytes >= _ALIGN_FROM_BYTES and x2.ctypes.data % _ALIGN)):
         x2 = _copy_aligned(x2)
     y = _aligned_empty((m_rows, out_features))
     if isinstance(qt, PreparedInt4):
