@@ -42,6 +42,7 @@ summation order only.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -65,6 +66,42 @@ def _f16_bits_to_f32(typingctx, h):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _stack_empty(typingctx, n0, n1, dtype):
+    """An uninitialised C-contiguous ``(n0, n1)`` array on the calling thread's stack.
+
+    ``n0`` and ``n1`` are compile-time constants. LLVM, seeing memory that
+    nothing else can reach, keeps the lane accumulators of
+    :func:`gemv_int4_blocks` in registers instead of storing them after
+    every column, as it does for ``np.empty`` (whose memory could alias the
+    codes). Measured with codes in cache (2048 x 4096, medians of 30
+    interleaved rounds): 0.210 -> 0.202 ms. The small-M kernels measured no
+    faster this way and keep ``np.empty``. The array lives until the
+    function returns: it must not escape it.
+    """
+    if not (isinstance(n0, types.IntegerLiteral) and isinstance(n1, types.IntegerLiteral)):
+        return None
+    dt = dtype.dtype if isinstance(dtype, types.DTypeSpec) else dtype.instance_type
+    arrty = types.Array(dt, 2, "C")
+    dims = (n0.literal_value, n1.literal_value)
+
+    def codegen(context, builder, signature, args):
+        ety = context.get_data_type(dt)
+        itemsize = context.get_abi_sizeof(ety)
+        ptr = cgutils.alloca_once(builder, ety, size=dims[0] * dims[1])  # in the entry block: once per call
+
+        def intp(v):
+            return context.get_constant(types.intp, v)
+
+        ary = context.make_array(arrty)(context, builder)
+        context.populate_array(ary, data=ptr, shape=[intp(dims[0]), intp(dims[1])],
+                               strides=[intp(dims[1] * itemsize), intp(itemsize)],
+                               itemsize=intp(itemsize), meminfo=None)
+        return ary._getvalue()
+
+    return arrty(n0, n1, dtype), codegen
 
 
 _I16 = np.int16
@@ -437,9 +474,10 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
     n_col_blocks = scale.shape[1]
     out_features = y.shape[1]
     for blk in prange(n_blocks):
-        acc = np.zeros(rows, np.float32)
-        t = np.empty(rows, np.float32)
-        zi = np.zeros(rows, np.int32)
+        acc = _stack_empty(1, _ROWS, np.float32)[0]
+        acc[:] = 0
+        t = _stack_empty(1, _ROWS, np.float32)[0]
+        zi = _stack_empty(1, _ROWS, np.int32)[0]
         for g in range(n_col_blocks):
             t[:] = 0
             j0 = g * half_block
