@@ -236,6 +236,42 @@ def test_numba_fp8_decodes_every_finite_code_exactly(kernels, dtype):
         x[3] = big
         y = linear(x, qt, backend="numba")
         np.testing.assert_array_equal(y, (values * big).astype(np.float32))
+    if dtype == "fp8_e4m3":
+        # Batch 1 decodes e4m3 through float32 bits unless the thread flushes
+        # subnormal inputs (tiny = 0 makes it take the float16 decode, as such
+        # a thread does). Both, one-hot x from 2**-20 to past 2**127 (where x
+        # is too large to take 2**120 and the output takes part of it).
+        for big in (2.0**-20, 1.0, 100.0, 2.0**110, np.float32(2.0**127 * 1.5)):
+            x = np.zeros((1, 8), np.float32)
+            x[0, 5] = big
+            mults, tiny = kernels._e4m3_multipliers(x)
+            assert (tiny == 0) == (big > 2.0**127)
+            with np.errstate(over="ignore"):  # inf past float32's range, as the products give
+                want = (values * np.float64(big)).astype(np.float32)
+            for t in (tiny, np.float32(0.0)):
+                y = np.empty((1, codes.shape[0]), np.float32)
+                kernels.gemv_bytes(x, codes, scale, codes.shape[0], 8, 1, mults, t, y)
+                np.testing.assert_array_equal(y[0], want)
+
+
+@pytest.mark.parametrize("amax", [3.0, 1e6])
+def test_numba_e4m3_batch1_decodes_agree_bit_for_bit(kernels, amax):
+    # Every product and partial sum of the float32-bits decode is the float16
+    # decode's times one power of two, so equal loops give equal bits.
+    rng = np.random.default_rng(7)
+    qt = quantize(weight((37, 512)), "fp8-channel")
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    x *= np.float32(amax / np.abs(x).max())
+    args = kernels._kernel_args(qt)
+    mults, tiny = kernels._e4m3_multipliers(x)
+    assert tiny != 0
+    ys = []
+    for t in (tiny, np.float32(0.0)):
+        y = np.empty((1, 37), np.float32)
+        kernels.gemv_bytes(x, args[0], args[1], args[4], args[5], 1, mults, t, y)
+        ys.append(y)
+    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_array_equal(ys[0], linear(x, qt, backend="numba"))
 
 
 @pytest.mark.parametrize("m", [1, 8])  # x of 4 KiB (left where it is) and 32 KiB (copied to a cache line)

@@ -61,6 +61,8 @@ _TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes 
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
 _FP8_X_LIMIT = 2.0**100
+_ONES4 = np.ones(4, np.float32)
+_TINY = np.float32(2.0**-140)  # a float32 subnormal: gemv_bytes tests each thread's FPU with it
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
 _ALIGN = 64  # bytes: one cache line
@@ -105,6 +107,28 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
 
 
+def _e4m3_multipliers(x2: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """:func:`gemv_bytes`'s ``e4m3_mults`` and ``tiny`` for ``x2 (1, I)``.
+
+    Both e4m3 decodes leave out a power of two (2**120, 2**8). ``x`` takes
+    all of it when it stays finite: every product and partial sum is then
+    the one with the true weight, bit for bit. Past that, ``x`` takes what
+    it can and ``y`` the rest; the sums are then a power of two smaller,
+    which rounds alike unless they fall among float32's subnormals.
+    """
+    amax = float(np.abs(x2).max())
+    finite = math.isfinite(amax)
+    # float32-bits decode (value * 2**-120): amax < 2**e, so x * 2**(127 - e) stays finite.
+    e = math.frexp(amax)[1] if finite else 0
+    y_shift = max(0, e - 7)
+    # float16 decode (value * 2**-8).
+    x_f16, y_f16 = (2.0**8, 1.0) if amax < _FP8_X_LIMIT else (1.0, 2.0**8)  # NaN: not below
+    mults = np.array([2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16], np.float32)
+    # Past 2**127, x itself would be scaled down, rounding its subnormals: the float16 decode then.
+    tiny = _TINY if y_shift <= 120 else np.float32(0.0)
+    return mults, tiny
+
+
 def _copy_aligned(a: np.ndarray) -> np.ndarray:
     """float32 copy of ``a`` starting on a cache line."""
     out = _aligned_empty(a.shape)
@@ -145,16 +169,14 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
     args = _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     if m_rows == 1 and kind == 0:
-        gemv_bytes(x2, codes, scale, bo, bi, 0, y)
+        gemv_bytes(x2, codes, scale, bo, bi, 0, _ONES4, _TINY, y)
         return y
     if m_rows == 1 and kind == 4:
-        # The decode leaves out fp8_mult (a power of two); x takes it when
-        # that is exact, else y does.
-        mult = args[10]
-        x_big = mult != 1 and not np.abs(x2).max() < _FP8_X_LIMIT  # NaN counts as big
-        gemv_bytes(x2 if mult == 1 or x_big else x2 * mult, codes, scale, bo, bi, 1 if args[9] else 2, y)
-        if x_big:
-            y *= mult
+        if args[9]:  # e4m3
+            mults, tiny = _e4m3_multipliers(x2)
+            gemv_bytes(x2, codes, scale, bo, bi, 1, mults, tiny, y)
+        else:  # e5m2: the float16 decode is the value itself
+            gemv_bytes(x2, codes, scale, bo, bi, 2, _ONES4, _TINY, y)
         return y
     if m_rows == 1 and kind == 2:
         x_even, x_odd = _even_odd(x2)

@@ -105,6 +105,7 @@ def _stack_empty(typingctx, n0, n1, dtype):
 
 
 _I16 = np.int16
+_I32 = np.int32
 _E4M3_TO_F16_MASK = np.int16(-16512)  # 0xBF80: sign bit, exponent bits 13..10, mantissa bits 9..7
 
 
@@ -120,6 +121,37 @@ def _e4m3_as_f16(b):
     them and :class:`~npquant.QuantizedTensor` refuses them.
     """
     return _f16_bits_to_f32(_I16(_I16(_I16(np.int8(b)) << _I16(7)) & _E4M3_TO_F16_MASK))
+
+
+@intrinsic
+def _i32_bits_to_f32(typingctx, v):
+    """The float32 whose bit pattern is the int32 ``v`` (an LLVM bitcast: no instruction)."""
+    if v != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+_I32_20 = np.int32(20)
+_E4M3_TO_F32_MASK = np.int32(-2014314496)  # 0x87F00000: sign bit, exponent bits 26..23, mantissa bits 22..20
+
+
+@njit(inline="always")
+def _e4m3_as_f32_bits(b):
+    """The float32 holding an e4m3 byte's fields: the e4m3 value * 2**-120.
+
+    The byte is sign-extended to 32 bits and shifted left 20: sign on bit
+    31 (copies of it on 30..27, masked off), exponent on 26..23, mantissa
+    on 22..20. float32's exponent bias is 120 more than e4m3's, and e4m3's
+    subnormals (exponent 0) land on float32's subnormals, which carry the
+    same fraction: exact for every finite code, but only where the FPU does
+    not flush subnormal inputs to zero (see :func:`gemv_bytes`). Three
+    integer vector ops, no conversion instruction.
+    """
+    return _i32_bits_to_f32(_I32(_I32(_I32(np.int8(b)) << _I32_20) & _E4M3_TO_F32_MASK))
 
 
 @njit(inline="always")
@@ -250,16 +282,25 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_bytes(x, codes, scale, bo, bi, code_kind, y):
+def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, tiny, y):
     """``y (1, O) = x @ W_hat.T`` for one-byte codes, eight rows per pass over ``x``.
 
     ``code_kind``: 0 symmetric int8, 1 fp8 e4m3, 2 fp8 e5m2, decoded in
-    registers. e4m3 decodes to its value / 2**8 (the float16 it makes);
-    the caller passes ``x * 2**8`` (exact, so every product is the one
-    with the weight) or scales ``y``. Eight independent accumulators per
-    load of ``x`` keep the FMA units and the memory streams busy
-    (measured for int8: 4 rows 1.96 ms, 8 rows 1.60 ms for 11008 x 4096
-    on 2 cores). Rows past the end repeat the last row and are not stored.
+    registers. Eight independent accumulators per load of ``x`` keep the
+    FMA units and the memory streams busy (measured for int8: 4 rows 1.96
+    ms, 8 rows 1.60 ms for 11008 x 4096 on 2 cores). Rows past the end
+    repeat the last row and are not stored.
+
+    e4m3 decodes to its value times a power of two that ``x`` and ``y``
+    take back: ``e4m3_mults`` float32 (4,) holds ``x``'s and ``y``'s
+    multipliers for the float32-bits decode (value * 2**-120, four vector
+    ops per 16 weights) and then for the float16 decode (value * 2**-8,
+    five), which each thread uses instead when its floating-point unit
+    flushes subnormal inputs to zero (``tiny + tiny == 0`` for the float32
+    subnormal ``tiny``; pass ``tiny = 0`` to force it): e4m3's subnormal
+    codes decode to float32 subnormals, while the half-to-float conversion
+    ignores that mode. Measured for 11008 x 4096 fp8-channel, codes from
+    memory: 1.75 -> 1.52 ms.
     """
     in_features = x.shape[1]
     out_features = y.shape[1]
@@ -271,6 +312,9 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, y):
         r = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last),
              min(o + 4, last), min(o + 5, last), min(o + 6, last), min(o + 7, last))
         acc = np.zeros(8, np.float32)
+        f32_bits = tiny + tiny != np.float32(0.0)  # this thread keeps subnormal inputs
+        xm = e4m3_mults[0] if f32_bits else e4m3_mults[2]
+        ym = e4m3_mults[1] if f32_bits else e4m3_mults[3]
         for g in range(n_col_blocks):
             c0 = g * bi
             xs = xs_all[c0 : c0 + bi]
@@ -294,9 +338,20 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, y):
                     t5 += xv * np.float32(np.int8(a5[k]))
                     t6 += xv * np.float32(np.int8(a6[k]))
                     t7 += xv * np.float32(np.int8(a7[k]))
+            elif code_kind == 1 and f32_bits:
+                for k in range(bi):
+                    xv = xs[k] * xm
+                    t0 += xv * _e4m3_as_f32_bits(a0[k])
+                    t1 += xv * _e4m3_as_f32_bits(a1[k])
+                    t2 += xv * _e4m3_as_f32_bits(a2[k])
+                    t3 += xv * _e4m3_as_f32_bits(a3[k])
+                    t4 += xv * _e4m3_as_f32_bits(a4[k])
+                    t5 += xv * _e4m3_as_f32_bits(a5[k])
+                    t6 += xv * _e4m3_as_f32_bits(a6[k])
+                    t7 += xv * _e4m3_as_f32_bits(a7[k])
             elif code_kind == 1:
                 for k in range(bi):
-                    xv = xs[k]
+                    xv = xs[k] * xm
                     t0 += xv * _e4m3_as_f16(a0[k])
                     t1 += xv * _e4m3_as_f16(a1[k])
                     t2 += xv * _e4m3_as_f16(a2[k])
@@ -324,11 +379,12 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, y):
             acc[5] += scale[r[5] // bo, g] * t5
             acc[6] += scale[r[6] // bo, g] * t6
             acc[7] += scale[r[7] // bo, g] * t7
+        if code_kind != 1:
+            ym = np.float32(1.0)
         for j in range(min(8, out_features - o)):
-            y[0, o + j] = acc[j]
+            y[0, o + j] = acc[j] * ym
 
 
-_I32 = np.int32
 _I8 = np.int8
 _I8_4 = np.int8(4)
 _U8_88 = np.uint8(0x88)
