@@ -9,7 +9,8 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 
 - ``M == 1``: kernels of their own for int8 (eight rows per pass over
   ``x``), 4-bit codes in byte-aligned blocks (nibbles against ``x``'s even
-  and odd columns) and fp8 (decoded through float16 in registers).
+  and odd columns) and fp8 (decoded in registers: e4m3's fields shifted
+  into a float32's, e5m2 through float16).
 - ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
   decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
   rows of ``x`` against it, in parallel over output rows.

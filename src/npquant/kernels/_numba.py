@@ -22,6 +22,10 @@ kind  codes                  ``v`` of element ``i`` of a row
                              subnormals, which convert exactly)
 ====  =====================  ==================================================
 
+At batch 1, :func:`gemv_bytes` decodes e4m3 with one op fewer: its fields
+go straight into a float32's (:func:`_e4m3_as_f32_bits`, the value times
+2**-120).
+
 Every decode is exact (integer ops, int-to-float or half-to-float
 conversion, a power-of-two multiply), so a dequantized weight is bit-equal to the numpy reference.
 
