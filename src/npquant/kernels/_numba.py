@@ -412,6 +412,31 @@ def _high_nibble_signed(c):
     return _I8(_I8(c) >> _I8_4)
 
 
+_U8_F0 = np.uint8(0xF0)
+_SIXTEENTH = np.float32(0.0625)
+
+
+@njit(inline="always")
+def _low_nibble_x16(c):
+    """16 times the two's complement low nibble of the byte ``c``, as int8: the nibble shifted to the top.
+
+    With :func:`_high_nibble_x16`, the batch-1 4-bit kernels' decode: one
+    byte op per nibble (a shift, a mask) where the value itself needs a
+    second shift for the low nibble. The dot products are then exactly 16
+    times the true ones (a power of two: every product and partial sum
+    rounds alike, short of float32's overflow), and the sum of each block
+    of columns is multiplied by 1/16, exactly. Measured with codes in cache
+    (prepared, 2048 x 4096): 0.187 -> 0.170 ms.
+    """
+    return _I8(np.uint8(c << _U8_4))
+
+
+@njit(inline="always")
+def _high_nibble_x16(c):
+    """16 times the two's complement high nibble of the byte ``c``, as int8: the low nibble masked off."""
+    return _I8(np.uint8(c & _U8_F0))
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
     """``y (1, O) = x @ W.T`` for 4-bit packed codes with byte-aligned blocks.
@@ -420,7 +445,7 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
     columns, so byte ``j``'s low and high codes meet them at unit stride.
     Symmetric codes (stored ``q + 8``, ``base_off`` 8) are decoded with
     integer ops only: XOR with 0x88 turns both nibbles into two's
-    complement ``q``, and 8-bit arithmetic shifts extract them (measured
+    complement ``q``, and a byte shift and a mask make ``16 q`` (measured
     for 11008 x 4096: ~10% faster than subtracting 8 in float32; vector
     ops, not memory, bound this kernel). What remains is a horizontal sum
     per row and block of columns; :func:`gemv_int4_blocks` has none.
@@ -446,7 +471,8 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y):
             else:
                 for k in range(half_block):
                     c = np.uint8(src[k] ^ _U8_88)  # stored q + 8 -> two's complement q, both nibbles
-                    t += xe[k] * np.float32(_low_nibble_signed(c)) + xo[k] * np.float32(_high_nibble_signed(c))
+                    t += xe[k] * np.float32(_low_nibble_x16(c)) + xo[k] * np.float32(_high_nibble_x16(c))
+                t *= _SIXTEENTH
             acc += scale[so, g] * t
         y[0, o] = acc
 
@@ -564,7 +590,9 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
                     f = xo[j]
                     for r in range(rows):
                         c = b[r]
-                        t[r] += e * np.float32(_low_nibble_signed(c)) + f * np.float32(_high_nibble_signed(c))
+                        t[r] += e * np.float32(_low_nibble_x16(c)) + f * np.float32(_high_nibble_x16(c))
+                for r in range(rows):
+                    t[r] *= _SIXTEENTH
             sc = scale[blk, g]
             for r in range(rows):
                 acc[r] += sc[r] * t[r]
