@@ -9,7 +9,7 @@ same round's float32 median; on a noisy machine it shows how far one run's
 ratio can be trusted.
 The bandwidth limit is the time to read the codes and scales once at the
 read bandwidth measured in this run, as a ratio to the same float32 time.
-``w4-g128 prep`` is ``w4-g128`` after :func:`npquant.prepare` (4-bit codes
+A ``prep`` row is the scheme above it after :func:`npquant.prepare` (codes
 in blocks of 64 rows, the numba kernels' layout; prepared once, outside the
 timing, as an engine does after loading). Where torch is installed it adds
 ``torch._weight_int8pack_mm`` (bf16 activations, int8 per-channel weights)
@@ -176,7 +176,7 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
     print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
           f"{BURST} calls after a warm-up; {where}")
     print()
-    head = (f"{'shape':>13} {'M':>4} {'scheme':<13} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
+    head = (f"{'shape':>13} {'M':>4} {'scheme':<16} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
             f"{'rounds q1-q3':>12} {'bw limit':>8}")
     print(head)
     print("-" * len(head))
@@ -204,11 +204,8 @@ def _run_children(shapes, batches, bw: float) -> int:
     return 0
 
 
-PREPARED = "w4-g128 prep"
-
-
 def _copy(qt):
-    """An equal quantized tensor (QuantizedTensor or PreparedInt4) with arrays of its own."""
+    """An equal quantized tensor (QuantizedTensor or PreparedTensor) with arrays of its own."""
     own = None if qt.zero_point is None else qt.zero_point.copy()
     return type(qt)(qt.codes.copy(), qt.scale.copy(), own, qt.shape, qt.scheme)
 
@@ -220,8 +217,9 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
         qts = {}
         for name in names:
             qts[name] = npquant.quantize(w, name)
-            if name == "w4-g128":  # also after npquant.prepare: blocks of 64 rows, the kernels' own layout
-                qts[PREPARED] = npquant.prepare(qts[name])
+            prepared = npquant.prepare(qts[name])  # blocks of 64 rows, the kernels' own layout
+            if prepared is not qts[name]:
+                qts[f"{name} prep"] = prepared
         # Enough copies of each quantized weight, taken in turn, that their
         # codes outgrow the last-level cache as the float32 weight does:
         # every call reads its weight from memory.
@@ -242,7 +240,7 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
                 if name in qts:
                     limit = f"{qts[name].nbytes / bw / t['f32']:8.3f}"
                 print(
-                    f"{str((out_features, in_features)):>13} {m:>4} {name:<13} "
+                    f"{str((out_features, in_features)):>13} {m:>4} {name:<16} "
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} "
                     f"{ratio_spread(rounds[name], rounds['f32']):>12} {limit:>8}"
                 )

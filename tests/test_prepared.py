@@ -1,4 +1,4 @@
-"""4-bit codes in blocks of rows: layout checked independently, exact round trips, kernels against numpy."""
+"""Codes in blocks of rows (4-bit and one-byte): layout checked independently, exact round trips, kernels against numpy."""
 
 import ml_dtypes
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npquant
-from npquant import NpquantError, PreparedInt4, Scheme, linear, prepare, quantize
+from npquant import NpquantError, PreparedTensor, Scheme, linear, prepare, quantize
 from npquant.prepared import ROWS
 from test_linear import sum_bound, weight
 
@@ -20,6 +20,16 @@ FOUR_BIT = [
     Scheme("int", 4, "group", 64, scale_dtype="bfloat16"),
     Scheme("int", 4, "group", 2, scale_dtype="float16"),
 ]
+ONE_BYTE = [
+    Scheme("int", 8, "channel"),
+    Scheme("int", 8, "group", 128, symmetric=False),
+    Scheme("int", 8, "tensor"),
+    Scheme("int", 8, "group", 32, scale_dtype="bfloat16"),
+    Scheme("fp8_e4m3", 8, "channel"),
+    Scheme("fp8_e4m3", 8, "group", 64),
+    Scheme("fp8_e5m2", 8, "channel"),
+]
+PREPARABLE = FOUR_BIT + ONE_BYTE
 
 
 def in_features_for(scheme: Scheme) -> int:
@@ -37,7 +47,7 @@ def assert_same_tensor(a, b):
             np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), err_msg=name)
 
 
-@pytest.mark.parametrize("scheme", ["w8-channel", "fp8-channel", "w3-g128", Scheme("int", 4, "group", 5)], ids=str)
+@pytest.mark.parametrize("scheme", ["w3-g128", "w2-g64", Scheme("int", 5, "channel"), Scheme("int", 4, "group", 5)], ids=str)
 def test_other_tensors_come_back_unchanged(scheme):
     w = weight((70, 384 if scheme != Scheme("int", 4, "group", 5) else 325))
     qt = quantize(w, scheme)
@@ -52,13 +62,25 @@ def test_prepare_refuses_what_is_not_a_quantized_tensor():
 def test_bad_layouts_are_refused():
     p = prepare(quantize(weight((70, 256)), "w4-g128"))
     with pytest.raises(NpquantError, match=r"codes must be C-contiguous uint8 \(2, 128, 64\) .* got uint8 \(2, 128, 32\)"):
-        PreparedInt4(p.codes[:, :, :32].copy(), p.scale, None, p.shape, p.scheme)
+        PreparedTensor(p.codes[:, :, :32].copy(), p.scale, None, p.shape, p.scheme)
     with pytest.raises(NpquantError, match=r"scale must be C-contiguous float32 \(2, 2, 64\) .* got float16"):
-        PreparedInt4(p.codes, p.scale.astype(np.float16), None, p.shape, p.scheme)
+        PreparedTensor(p.codes, p.scale.astype(np.float16), None, p.shape, p.scheme)
     with pytest.raises(NpquantError, match=r"zero_point must be given exactly when the scheme is asymmetric"):
-        PreparedInt4(p.codes, p.scale, p.scale.astype(np.uint8), p.shape, p.scheme)
-    with pytest.raises(NpquantError, match=r"PreparedInt4 holds 4-bit int codes"):
-        PreparedInt4(p.codes, p.scale, None, p.shape, Scheme("int", 8, "group", 128))
+        PreparedTensor(p.codes, p.scale, p.scale.astype(np.uint8), p.shape, p.scheme)
+    with pytest.raises(NpquantError, match=r"PreparedTensor holds one-byte codes or 4-bit int codes"):
+        PreparedTensor(p.codes, p.scale, None, p.shape, Scheme("int", 3, "group", 128))
+    # 4-bit codes under an 8-bit scheme: half the bytes a row needs.
+    with pytest.raises(NpquantError, match=r"codes must be C-contiguous uint8 \(2, 256, 64\) .* got uint8 \(2, 128, 64\)"):
+        PreparedTensor(p.codes, p.scale, None, p.shape, Scheme("int", 8, "group", 128))
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_nan_and_inf_fp8_codes_are_refused(dtype):
+    p = prepare(quantize(weight((70, 256)), Scheme(dtype, 8, "channel")))
+    codes = p.codes.copy()
+    codes[1, 200, 3] = 0x7F if dtype == "fp8_e4m3" else 0x7C  # NaN / +Inf: row 64 + 3, column 200
+    with pytest.raises(NpquantError, match=rf"NaN or Inf {dtype} pattern at row 67, column 200"):
+        PreparedTensor(codes, p.scale, None, p.shape, p.scheme)
 
 
 def test_layout_of_every_byte_value():
@@ -68,7 +90,7 @@ def test_layout_of_every_byte_value():
     scale = np.linspace(0.5, 2, 256, dtype=np.float32)[:, None]  # (256, 1)
     qt = npquant.QuantizedTensor(codes, scale, None, (256, 2), Scheme("int", 4, "channel"))
     p = prepare(qt)
-    assert isinstance(p, PreparedInt4) and p.codes.shape == (4, 1, ROWS) and p.scale.shape == (4, 1, ROWS)
+    assert isinstance(p, PreparedTensor) and p.codes.shape == (4, 1, ROWS) and p.scale.shape == (4, 1, ROWS)
     for i in range(256):
         b, r = divmod(i, ROWS)
         lo, hi = i & 15, i >> 4  # stored values
@@ -79,9 +101,36 @@ def test_layout_of_every_byte_value():
     np.testing.assert_array_equal(p.dequantize(), (expect * scale).astype(np.float32))
 
 
+@pytest.mark.parametrize("scheme", [Scheme("int", 8, "channel"), Scheme("int", 8, "channel", symmetric=False),
+                                    Scheme("fp8_e4m3", 8, "channel"), Scheme("fp8_e5m2", 8, "channel")], ids=str)
+def test_one_byte_layout_of_every_code(scheme):
+    # Row i holds the code whose byte is i (every finite pattern for fp8), twice.
+    from npquant.quantize import code_numpy_dtype
+
+    bytes_ = np.arange(256, dtype=np.uint8)
+    if scheme.is_float:
+        values = bytes_.view(code_numpy_dtype(scheme)).astype(np.float32)
+        bytes_ = bytes_[np.isfinite(values)]
+    n = bytes_.size
+    codes = np.repeat(bytes_[:, None], 2, axis=1)  # (n, 2)
+    scale = np.linspace(0.5, 2, n, dtype=np.float32)[:, None]
+    zero_point = None if scheme.symmetric else (np.arange(n) % 251).astype(np.uint8)[:, None]
+    qt = npquant.QuantizedTensor(codes.view(code_numpy_dtype(scheme)), scale, zero_point, (n, 2), scheme)
+    p = prepare(qt)
+    assert isinstance(p, PreparedTensor) and p.codes.shape == (-(-n // ROWS), 2, ROWS)
+    for i in range(n):
+        b, r = divmod(i, ROWS)
+        assert p.codes[b, 0, r] == p.codes[b, 1, r] == bytes_[i]  # the checkpoint's byte, unchanged
+        assert p.scale[b, 0, r] == scale[i, 0]
+        if zero_point is not None:
+            assert p.zero_point[b, 0, r] == zero_point[i, 0]
+    assert_same_tensor(p.quantized(), qt)
+    np.testing.assert_array_equal(p.dequantize(), qt.dequantize())
+
+
 @settings(max_examples=60, deadline=None)
 @given(
-    scheme=st.sampled_from(FOUR_BIT),
+    scheme=st.sampled_from(PREPARABLE),
     out_features=st.integers(1, 150),
     start=st.integers(0, 149),
     length=st.integers(1, 150),
@@ -98,17 +147,17 @@ def test_round_trip_and_row_ranges_are_exact(scheme, out_features, start, length
     np.testing.assert_array_equal(p.dequantize_rows(start, stop), qt.dequantize_rows(start, stop))
 
 
-@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+@pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
 def test_nbytes_counts_codes_scales_zero_points_and_padding(scheme):
     out_features, in_features = 100, in_features_for(scheme)
     p = prepare(quantize(weight((out_features, in_features)), scheme))
     n_blocks, n_col_blocks = 2, in_features // scheme.block_shape((out_features, in_features))[1]
     per_row_block = 4 + (1 if not scheme.symmetric else 0)  # float32 scale (+ uint8 zero point)
-    assert p.nbytes == n_blocks * ROWS * (in_features // 2 + n_col_blocks * per_row_block)
+    assert p.nbytes == n_blocks * ROWS * (in_features * scheme.bits // 8 + n_col_blocks * per_row_block)
     assert p.bits_per_weight == 8 * p.nbytes / (out_features * in_features)
 
 
-@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+@pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
 def test_numpy_backend_gives_the_same_bits_as_the_tensor(scheme):
     qt = quantize(weight((90, in_features_for(scheme))), scheme)
     x = np.random.default_rng(1).standard_normal((5, qt.shape[1])).astype(np.float32)
@@ -124,22 +173,29 @@ def kernels():
     return kernels
 
 
-@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
+@pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
 def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
-    from npquant.kernels._numba import dequantize_int4_blocks_t
+    from npquant.kernels import _BYTE_KIND, _FP8
+    from npquant.kernels._numba import dequantize_bytes_blocks_t, dequantize_int4_blocks_t
 
     qt = quantize(weight((150, in_features_for(scheme))), scheme)
     p = prepare(qt)
-    zp = p.zero_point if p.zero_point is not None else np.zeros((1, 1, 1), np.uint8)
+    has_zp = p.zero_point is not None
+    zp = p.zero_point if has_zp else np.zeros((1, 1, 1), np.uint8)
     for blk0, n in ((0, 150), (1, 86), (2, 22), (0, 5)):
         out_t = np.empty((qt.shape[1], n), np.float32)
-        dequantize_int4_blocks_t(p.codes, p.scale, zp, p.zero_point is not None, p.block_shape[1] // 2, blk0, out_t)
+        if scheme.bits == 4:
+            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, p.block_shape[1] // 2, blk0, out_t)
+        else:
+            kind = _BYTE_KIND.get(scheme.dtype, 3 if has_zp else 0)
+            fp8_mult = np.float32(_FP8.get(scheme.dtype, (0, 1.0))[1])
+            dequantize_bytes_blocks_t(p.codes, p.scale, zp, kind, fp8_mult, p.block_shape[1], blk0, out_t)
         o0 = blk0 * ROWS
         np.testing.assert_array_equal(out_t.T, qt.dequantize_rows(o0, o0 + n))
 
 
-@pytest.mark.parametrize("scheme", FOUR_BIT, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
 @pytest.mark.parametrize("out_features", [37, 64, 150])
 def test_numba_matches_numpy(kernels, scheme, m, out_features):
     qt = quantize(weight((out_features, in_features_for(scheme)), seed=m), scheme)
@@ -153,9 +209,10 @@ def test_numba_matches_numpy(kernels, scheme, m, out_features):
     assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), qt.shape[1] + 2) + 1e-30)
 
 
+@pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", "fp8-channel"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_numba_tiles_and_threads(kernels, threads):
-    qt = quantize(weight((300, 256)), "w4-g128")
+def test_numba_tiles_and_threads(kernels, scheme, threads):
+    qt = quantize(weight((300, 256)), scheme)
     x = np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32)
     # One block of 64 rows a tile: five blocks, the last one short.
     fast = kernels.numba_linear(x, prepare(qt), tile_elements=ROWS * 256, threads=threads)
@@ -171,3 +228,21 @@ def test_numba_bias_and_1d_x(kernels):
     ref = linear(x, qt, bias=bias, backend="numpy")
     assert fast.shape == (70,) and fast.dtype == np.float32
     assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x[None, :], qt.dequantize(), 258)[0] + 1e-30)
+
+
+@pytest.mark.parametrize("amax", [3.0, 1e6])
+def test_numba_e4m3_blocks_batch1_decodes_agree_bit_for_bit(kernels, amax):
+    # As for the checkpoint layout (test_linear): the float32-bits decode and
+    # the float16 one (taken by a thread that flushes subnormals; tiny = 0
+    # forces it) make the same products and sums up to one power of two.
+    p = prepare(quantize(weight((150, 384)), "fp8-channel"))
+    x = np.random.default_rng(3).standard_normal((1, 384)).astype(np.float32)
+    x *= np.float32(amax / np.abs(x).max())
+    mults, tiny = kernels._e4m3_multipliers(x)
+    ys = []
+    for t in (tiny, np.float32(0.0)):
+        y = np.empty((1, 150), np.float32)
+        kernels.gemv_bytes_blocks(x, p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), 1, 384, mults, t, y)
+        ys.append(y)
+    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_array_equal(ys[0], linear(x, p, backend="numba"))

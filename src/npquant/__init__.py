@@ -27,7 +27,7 @@ from .lab import quantize_per_channel
 from .lab import quantize_per_tensor
 from .linear import available_backends
 from .linear import linear
-from .prepared import PreparedInt4
+from .prepared import PreparedTensor
 from .prepared import prepare
 from .quantize import QuantizedTensor
 from .quantize import quantize
@@ -47,7 +47,7 @@ __all__ = [
     "linear",
     "available_backends",
     "prepare",
-    "PreparedInt4",
+    "PreparedTensor",
     # checkpoints
     "quantize_checkpoint",
     "load",

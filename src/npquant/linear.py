@@ -24,7 +24,7 @@ import numpy as np
 from ._backends import available_backends, resolve_backend
 from ._checks import dtype_name
 from .errors import NpquantError
-from .prepared import PreparedInt4
+from .prepared import PreparedTensor
 from .quantize import QuantizedTensor
 
 __all__ = ["linear", "available_backends"]
@@ -33,14 +33,14 @@ _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _TILE_ELEMENTS = 1 << 20
 
 
-def linear(x, qt: QuantizedTensor | PreparedInt4, bias=None, backend: str = "auto") -> np.ndarray:
+def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "auto") -> np.ndarray:
     """Quantized linear layer ``x @ W.T + bias`` with ``W = qt.dequantize()``.
 
     Parameters
     ----------
     x : float16, bfloat16, float32 or float64 (I,) or (..., I)
         Activations; computed in float32.
-    qt : QuantizedTensor or PreparedInt4 (see :func:`npquant.prepare`) of shape (O, I)
+    qt : QuantizedTensor or PreparedTensor (see :func:`npquant.prepare`) of shape (O, I)
     bias : float (O,) or None
     backend : {"auto", "numpy", "numba"}
 
@@ -48,9 +48,9 @@ def linear(x, qt: QuantizedTensor | PreparedInt4, bias=None, backend: str = "aut
     -------
     float32 (O,) or (..., O)
     """
-    if not isinstance(qt, (QuantizedTensor, PreparedInt4)):
+    if not isinstance(qt, (QuantizedTensor, PreparedTensor)):
         raise NpquantError(
-            f"qt must be a QuantizedTensor (see npquant.quantize) or PreparedInt4 (npquant.prepare), "
+            f"qt must be a QuantizedTensor (see npquant.quantize) or PreparedTensor (npquant.prepare), "
             f"got {type(qt).__name__}"
         )
     out_features, in_features = qt.shape
@@ -82,7 +82,7 @@ def linear(x, qt: QuantizedTensor | PreparedInt4, bias=None, backend: str = "aut
     return y.reshape(*lead, out_features)
 
 
-def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:
+def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:
     """float32 ``(M, O)`` from ``x2 (M, I)``, dequantizing ``tile`` rows at a time."""
     out_features, in_features = qt.shape
     y = np.empty((x2.shape[0], out_features), np.float32)

@@ -25,10 +25,11 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   float32 BLAS, where one thread alternating serial dequantization with
   2-thread BLAS calls ran at 1.1x or, after some seconds of calls, ~1.8x.
 
-For a :class:`~npquant.PreparedInt4` (:func:`npquant.prepare`: 4-bit codes
-in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M`` kernels whose SIMD
-lanes are output rows (no horizontal sums), and for larger ``M`` tiles
-dequantized transposed, ``(I, T)``, for BLAS, threaded as above.
+For a :class:`~npquant.PreparedTensor` (:func:`npquant.prepare`: 4-bit or
+one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
+kernels whose SIMD lanes are output rows (no horizontal sums, one memory
+stream per block), and for larger ``M`` tiles dequantized transposed,
+``(I, T)``, for BLAS, threaded as above.
 """
 
 from __future__ import annotations
@@ -41,14 +42,17 @@ import threading
 import numpy as np
 
 from ..quantize import QuantizedTensor
-from ..prepared import ROWS, PreparedInt4
+from ..prepared import ROWS, PreparedTensor
 from ._numba import (
+    dequantize_bytes_blocks_t,
     dequantize_int4_blocks_t,
     dequantize_rows,
     dequantize_rows_int4_split,
     gemm_small_m,
+    gemm_small_m_bytes_blocks,
     gemm_small_m_int4_blocks,
     gemv_bytes,
+    gemv_bytes_blocks,
     gemv_int4,
     gemv_int4_blocks,
 )
@@ -63,6 +67,8 @@ _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
 _FP8_X_LIMIT = 2.0**100
 _ONES4 = np.ones(4, np.float32)
+# code_kind of the one-byte blocks kernels (int8: 0 symmetric, 3 asymmetric)
+_BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
 _TINY = np.float32(2.0**-140)  # a float32 subnormal: gemv_bytes tests each thread's FPU with it
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
@@ -150,7 +156,7 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
     return out
 
 
-def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elements: int = _TILE_ELEMENTS,
+def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
                  threads: int | None = None) -> np.ndarray:
     """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``.
 
@@ -164,7 +170,7 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
             or (x2.nbytes >= _ALIGN_FROM_BYTES and x2.ctypes.data % _ALIGN)):
         x2 = _copy_aligned(x2)
     y = _aligned_empty((m_rows, out_features))
-    if isinstance(qt, PreparedInt4):
+    if isinstance(qt, PreparedTensor):
         _prepared_linear(x2, qt, y, tile_elements, threads)
         return y
     args = _kernel_args(qt)
@@ -214,20 +220,39 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedInt4, tile_elemen
     return y
 
 
-def _prepared_linear(x2: np.ndarray, p: PreparedInt4, y: np.ndarray, tile_elements: int, threads: int | None) -> None:
-    """``y (M, O) = x2 @ W.T`` for 4-bit codes in blocks of rows."""
+def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elements: int, threads: int | None) -> None:
+    """``y (M, O) = x2 @ W.T`` for codes in blocks of rows."""
     m_rows, in_features = x2.shape
     out_features = p.shape[0]
     has_zp = p.zero_point is not None
     zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
-    half_block = p.block_shape[1] // 2
-    if m_rows == 1:
-        x_even, x_odd = _even_odd(x2)
-        gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, half_block, y)
-        return
-    if m_rows <= SMALL_M:
-        gemm_small_m_int4_blocks(*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y)
-        return
+    bi = p.block_shape[1]
+    if p.scheme.bits == 8:
+        code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
+        fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
+        if m_rows == 1:
+            mults, tiny = _e4m3_multipliers(x2) if code_kind == 1 else (_ONES4, _TINY)
+            gemv_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, bi, mults, tiny, y)
+            return
+        if m_rows <= SMALL_M:
+            gemm_small_m_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, fp8_mult, bi, y)
+            return
+
+        def dequantize_t(b0: int, w_t: np.ndarray) -> None:
+            dequantize_bytes_blocks_t(p.codes, p.scale, zp, code_kind, fp8_mult, bi, b0, w_t)
+    else:
+        half_block = bi // 2
+        if m_rows == 1:
+            x_even, x_odd = _even_odd(x2)
+            gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, half_block, y)
+            return
+        if m_rows <= SMALL_M:
+            gemm_small_m_int4_blocks(*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y)
+            return
+
+        def dequantize_t(b0: int, w_t: np.ndarray) -> None:
+            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, half_block, b0, w_t)
+
     # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
     n_blocks = p.codes.shape[0]
     per_tile = max(1, tile_elements // (ROWS * in_features))  # blocks
@@ -239,7 +264,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedInt4, y: np.ndarray, tile_elemen
             o0 = b0 * ROWS
             n = min(per_tile * ROWS, out_features - o0)
             w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
-            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, half_block, b0, w_t)
+            dequantize_t(b0, w_t)
             np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
 
     _in_threads(n_blocks, max(1, n_blocks // per_tile), threads, share)

@@ -555,7 +555,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
     own lane (``t``), then adds ``scale * t``: the same products and
     rounding as the checkpoint-layout kernels. Padding rows are not stored.
     """
-    n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedInt4 checks the last dimension
+    n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedTensor checks the last dimension
     rows = _ROWS  # a compile-time constant: LLVM unrolls the lanes loops and keeps t in registers
     n_col_blocks = scale.shape[1]
     out_features = y.shape[1]
@@ -684,6 +684,190 @@ def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t):
                         c = b[r]
                         lo[r] = np.float32(_low_nibble_signed(c)) * sc[r]
                         hi[r] = np.float32(_high_nibble_signed(c)) * sc[r]
+
+
+# One-byte codes in blocks of rows (PreparedTensor of 8 bits): codes (B, I, R),
+# scale and zero point (B, G, R). ``code_kind``: 0 int8 (symmetric), 1 fp8
+# e4m3, 2 fp8 e5m2, 3 uint8 minus a zero point (asymmetric). As for 4-bit
+# blocks, a loop over r is a loop over SIMD lanes, one output row each.
+
+
+@njit(inline="always")
+def _decode_lanes(code_kind, b, zi, fp8_mult, out):
+    """``out[:R] = v - z`` for one byte position of a block (``b`` uint8 (R,)), exact in float32.
+
+    fp8 through float16 (:func:`_e4m3_as_f16` times ``fp8_mult`` = 2**8,
+    or :func:`_e5m2_as_f16`): exact whatever the FPU does with subnormals.
+    """
+    if code_kind == 0:
+        for r in range(_ROWS):
+            out[r] = np.float32(np.int8(b[r]))
+    elif code_kind == 1:
+        for r in range(_ROWS):
+            out[r] = _e4m3_as_f16(b[r]) * fp8_mult
+    elif code_kind == 2:
+        for r in range(_ROWS):
+            out[r] = _e5m2_as_f16(b[r])
+    else:
+        for r in range(_ROWS):
+            out[r] = np.float32(_I32(_I32(b[r]) - zi[r]))
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, tiny, y):
+    """``y (1, O) = x @ W.T`` for one-byte codes in blocks of rows.
+
+    Each block's codes are read as one stream, a cache line per column,
+    and every lane accumulates its own row in a register: measured for
+    11008 x 4096 int8, codes from memory, 1.43 ms against 1.93 ms for
+    :func:`gemv_bytes` over the checkpoint layout. e4m3 as in
+    :func:`gemv_bytes` (``e4m3_mults``, ``tiny``); ``zp`` is read for
+    ``code_kind`` 3 only. Padding rows are not stored.
+    """
+    n_blocks = codes.shape[0]
+    n_col_blocks = scale.shape[1]
+    out_features = y.shape[1]
+    xs = x[0]
+    for blk in prange(n_blocks):
+        acc = _stack_empty(1, _ROWS, np.float32)[0]
+        acc[:] = 0
+        t = _stack_empty(1, _ROWS, np.float32)[0]
+        zi = _stack_empty(1, _ROWS, np.int32)[0]
+        f32_bits = tiny + tiny != np.float32(0.0)  # this thread keeps subnormal inputs
+        xm = e4m3_mults[0] if f32_bits else e4m3_mults[2]
+        ym = e4m3_mults[1] if f32_bits else e4m3_mults[3]
+        for g in range(n_col_blocks):
+            t[:] = 0
+            c0 = g * bi
+            cg = codes[blk, c0 : c0 + bi]  # (bi, R)
+            xg = xs[c0 : c0 + bi]
+            if code_kind == 0:
+                for k in range(bi):
+                    b = cg[k]
+                    e = xg[k]
+                    for r in range(_ROWS):
+                        t[r] += e * np.float32(np.int8(b[r]))
+            elif code_kind == 1 and f32_bits:
+                for k in range(bi):
+                    b = cg[k]
+                    e = xg[k] * xm
+                    for r in range(_ROWS):
+                        t[r] += e * _e4m3_as_f32_bits(b[r])
+            elif code_kind == 1:
+                for k in range(bi):
+                    b = cg[k]
+                    e = xg[k] * xm
+                    for r in range(_ROWS):
+                        t[r] += e * _e4m3_as_f16(b[r])
+            elif code_kind == 2:
+                for k in range(bi):
+                    b = cg[k]
+                    e = xg[k]
+                    for r in range(_ROWS):
+                        t[r] += e * _e5m2_as_f16(b[r])
+            else:
+                zg = zp[blk, g]
+                for r in range(_ROWS):
+                    zi[r] = _I32(zg[r])
+                for k in range(bi):
+                    b = cg[k]
+                    e = xg[k]
+                    for r in range(_ROWS):
+                        t[r] += e * np.float32(_I32(_I32(b[r]) - zi[r]))
+            sc = scale[blk, g]
+            for r in range(_ROWS):
+                acc[r] += sc[r] * t[r]
+        if code_kind != 1:
+            ym = np.float32(1.0)
+        o0 = blk * _ROWS
+        for r in range(min(_ROWS, out_features - o0)):
+            y[0, o0 + r] = acc[r] * ym
+
+
+_KCHUNK = 64  # columns of a block decoded at a time by the small-M kernel: 16 KiB of float32, in L1
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y):
+    """``y (M, O) = x (M, I) @ W.T`` for small M and one-byte codes in blocks of rows.
+
+    ``_KCHUNK`` columns of a block are decoded at a time into a buffer in
+    L1 (``v - z``, exact), then two rows of ``x`` at a time accumulate
+    against it in registers (eight vectors of lanes), and each chunk's sums
+    are scaled into ``acc``. Measured for 11008 x 4096 int8, batch 8: 6.0
+    ms, where one decoded column at a time against every row of ``x``,
+    accumulating in memory, took 9.1.
+    """
+    n_blocks = codes.shape[0]
+    m_rows, out_features = y.shape
+    for blk in prange(n_blocks):
+        acc = np.zeros((m_rows, _ROWS), np.float32)
+        buf = _stack_empty(_KCHUNK, _ROWS, np.float32)
+        t = _stack_empty(2, _ROWS, np.float32)
+        zi = _stack_empty(1, _ROWS, np.int32)[0]
+        for g in range(scale.shape[1]):
+            if code_kind == 3:
+                zg = zp[blk, g]
+                for r in range(_ROWS):
+                    zi[r] = _I32(zg[r])
+            sc = scale[blk, g]
+            for c0 in range(g * bi, (g + 1) * bi, _KCHUNK):
+                n = min(_KCHUNK, (g + 1) * bi - c0)
+                for kk in range(n):
+                    _decode_lanes(code_kind, codes[blk, c0 + kk], zi, fp8_mult, buf[kk])
+                for m in range(0, m_rows, 2):
+                    m1 = min(m + 1, m_rows - 1)  # an odd last row pairs with itself, stored once
+                    t0 = t[0]
+                    t1 = t[1]
+                    t0[:] = 0
+                    t1[:] = 0
+                    xa = x[m, c0 : c0 + n]
+                    xb = x[m1, c0 : c0 + n]
+                    for kk in range(n):
+                        e = xa[kk]
+                        f = xb[kk]
+                        bk = buf[kk]
+                        for r in range(_ROWS):
+                            t0[r] += e * bk[r]
+                            t1[r] += f * bk[r]
+                    a0 = acc[m]
+                    for r in range(_ROWS):
+                        a0[r] += sc[r] * t0[r]
+                    if m1 != m:
+                        a1 = acc[m1]
+                        for r in range(_ROWS):
+                            a1[r] += sc[r] * t1[r]
+        o0 = blk * _ROWS
+        for m in range(m_rows):
+            for r in range(min(_ROWS, out_features - o0)):
+                y[m, o0 + r] = acc[m, r]
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t):
+    """``out_t (I, T)``: the weight's rows ``[R blk0, R blk0 + T)`` as columns, bit-equal to the numpy reference.
+
+    ``(v - z)`` is exact, times the scale: one rounding, as in the reference.
+    """
+    rows = codes.shape[2]
+    n_cols = out_t.shape[1]
+    w = np.empty(_ROWS, np.float32)
+    zi = np.zeros(_ROWS, np.int32)
+    for bb in range((n_cols + rows - 1) // rows):
+        blk = blk0 + bb
+        c0 = bb * rows
+        n = min(rows, n_cols - c0)
+        for g in range(scale.shape[1]):
+            sc = scale[blk, g]
+            if code_kind == 3:
+                zg = zp[blk, g]
+                for r in range(_ROWS):
+                    zi[r] = _I32(zg[r])
+            for k in range(g * bi, (g + 1) * bi):
+                _decode_lanes(code_kind, codes[blk, k], zi, fp8_mult, w)
+                dst = out_t[k, c0 : c0 + n]
+                for r in range(n):
+                    dst[r] = w[r] * sc[r]
 
 
 # --- quantization -----------------------------------------------------------------
