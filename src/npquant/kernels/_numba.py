@@ -539,6 +539,10 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, o
 
 # --- 4-bit codes in blocks of rows (npquant.prepared) ---------------------------------
 _ROWS = 64  # npquant.prepared.ROWS
+# Byte positions of a block the small-M kernels decode at a time: 64 columns,
+# 16 KiB of float32 (one buffer for one-byte codes, two for 4-bit ones).
+_KCHUNK = 64
+_KCHUNK4 = _KCHUNK // 2
 # codes (B, I / 2, R): byte j of rows R b .. R b + R - 1 side by side; scale and
 # zero point (B, G, R). Symmetric nibbles hold q in two's complement. A loop
 # over r (the R rows of a block) is a loop over SIMD lanes: each lane is one
@@ -605,50 +609,69 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
 def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
     """``y (M, O) = x @ W.T`` for small M and 4-bit codes in blocks of rows.
 
-    ``x_even``/``x_odd`` ``(M, I / 2)``. Per byte position the block's
-    rows are decoded once into two lanes-wide buffers (low and high
-    nibbles), then every row of ``x`` accumulates against them.
+    ``x_even``/``x_odd`` ``(M, I / 2)``. ``_KCHUNK`` byte positions of a
+    block are decoded at a time into two buffers in L1 (low and high
+    nibbles, ``q - z``, exact), then two rows of ``x`` at a time accumulate
+    against them in registers, and each chunk's sums are scaled into
+    ``acc`` (as :func:`gemm_small_m_bytes_blocks`).
     """
     n_blocks = codes.shape[0]
-    rows = _ROWS
-    n_col_blocks = scale.shape[1]
     m_rows, out_features = y.shape
     for blk in prange(n_blocks):
-        acc = np.zeros((m_rows, rows), np.float32)
-        t = np.empty((m_rows, rows), np.float32)
-        lo = np.empty(rows, np.float32)
-        hi = np.empty(rows, np.float32)
-        for g in range(n_col_blocks):
-            t[:] = 0
+        acc = np.zeros((m_rows, _ROWS), np.float32)
+        lo = _stack_empty(_KCHUNK4, _ROWS, np.float32)
+        hi = _stack_empty(_KCHUNK4, _ROWS, np.float32)
+        t = _stack_empty(2, _ROWS, np.float32)
+        for g in range(scale.shape[1]):
             zg = zp[blk, g] if has_zp else zp[0, 0]
-            for j in range(g * half_block, (g + 1) * half_block):
-                b = codes[blk, j]
-                if has_zp:
-                    for r in range(rows):
-                        c = _I32(b[r])
-                        z = _I32(zg[r])
-                        lo[r] = np.float32(_I32(_I32(c & _I32(15)) - z))
-                        hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z))
-                else:
-                    for r in range(rows):
-                        c = b[r]
-                        lo[r] = np.float32(_low_nibble_signed(c))
-                        hi[r] = np.float32(_high_nibble_signed(c))
-                for m in range(m_rows):
-                    e = x_even[m, j]
-                    f = x_odd[m, j]
-                    tm = t[m]
-                    for r in range(rows):
-                        tm[r] += e * lo[r] + f * hi[r]
             sc = scale[blk, g]
-            for m in range(m_rows):
-                am = acc[m]
-                tm = t[m]
-                for r in range(rows):
-                    am[r] += sc[r] * tm[r]
-        o0 = blk * rows
+            for j0 in range(g * half_block, (g + 1) * half_block, _KCHUNK4):
+                n = min(_KCHUNK4, (g + 1) * half_block - j0)
+                for jj in range(n):
+                    b = codes[blk, j0 + jj]
+                    lj = lo[jj]
+                    hj = hi[jj]
+                    if has_zp:
+                        for r in range(_ROWS):
+                            c = _I32(b[r])
+                            z = _I32(zg[r])
+                            lj[r] = np.float32(_I32(_I32(c & _I32(15)) - z))
+                            hj[r] = np.float32(_I32(_I32(c >> _I32(4)) - z))
+                    else:
+                        for r in range(_ROWS):
+                            c = b[r]
+                            lj[r] = np.float32(_low_nibble_signed(c))
+                            hj[r] = np.float32(_high_nibble_signed(c))
+                for m in range(0, m_rows, 2):
+                    m1 = min(m + 1, m_rows - 1)  # an odd last row pairs with itself, stored once
+                    t0 = t[0]
+                    t1 = t[1]
+                    t0[:] = 0
+                    t1[:] = 0
+                    ea = x_even[m, j0 : j0 + n]
+                    fa = x_odd[m, j0 : j0 + n]
+                    eb = x_even[m1, j0 : j0 + n]
+                    fb = x_odd[m1, j0 : j0 + n]
+                    for jj in range(n):
+                        e0 = ea[jj]
+                        f0 = fa[jj]
+                        e1 = eb[jj]
+                        f1 = fb[jj]
+                        lj = lo[jj]
+                        hj = hi[jj]
+                        for r in range(_ROWS):
+                            t0[r] += e0 * lj[r] + f0 * hj[r]
+                            t1[r] += e1 * lj[r] + f1 * hj[r]
+                    a0 = acc[m]
+                    for r in range(_ROWS):
+                        a0[r] += sc[r] * t0[r]
+                    if m1 != m:
+                        a1 = acc[m1]
+                        for r in range(_ROWS):
+                            a1[r] += sc[r] * t1[r]
+        o0 = blk * _ROWS
         for m in range(m_rows):
-            for r in range(min(rows, out_features - o0)):
+            for r in range(min(_ROWS, out_features - o0)):
                 y[m, o0 + r] = acc[m, r]
 
 
@@ -782,9 +805,6 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, tiny, y):
         o0 = blk * _ROWS
         for r in range(min(_ROWS, out_features - o0)):
             y[0, o0 + r] = acc[r] * ym
-
-
-_KCHUNK = 64  # columns of a block decoded at a time by the small-M kernel: 16 KiB of float32, in L1
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
