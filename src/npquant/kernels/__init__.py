@@ -69,7 +69,7 @@ _FP8_X_LIMIT = 2.0**100
 _ONES4 = np.ones(4, np.float32)
 # code_kind of the one-byte blocks kernels (int8: 0 symmetric, 3 asymmetric)
 _BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
-_TINY = np.float32(2.0**-140)  # a float32 subnormal: gemv_bytes tests each thread's FPU with it
+_TINY = np.float32(2.0**-140)  # a float32 subnormal: the batch-1 kernels test each thread's FPU with it
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
 _ALIGN = 64  # bytes: one cache line
@@ -115,7 +115,7 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
 
 
 def _e4m3_multipliers(x2: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """:func:`gemv_bytes`'s ``e4m3_mults`` and ``tiny`` for ``x2 (1, I)``.
+    """The ``e4m3_mults`` and ``tiny`` of :func:`gemv_bytes` and :func:`gemv_bytes_blocks` for ``x2 (1, I)``.
 
     Both e4m3 decodes leave out a power of two (2**120, 2**8). ``x`` takes
     all of it when it stays finite: every product and partial sum is then
