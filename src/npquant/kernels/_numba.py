@@ -871,8 +871,10 @@ def dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, o
     """
     rows = codes.shape[2]
     n_cols = out_t.shape[1]
-    w = np.empty(_ROWS, np.float32)
-    zi = np.zeros(_ROWS, np.int32)
+    # On the stack, where LLVM knows they alias nothing: with np.empty, 2.3x
+    # slower (2048 x 4096 int8 in tiles of 256 rows, one thread).
+    w = _stack_empty(1, _ROWS, np.float32)[0]
+    zi = _stack_empty(1, _ROWS, np.int32)[0]
     for bb in range((n_cols + rows - 1) // rows):
         blk = blk0 + bb
         c0 = bb * rows
