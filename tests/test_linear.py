@@ -2,11 +2,12 @@
 
 import tracemalloc
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import npquant
-from npquant import NpquantError, Scheme, linear, quantize
+from npquant import NpquantError, Scheme, linear, prepare, quantize
 from npquant.linear import _numpy_linear
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -238,20 +239,96 @@ def test_numba_fp8_decodes_every_finite_code_exactly(kernels, dtype):
         np.testing.assert_array_equal(y, (values * big).astype(np.float32))
     if dtype == "fp8_e4m3":
         # Batch 1 decodes e4m3 through float32 bits unless the thread flushes
-        # subnormal inputs (tiny = 0 makes it take the float16 decode, as such
-        # a thread does). Both, one-hot x from 2**-20 to past 2**127 (where x
-        # is too large to take 2**120 and the output takes part of it).
+        # subnormal inputs (a 0 for the subnormal in e4m3_mults makes it take
+        # the float16 decode, as such a thread does). Both, one-hot x from
+        # 2**-20 to past 2**127 (where x is too large to take 2**120 and the
+        # output takes part of it).
         for big in (2.0**-20, 1.0, 100.0, 2.0**110, np.float32(2.0**127 * 1.5)):
             x = np.zeros((1, 8), np.float32)
             x[0, 5] = big
-            mults, tiny = kernels._e4m3_multipliers(x)
-            assert (tiny == 0) == (big > 2.0**127)
+            mults = kernels._e4m3_multipliers(x)
+            assert (mults[4] == 0) == (big > 2.0**127)
             with np.errstate(over="ignore"):  # inf past float32's range, as the products give
                 want = (values * np.float64(big)).astype(np.float32)
-            for t in (tiny, np.float32(0.0)):
+            for m in (mults, float16_decode(mults)):
                 y = np.empty((1, codes.shape[0]), np.float32)
-                kernels.gemv_bytes(x, codes, scale, codes.shape[0], 8, 1, mults, t, y)
+                kernels.gemv_bytes(x, codes, scale, codes.shape[0], 8, 1, m, y)
                 np.testing.assert_array_equal(y[0], want)
+
+
+def mxcsr_access():
+    """A numba function ``f(new, write) -> old`` reading (and, if ``write``, setting) this thread's MXCSR (x86)."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _mxcsr(typingctx, new, write):
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            slot = cgutils.alloca_once(builder, i32)
+            ptr = builder.bitcast(slot, ir.IntType(8).as_pointer())
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
+            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.stmxcsr"), [ptr])
+            old = builder.load(slot)
+            with builder.if_then(builder.icmp_unsigned("!=", args[1], ir.Constant(args[1].type, 0))):
+                builder.store(builder.trunc(args[0], i32), slot)
+                builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr"), [ptr])
+            return builder.zext(old, ir.IntType(64))
+
+        return types.int64(types.int64, types.boolean), codegen
+
+    @njit
+    def mxcsr(new, write):
+        return _mxcsr(new, write)
+
+    return mxcsr
+
+
+def test_numba_e4m3_batch1_exact_where_subnormal_inputs_are_flushed(kernels):
+    # Some libraries switch on DAZ (x86: subnormal inputs read as zero) for
+    # their thread. e4m3's float32-bits decode makes its subnormal codes
+    # float32 subnormals, so the kernels must notice and decode through
+    # float16. With one numba thread, the kernels run in this one.
+    import platform
+
+    import numba
+    from reference import fp8_finite_table
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("DAZ is a bit of x86's MXCSR; this machine has no such mode to set")
+    table = fp8_finite_table("fp8_e4m3")
+    want = np.array([v for v, _ in table]).astype(np.float32)
+    codes = np.repeat(np.array([c for _, c in table], np.uint8)[:, None], 8, axis=1)  # row i: code i, 8 times
+    qt = npquant.QuantizedTensor(codes.view(ml_dtypes.float8_e4m3fn), np.ones((1, 1), np.float32), None,
+                                 codes.shape, Scheme("fp8_e4m3", 8, "tensor"))
+    x = np.zeros((1, 8), np.float32)
+    x[0, 5] = 1.0
+    claims_kept = kernels._e4m3_multipliers(x)
+    claims_kept[4] = 1.0  # a normal number: the check then says this thread keeps subnormals
+    mxcsr = mxcsr_access()
+    threads = numba.get_num_threads()
+    old = mxcsr(0, False)
+    numba.set_num_threads(1)
+    try:
+        mxcsr(old | 0x40, True)  # DAZ
+        assert np.float32(2.0**-140) * np.float32(2.0**100) == 0  # it is on in this thread
+        wrong = np.empty((1, codes.shape[0]), np.float32)
+        kernels.gemv_bytes(x, codes, np.ones((1, 1), np.float32), codes.shape[0], 8, 1, claims_kept, wrong)
+        assert np.any(wrong[0] != want)  # the float32-bits decode loses the subnormal codes here
+        np.testing.assert_array_equal(linear(x[0], qt, backend="numba"), want)
+        np.testing.assert_array_equal(linear(x[0], prepare(qt), backend="numba"), want)
+    finally:
+        mxcsr(old, True)
+        numba.set_num_threads(threads)
+
+
+def float16_decode(mults: np.ndarray) -> np.ndarray:
+    """``e4m3_mults`` that make the batch-1 kernels take the float16 decode, as a thread flushing subnormals does."""
+    forced = mults.copy()
+    forced[4] = 0
+    return forced
 
 
 @pytest.mark.parametrize("amax", [3.0, 1e6])
@@ -263,12 +340,12 @@ def test_numba_e4m3_batch1_decodes_agree_bit_for_bit(kernels, amax):
     x = rng.standard_normal((1, 512)).astype(np.float32)
     x *= np.float32(amax / np.abs(x).max())
     args = kernels._kernel_args(qt)
-    mults, tiny = kernels._e4m3_multipliers(x)
-    assert tiny != 0
+    mults = kernels._e4m3_multipliers(x)
+    assert mults[4] != 0
     ys = []
-    for t in (tiny, np.float32(0.0)):
+    for m in (mults, float16_decode(mults)):
         y = np.empty((1, 37), np.float32)
-        kernels.gemv_bytes(x, args[0], args[1], args[4], args[5], 1, mults, t, y)
+        kernels.gemv_bytes(x, args[0], args[1], args[4], args[5], 1, m, y)
         ys.append(y)
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], linear(x, qt, backend="numba"))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import npquant
 from npquant import NpquantError, PreparedTensor, Scheme, linear, prepare, quantize
 from npquant.prepared import ROWS
-from test_linear import sum_bound, weight
+from test_linear import float16_decode, sum_bound, weight
 
 FOUR_BIT = [
     Scheme("int", 4, "group", 128),
@@ -233,16 +233,16 @@ def test_numba_bias_and_1d_x(kernels):
 @pytest.mark.parametrize("amax", [3.0, 1e6])
 def test_numba_e4m3_blocks_batch1_decodes_agree_bit_for_bit(kernels, amax):
     # As for the checkpoint layout (test_linear): the float32-bits decode and
-    # the float16 one (taken by a thread that flushes subnormals; tiny = 0
-    # forces it) make the same products and sums up to one power of two.
+    # the float16 one (taken by a thread that flushes subnormals, forced
+    # here) make the same products and sums up to one power of two.
     p = prepare(quantize(weight((150, 384)), "fp8-channel"))
     x = np.random.default_rng(3).standard_normal((1, 384)).astype(np.float32)
     x *= np.float32(amax / np.abs(x).max())
-    mults, tiny = kernels._e4m3_multipliers(x)
+    mults = kernels._e4m3_multipliers(x)
     ys = []
-    for t in (tiny, np.float32(0.0)):
+    for m in (mults, float16_decode(mults)):
         y = np.empty((1, 150), np.float32)
-        kernels.gemv_bytes_blocks(x, p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), 1, 384, mults, t, y)
+        kernels.gemv_bytes_blocks(x, p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), 1, 384, m, y)
         ys.append(y)
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], linear(x, p, backend="numba"))

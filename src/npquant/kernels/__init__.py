@@ -66,10 +66,10 @@ _TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes 
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
 _FP8_X_LIMIT = 2.0**100
-_ONES4 = np.ones(4, np.float32)
+# e4m3_mults of the batch-1 kernels where no e4m3 is decoded
+_NO_E4M3 = np.array([1.0, 1.0, 1.0, 1.0, 2.0**-140, 2.0**100], np.float32)
 # code_kind of the one-byte blocks kernels (int8: 0 symmetric, 3 asymmetric)
 _BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
-_TINY = np.float32(2.0**-140)  # a float32 subnormal: the batch-1 kernels test each thread's FPU with it
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
 _ALIGN = 64  # bytes: one cache line
@@ -114,8 +114,8 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
 
 
-def _e4m3_multipliers(x2: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """The ``e4m3_mults`` and ``tiny`` of :func:`gemv_bytes` and :func:`gemv_bytes_blocks` for ``x2 (1, I)``.
+def _e4m3_multipliers(x2: np.ndarray) -> np.ndarray:
+    """The ``e4m3_mults`` of :func:`gemv_bytes` and :func:`gemv_bytes_blocks` for ``x2 (1, I)``.
 
     Both e4m3 decodes leave out a power of two (2**120, 2**8). ``x`` takes
     all of it when it stays finite: every product and partial sum is then
@@ -130,10 +130,9 @@ def _e4m3_multipliers(x2: np.ndarray) -> tuple[np.ndarray, np.float32]:
     y_shift = max(0, e - 7)
     # float16 decode (value * 2**-8).
     x_f16, y_f16 = (2.0**8, 1.0) if amax < _FP8_X_LIMIT else (1.0, 2.0**8)  # NaN: not below
-    mults = np.array([2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16], np.float32)
     # Past 2**127, x itself would be scaled down, rounding its subnormals: the float16 decode then.
-    tiny = _TINY if y_shift <= 120 else np.float32(0.0)
-    return mults, tiny
+    tiny = 2.0**-140 if y_shift <= 120 else 0.0
+    return np.array([2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16, tiny, 2.0**100], np.float32)
 
 
 def _copy_aligned(a: np.ndarray) -> np.ndarray:
@@ -176,14 +175,13 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     args = _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     if m_rows == 1 and kind == 0:
-        gemv_bytes(x2, codes, scale, bo, bi, 0, _ONES4, _TINY, y)
+        gemv_bytes(x2, codes, scale, bo, bi, 0, _NO_E4M3, y)
         return y
     if m_rows == 1 and kind == 4:
         if args[9]:  # e4m3
-            mults, tiny = _e4m3_multipliers(x2)
-            gemv_bytes(x2, codes, scale, bo, bi, 1, mults, tiny, y)
+            gemv_bytes(x2, codes, scale, bo, bi, 1, _e4m3_multipliers(x2), y)
         else:  # e5m2: the float16 decode is the value itself
-            gemv_bytes(x2, codes, scale, bo, bi, 2, _ONES4, _TINY, y)
+            gemv_bytes(x2, codes, scale, bo, bi, 2, _NO_E4M3, y)
         return y
     if m_rows == 1 and kind == 2:
         x_even, x_odd = _even_odd(x2)
@@ -231,8 +229,8 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
         if m_rows == 1:
-            mults, tiny = _e4m3_multipliers(x2) if code_kind == 1 else (_ONES4, _TINY)
-            gemv_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, bi, mults, tiny, y)
+            mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
+            gemv_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, bi, mults, y)
             return
         if m_rows <= SMALL_M:
             gemm_small_m_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, fp8_mult, bi, y)

@@ -286,7 +286,7 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, tiny, y):
+def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y):
     """``y (1, O) = x @ W_hat.T`` for one-byte codes, eight rows per pass over ``x``.
 
     ``code_kind``: 0 symmetric int8, 1 fp8 e4m3, 2 fp8 e5m2, decoded in
@@ -296,15 +296,15 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, tiny, y):
     repeat the last row and are not stored.
 
     e4m3 decodes to its value times a power of two that ``x`` and ``y``
-    take back: ``e4m3_mults`` float32 (4,) holds ``x``'s and ``y``'s
+    take back. ``e4m3_mults`` float32 (6,) holds ``x``'s and ``y``'s
     multipliers for the float32-bits decode (value * 2**-120, four vector
-    ops per 16 weights) and then for the float16 decode (value * 2**-8,
-    five), which each thread uses instead when its floating-point unit
-    flushes subnormal inputs to zero (``tiny + tiny == 0`` for the float32
-    subnormal ``tiny``; pass ``tiny = 0`` to force it): e4m3's subnormal
-    codes decode to float32 subnormals, while the half-to-float conversion
-    ignores that mode. Measured for 11008 x 4096 fp8-channel, codes from
-    memory: 1.75 -> 1.52 ms.
+    ops per 16 weights), then for the float16 decode (value * 2**-8, five),
+    then a float32 subnormal and 2**100. Each thread takes the float16
+    decode when its floating-point unit flushes subnormal inputs to zero
+    (their product is then 0; a 0 in place of the subnormal forces that
+    decode): e4m3's subnormal codes decode to float32 subnormals, while the
+    half-to-float conversion ignores that mode. Measured for 11008 x 4096
+    fp8-channel, codes from memory: 1.75 -> 1.52 ms.
     """
     in_features = x.shape[1]
     out_features = y.shape[1]
@@ -316,7 +316,8 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, tiny, y):
         r = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last),
              min(o + 4, last), min(o + 5, last), min(o + 6, last), min(o + 7, last))
         acc = np.zeros(8, np.float32)
-        f32_bits = tiny + tiny != np.float32(0.0)  # this thread keeps subnormal inputs
+        # Does this thread keep subnormal inputs? Two values loaded at run time: nothing to fold.
+        f32_bits = e4m3_mults[4] * e4m3_mults[5] != np.float32(0.0)
         xm = e4m3_mults[0] if f32_bits else e4m3_mults[2]
         ym = e4m3_mults[1] if f32_bits else e4m3_mults[3]
         for g in range(n_col_blocks):
@@ -737,14 +738,14 @@ def _decode_lanes(code_kind, b, zi, fp8_mult, out):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, tiny, y):
+def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y):
     """``y (1, O) = x @ W.T`` for one-byte codes in blocks of rows.
 
     Each block's codes are read as one stream, a cache line per column,
     and every lane accumulates its own row in a register: measured for
     11008 x 4096 int8, codes from memory, 1.43 ms against 1.93 ms for
     :func:`gemv_bytes` over the checkpoint layout. e4m3 as in
-    :func:`gemv_bytes` (``e4m3_mults``, ``tiny``); ``zp`` is read for
+    :func:`gemv_bytes` (``e4m3_mults``); ``zp`` is read for
     ``code_kind`` 3 only. Padding rows are not stored.
     """
     n_blocks = codes.shape[0]
@@ -756,7 +757,8 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, tiny, y):
         acc[:] = 0
         t = _stack_empty(1, _ROWS, np.float32)[0]
         zi = _stack_empty(1, _ROWS, np.int32)[0]
-        f32_bits = tiny + tiny != np.float32(0.0)  # this thread keeps subnormal inputs
+        # Does this thread keep subnormal inputs? Two values loaded at run time: nothing to fold.
+        f32_bits = e4m3_mults[4] * e4m3_mults[5] != np.float32(0.0)
         xm = e4m3_mults[0] if f32_bits else e4m3_mults[2]
         ym = e4m3_mults[1] if f32_bits else e4m3_mults[3]
         for g in range(n_col_blocks):
