@@ -8,7 +8,8 @@ the quartiles, over the rounds, of each round's quantized median over the
 same round's float32 median; on a noisy machine it shows how far one run's
 ratio can be trusted.
 The bandwidth limit is the time to read the codes and scales once at the
-read bandwidth measured in this run, as a ratio to the same float32 time.
+read bandwidth measured in this run (the best of a few rounds of a parallel
+sum), as a ratio to the same float32 time.
 A ``prep`` row is the scheme above it after :func:`npquant.prepare` (codes
 in blocks of 64 rows, the numba kernels' layout; prepared once, outside the
 timing, as an engine does after loading). Where torch is installed it adds
@@ -119,7 +120,11 @@ def _rotating(items: list, fn):
 
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
-    """Bytes per second to read a large buffer with every thread (numba) or numpy's sum."""
+    """Bytes per second to read a large buffer with every thread (numba) or numpy's sum.
+
+    The best of ``repeats`` rounds (each the median of a few reads): a limit
+    should be what the machine can do, not what it usually does.
+    """
     buf = np.ones(nbytes // 4, np.float32)
     try:
         from numba import njit, prange
@@ -133,8 +138,8 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
 
     except ImportError:
         total = np.sum
-    t = interleaved({"read": lambda: total(buf)}, repeats, warm_s=0.0)[0]["read"]
-    return buf.nbytes / t
+    rounds = interleaved({"read": lambda: total(buf)}, repeats, warm_s=0.0)[1]["read"]
+    return buf.nbytes / min(rounds)
 
 
 def torch_case(w, x):
@@ -173,7 +178,7 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
     where = "each shape and batch in a fresh process" if isolated else "all in this process"
-    print(f"read bandwidth (measured): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
+    print(f"read bandwidth (measured, best round): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
           f"{BURST} calls after a warm-up; {where}")
     print()
     head = (f"{'shape':>13} {'M':>4} {'scheme':<16} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
