@@ -8,8 +8,8 @@ the quartiles, over the rounds, of each round's quantized median over the
 same round's float32 median; on a noisy machine it shows how far one run's
 ratio can be trusted.
 The bandwidth limit is the time to read the codes and scales once at the
-read bandwidth measured in this run (the best of a few rounds of a parallel
-sum), as a ratio to the same float32 time.
+read bandwidth measured just before the case (the best of a few rounds of a
+parallel sum), as a ratio to the same float32 time.
 A ``prep`` row is the scheme above it after :func:`npquant.prepare` (codes
 in blocks of 64 rows, the numba kernels' layout; prepared once, outside the
 timing, as an engine does after loading). Where torch is installed it adds
@@ -45,7 +45,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--same-process", action="store_true",
                    help="run every case in this process (default: each shape and batch in a fresh child, "
                         "so that one case's idle thread pools cannot slow the next)")
-    p.add_argument("--child-bw", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -165,21 +165,26 @@ def main() -> int:
     backend = ARGS.backend
     if backend == "auto":
         backend = npquant.available_backends()[-1]
-    bw = ARGS.child_bw or read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
-    if not ARGS.quick and not ARGS.same_process and ARGS.child_bw is None:
+    if ARGS.child:
+        return _run_cases(shapes, batches, names, repeats, backend)
+    bw = _read_bandwidth()
+    if not ARGS.quick and not ARGS.same_process:
         return _run_children(shapes, batches, bw)
-    if ARGS.child_bw is not None:
-        return _run_cases(shapes, batches, names, repeats, backend, bw)
     _header(bw, repeats, backend, isolated=False)
-    return _run_cases(shapes, batches, names, repeats, backend, bw)
+    return _run_cases(shapes, batches, names, repeats, backend)
+
+
+def _read_bandwidth() -> float:
+    return read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
 
 
 def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
     where = "each shape and batch in a fresh process" if isolated else "all in this process"
-    print(f"read bandwidth (measured, best round): {bw / 1e9:.1f} GB/s; medians of {repeats} interleaved rounds of "
-          f"{BURST} calls after a warm-up; {where}")
+    print(f"read bandwidth (measured, best round): {bw / 1e9:.1f} GB/s at the start; each case's limit uses "
+          f"its own, measured just before it")
+    print(f"medians of {repeats} interleaved rounds of {BURST} calls after a warm-up; {where}")
     print()
     head = (f"{'shape':>13} {'M':>4} {'scheme':<16} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
             f"{'rounds q1-q3':>12} {'bw limit':>8}")
@@ -198,7 +203,7 @@ def _run_children(shapes, batches, bw: float) -> int:
         for m in batches:
             cmd = [sys.executable, __file__, "--threads", str(ARGS.threads), "--repeats", str(repeats),
                    "--backend", ARGS.backend, "--shape", str(shape[0]), str(shape[1]), "--batch", str(m),
-                   "--child-bw", repr(bw)]
+                   "--child"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
@@ -215,7 +220,7 @@ def _copy(qt):
     return type(qt)(qt.codes.copy(), qt.scale.copy(), own, qt.shape, qt.scheme)
 
 
-def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
+def _run_cases(shapes, batches, names, repeats, backend) -> int:
     rng = np.random.default_rng(0)
     for out_features, in_features in shapes:
         w = (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
@@ -237,6 +242,7 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
             tc = torch_case(w, x)
             if tc is not None:
                 fns["torch int8"] = tc
+            bw = _read_bandwidth()  # the machine's memory now, for this case's limits
             t, rounds = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
             for name in fns:
                 if name == "f32":
@@ -249,7 +255,7 @@ def _run_cases(shapes, batches, names, repeats, backend, bw) -> int:
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} "
                     f"{ratio_spread(rounds[name], rounds['f32']):>12} {limit:>8}"
                 )
-        if ARGS.child_bw is None:
+        if not ARGS.child:
             print()
     return 0
 
