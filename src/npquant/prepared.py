@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NpquantError
-from .quantize import _FP8_NONFINITE_MASK, QuantizedTensor, code_numpy_dtype, scale_numpy_dtype
+from .quantize import QuantizedTensor, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype
 from .schemes import Scheme
 
 __all__ = ["PreparedTensor", "prepare", "preparable", "ROWS"]
@@ -118,10 +118,9 @@ class PreparedTensor:
                     f"and {scheme}, got {got}"
                 )
         if scheme.is_float:  # as QuantizedTensor: NaN and Inf codes mean corrupt data
-            mask = np.uint8(_FP8_NONFINITE_MASK[scheme.dtype])
-            bad = np.flatnonzero((self.codes & mask) == mask)
-            if bad.size:
-                b, j, r = np.unravel_index(int(bad[0]), self.codes.shape)
+            bad = first_nonfinite_fp8(self.codes, scheme.dtype)
+            if bad is not None:
+                b, j, r = np.unravel_index(bad, self.codes.shape)
                 raise NpquantError(
                     f"codes hold a NaN or Inf {scheme.dtype} pattern at row {b * ROWS + r}, column {j} "
                     f"(byte 0x{int(self.codes[b, j, r]):02X}): fp8 codes must be finite"

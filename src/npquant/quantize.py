@@ -204,21 +204,30 @@ _FP8_NONFINITE_MASK = {"fp8_e4m3": 0x7F, "fp8_e5m2": 0x7C}
 
 
 def _check_fp8_codes_finite(codes: np.ndarray, dtype: str) -> None:
-    """Refuse fp8 codes that are NaN or Inf: quantization never makes them, so they mean corrupt data.
+    """Refuse fp8 codes that are NaN or Inf: quantization never makes them, so they mean corrupt data."""
+    raw = codes.view(np.uint8)  # (O, I)
+    bad = first_nonfinite_fp8(raw, dtype)
+    if bad is not None:
+        row, col = divmod(bad, raw.shape[1])
+        raise NpquantError(
+            f"codes hold a NaN or Inf {dtype} pattern at row {row}, column {col} "
+            f"(byte 0x{int(raw[row, col]):02X}): fp8 codes must be finite"
+        )
 
-    Scans about 16 MiB of codes at a time.
+
+def first_nonfinite_fp8(raw: np.ndarray, dtype: str) -> int | None:
+    """The flat index of the first NaN or Inf byte of ``raw`` (uint8, C-contiguous) as ``dtype`` codes, or None.
+
+    Scans about 16 MiB at a time.
     """
     mask = np.uint8(_FP8_NONFINITE_MASK[dtype])
-    raw = codes.view(np.uint8)  # (O, I)
-    step = max(1, (16 << 20) // max(1, raw.shape[1]))
-    for start in range(0, raw.shape[0], step):
-        bad = np.flatnonzero((raw[start : start + step] & mask) == mask)
+    flat = raw.reshape(-1)
+    step = 16 << 20
+    for start in range(0, flat.size, step):
+        bad = np.flatnonzero((flat[start : start + step] & mask) == mask)
         if bad.size:
-            row, col = divmod(int(bad[0]), raw.shape[1])
-            raise NpquantError(
-                f"codes hold a NaN or Inf {dtype} pattern at row {start + row}, column {col} "
-                f"(byte 0x{int(raw[start + row, col]):02X}): fp8 codes must be finite"
-            )
+            return start + int(bad[0])
+    return None
 
 
 def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w", backend: str = "auto") -> QuantizedTensor:

@@ -606,6 +606,28 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
             y[0, o0 + r] = acc[r]
 
 
+@njit(inline="always", fastmath=_FASTMATH)
+def _add_pair_sums(acc, m, m1, sc, t):
+    """``acc[m] += sc * t[0]`` and ``acc[m1] += sc * t[1]``, the second unless ``m1 == m`` (an odd last row)."""
+    a0 = acc[m]
+    t0 = t[0]
+    for r in range(_ROWS):
+        a0[r] += sc[r] * t0[r]
+    if m1 != m:
+        a1 = acc[m1]
+        t1 = t[1]
+        for r in range(_ROWS):
+            a1[r] += sc[r] * t1[r]
+
+
+@njit(inline="always")
+def _store_block(acc, o0, y):
+    """``y[:, o0 : o0 + R] = acc (M, R)``, leaving out the padding rows past ``y``'s end."""
+    for m in range(acc.shape[0]):
+        for r in range(min(_ROWS, y.shape[1] - o0)):
+            y[m, o0 + r] = acc[m, r]
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
     """``y (M, O) = x @ W.T`` for small M and 4-bit codes in blocks of rows.
@@ -617,7 +639,7 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block
     ``acc`` (as :func:`gemm_small_m_bytes_blocks`).
     """
     n_blocks = codes.shape[0]
-    m_rows, out_features = y.shape
+    m_rows = y.shape[0]
     for blk in prange(n_blocks):
         acc = np.zeros((m_rows, _ROWS), np.float32)
         lo = _stack_empty(_KCHUNK4, _ROWS, np.float32)
@@ -663,17 +685,8 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block
                         for r in range(_ROWS):
                             t0[r] += e0 * lj[r] + f0 * hj[r]
                             t1[r] += e1 * lj[r] + f1 * hj[r]
-                    a0 = acc[m]
-                    for r in range(_ROWS):
-                        a0[r] += sc[r] * t0[r]
-                    if m1 != m:
-                        a1 = acc[m1]
-                        for r in range(_ROWS):
-                            a1[r] += sc[r] * t1[r]
-        o0 = blk * _ROWS
-        for m in range(m_rows):
-            for r in range(min(_ROWS, out_features - o0)):
-                y[m, o0 + r] = acc[m, r]
+                    _add_pair_sums(acc, m, m1, sc, t)
+        _store_block(acc, blk * _ROWS, y)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -821,7 +834,7 @@ def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y):
     accumulating in memory, took 9.1.
     """
     n_blocks = codes.shape[0]
-    m_rows, out_features = y.shape
+    m_rows = y.shape[0]
     for blk in prange(n_blocks):
         acc = np.zeros((m_rows, _ROWS), np.float32)
         buf = _stack_empty(_KCHUNK, _ROWS, np.float32)
@@ -852,17 +865,8 @@ def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y):
                         for r in range(_ROWS):
                             t0[r] += e * bk[r]
                             t1[r] += f * bk[r]
-                    a0 = acc[m]
-                    for r in range(_ROWS):
-                        a0[r] += sc[r] * t0[r]
-                    if m1 != m:
-                        a1 = acc[m1]
-                        for r in range(_ROWS):
-                            a1[r] += sc[r] * t1[r]
-        o0 = blk * _ROWS
-        for m in range(m_rows):
-            for r in range(min(_ROWS, out_features - o0)):
-                y[m, o0 + r] = acc[m, r]
+                    _add_pair_sums(acc, m, m1, sc, t)
+        _store_block(acc, blk * _ROWS, y)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
