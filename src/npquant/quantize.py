@@ -42,6 +42,12 @@ from .schemes import Scheme, get_scheme
 
 __all__ = ["QuantizedTensor", "quantize", "quantize_measured", "scale_numpy_dtype", "code_numpy_dtype"]
 
+# float32 values per row chunk of the engine (1 MiB: its passes stay in L2).
+# Read at each call, so tests can shrink it to exercise many chunks.
+_CHUNK_ELEMENTS = 1 << 18
+# Bytes per step of the fp8 non-finite scan (bounds its temporary mask).
+_FP8_SCAN_BYTES = 16 << 20
+
 
 def scale_numpy_dtype(scheme: Scheme) -> np.dtype:
     """The numpy dtype scales are stored in."""
@@ -218,11 +224,11 @@ def _check_fp8_codes_finite(codes: np.ndarray, dtype: str) -> None:
 def first_nonfinite_fp8(raw: np.ndarray, dtype: str) -> int | None:
     """The flat index of the first NaN or Inf byte of ``raw`` (uint8, C-contiguous) as ``dtype`` codes, or None.
 
-    Scans about 16 MiB at a time.
+    Scans ``_FP8_SCAN_BYTES`` (16 MiB) at a time.
     """
     mask = np.uint8(_FP8_NONFINITE_MASK[dtype])
     flat = raw.reshape(-1)
-    step = 16 << 20
+    step = _FP8_SCAN_BYTES
     for start in range(0, flat.size, step):
         bad = np.flatnonzero((flat[start : start + step] & mask) == mask)
         if bad.size:
@@ -282,7 +288,7 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto"):
     out_features, in_features = w.shape
     bo, bi = scheme.block_shape(w.shape)
     n_col_blocks = in_features // bi
-    step = rows_per_chunk(in_features, 1 << 18)  # 1 MiB float32 chunks: the passes below stay in L2
+    step = rows_per_chunk(in_features, _CHUNK_ELEMENTS)
     codes = np.empty(
         (out_features, packed_row_bytes(in_features, scheme.bits)) if scheme.packed else w.shape,
         dtype=code_numpy_dtype(scheme),
