@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Slow: the benchmark scripts, each in a subprocess. `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

@@ -106,8 +106,41 @@ def test_include_and_exclude(model):
 
 
 # --- the written format, checked independently -------------------------------------------
-@pytest.mark.parametrize("preset", ["w4-g128", "w8-channel", "w4-g32", "w3-g128", "w4-g128-asym", "w2-g64"])
+def codes_from_scale(w, scale, zero_point, scheme):
+    """int64 codes of float32 ``w (O, I)`` from its written scales, by the documented rule (no npquant code).
+
+    ``q = clip(rint(w / scale) (+ zp), qmin, qmax)``, float32 division, half to even.
+    """
+    o, i = w.shape
+    groups = scale.shape[1]
+    w3 = w.astype(np.float32).reshape(o, groups, i // groups)  # (O, G, gs)
+    ratio = w3 / scale.astype(np.float32)[:, :, None]
+    q = np.rint(ratio).astype(np.int64)
+    if zero_point is not None:
+        q += zero_point.astype(np.int64)[:, :, None]
+    return np.clip(q, scheme.qmin, scheme.qmax).reshape(o, i)
+
+
+def words_to_values(words_row, bits, n):
+    """n unsigned bits-wide values from one row of int32 words, read as one little-endian integer."""
+    acc = int.from_bytes(np.asarray(words_row).astype("<i4").tobytes(), "little")
+    return [(acc >> (k * bits)) & ((1 << bits) - 1) for k in range(n)]
+
+
+# Every width the writer packs (2 to 8 bits), symmetric and asymmetric, channel and group.
+LAYOUT_SCHEMES = ["w4-g128", "w8-channel", "w4-g32", "w3-g128", "w4-g128-asym", "w2-g64",
+                  npquant.Scheme("int", 5, "group", 32), npquant.Scheme("int", 6, "channel"),
+                  npquant.Scheme("int", 7, "group", 64, symmetric=False),
+                  npquant.Scheme("int", 5, "channel", symmetric=False),
+                  npquant.Scheme("int", 2, "group", 32, symmetric=False),
+                  npquant.Scheme("int", 8, "group", 32, symmetric=False)]
+
+
+@pytest.mark.parametrize("preset", LAYOUT_SCHEMES, ids=str)
 def test_pack_quantized_layout_decodes_to_the_engine_codes(model, tmp_path, preset):
+    # The written words are decoded here with Python integers and compared
+    # with codes made here from the written scales: a packing bug that both
+    # directions of npquant.packing share cannot hide.
     out = tmp_path / "out"
     summary = quantize_checkpoint(model, out, preset)
     scheme = npquant.get_scheme(preset)
@@ -117,30 +150,31 @@ def test_pack_quantized_layout_decodes_to_the_engine_codes(model, tmp_path, pres
     for name in LINEAR:
         m = name[: -len(".weight")]
         o, i = src[name].shape
-        qt = quantize(src[name], scheme)
-        dtype, shape, words = written[f"{m}.weight_packed"]
-        assert dtype == "I32" and shape == (o, -(-i * bits // 32))
-        # Independent decode: each row's words as one little-endian big integer.
-        for r in range(o):
-            acc = int.from_bytes(words[r].astype("<i4").tobytes(), "little")
-            got = [(acc >> (k * bits)) & ((1 << bits) - 1) for k in range(i)]
-            stored = qt.int_codes(r, r + 1)[0].astype(np.int64)
-            if scheme.symmetric:
-                stored = stored + 2 ** (bits - 1)
-            assert got == stored.tolist()
         n_groups = 1 if scheme.granularity == "channel" else i // scheme.group_size
         dtype, shape, scale = written[f"{m}.weight_scale"]
         assert dtype == "F32" and shape == (o, n_groups)
-        np.testing.assert_array_equal(scale, qt.scale)
-        dtype, shape, wshape = written[f"{m}.weight_shape"]
-        assert dtype == "I64" and wshape.tolist() == [o, i]
-        if not scheme.symmetric:
+        w32 = src[name].astype(np.float32)
+        blocks = w32.reshape(o, n_groups, -1)
+        zp = None
+        if scheme.symmetric:
+            np.testing.assert_array_equal(scale, np.abs(blocks).max(axis=2) / np.float32(scheme.qmax))
+        else:
+            lo = np.minimum(blocks.min(axis=2), 0)
+            hi = np.maximum(blocks.max(axis=2), 0)
+            np.testing.assert_array_equal(scale, (hi - lo) / np.float32(scheme.qmax))
             dtype, shape, zp_words = written[f"{m}.weight_zero_point"]
             assert dtype == "I32" and shape == (-(-o * bits // 32), n_groups)
-            for g in range(n_groups):
-                acc = int.from_bytes(zp_words[:, g].astype("<i4").tobytes(), "little")
-                got = [(acc >> (k * bits)) & ((1 << bits) - 1) for k in range(o)]
-                assert got == qt.zero_point[:, g].tolist()
+            zp = np.array([words_to_values(zp_words[:, g], bits, o) for g in range(n_groups)]).T  # (O, G)
+            np.testing.assert_array_equal(zp, np.clip(np.rint(-lo / scale), 0, scheme.qmax))
+        expect = codes_from_scale(w32, scale, zp, scheme)
+        if scheme.symmetric:
+            expect = expect + 2 ** (bits - 1)  # stored offset
+        dtype, shape, words = written[f"{m}.weight_packed"]
+        assert dtype == "I32" and shape == (o, -(-i * bits // 32))
+        for r in range(o):
+            assert words_to_values(words[r], bits, i) == expect[r].tolist(), r
+        dtype, shape, wshape = written[f"{m}.weight_shape"]
+        assert dtype == "I64" and wshape.tolist() == [o, i]
         assert f"{m}.weight" not in written
     assert len(summary["layers"]) == 3
 
@@ -404,6 +438,7 @@ def test_report_plot(model, tmp_path, capsys):
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_default_model_report_and_quantize(tmp_path, capsys):
     try:
         from npquant.checkpoint import default_model_path

