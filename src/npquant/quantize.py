@@ -17,6 +17,13 @@ Rules (all arithmetic in float32, true division, round half to even):
 - With a float16/bfloat16 ``scale_dtype`` the scale is rounded to that dtype
   first and the codes are computed with the rounded scale.
 
+With ``observer="mse"`` each block's ``lo``/``hi`` (symmetric: ``absmax``)
+is first multiplied by the factor of :data:`MSE_SHRINKS` whose round trip
+(the rules above, with that range) has the least squared error over the
+block, optionally weighted per input column (GPTQ passes its Hessian's
+diagonal); ties keep the larger range, so 1.0 (minmax) wins unless a shrink
+is strictly better. Channel and group scales only.
+
 Blocks follow :meth:`Scheme.block_shape`; the scale has shape
 ``(O // block_rows, I // block_cols)``: ``(1, 1)`` per tensor, ``(O, 1)`` per
 channel, ``(O, I // group_size)`` per group.
@@ -40,7 +47,14 @@ from .errors import NpquantError
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .schemes import Scheme, get_scheme
 
-__all__ = ["QuantizedTensor", "quantize", "quantize_measured", "scale_numpy_dtype", "code_numpy_dtype"]
+__all__ = ["QuantizedTensor", "quantize", "quantize_measured", "scale_numpy_dtype", "code_numpy_dtype", "OBSERVERS"]
+
+#: How the engine picks each block's range: ``"minmax"`` (the block's own
+#: extremes, the rules above) or ``"mse"`` (the shrink of that range, from
+#: :data:`MSE_SHRINKS`, whose round trip has the least squared error).
+OBSERVERS = ("minmax", "mse")
+#: The ``"mse"`` observer's candidates: the range times 1.00, 0.99, ..., 0.80.
+MSE_SHRINKS = tuple(1.0 - k / 100 for k in range(21))
 
 # float32 values per row chunk of the engine (1 MiB: its passes stay in L2).
 # Read at each call, so tests can shrink it to exercise many chunks.
@@ -131,6 +145,36 @@ class QuantizedTensor:
             )
         if scheme.is_float:
             _check_fp8_codes_finite(self.codes, scheme.dtype)
+
+    @classmethod
+    def from_int_codes(cls, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
+                       scheme: Scheme | str) -> "QuantizedTensor":
+        """Build a tensor from unpacked int codes, e.g. those a calibrated method chose.
+
+        Parameters
+        ----------
+        q : integer array (O, I)
+            Codes in ``[qmin, qmax]``: signed when symmetric, unsigned with a
+            zero point. Packed (below 8 bits) as :func:`quantize` packs them.
+        scale, zero_point : as the attributes (``zero_point`` None when symmetric)
+        scheme : an int Scheme or preset name
+        """
+        scheme = get_scheme(scheme)
+        if scheme.is_float:
+            raise NpquantError(f"from_int_codes takes int schemes, got dtype={scheme.dtype!r}")
+        q = np.asarray(q)
+        if q.ndim != 2 or q.dtype.kind not in "iu":
+            raise NpquantError(f"q must be 2-D integer codes (out_features, in_features), got {q.dtype} {q.shape}")
+        if q.size and (q.min() < scheme.qmin or q.max() > scheme.qmax):
+            raise NpquantError(
+                f"q holds codes in [{int(q.min())}, {int(q.max())}]; {scheme} takes [{scheme.qmin}, {scheme.qmax}]"
+            )
+        if scheme.packed:
+            offset = 1 << (scheme.bits - 1) if scheme.symmetric else 0
+            codes = pack_codes((q.astype(np.int16) + offset).astype(np.uint8), scheme.bits)
+        else:
+            codes = q.astype(code_numpy_dtype(scheme))
+        return cls(codes, scale, zero_point, q.shape, scheme)
 
     # --- accounting ----------------------------------------------------
     @property
@@ -236,7 +280,8 @@ def first_nonfinite_fp8(raw: np.ndarray, dtype: str) -> int | None:
     return None
 
 
-def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w", backend: str = "auto") -> QuantizedTensor:
+def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w", backend: str = "auto",
+             observer: str = "minmax") -> QuantizedTensor:
     """Quantize a weight matrix with a scheme (a :class:`Scheme` or a preset name).
 
     See :func:`quantize_measured` for the same with its error measured on the way.
@@ -253,16 +298,19 @@ def quantize(w: np.ndarray, scheme: Scheme | str, *, name: str = "w", backend: s
         ``"numba"`` runs symmetric int codes with channel or group scales in
         one fused pass (same codes and scales, bit for bit); other schemes,
         and ``"numpy"``, use numpy. ``"auto"``: numba when installed.
+    observer : {"minmax", "mse"}
+        How each block's range is chosen (see the module docstring); ``"mse"``
+        takes channel and group scales only.
 
     Returns
     -------
     QuantizedTensor
     """
-    return _quantize(w, scheme, name, measure=False, backend=backend)[0]
+    return _quantize(w, scheme, name, measure=False, backend=backend, observer=observer)[0]
 
 
 def quantize_measured(
-    w, scheme: Scheme | str, *, name: str = "w", backend: str = "auto"
+    w, scheme: Scheme | str, *, name: str = "w", backend: str = "auto", observer: str = "minmax"
 ) -> tuple[QuantizedTensor, float, float]:
     """:func:`quantize`, plus ``(relative_error, sqnr_db)`` measured chunk by chunk as it goes.
 
@@ -271,7 +319,7 @@ def quantize_measured(
     big or memory-mapped ``w`` is read once more only for per-tensor scales.
     Same codes and scales as :func:`quantize`.
     """
-    qt, (err2, ref2) = _quantize(w, scheme, name, measure=True, backend=backend)
+    qt, (err2, ref2) = _quantize(w, scheme, name, measure=True, backend=backend, observer=observer)
     if err2 == 0.0:
         return qt, 0.0, float("inf")
     if ref2 == 0.0:
@@ -280,13 +328,23 @@ def quantize_measured(
     return qt, rel, float(-20.0 * np.log10(rel))
 
 
-def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto"):
-    """The engine: ``(QuantizedTensor, (error sum of squares, weight sum of squares) or None)``."""
+def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto", observer: str = "minmax",
+              importance: np.ndarray | None = None):
+    """The engine: ``(QuantizedTensor, (error sum of squares, weight sum of squares) or None)``.
+
+    ``importance``: float32 ``(I,)`` weights of the ``"mse"`` observer's squared errors, or None.
+    """
     scheme = get_scheme(scheme)
     check_weight(w, name)
-    fused = _fused_kernel(scheme, w.shape, backend)
     out_features, in_features = w.shape
     bo, bi = scheme.block_shape(w.shape)
+    if observer not in OBSERVERS:
+        raise NpquantError(f"observer={observer!r} is not known; expected one of {OBSERVERS}")
+    if observer == "mse" and bo != 1:
+        raise NpquantError(
+            "observer='mse' chooses channel or group scales, not granularity='tensor'; use observer='minmax'"
+        )
+    fused = _fused_kernel(scheme, w.shape, backend) if observer == "minmax" else None
     n_col_blocks = in_features // bi
     step = rows_per_chunk(in_features, _CHUNK_ELEMENTS)
     codes = np.empty(
@@ -305,6 +363,8 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto"):
                 codes[rows] = _fused_rows(fused, chunk, bi, scheme, scale[rows], sums)
                 continue
             lo, hi = _block_stats(chunk, n_col_blocks, bi, scheme.symmetric)
+            if observer == "mse":
+                lo, hi = _mse_range(chunk, lo, hi, scheme, name, importance)
             scale[rows], scale32, zp = _scales(lo, hi, scheme, name)
             if zero_point is not None:
                 zero_point[rows] = zp
@@ -395,6 +455,51 @@ def _scales(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str):
     if not scheme.symmetric:
         zp = np.clip(np.rint(_safe_divide(-lo, scale32)), 0, scheme.qmax).astype(np.uint8)
     return stored, scale32, zp
+
+
+def _mse_range(chunk, lo, hi, scheme: Scheme, name: str, importance: np.ndarray | None):
+    """``lo``, ``hi`` ``(R, CB)`` shrunk, block by block, by the factor of least round-trip error."""
+    rows, n_col_blocks = hi.shape
+    blocks = chunk.reshape(rows, n_col_blocks, -1)  # (R, CB, bi)
+    weight = None if importance is None else importance.reshape(1, n_col_blocks, -1)  # (1, CB, bi)
+    best_err = best_lo = best_hi = None
+    for shrink in MSE_SHRINKS:
+        f = np.float32(shrink)
+        lo_f, hi_f = lo * f, hi * f
+        _, scale32, zp = _scales(lo_f, hi_f, scheme, name)
+        diff = blocks - _round_trip(blocks, scale32, zp, scheme)  # (R, CB, bi)
+        np.square(diff, out=diff)
+        if weight is not None:
+            diff *= weight
+        err = diff.sum(axis=2, dtype=np.float64)  # (R, CB)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo_f, hi_f
+            continue
+        better = err < best_err  # ties keep the larger range
+        best_err = np.where(better, err, best_err)
+        best_lo = np.where(better, lo_f, best_lo)
+        best_hi = np.where(better, hi_f, best_hi)
+    return best_lo, best_hi
+
+
+def _round_trip(blocks, scale32, zp, scheme: Scheme) -> np.ndarray:
+    """float32 ``(R, CB, bi)``: ``blocks`` quantized with ``scale32``/``zp`` ``(R, CB)`` and dequantized."""
+    ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
+    if scheme.is_float:
+        np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
+        levels = ratio.astype(code_numpy_dtype(scheme)).astype(np.float32)
+    else:
+        np.rint(ratio, out=ratio)
+        if zp is not None:
+            zp32 = zp.astype(np.float32)[:, :, None]
+            ratio += zp32
+            np.clip(ratio, scheme.qmin, scheme.qmax, out=ratio)
+            ratio -= zp32
+        else:
+            np.clip(ratio, scheme.qmin, scheme.qmax, out=ratio)
+        levels = ratio
+    levels *= scale32[:, :, None]
+    return levels
 
 
 def _encode(chunk, scale32, zp, scheme: Scheme, sums: np.ndarray | None = None) -> np.ndarray:
