@@ -7,7 +7,7 @@ of activations are added as they come (padding rows left out), in float64.
 >>> import numpy as np
 >>> h = Hessian(4)
 >>> h.add(np.ones((2, 3, 4), np.float32), mask=np.array([[1, 1, 0], [1, 0, 0]]))
->>> h.tokens, h.matrix()[0, 0]
+>>> h.tokens, float(h.matrix()[0, 0])
 (3, 1.0)
 """
 
