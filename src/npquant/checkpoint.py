@@ -31,11 +31,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from .errors import NpquantError
+from .metrics import weight_error
 from .packing import pack_codes, unpack_codes
 from .quantize import QuantizedTensor, quantize_measured
 from .safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, TensorPlan, TensorSource, write_safetensors
@@ -283,6 +284,8 @@ def quantize_checkpoint(
     force: bool = False,
     workers: int = 2,
     progress: Callable[[str, int], None] | None = None,
+    quantized: Mapping[str, QuantizedTensor] | None = None,
+    observer: str = "minmax",
 ) -> dict:
     """Write ``model`` quantized with ``scheme`` as a compressed-tensors directory ``out``.
 
@@ -296,10 +299,16 @@ def quantize_checkpoint(
     Returns a summary: ``layers`` (list of :class:`LayerResult`),
     ``skipped`` (list of :class:`LayerChoice`), ``warnings``, byte totals.
     ``progress(name, nbytes)`` is called after each input tensor.
+
+    ``quantized`` maps tensor names to QuantizedTensors made elsewhere (by
+    GPTQ, say) with ``scheme``: those are written as given, the other
+    selected layers are quantized here (with ``observer``, see
+    :func:`npquant.quantize`).
     """
     scheme = get_scheme(scheme)
     notes = check_loadable(scheme)
     out = Path(out)
+    quantized = dict(quantized or {})
     if out.exists() and not force:
         raise NpquantError(f"output {out} already exists; pass --force to replace it")
     with Checkpoint(model) as ckpt:
@@ -307,12 +316,20 @@ def quantize_checkpoint(
         picked = {c.name: c for c in choices if c.quantize}
         if not picked:
             raise NpquantError(f"no tensor of {ckpt.path} was selected for quantization; see --include")
+        for name, qt in quantized.items():
+            if name not in picked:
+                raise NpquantError(f"quantized tensor {name!r} is not a layer selected for quantization in {ckpt.path}")
+            if not isinstance(qt, QuantizedTensor) or qt.scheme != scheme or qt.shape != picked[name].shape:
+                got = f"{qt.scheme} {qt.shape}" if isinstance(qt, QuantizedTensor) else type(qt).__name__
+                raise NpquantError(
+                    f"quantized tensor {name!r} must be a QuantizedTensor of {scheme} {picked[name].shape}, got {got}"
+                )
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
         results: list[LayerResult] = []
         try:
-            shard_files = _write_shards(ckpt, tmp, scheme, picked, results, workers, progress)
+            shard_files = _write_shards(ckpt, tmp, scheme, picked, results, workers, progress, quantized, observer)
             _write_sidecars(ckpt, tmp, scheme, choices, shard_files)
             _replace(tmp, out)
         except BaseException:
@@ -329,11 +346,17 @@ def quantize_checkpoint(
     }
 
 
-def _write_shards(ckpt, tmp, scheme, picked, results, workers, progress) -> dict[str, list[str]]:
+def _write_shards(ckpt, tmp, scheme, picked, results, workers, progress, quantized, observer) -> dict[str, list[str]]:
     """Write every shard into ``tmp``; return each output file's tensor names."""
     def job(src: TensorSource) -> dict:
-        if src.name in picked:
-            qt, rel, sqnr = quantize_measured(src, scheme, name=f"tensor {src.name!r} in {src.file.name}:")
+        if src.name in quantized:
+            qt = quantized[src.name]
+            rel, sqnr = weight_error(src, qt)
+            results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
+            arrays = _layer_arrays(src.name[: -len(".weight")], qt)
+        elif src.name in picked:
+            qt, rel, sqnr = quantize_measured(src, scheme, name=f"tensor {src.name!r} in {src.file.name}:",
+                                              observer=observer)
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
         else:

@@ -93,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     qz.add_argument("--workers", type=int, default=2, help="tensors quantized at once (default 2)")
     qz.add_argument("--json", action="store_true", help="print the per-layer results as JSON")
+    _add_method_arguments(qz)
 
     ev = sub.add_parser(
         "eval",
@@ -116,7 +117,26 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="quantized linear backend (default auto: numba when installed)")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="draw min and mean cosine per scheme (needs matplotlib)")
+    _add_method_arguments(ev, eval_mode=True)
     return parser
+
+
+def _add_method_arguments(parser, eval_mode: bool = False) -> None:
+    """--method, --calibration, --max-samples, --observer (quantize and eval)."""
+    if eval_mode:
+        method_help = ("rtn: round to nearest; gptq: also run GPTQ for each int scheme and show it beside RTN "
+                       "(calibrated on --calibration, never on the evaluation sentences)")
+    else:
+        method_help = ("rtn: round to nearest (any checkpoint); gptq: calibrate each layer on text run through "
+                       "the model, block by block (BERT sentence encoders, which npquant can run)")
+    parser.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help=f"{method_help} (default rtn)")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="GPTQ calibration text: UTF-8, one text per line, blank lines skipped "
+                             "(default: npquant's built-in set of 616 English sentences)")
+    parser.add_argument("--max-samples", type=int, metavar="N", help="use the first N calibration texts only")
+    parser.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
+                        help="block ranges: minmax (the extremes) or mse (the shrink of the range with the least "
+                             "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,21 +415,38 @@ def _print_layer_table(model: str, rows, sums, skipped, worst: int) -> None:
 
 
 def _quantize(args) -> int:
-    from .checkpoint import quantize_checkpoint
+    from .checkpoint import check_loadable, quantize_checkpoint
+    from .schemes import get_scheme
 
     model = _model_path(args)
     if args.workers < 1:
         raise NpquantError(f"--workers must be at least 1, got {args.workers}")
-    with _Progress(_model_bytes(model), "quantizing") as progress:
-        summary = quantize_checkpoint(model, args.out, args.scheme, include=args.include, exclude=args.exclude,
-                                      force=args.force, workers=args.workers, progress=progress)
+    scheme = get_scheme(args.scheme)
+    check_loadable(scheme)  # refuse before any calibration work
+    calibrated, gptq_rows = {}, None
+    if args.method == "gptq":
+        calibrated, gptq_rows = _calibrate_checkpoint(model, scheme, args)
+    elif args.calibration or args.max_samples:
+        raise NpquantError("--calibration and --max-samples are for --method gptq")
+    with _Progress(_model_bytes(model), "writing" if calibrated else "quantizing") as progress:
+        summary = quantize_checkpoint(model, args.out, scheme, include=args.include, exclude=args.exclude,
+                                      force=args.force, workers=args.workers, progress=progress,
+                                      quantized=calibrated, observer=args.observer)
     for note in summary["warnings"]:
         print(f"npquant quantize: warning: {note}", file=sys.stderr)
     layers = summary["layers"]
+    gptq_by_name = {r["name"]: r for r in gptq_rows or []}
     if args.json:
-        print(json.dumps([{"name": r.name, "shape": list(r.shape), "scheme": args.scheme, "bytes_before": r.bytes_before,
-                           "bytes_after": r.bytes_after, "rel_error": r.rel_error, "sqnr_db": _json_value(r.sqnr_db)}
-                          for r in layers], indent=2))
+        rows = []
+        for r in layers:
+            row = {"name": r.name, "shape": list(r.shape), "scheme": args.scheme, "bytes_before": r.bytes_before,
+                   "bytes_after": r.bytes_after, "rel_error": r.rel_error, "sqnr_db": _json_value(r.sqnr_db),
+                   "method": "gptq" if r.name in gptq_by_name else "rtn", "observer": args.observer}
+            if r.name in gptq_by_name:
+                g = gptq_by_name[r.name]
+                row.update(rtn_loss=g["rtn_loss"], gptq_loss=g["gptq_loss"], loss_ratio=g["ratio"], seconds=g["seconds"])
+            rows.append(row)
+        print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -417,7 +454,11 @@ def _quantize(args) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
-    table = Table(title=f"{summary['out']}: {args.scheme}, {len(layers)} layers quantized", title_justify="left")
+    if gptq_rows:
+        _print_gptq_table(console, gptq_rows, args)
+    method = "GPTQ" if calibrated else "round to nearest"
+    table = Table(title=f"{summary['out']}: {args.scheme} ({method}), {len(layers)} layers quantized",
+                  title_justify="left")
     for head in ("layer", "shape", "bytes before", "bytes after", "rel error", "SQNR dB"):
         table.add_column(head, justify="left" if head == "layer" else "right")
     for r in layers:
@@ -427,7 +468,89 @@ def _quantize(args) -> int:
     before, after = summary["bytes_before"], summary["bytes_after"]
     console.print(f"linear layers: {before:,} -> {after:,} bytes ({before / after:.2f}x smaller); "
                   f"{len(summary['skipped'])} tensors left alone", highlight=False)
+    rtn_only = [r.name for r in layers if calibrated and r.name not in calibrated]
+    if rtn_only:
+        console.print(f"rounded to nearest (not on the path GPTQ runs): {', '.join(n.removesuffix('.weight') for n in rtn_only)}",
+                      highlight=False)
     return 0
+
+
+def _calibration_texts(args):
+    from .calibrate import calibration_texts
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise NpquantError(f"--max-samples must be at least 1, got {args.max_samples}")
+    return calibration_texts(args.calibration, args.max_samples)
+
+
+def _calibrate_checkpoint(model, scheme, args):
+    """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows."""
+    from pathlib import Path
+
+    from .models import SentenceEncoder
+    from .safetensors_io import Checkpoint
+
+    if scheme.is_float:
+        raise NpquantError(f"--method gptq takes int schemes; {args.scheme} is fp8, which is rounded to nearest: "
+                           f"use --method rtn")
+    root = Path(model)
+    config = {}
+    if (root / "config.json").is_file():
+        try:
+            config = json.loads((root / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise NpquantError(f"{root / 'config.json'} is not valid JSON: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not root.is_dir() or model_type != "bert":
+        raise NpquantError(
+            f"--method gptq runs the model on calibration text, and npquant runs BERT sentence encoders only "
+            f"(config.json model_type 'bert', e.g. all-MiniLM-L6-v2); {model} has model_type {model_type!r}. "
+            f"--method rtn quantizes any checkpoint"
+        )
+    texts = _calibration_texts(args)
+    encoder = SentenceEncoder.from_pretrained(root)
+    encoder = _run_gptq(encoder, scheme, texts, args.observer)
+    with Checkpoint(root) as ckpt:
+        names = set(ckpt.tensors)
+    out = {}
+    for key in encoder.linear_names():
+        name = key if key in names else f"bert.{key}"
+        out[name] = encoder.tensors[key]
+    rows = [{**r, "name": r["name"] if r["name"] in names else f"bert.{r['name']}"} for r in encoder.layer_report]
+    return out, rows
+
+
+def _run_gptq(encoder, scheme, texts, observer):
+    """``encoder.quantized(scheme, "gptq", ...)`` with a progress bar per layer on a terminal."""
+    if not sys.stderr.isatty():
+        return encoder.quantized(scheme, "gptq", texts, observer=observer)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("GPTQ {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    with bar:
+        task = bar.add_task(f"on {len(texts)} texts", total=len(encoder.linear_names()))
+        return encoder.quantized(
+            scheme, "gptq", texts, observer=observer,
+            progress=lambda name, done, total: bar.update(task, completed=done, description=name.removesuffix(".weight")[-40:]),
+        )
+
+
+def _print_gptq_table(console, rows, args) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"GPTQ per layer ({args.scheme}, observer {args.observer}): output error on the calibration "
+                        f"tokens, tr(dW H dW^T) / tr(W H W^T)", title_justify="left")
+    for head in ("layer", "shape", "tokens", "RTN loss", "GPTQ loss", "GPTQ / RTN", "seconds"):
+        table.add_column(head, justify="left" if head == "layer" else "right")
+    for r in rows:
+        table.add_row(r["name"].removesuffix(".weight"), "x".join(map(str, r["shape"])), f"{r['tokens']:,}",
+                      f"{r['rtn_loss']:.3e}", f"{r['gptq_loss']:.3e}", f"{r['ratio']:.3f}", f"{r['seconds']:.2f}")
+    console.print(table)
+    total = sum(r["seconds"] for r in rows)
+    console.print(f"GPTQ: {len(rows)} layers, mean loss ratio {sum(r['ratio'] for r in rows) / len(rows):.3f}, "
+                  f"{total:.1f} s in the solver", highlight=False)
 
 
 def _eval(args) -> int:
@@ -443,8 +566,24 @@ def _eval(args) -> int:
         raise NpquantError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.plot:
         _need_matplotlib()
+    calibration = None
+    if args.method == "gptq":
+        from .fidelity import SENTENCES
+
+        calibration = _calibration_texts(args)
+        shared = set(calibration) & set(sentences or SENTENCES)
+        if shared:
+            raise NpquantError(
+                f"{len(shared)} evaluation sentences are also calibration texts (e.g. {sorted(shared)[0]!r}): "
+                f"a figure measured on calibration text is no figure; make --calibration and --sentences disjoint"
+            )
+    elif args.calibration or args.max_samples:
+        raise NpquantError("--calibration and --max-samples are for --method gptq")
     encoder = SentenceEncoder.from_pretrained(args.model, backend=args.backend)
-    n_runs = 1 + len(labels)  # float32, then each scheme
+    runs = [(label, "rtn") for label in labels]
+    if args.method == "gptq":
+        runs = [(label, m) for label in labels for m in (("rtn", "gptq") if not get_scheme(label).is_float else ("rtn",))]
+    n_runs = 1 + len(runs)  # float32, then each scheme and method
     bar = None
     if sys.stderr.isatty():
         from rich.console import Console
@@ -456,9 +595,11 @@ def _eval(args) -> int:
         with bar:
             task = bar.add_task("encoding", total=n_runs)
             rows, _ = evaluate(encoder, labels, sentences, args.batch_size,
-                               progress=lambda label: bar.update(task, advance=1, description=label))
+                               progress=lambda label: bar.update(task, advance=1, description=label),
+                               method=args.method, calibration=calibration, observer=args.observer)
     else:
-        rows, _ = evaluate(encoder, labels, sentences, args.batch_size)
+        rows, _ = evaluate(encoder, labels, sentences, args.batch_size, method=args.method,
+                           calibration=calibration, observer=args.observer)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:

@@ -34,7 +34,8 @@ def read_sentences(path) -> list[str]:
     return sentences
 
 
-def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progress=None) -> tuple[list[dict], dict]:
+def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progress=None, *, method: str = "rtn",
+             calibration=None, observer: str = "minmax") -> tuple[list[dict], dict]:
     """Compare the float32 encoder's embeddings with each quantized encoder's.
 
     Parameters
@@ -43,6 +44,11 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     schemes : preset names or Schemes (default :data:`DEFAULT_EVAL_SCHEMES`)
     sentences : list of str (default :data:`SENTENCES`)
     progress : called as ``progress(label)`` after each encoder has run
+    method : {"rtn", "gptq"}
+        ``"gptq"``: each int scheme twice, rounded to nearest (label ``"<scheme>"``)
+        and with GPTQ (``"<scheme> gptq"``), calibrated on ``calibration``
+        (default: the built-in calibration texts, disjoint from :data:`SENTENCES`).
+    observer : {"minmax", "mse"}, for every quantized encoder
 
     Returns
     -------
@@ -62,8 +68,13 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     if progress is not None:
         progress("float32")
     rows = [_row("float32", encoder, base, base, base_nn, sentences)]
+    runs = []
     for label, scheme in resolved:
-        q = encoder.quantized(scheme)
+        runs.append((label, scheme, "rtn"))
+        if method == "gptq" and not scheme.is_float:
+            runs.append((f"{label} gptq", scheme, "gptq"))
+    for label, scheme, how in runs:
+        q = encoder.quantized(scheme, method=how, calibration=calibration, observer=observer)
         emb = q.encode(sentences, batch_size=batch_size)
         rows.append(_row(label, q, emb, base, base_nn, sentences))
         if progress is not None:

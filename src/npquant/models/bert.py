@@ -30,7 +30,10 @@ from ..linear import linear
 from ..quantize import QuantizedTensor, quantize
 from ..schemes import Scheme, get_scheme
 
-__all__ = ["SentenceEncoder", "BertConfig"]
+__all__ = ["SentenceEncoder", "BertConfig", "METHODS"]
+
+#: How :meth:`SentenceEncoder.quantized` chooses codes.
+METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class SentenceEncoder:
         self.max_seq_length = max_seq_length
         self.backend = backend
         self.scheme = scheme
+        self.layer_report = None  # GPTQ's per-layer rows, when made by quantized(method="gptq")
 
     # --- loading -----------------------------------------------------------------
     @classmethod
@@ -118,16 +122,44 @@ class SentenceEncoder:
             names += [p + s + ".weight" for s in _BLOCK_LINEARS]
         return names
 
-    def quantized(self, scheme: Scheme | str) -> "SentenceEncoder":
-        """A copy whose every linear layer is a :class:`QuantizedTensor` of ``scheme``."""
+    def quantized(self, scheme: Scheme | str, method: str = "rtn", calibration=None, *, observer: str = "minmax",
+                  progress=None) -> "SentenceEncoder":
+        """A copy whose every linear layer is a :class:`QuantizedTensor` of ``scheme``.
+
+        Parameters
+        ----------
+        scheme : Scheme or preset name
+        method : {"rtn", "gptq"}
+            ``"rtn"``: round to nearest (:func:`npquant.quantize`). ``"gptq"``:
+            calibrated on ``calibration``, block after block, each block's
+            inputs computed with the earlier ones already quantized (see
+            :mod:`npquant.models.calibrated`); its per-layer losses are in the
+            copy's ``layer_report``.
+        calibration : list of str or None
+            GPTQ's calibration texts (default: the built-in set,
+            :func:`npquant.calibrate.calibration_texts`).
+        observer : {"minmax", "mse"}
+            How block ranges are chosen (see :mod:`npquant.quantize`).
+        progress : callable or None
+            GPTQ only: ``progress(module, done, total)`` after each layer.
+        """
         scheme = get_scheme(scheme)
-        tensors = dict(self.tensors)
-        for name in self.linear_names():
-            w = tensors[name]
-            if isinstance(w, QuantizedTensor):
-                raise NpquantError("this encoder is quantized already; quantize the float32 one")
-            tensors[name] = quantize(w, scheme, name=f"tensor {name!r}:")
-        return SentenceEncoder(self.config, tensors, self.tokenizer, self.max_seq_length, self.backend, scheme)
+        if method not in METHODS:
+            raise NpquantError(f"method={method!r} is not known; expected one of {METHODS}")
+        if any(isinstance(self.tensors[n], QuantizedTensor) for n in self.linear_names()):
+            raise NpquantError("this encoder is quantized already; quantize the float32 one")
+        report = None
+        if method == "gptq":
+            from .calibrated import gptq_tensors
+
+            tensors, report = gptq_tensors(self, scheme, calibration, observer=observer, progress=progress)
+        else:
+            tensors = dict(self.tensors)
+            for name in self.linear_names():
+                tensors[name] = quantize(tensors[name], scheme, name=f"tensor {name!r}:", observer=observer)
+        out = SentenceEncoder(self.config, tensors, self.tokenizer, self.max_seq_length, self.backend, scheme)
+        out.layer_report = report
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -167,45 +199,75 @@ class SentenceEncoder:
         if batch_size < 1:
             raise NpquantError(f"batch_size must be at least 1, got {batch_size}")
         out = np.zeros((len(sentences), self.config.hidden_size), np.float32)
-        lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(sentences)]
+        for batch in self.batches(sentences, batch_size):
+            ids, mask = self.tokenize([sentences[j] for j in batch])
+            out[batch] = self._forward(ids, mask)
+        return out
+
+    def batches(self, sentences: list[str], batch_size: int = 32) -> list[list[int]]:
+        """Indices of ``sentences`` grouped as :meth:`encode` runs them: longest first, breaking where lengths halve."""
+        lengths = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(list(sentences))]
         order = sorted(range(len(sentences)), key=lambda i: -lengths[i])
+        out: list[list[int]] = []
         batch: list[int] = []
         for i in order + [None]:
             if batch and (i is None or len(batch) == batch_size or 2 * lengths[i] < lengths[batch[0]]):
-                ids, mask = self.tokenize([sentences[j] for j in batch])
-                out[batch] = self._forward(ids, mask)
+                out.append(batch)
                 batch = []
             if i is not None:
                 batch.append(i)
         return out
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        x, bias = self._embed(ids, mask)
+        for i in range(self.config.num_layers):
+            x = self._block(i, x, bias)
+        return self._pool(x, mask)
+
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(B, T, C)`` embeddings after LayerNorm, and the additive attention mask ``(B, 1, 1, T)``."""
         cfg = self.config
         t = self.tensors
-        B, T = ids.shape
-        C, H = cfg.hidden_size, cfg.num_heads
-        D = C // H
+        T = ids.shape[1]
         x = t["embeddings.word_embeddings.weight"][ids]  # (B, T, C)
         x = x + t["embeddings.position_embeddings.weight"][:T][None]
         x = x + t["embeddings.token_type_embeddings.weight"][0][None, None]
         x = _layer_norm(x, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], cfg.layer_norm_eps)
         # Additive mask over keys, as transformers builds it: 0 or float32.min.
         bias = (1.0 - mask[:, None, None, :].astype(np.float32)) * np.finfo(np.float32).min  # (B, 1, 1, T)
+        return x, bias
+
+    def _block(self, i: int, x: np.ndarray, bias: np.ndarray, observe=None) -> np.ndarray:
+        """Transformer block ``i`` on ``x (B, T, C)``; ``observe(module, input)`` sees each linear's input first."""
+        cfg = self.config
+        t = self.tensors
+        B, T, C = x.shape
+        H = cfg.num_heads
+        D = C // H
         scale = np.float32(1.0 / math.sqrt(D))
-        for i in range(cfg.num_layers):
-            p = f"encoder.layer.{i}."
-            q = self._linear(x, p + "attention.self.query").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-            k = self._linear(x, p + "attention.self.key").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-            v = self._linear(x, p + "attention.self.value").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-            scores = (q @ k.transpose(0, 1, 3, 2)) * scale + bias  # (B, H, T, T)
-            probs = _softmax(scores)
-            ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
-            attn = self._linear(ctx, p + "attention.output.dense")
-            x = _layer_norm(attn + x, t[p + "attention.output.LayerNorm.weight"],
-                            t[p + "attention.output.LayerNorm.bias"], cfg.layer_norm_eps)
-            h = _gelu(self._linear(x, p + "intermediate.dense"))  # (B, T, intermediate)
-            h = self._linear(h, p + "output.dense")
-            x = _layer_norm(h + x, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"], cfg.layer_norm_eps)
+        p = f"encoder.layer.{i}."
+
+        def lin(inp: np.ndarray, module: str) -> np.ndarray:
+            if observe is not None:
+                observe(p + module, inp)
+            return self._linear(inp, p + module)
+
+        q = lin(x, "attention.self.query").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = lin(x, "attention.self.key").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        v = lin(x, "attention.self.value").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        scores = (q @ k.transpose(0, 1, 3, 2)) * scale + bias  # (B, H, T, T)
+        probs = _softmax(scores)
+        ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
+        attn = lin(ctx, "attention.output.dense")
+        x = _layer_norm(attn + x, t[p + "attention.output.LayerNorm.weight"],
+                        t[p + "attention.output.LayerNorm.bias"], cfg.layer_norm_eps)
+        h = _gelu(lin(x, "intermediate.dense"))  # (B, T, intermediate)
+        h = lin(h, "output.dense")
+        return _layer_norm(h + x, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"], cfg.layer_norm_eps)
+
+    @staticmethod
+    def _pool(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """float32 ``(B, C)``: mean over the kept tokens of ``x (B, T, C)``, L2-normalised."""
         m = mask.astype(np.float32)[:, :, None]  # (B, T, 1)
         pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))  # (B, C)
         norm = np.sqrt((pooled * pooled).sum(axis=1, keepdims=True))

@@ -1,0 +1,127 @@
+"""Sequential GPTQ for the sentence encoder: each layer calibrated on the inputs it will really see.
+
+The calibration texts run through the model once to the first block. Then,
+block after block and, inside a block, in forward order (query/key/value
+together, since they read the same input; then the attention output; the
+feed-forward input; its output), the block runs on every calibration batch
+with everything before already quantized, the inputs of the next layers are
+gathered into a :class:`~npquant.calibrate.Hessian` (padding tokens left
+out), and those layers are quantized with :func:`~npquant.calibrate.gptq`.
+The block's quantized output is the next block's input.
+
+Each layer's row reports the loss ``tr(dW H dW.T)`` (the mean squared
+output error on the calibration tokens) of round-to-nearest and of GPTQ,
+relative to ``tr(W H W.T)``, and the seconds GPTQ took.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..calibrate import Hessian, calibration_texts, gptq, hessian_loss
+from ..errors import NpquantError
+from ..quantize import quantize
+from ..schemes import Scheme
+
+__all__ = ["gptq_tensors", "CALIBRATION_BATCH"]
+
+#: Sentences per calibration forward pass.
+CALIBRATION_BATCH = 32
+
+# Linear layers of a block that share an input, in forward order.
+_GROUPS = (
+    ("attention.self.query", "attention.self.key", "attention.self.value"),
+    ("attention.output.dense",),
+    ("intermediate.dense",),
+    ("output.dense",),
+)
+
+
+def gptq_tensors(encoder, scheme: Scheme, texts=None, *, observer: str = "minmax", progress=None):
+    """The encoder's tensors with every block linear layer quantized by sequential GPTQ.
+
+    Parameters
+    ----------
+    encoder : SentenceEncoder (float32)
+    scheme : an int Scheme
+    texts : list of str or None (the built-in calibration set)
+    observer : {"minmax", "mse"}
+    progress : ``progress(module, done, total)`` after each layer, or None
+
+    Returns
+    -------
+    tensors : dict, the encoder's tensors with QuantizedTensors for its linear weights
+    rows : list of dict per layer: ``name``, ``shape``, ``rtn_loss``, ``gptq_loss``
+        (both relative to ``tr(W H W.T)``), ``ratio`` (GPTQ / RTN), ``seconds``
+    """
+    from .bert import SentenceEncoder
+
+    if scheme.is_float:
+        raise NpquantError(f"GPTQ takes int schemes; {scheme.dtype} is rounded to nearest (method='rtn')")
+    texts = calibration_texts() if texts is None else list(texts)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise NpquantError("calibration texts must be a non-empty list of non-empty strings")
+    # The numpy backend throughout: the Hessians (so the codes) do not depend on whether numba is installed.
+    work = SentenceEncoder(encoder.config, dict(encoder.tensors), encoder.tokenizer, encoder.max_seq_length,
+                           backend="numpy")
+    batches = []
+    for idx in work.batches(texts, CALIBRATION_BATCH):
+        ids, mask = work.tokenize([texts[j] for j in idx])
+        x, bias = work._embed(ids, mask)
+        batches.append([x, bias, mask])  # block input, attention bias, token mask
+    names = work.linear_names()
+    rows = []
+    for i in range(work.config.num_layers):
+        prefix = f"encoder.layer.{i}."
+        for group in _GROUPS:
+            wanted = prefix + group[0]
+            hess = None
+            for x, bias, mask in batches:
+
+                def observe(module, inp, mask=mask):
+                    nonlocal hess
+                    if module == wanted:
+                        if hess is None:
+                            hess = Hessian(inp.shape[-1])
+                        hess.add(inp, mask)
+
+                _run_until(work, i, x, bias, observe, wanted)
+            h = hess.matrix()
+            tokens = hess.tokens
+            for module in group:
+                name = prefix + module + ".weight"
+                w = work.tensors[name]
+                start = time.perf_counter()
+                qt = gptq(w, h, scheme, observer=observer)
+                seconds = time.perf_counter() - start
+                ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h, w.astype(np.float64)))
+                rtn = hessian_loss(w, quantize(w, scheme, observer=observer), h) / ref
+                ours = hessian_loss(w, qt, h) / ref
+                rows.append({"name": name, "shape": tuple(w.shape), "tokens": tokens, "rtn_loss": rtn,
+                             "gptq_loss": ours, "ratio": ours / rtn if rtn > 0 else 1.0, "seconds": seconds})
+                work.tensors[name] = qt
+                if progress is not None:
+                    progress(name, len(rows), len(names))
+        for batch in batches:  # the quantized block's output feeds the next block
+            batch[0] = work._block(i, batch[0], batch[1])
+    return work.tensors, rows
+
+
+class _Stop(Exception):
+    """Raised by the observer once the wanted layer's input is seen: the rest of the block is not needed."""
+
+
+def _run_until(work, i: int, x, bias, observe, wanted: str) -> None:
+    """Run block ``i`` until ``wanted`` has seen its input."""
+
+    def watch(module, inp):
+        observe(module, inp)
+        if module == wanted:
+            raise _Stop
+
+    try:
+        work._block(i, x, bias, watch)
+    except _Stop:
+        pass
