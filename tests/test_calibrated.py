@@ -1,0 +1,216 @@
+"""Sequential GPTQ on a sentence encoder: a tiny BERT made here (no optional model needed), then the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+import npquant
+from npquant import NpquantError, QuantizedTensor
+from npquant.calibrate import Hessian, gptq
+from npquant.cli import main
+
+tokenizers = pytest.importorskip("tokenizers", reason="the sentence encoder needs tokenizers (npquant[models])")
+
+WORDS = ("the a cat dog sat ran on under mat table red blue big small quickly slowly it is was "
+         "and or but not very what why how where when who model weight bit scale group").split()
+HIDDEN, HEADS, FFN, LAYERS = 64, 4, 128, 2
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def tiny_tensors(seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s, std=0.2: (std * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    t = {
+        "embeddings.word_embeddings.weight": f(len(WORDS) + 4, HIDDEN, std=1.0),
+        "embeddings.position_embeddings.weight": f(64, HIDDEN, std=0.3),
+        "embeddings.token_type_embeddings.weight": f(2, HIDDEN, std=0.1),
+        "embeddings.LayerNorm.weight": np.ones(HIDDEN, np.float32),
+        "embeddings.LayerNorm.bias": np.zeros(HIDDEN, np.float32),
+        "pooler.dense.weight": f(HIDDEN, HIDDEN),
+        "pooler.dense.bias": f(HIDDEN),
+    }
+    for i in range(LAYERS):
+        p = f"encoder.layer.{i}."
+        for name, (o, n) in {"attention.self.query": (HIDDEN, HIDDEN), "attention.self.key": (HIDDEN, HIDDEN),
+                             "attention.self.value": (HIDDEN, HIDDEN), "attention.output.dense": (HIDDEN, HIDDEN),
+                             "intermediate.dense": (FFN, HIDDEN), "output.dense": (HIDDEN, FFN)}.items():
+            t[p + name + ".weight"] = f(o, n)
+            t[p + name + ".bias"] = f(o, std=0.05)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            t[p + ln + ".weight"] = np.ones(HIDDEN, np.float32) + f(HIDDEN, std=0.05)
+            t[p + ln + ".bias"] = f(HIDDEN, std=0.05)
+    return t
+
+
+W3G32 = npquant.Scheme("int", 3, "group", 32)
+
+CONFIG = {"model_type": "bert", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+          "intermediate_size": FFN, "max_position_embeddings": 64, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+
+
+def texts(n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(2, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from safetensors.numpy import save_file
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    save_file({f"bert.{k}" if k.startswith("encoder") else k: v for k, v in tiny_tensors().items()},
+              str(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    tiny_tokenizer().save(str(root / "tokenizer.json"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir):
+    from npquant.models import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained(tiny_dir, backend="numpy")
+
+
+def test_each_layer_is_calibrated_on_inputs_from_the_quantized_layers_before_it(encoder):
+    calib = texts(40, seed=1)
+    q = encoder.quantized("w4-g32", method="gptq", calibration=calib)
+    # Rebuild two Hessians by hand: block 0's query sees the embeddings; block 1's
+    # attention output sees the context from quantized block 0 and quantized q/k/v of block 1.
+    from npquant.models import SentenceEncoder
+
+    half = dict(encoder.tensors)
+    for name in encoder.linear_names():
+        if name.startswith("encoder.layer.0.") or "layer.1.attention.self" in name:
+            half[name] = q.tensors[name]
+    partial = SentenceEncoder(encoder.config, half, encoder.tokenizer, backend="numpy")
+    h0, h1 = Hessian(HIDDEN), Hessian(HIDDEN)
+    for idx in partial.batches(calib, 32):
+        ids, mask = partial.tokenize([calib[j] for j in idx])
+        x, bias = partial._embed(ids, mask)
+        h0.add(x, mask)
+        x = partial._block(0, x, bias)
+
+        def grab(module, inp, mask=mask):
+            if module == "encoder.layer.1.attention.output.dense":
+                h1.add(inp, mask)
+
+        partial._block(1, x, bias, grab)
+    for name, h in (("encoder.layer.0.attention.self.query.weight", h0),
+                    ("encoder.layer.1.attention.output.dense.weight", h1)):
+        want = gptq(encoder.tensors[name], h.matrix(), "w4-g32")
+        np.testing.assert_array_equal(q.tensors[name].codes, want.codes)
+        np.testing.assert_array_equal(q.tensors[name].scale, want.scale)
+    assert [r["name"] for r in q.layer_report] == encoder.linear_names()
+    assert all(r["gptq_loss"] < r["rtn_loss"] for r in q.layer_report)
+    assert all(r["tokens"] == h0.tokens for r in q.layer_report)
+
+
+def test_gptq_is_deterministic_and_beats_rtn_on_unseen_text(encoder):
+    calib, held = texts(60, seed=2), texts(40, seed=3)
+    a = encoder.quantized(W3G32, method="gptq", calibration=calib)
+    b = encoder.quantized(W3G32, method="gptq", calibration=calib)
+    for name in encoder.linear_names():
+        np.testing.assert_array_equal(a.tensors[name].codes, b.tensors[name].codes)
+    base = encoder.encode(held)
+    rtn = encoder.quantized(W3G32)
+    cos = lambda e: float(np.mean(np.sum(e * base, axis=1)))  # noqa: E731
+    assert cos(a.encode(held)) > cos(rtn.encode(held))
+
+
+def test_bad_method_and_calibration(encoder):
+    with pytest.raises(NpquantError, match=r"method='awq' is not known"):
+        encoder.quantized("w4-g32", method="awq")
+    with pytest.raises(NpquantError, match=r"GPTQ takes int schemes"):
+        encoder.quantized("fp8-channel", method="gptq", calibration=["a cat"])
+    with pytest.raises(NpquantError, match=r"calibration texts must be a non-empty list"):
+        encoder.quantized("w4-g32", method="gptq", calibration=[])
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+def test_quantize_gptq_writes_what_load_reads(tiny_dir, encoder, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts(50, seed=4)) + "\n\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["quantize", str(tiny_dir), "-o", str(out), "--scheme", "w4-g32", "--method", "gptq",
+                 "--calibration", str(calib), "--max-samples", "30", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    by = {r["name"]: r for r in rows}
+    assert by["pooler.dense.weight"]["method"] == "rtn"  # not on the embedding path
+    gptq_rows = [r for r in rows if r["method"] == "gptq"]
+    assert len(gptq_rows) == 6 * LAYERS and all(r["gptq_loss"] < r["rtn_loss"] for r in gptq_rows)
+    loaded = npquant.load(out)
+    want = encoder.quantized("w4-g32", method="gptq", calibration=texts(50, seed=4)[:30])
+    for name in encoder.linear_names():
+        got = loaded[f"bert.{name}"]
+        assert isinstance(got, QuantizedTensor)
+        np.testing.assert_array_equal(got.codes, want.tensors[name].codes)
+        np.testing.assert_array_equal(got.scale, want.tensors[name].scale)
+    code = main(["quantize", str(tiny_dir), "-o", str(tmp_path / "out2"), "--scheme", "w4-g32", "--method", "gptq",
+                 "--max-samples", "20", "--observer", "mse"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "GPTQ per layer" in printed and "GPTQ / RTN" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scheme", "fp8-channel", "--method", "gptq"], "--method gptq takes int schemes"),
+    (["--scheme", "w4-g32", "--method", "gptq", "--calibration", "MISSING"], "No such file"),
+    (["--scheme", "w4-g32", "--method", "gptq", "--calibration", "EMPTY"], "holds no text"),
+    (["--scheme", "w4-g32", "--method", "gptq", "--max-samples", "0"], "--max-samples must be at least 1"),
+    (["--scheme", "w4-g32", "--calibration", "EMPTY"], "--calibration and --max-samples are for --method gptq"),
+    (["--scheme", "w4-g32", "--method", "gptq", "--observer", "mse", "--scheme", "w8-tensor"], "per-tensor int"),
+])
+def test_quantize_gptq_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, argv, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    argv = [str(tmp_path / "missing.txt") if a == "MISSING" else str(empty) if a == "EMPTY" else a for a in argv]
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_dir), "-o", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_gptq_on_a_model_npquant_cannot_run(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    root = tmp_path / "llama"
+    root.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": np.ones((64, 64), np.float32)}, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["quantize", str(root), "-o", str(tmp_path / "out"), "--method", "gptq", "--scheme", "w4-g32"]) == 2
+    err = capsys.readouterr().err
+    assert "npquant runs BERT sentence encoders only" in err and "'llama'" in err and "--method rtn" in err
+    assert main(["quantize", str(root), "-o", str(tmp_path / "out"), "--scheme", "w4-g32"]) == 0  # RTN works
+
+
+def test_eval_refuses_calibration_text_that_is_also_evaluated(tiny_dir, tmp_path, capsys):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(texts(10, seed=5)))
+    assert main(["eval", str(tiny_dir), "--sentences", str(sentences), "--method", "gptq",
+                 "--calibration", str(sentences)]) == 2
+    assert "also calibration texts" in capsys.readouterr().err
+
+
+def test_eval_shows_rtn_and_gptq_side_by_side(tiny_dir, tmp_path, capsys):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(texts(12, seed=6)))
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(texts(40, seed=7)))
+    code = main(["eval", str(tiny_dir), "--sentences", str(sentences), "--method", "gptq", "--calibration", str(calib),
+                 "--scheme", "w4-g32", "--scheme", "fp8-channel", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "w4-g32 gptq", "fp8-channel"]
