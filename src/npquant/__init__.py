@@ -16,6 +16,9 @@ the quantized linear layer without building the float32 weight.
 __version__ = "0.1.0"
 
 from . import metrics
+from .calibrate import Hessian
+from .calibrate import gptq
+from .calibrate import hessian_loss
 from .checkpoint import load
 from .checkpoint import quantize_checkpoint
 from .errors import NpquantError
@@ -48,6 +51,10 @@ __all__ = [
     "available_backends",
     "prepare",
     "PreparedTensor",
+    # calibrated quantization
+    "gptq",
+    "Hessian",
+    "hessian_loss",
     # checkpoints
     "quantize_checkpoint",
     "load",
