@@ -241,8 +241,8 @@ def _layer_arrays(module: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
-    weights = {
+def _weights_args(scheme: Scheme) -> dict:
+    return {
         "num_bits": scheme.bits,
         "type": "float" if scheme.is_float else "int",
         "symmetric": scheme.symmetric,
@@ -250,13 +250,33 @@ def _quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
         "group_size": scheme.group_size,
         "dynamic": False,
     }
+
+
+def _format_of(scheme: Scheme) -> str:
+    return "float-quantized" if scheme.is_float else "pack-quantized"
+
+
+def _quantization_config(scheme: Scheme | Mapping[str, Scheme], ignore: list[str]) -> dict:
+    """One ``Linear`` group for a single scheme; for a per-layer mapping, one group per scheme targeting its modules by exact name."""
+    if isinstance(scheme, Scheme):
+        groups = {"group_0": {"targets": ["Linear"], "weights": _weights_args(scheme), "input_activations": None,
+                              "output_activations": None}}
+        fmt = _format_of(scheme)
+    else:
+        by_scheme: dict[Scheme, list[str]] = {}
+        for name, sch in scheme.items():
+            by_scheme.setdefault(sch, []).append(name[: -len(".weight")])
+        groups = {}
+        for k, (sch, modules) in enumerate(by_scheme.items()):
+            groups[f"group_{k}"] = {"format": _format_of(sch), "targets": sorted(modules), "weights": _weights_args(sch),
+                                    "input_activations": None, "output_activations": None}
+        formats = {g["format"] for g in groups.values()}
+        fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     return {
         "quant_method": "compressed-tensors",
-        "format": "float-quantized" if scheme.is_float else "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}
-        },
+        "config_groups": groups,
         "ignore": ignore,
     }
 
@@ -277,7 +297,7 @@ class LayerResult:
 def quantize_checkpoint(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    scheme: Scheme | str,
+    scheme: Scheme | str | Mapping[str, Scheme | str],
     *,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -300,37 +320,58 @@ def quantize_checkpoint(
     ``skipped`` (list of :class:`LayerChoice`), ``warnings``, byte totals.
     ``progress(name, nbytes)`` is called after each input tensor.
 
+    ``scheme`` is one scheme for every selected layer, or a mapping from
+    tensor names (``<m>.weight``) to schemes: a mixed-precision checkpoint
+    with one config group per scheme, each targeting its modules by exact
+    name; selected layers the mapping leaves out are left alone (listed in
+    ``ignore``), and a name the checkpoint lacks, or of a tensor that is not
+    a linear weight, is an error.
+
     ``quantized`` maps tensor names to QuantizedTensors made elsewhere (by
-    GPTQ, say) with ``scheme``: those are written as given, the other
-    selected layers are quantized here (with ``observer``, see
+    GPTQ, say) with their layer's scheme: those are written as given, the
+    other selected layers are quantized here (with ``observer``, see
     :func:`npquant.quantize`).
     """
-    scheme = get_scheme(scheme)
-    notes = check_loadable(scheme)
+    per_layer = None
+    if isinstance(scheme, Mapping):
+        per_layer = {name: get_scheme(s) for name, s in scheme.items()}
+        if not per_layer:
+            raise NpquantError("the per-layer scheme mapping is empty")
+        notes = sorted({n for s in set(per_layer.values()) for n in check_loadable(s)})
+    else:
+        scheme = get_scheme(scheme)
+        notes = check_loadable(scheme)
     out = Path(out)
     quantized = dict(quantized or {})
     if out.exists() and not force:
         raise NpquantError(f"output {out} already exists; pass --force to replace it")
     with Checkpoint(model) as ckpt:
-        choices = select_layers(ckpt, scheme, include, exclude)
+        if per_layer is None:
+            choices = select_layers(ckpt, scheme, include, exclude)
+            layer_scheme = {c.name: scheme for c in choices if c.quantize}
+        else:
+            choices = _choices_for_mapping(ckpt, per_layer)
+            layer_scheme = per_layer
         picked = {c.name: c for c in choices if c.quantize}
         if not picked:
             raise NpquantError(f"no tensor of {ckpt.path} was selected for quantization; see --include")
         for name, qt in quantized.items():
             if name not in picked:
                 raise NpquantError(f"quantized tensor {name!r} is not a layer selected for quantization in {ckpt.path}")
-            if not isinstance(qt, QuantizedTensor) or qt.scheme != scheme or qt.shape != picked[name].shape:
+            want = layer_scheme[name]
+            if not isinstance(qt, QuantizedTensor) or qt.scheme != want or qt.shape != picked[name].shape:
                 got = f"{qt.scheme} {qt.shape}" if isinstance(qt, QuantizedTensor) else type(qt).__name__
                 raise NpquantError(
-                    f"quantized tensor {name!r} must be a QuantizedTensor of {scheme} {picked[name].shape}, got {got}"
+                    f"quantized tensor {name!r} must be a QuantizedTensor of {want} {picked[name].shape}, got {got}"
                 )
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
         results: list[LayerResult] = []
         try:
-            shard_files = _write_shards(ckpt, tmp, scheme, picked, results, workers, progress, quantized, observer)
-            _write_sidecars(ckpt, tmp, scheme, choices, shard_files)
+            shard_files = _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer)
+            _write_sidecars(ckpt, tmp, scheme if per_layer is None else {n: layer_scheme[n] for n in picked},
+                            choices, shard_files)
             _replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -346,7 +387,30 @@ def quantize_checkpoint(
     }
 
 
-def _write_shards(ckpt, tmp, scheme, picked, results, workers, progress, quantized, observer) -> dict[str, list[str]]:
+def _choices_for_mapping(ckpt, per_layer: dict[str, Scheme]) -> list[LayerChoice]:
+    """Layer choices for a per-layer mapping: exactly its names, each checked against the checkpoint."""
+    defaults = {c.name: c for c in select_layers(ckpt)}
+    for name, sch in per_layer.items():
+        if name not in ckpt.tensors:
+            raise NpquantError(f"the plan names layer {name!r}, which {ckpt.path} lacks: is the plan for another model?")
+        t = ckpt.tensors[name]
+        if t.ndim != 2 or t.code not in _QUANTIZABLE or not name.endswith(".weight"):
+            raise NpquantError(f"the plan names {name!r} ({t.code} {t.shape}), which is not a 2-D float linear weight")
+        if sch.granularity == "group" and t.shape[1] % sch.group_size:
+            raise NpquantError(f"the plan gives {name!r} group_size={sch.group_size}, which does not divide "
+                               f"in_features={t.shape[1]}")
+    out = []
+    for name, c in defaults.items():
+        if name in per_layer:
+            out.append(LayerChoice(name, c.shape, c.dtype, True))
+        elif c.quantize:
+            out.append(LayerChoice(name, c.shape, c.dtype, False, "not in the plan"))
+        else:
+            out.append(c)
+    return out
+
+
+def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer) -> dict[str, list[str]]:
     """Write every shard into ``tmp``; return each output file's tensor names."""
     def job(src: TensorSource) -> dict:
         if src.name in quantized:
@@ -355,7 +419,7 @@ def _write_shards(ckpt, tmp, scheme, picked, results, workers, progress, quantiz
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
         elif src.name in picked:
-            qt, rel, sqnr = quantize_measured(src, scheme, name=f"tensor {src.name!r} in {src.file.name}:",
+            qt, rel, sqnr = quantize_measured(src, layer_scheme[src.name], name=f"tensor {src.name!r} in {src.file.name}:",
                                               observer=observer)
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
@@ -372,7 +436,7 @@ def _write_shards(ckpt, tmp, scheme, picked, results, workers, progress, quantiz
             plans = []
             for src in sources:
                 if src.name in picked:
-                    plans += _layer_plans(src.name[: -len(".weight")], src.shape, scheme)
+                    plans += _layer_plans(src.name[: -len(".weight")], src.shape, layer_scheme[src.name])
                 else:
                     plans.append(TensorPlan(src.name, src.dtype, src.shape))
             write_safetensors(tmp / file.name, plans, _ordered_map(pool, job, sources, workers),
@@ -446,10 +510,14 @@ def _replace(tmp: Path, out: Path) -> None:
 
 # --- loading -----------------------------------------------------------------------
 def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
-    """Read a compressed-tensors directory written by npquant into QuantizedTensors.
+    """Read a compressed-tensors directory into QuantizedTensors.
 
-    Keys are the original weight names (``<m>.weight``). Codes and scales
-    come back exactly as :func:`quantize` made them.
+    Keys are the original weight names (``<m>.weight``). Every config group
+    is read (a mixed-precision checkpoint decodes each module with its own
+    group's scheme); a module matches a group's targets by exact name, then
+    ``re:`` pattern (``re.match``), then class name (``Linear``), and
+    ``ignore`` wins over every target. Codes and scales come back exactly
+    as :func:`quantize` made them.
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -457,47 +525,139 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
         raise NpquantError(f"{path} has no config.json; is it a compressed-tensors directory?")
     try:
         qc = json.loads(config_path.read_text())["quantization_config"]
-        weights = qc["config_groups"]["group_0"]["weights"]
-        fmt = qc["format"]
+        raw_groups = qc["config_groups"]
+        top_format = qc["format"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise NpquantError(f"{config_path} has no usable quantization_config ({exc!r})") from None
-    dtype = "fp8_e4m3" if weights.get("type") == "float" else "int"
-    scheme = Scheme(
-        dtype, int(weights["num_bits"]), weights["strategy"], weights.get("group_size") if weights["strategy"] == "group" else None,
-        bool(weights.get("symmetric", True)),
-    )
+    if not isinstance(raw_groups, dict) or not raw_groups:
+        raise NpquantError(f"{config_path}: config_groups must be a non-empty object")
+    groups = []
+    for gname, g in raw_groups.items():
+        where = f"{config_path}: config_groups.{gname}"
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+            raise NpquantError(f"{where} has no 'weights' object")
+        targets = g.get("targets")
+        if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
+            raise NpquantError(f"{where}.targets must be a list of strings, got {targets!r}")
+        fmt = g.get("format") or top_format
+        if fmt == "mixed-precision":
+            raise NpquantError(f"{where} has no format of its own under a mixed-precision config")
+        groups.append((gname, _scheme_from_weights(g["weights"], where), fmt, targets))
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        raise NpquantError(f"{config_path}: ignore must be a list of strings, got {ignore!r}")
     out: dict[str, QuantizedTensor] = {}
     with Checkpoint(path) as ckpt:
         t = ckpt.tensors
-        if fmt == "pack-quantized":
-            for name in t:
-                if not name.endswith(".weight_packed"):
-                    continue
-                module = name[: -len(".weight_packed")]
-                shape = tuple(int(v) for v in t[f"{module}.weight_shape"].read())
-                u = _unpack_words(t[name].read(), scheme.bits, shape[1])
-                zp = None
-                if not scheme.symmetric:
-                    zp = np.ascontiguousarray(_unpack_words(t[f"{module}.weight_zero_point"].read().T.copy(), scheme.bits, shape[0]).T)
-                if scheme.packed:
-                    codes = pack_codes(u, scheme.bits)
-                elif scheme.symmetric:
-                    codes = (u.astype(np.int16) - 128).astype(np.int8)
-                else:
-                    codes = u
-                scale = t[f"{module}.weight_scale"].read().astype(np.float32)
-                out[f"{module}.weight"] = QuantizedTensor(codes, scale, zp, shape, scheme)
-        elif fmt in ("float-quantized", "naive-quantized"):
-            for name in t:
-                if not name.endswith(".weight_scale"):
-                    continue
-                module = name[: -len(".weight_scale")]
-                codes = t[f"{module}.weight"].read()
-                scale = t[name].read().astype(np.float32).reshape(-1, 1)
-                try:
-                    out[f"{module}.weight"] = QuantizedTensor(codes, scale, None, codes.shape, scheme)
-                except NpquantError as exc:
-                    raise NpquantError(f"{path}: tensor {module}.weight: {exc}") from None
-        else:
-            raise NpquantError(f"{config_path}: format {fmt!r} is not one npquant writes")
+        modules = []
+        for name in t:
+            if name.endswith(".weight_packed"):
+                modules.append(name[: -len(".weight_packed")])
+            elif name.endswith(".weight_scale") and f"{name[: -len('.weight_scale')]}.weight_packed" not in t:
+                modules.append(name[: -len(".weight_scale")])
+        for module in modules:
+            if _matches_any(module, ignore):
+                raise NpquantError(f"{path}: module {module!r} is in ignore but has quantized tensors")
+            group = _group_for(module, groups)
+            if group is None:
+                raise NpquantError(f"{path}: module {module!r} has quantized tensors but no config group targets it")
+            gname, scheme, fmt, _ = group
+            try:
+                out[f"{module}.weight"] = _read_module(t, module, scheme, fmt)
+            except NpquantError as exc:
+                raise NpquantError(f"{path}: tensor {module}.weight: {exc} (config group {gname})") from None
+            except KeyError as exc:
+                raise NpquantError(f"{path}: module {module!r} ({gname}, {fmt}) lacks tensor {exc.args[0]!r}") from None
     return out
+
+
+def _scheme_from_weights(weights: dict, where: str) -> Scheme:
+    """The Scheme a group's ``weights`` describe; wrong JSON types are errors, never coerced."""
+    num_bits, kind = weights.get("num_bits"), weights.get("type", "int")
+    strategy, symmetric = weights.get("strategy"), weights.get("symmetric", True)
+    group_size = weights.get("group_size")
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
+        raise NpquantError(f"{where}.weights.num_bits must be an integer, got {num_bits!r}")
+    if not isinstance(symmetric, bool):
+        raise NpquantError(f"{where}.weights.symmetric must be true or false, got {symmetric!r}")
+    if kind not in ("int", "float"):
+        raise NpquantError(f"{where}.weights.type must be 'int' or 'float', got {kind!r}")
+    if strategy not in ("tensor", "channel", "group"):
+        raise NpquantError(f"{where}.weights.strategy {strategy!r} is not one npquant reads (tensor, channel, group)")
+    if strategy == "group":
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise NpquantError(f"{where}.weights.group_size must be a positive integer for strategy 'group', got {group_size!r}")
+    else:
+        group_size = None
+    if kind == "float" and num_bits != 8:
+        raise NpquantError(f"{where}.weights: float weights of {num_bits} bits are not a format npquant reads (fp8 only)")
+    try:
+        return Scheme("fp8_e4m3" if kind == "float" else "int", num_bits, strategy, group_size, symmetric)
+    except NpquantError as exc:
+        raise NpquantError(f"{where}.weights: {exc}") from None
+
+
+def _matches(module: str, target: str) -> bool:
+    if target.startswith("re:"):
+        try:
+            return re.match(target[3:], module) is not None
+        except re.error as exc:
+            raise NpquantError(f"target {target!r} is not a valid regular expression: {exc}") from None
+    return target == module
+
+
+def _matches_any(module: str, targets: list[str]) -> bool:
+    return any(_matches(module, x) for x in targets if x == module or x.startswith("re:"))
+
+
+def _group_for(module: str, groups: list):
+    """The group claiming ``module``: an exact name first, then a ``re:`` pattern, then a class name."""
+    for test in (lambda x: x == module, lambda x: x.startswith("re:") and _matches(module, x),
+                 lambda x: not x.startswith("re:") and "." not in x and x[:1].isupper()):
+        for group in groups:
+            if any(test(x) for x in group[3]):
+                return group
+    return None
+
+
+def _read_module(t, module: str, scheme: Scheme, fmt: str) -> QuantizedTensor:
+    """One module's tensors decoded as ``fmt`` with ``scheme``."""
+    if fmt == "pack-quantized":
+        if scheme.is_float:
+            raise NpquantError("pack-quantized holds int weights, but the group's weights are float")
+        shape = tuple(int(v) for v in t[f"{module}.weight_shape"].read())
+        if len(shape) != 2:
+            raise NpquantError(f"weight_shape must hold [out, in], got {list(shape)}")
+        words = t[f"{module}.weight_packed"].read()
+        want = (shape[0], math.ceil(shape[1] * scheme.bits / 32))
+        if words.shape != want:
+            raise NpquantError(f"weight_packed has shape {words.shape}; {scheme.bits}-bit codes of {shape} take {want}")
+        u = _unpack_words(words, scheme.bits, shape[1])
+        zp = None
+        if not scheme.symmetric:
+            zp_words = t[f"{module}.weight_zero_point"].read()
+            zp = np.ascontiguousarray(_unpack_words(zp_words.T.copy(), scheme.bits, shape[0]).T)
+        if scheme.packed:
+            codes = pack_codes(u, scheme.bits)
+        elif scheme.symmetric:
+            codes = (u.astype(np.int16) - 128).astype(np.int8)
+        else:
+            codes = u
+        scale = t[f"{module}.weight_scale"].read().astype(np.float32)
+        _check_scale(scale)
+        return QuantizedTensor(codes, scale, zp, shape, scheme)
+    if fmt in ("float-quantized", "naive-quantized"):
+        if not scheme.is_float:
+            raise NpquantError(f"{fmt} is read for fp8 weights here; the group's weights are int")
+        codes = t[f"{module}.weight"].read()
+        scale = t[f"{module}.weight_scale"].read().astype(np.float32).reshape(-1, 1)
+        _check_scale(scale)
+        return QuantizedTensor(codes, scale, None, codes.shape, scheme)
+    raise NpquantError(f"format {fmt!r} is not one npquant reads (pack-quantized, float-quantized, naive-quantized)")
+
+
+def _check_scale(scale: np.ndarray) -> None:
+    bad = ~np.isfinite(scale) | (scale < 0)
+    if bad.any():
+        idx = tuple(int(v) for v in np.argwhere(bad)[0])
+        raise NpquantError(f"weight_scale{list(idx)} = {float(scale[idx])}: scales must be finite and non-negative")
