@@ -8,6 +8,7 @@ import math
 import sys
 
 from .errors import NpquantError
+from .quantize import QuantizedTensor
 
 __all__ = ["main"]
 
@@ -93,7 +94,33 @@ def _build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     qz.add_argument("--workers", type=int, default=2, help="tensors quantized at once (default 2)")
     qz.add_argument("--json", action="store_true", help="print the per-layer results as JSON")
+    qz.add_argument("--plan", metavar="plan.json",
+                    help="one scheme per layer from 'npquant plan': a mixed-precision checkpoint (replaces --scheme; "
+                         "the plan's method unless --method is given)")
     _add_method_arguments(qz)
+
+    pl = sub.add_parser(
+        "plan",
+        help="choose a scheme per layer under a size budget (mixed precision)",
+        description=(
+            "Measure what each candidate scheme costs each linear layer, then choose one scheme per layer "
+            "minimising the summed cost with the layers' total bytes (codes, scales, zero points) within the "
+            "budget: an exact multiple-choice knapsack. For BERT sentence encoders (which npquant runs) the "
+            "cost is the model's output error on calibration text with only that layer quantized, "
+            "mean(1 - cosine) of the embeddings; for any other checkpoint it is a weight-only proxy (the "
+            "layer's relative squared weight error), and the output says so. Writes plan.json, which "
+            "'npquant quantize --plan' turns into one checkpoint and 'npquant eval --plan' evaluates."
+        ),
+    )
+    pl.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=float, metavar="B", help="budget in bits per linear weight (scales included)")
+    budget.add_argument("--size", type=int, metavar="BYTES", help="budget in bytes for the planned layers")
+    pl.add_argument("--schemes", default=",".join(DEFAULT_PLAN_SCHEMES), metavar="LIST",
+                    help=f"comma-separated candidate presets (default {','.join(DEFAULT_PLAN_SCHEMES)})")
+    pl.add_argument("-o", "--out", required=True, metavar="plan.json", help="where to write the plan")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    _add_method_arguments(pl, plan_mode=True)
 
     ev = sub.add_parser(
         "eval",
@@ -117,23 +144,34 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="quantized linear backend (default auto: numba when installed)")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="draw min and mean cosine per scheme (needs matplotlib)")
+    ev.add_argument("--plan", action="append", metavar="plan.json",
+                    help="also evaluate a size plan from 'npquant plan' (repeatable), beside the presets")
     _add_method_arguments(ev, eval_mode=True)
     return parser
 
 
-def _add_method_arguments(parser, eval_mode: bool = False) -> None:
-    """--method, --calibration, --max-samples, --observer (quantize and eval)."""
-    if eval_mode:
+DEFAULT_PLAN_SCHEMES = ("w4-g128", "w4-g32", "w8-channel", "fp8-channel")
+
+
+def _add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = False) -> None:
+    """--method, --calibration, --max-samples, --observer (quantize, eval and plan)."""
+    if plan_mode:
+        method_help = ("how each candidate is measured and later quantized: rtn (round to nearest) or gptq "
+                       "(each layer GPTQ'd on its Hessian; 'npquant quantize --plan' then runs sequential GPTQ)")
+    elif eval_mode:
         method_help = ("rtn: round to nearest; gptq: also run GPTQ for each int scheme and show it beside RTN "
                        "(calibrated on --calibration, never on the evaluation sentences)")
     else:
         method_help = ("rtn: round to nearest (any checkpoint); gptq: calibrate each layer on text run through "
                        "the model, block by block (BERT sentence encoders, which npquant can run)")
-    parser.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help=f"{method_help} (default rtn)")
+    parser.add_argument("--method", choices=["rtn", "gptq"], default=None, help=f"{method_help} (default rtn)")
+    what = "calibration text for the layer costs and GPTQ" if plan_mode else "GPTQ calibration text"
     parser.add_argument("--calibration", metavar="FILE",
-                        help="GPTQ calibration text: UTF-8, one text per line, blank lines skipped "
+                        help=f"{what}: UTF-8, one text per line, blank lines skipped "
                              "(default: npquant's built-in set of 616 English sentences)")
-    parser.add_argument("--max-samples", type=int, metavar="N", help="use the first N calibration texts only")
+    parser.add_argument("--max-samples", type=int, metavar="N",
+                        default=128 if plan_mode else None,
+                        help="use the first N calibration texts only" + (" (default 128)" if plan_mode else ""))
     parser.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
                         help="block ranges: minmax (the extremes) or mse (the shrink of the range with the least "
                              "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax")
@@ -158,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "plan":
+            return _plan(args)
     except NpquantError as exc:
         print(f"npquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -421,8 +461,21 @@ def _quantize(args) -> int:
     model = _model_path(args)
     if args.workers < 1:
         raise NpquantError(f"--workers must be at least 1, got {args.workers}")
-    scheme = get_scheme(args.scheme)
-    check_loadable(scheme)  # refuse before any calibration work
+    plan = None
+    if args.plan:
+        from .plan import plan_schemes, read_plan
+
+        plan = read_plan(args.plan)
+        args.method = args.method or plan.get("method", "rtn")
+        scheme = plan_schemes(plan)
+        _check_plan_fits(plan, model, args.plan)
+        args.scheme = f"plan {args.plan}"
+        for sch in set(scheme.values()):
+            check_loadable(sch)
+    else:
+        scheme = get_scheme(args.scheme)
+        check_loadable(scheme)  # refuse before any calibration work
+    args.method = args.method or "rtn"
     calibrated, gptq_rows = {}, None
     if args.method == "gptq":
         calibrated, gptq_rows = _calibrate_checkpoint(model, scheme, args)
@@ -439,7 +492,8 @@ def _quantize(args) -> int:
     if args.json:
         rows = []
         for r in layers:
-            row = {"name": r.name, "shape": list(r.shape), "scheme": args.scheme, "bytes_before": r.bytes_before,
+            label = plan["layers"][r.name]["scheme"] if args.plan else args.scheme
+            row = {"name": r.name, "shape": list(r.shape), "scheme": label, "bytes_before": r.bytes_before,
                    "bytes_after": r.bytes_after, "rel_error": r.rel_error, "sqnr_db": _json_value(r.sqnr_db),
                    "method": "gptq" if r.name in gptq_by_name else "rtn", "observer": args.observer}
             if r.name in gptq_by_name:
@@ -483,14 +537,35 @@ def _calibration_texts(args):
     return calibration_texts(args.calibration, args.max_samples)
 
 
+def _check_plan_fits(plan, model, plan_path) -> None:
+    """Refuse a plan whose layers the model lacks or whose shapes differ (a plan for another model)."""
+    from .safetensors_io import Checkpoint
+
+    with Checkpoint(model) as ckpt:
+        for name, entry in plan["layers"].items():
+            t = ckpt.tensors.get(name)
+            if t is None:
+                raise NpquantError(f"--plan {plan_path} names layer {name!r}, which {ckpt.path} lacks: "
+                                   f"is the plan for another model ({plan.get('model')})?")
+            if list(t.shape) != entry["shape"]:
+                raise NpquantError(f"--plan {plan_path}: layer {name!r} is {entry['shape']} in the plan but "
+                                   f"{list(t.shape)} in {ckpt.path}: the plan is for another model")
+
+
 def _calibrate_checkpoint(model, scheme, args):
-    """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows."""
+    """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows.
+
+    ``scheme``: one Scheme, or ``{checkpoint tensor name: Scheme}`` (a plan's).
+    """
     from pathlib import Path
 
     from .models import SentenceEncoder
     from .safetensors_io import Checkpoint
 
-    if scheme.is_float:
+    if isinstance(scheme, dict):
+        if all(s.is_float for s in scheme.values()):
+            raise NpquantError("--method gptq needs int schemes; this plan has fp8 layers only: use --method rtn")
+    elif scheme.is_float:
         raise NpquantError(f"--method gptq takes int schemes; {args.scheme} is fp8, which is rounded to nearest: "
                            f"use --method rtn")
     root = Path(model)
@@ -509,15 +584,22 @@ def _calibrate_checkpoint(model, scheme, args):
         )
     texts = _calibration_texts(args)
     encoder = SentenceEncoder.from_pretrained(root)
+    if isinstance(scheme, dict):
+        scheme = {_encoder_name(n): s for n, s in scheme.items() if _encoder_name(n) in encoder.linear_names()}
     encoder = _run_gptq(encoder, scheme, texts, args.observer)
     with Checkpoint(root) as ckpt:
         names = set(ckpt.tensors)
     out = {}
     for key in encoder.linear_names():
-        name = key if key in names else f"bert.{key}"
-        out[name] = encoder.tensors[key]
+        if isinstance(encoder.tensors[key], QuantizedTensor):
+            out[key if key in names else f"bert.{key}"] = encoder.tensors[key]
     rows = [{**r, "name": r["name"] if r["name"] in names else f"bert.{r['name']}"} for r in encoder.layer_report]
     return out, rows
+
+
+def _encoder_name(name: str) -> str:
+    """A checkpoint tensor name as SentenceEncoder keys it (without the ``bert.`` prefix)."""
+    return name[len("bert."):] if name.startswith("bert.") else name
 
 
 def _run_gptq(encoder, scheme, texts, observer):
@@ -530,7 +612,8 @@ def _run_gptq(encoder, scheme, texts, observer):
     bar = Progress(TextColumn("GPTQ {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=Console(stderr=True), transient=True)
     with bar:
-        task = bar.add_task(f"on {len(texts)} texts", total=len(encoder.linear_names()))
+        total = len(scheme) if isinstance(scheme, dict) else len(encoder.linear_names())
+        task = bar.add_task(f"on {len(texts)} texts", total=total)
         return encoder.quantized(
             scheme, "gptq", texts, observer=observer,
             progress=lambda name, done, total: bar.update(task, completed=done, description=name.removesuffix(".weight")[-40:]),
@@ -566,8 +649,17 @@ def _eval(args) -> int:
         raise NpquantError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.plot:
         _need_matplotlib()
+    args.method = args.method or "rtn"
+    plans = []
+    for plan_path in args.plan or []:
+        from .plan import plan_schemes, read_plan
+
+        plan = read_plan(plan_path)
+        mapping = {_encoder_name(n): s for n, s in plan_schemes(plan).items()}
+        label = f"plan {plan.get('bits_per_weight', 0):.2f}b" + (" gptq" if plan.get("method") == "gptq" else "")
+        plans.append((label, mapping, plan.get("method", "rtn"), plan_path))
     calibration = None
-    if args.method == "gptq":
+    if args.method == "gptq" or any(p[2] == "gptq" for p in plans):
         from .fidelity import SENTENCES
 
         calibration = _calibration_texts(args)
@@ -580,10 +672,18 @@ def _eval(args) -> int:
     elif args.calibration or args.max_samples:
         raise NpquantError("--calibration and --max-samples are for --method gptq")
     encoder = SentenceEncoder.from_pretrained(args.model, backend=args.backend)
+    for _, mapping, _, plan_path in plans:
+        unknown = [n for n in mapping if n not in encoder.tensors]
+        if unknown:
+            raise NpquantError(f"--plan {plan_path} names layer {unknown[0]!r}, which this encoder lacks: "
+                               f"is the plan for another model?")
+    # Layers off the embedding path (the pooler) are in the plan but not in the forward pass.
+    plans = [(label, {n: s for n, s in mapping.items() if n in encoder.linear_names()}, method)
+             for label, mapping, method, _ in plans]
     runs = [(label, "rtn") for label in labels]
     if args.method == "gptq":
         runs = [(label, m) for label in labels for m in (("rtn", "gptq") if not get_scheme(label).is_float else ("rtn",))]
-    n_runs = 1 + len(runs)  # float32, then each scheme and method
+    n_runs = 1 + len(runs) + len(plans)  # float32, then each scheme and method, then the plans
     bar = None
     if sys.stderr.isatty():
         from rich.console import Console
@@ -596,10 +696,10 @@ def _eval(args) -> int:
             task = bar.add_task("encoding", total=n_runs)
             rows, _ = evaluate(encoder, labels, sentences, args.batch_size,
                                progress=lambda label: bar.update(task, advance=1, description=label),
-                               method=args.method, calibration=calibration, observer=args.observer)
+                               method=args.method, calibration=calibration, observer=args.observer, plans=plans)
     else:
         rows, _ = evaluate(encoder, labels, sentences, args.batch_size, method=args.method,
-                           calibration=calibration, observer=args.observer)
+                           calibration=calibration, observer=args.observer, plans=plans)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
@@ -608,6 +708,177 @@ def _eval(args) -> int:
         _plot_eval(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _plan(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import check_loadable, select_layers
+    from .plan import PLAN_VERSION, solve_budget, write_plan
+    from .safetensors_io import Checkpoint
+    from .schemes import get_scheme
+
+    model = _model_path(args)
+    labels = [x.strip() for x in args.schemes.split(",") if x.strip()]
+    if not labels:
+        raise NpquantError("--schemes must name at least one preset")
+    candidates = {label: get_scheme(label) for label in labels}
+    for sch in candidates.values():
+        check_loadable(sch)  # every candidate must be writable
+    if args.bits is not None and not (args.bits > 0 and math.isfinite(args.bits)):
+        raise NpquantError(f"--bits must be a positive number, got {args.bits}")
+    if args.size is not None and args.size < 1:
+        raise NpquantError(f"--size must be a positive number of bytes, got {args.size}")
+    method = args.method or "rtn"
+    with Checkpoint(model) as ckpt:
+        layers = {c.name: c.shape for c in select_layers(ckpt) if c.quantize}
+        config = ckpt.config or {}
+    if not layers:
+        raise NpquantError(f"{model} has no linear layer to plan")
+    runnable = config.get("model_type") == "bert" and Path(model).is_dir()
+    if method == "gptq" and not runnable:
+        raise NpquantError(f"--method gptq runs the model, and npquant runs BERT sentence encoders only; {model} "
+                           f"has model_type {config.get('model_type')!r}: plan with --method rtn")
+    texts = None
+    if runnable:
+        texts = _calibration_texts(args)
+        costs, nbytes, cost_kind = _encoder_costs(model, layers, candidates, texts, method, args.observer)
+    else:
+        if args.calibration:
+            raise NpquantError("--calibration is for models npquant runs (BERT sentence encoders)")
+        costs, nbytes, cost_kind = _proxy_costs(model, layers, candidates, args.observer)
+    names = list(layers)
+    weights = sum(layers[n][0] * layers[n][1] for n in names)
+    budget = args.size if args.size is not None else int(math.floor(args.bits * weights / 8))
+    options = [[label for label in labels if label in costs[n]] for n in names]
+    chosen = solve_budget([[costs[n][label] for label in opts] for n, opts in zip(names, options)],
+                          [[nbytes[n][label] for label in opts] for n, opts in zip(names, options)], budget)
+    picked = {n: opts[k] for n, opts, k in zip(names, options, chosen)}
+    total_bytes = sum(nbytes[n][picked[n]] for n in names)
+    plan = {
+        "version": PLAN_VERSION,
+        "model": str(model),
+        "method": method,
+        "observer": args.observer,
+        "cost": cost_kind,
+        "calibration": None if texts is None else {"texts": len(texts), "file": args.calibration},
+        "budget": {"bits_per_weight": args.bits, "bytes": budget},
+        "candidates": labels,
+        "total_bytes": total_bytes,
+        "bits_per_weight": 8.0 * total_bytes / weights,
+        "predicted_cost": sum(costs[n][picked[n]] for n in names),
+        "uniform": {label: {"bytes": sum(nbytes[n][label] for n in names),
+                            "predicted_cost": sum(costs[n][label] for n in names)}
+                    for label in labels if all(label in costs[n] for n in names)},
+        "layers": {n: {"shape": list(layers[n]), "scheme": picked[n], "bytes": nbytes[n][picked[n]],
+                       "cost": costs[n][picked[n]], "costs": costs[n]} for n in names},
+    }
+    write_plan(args.out, plan)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        _print_plan(plan, args.out)
+    return 0
+
+
+def _encoder_costs(model, layers, candidates, texts, method, observer):
+    """Output costs of a BERT encoder's layers (others, like the pooler, cost 0: not on the output path)."""
+    from .models import SentenceEncoder
+    from .models.sensitivity import layer_costs
+
+    encoder = SentenceEncoder.from_pretrained(model)
+    on_path = {n: _encoder_name(n) for n in layers if _encoder_name(n) in encoder.linear_names()}
+    bar = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("measuring {task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    if bar is not None:
+        with bar:
+            task = bar.add_task("layers", total=len(encoder.linear_names()))
+            costs, nbytes = layer_costs(encoder, candidates, texts, method=method, observer=observer,
+                                        progress=lambda n, d, t: bar.update(task, completed=d, description=n[-40:]))
+    else:
+        costs, nbytes = layer_costs(encoder, candidates, texts, method=method, observer=observer)
+    out_costs, out_bytes = {}, {}
+    for name, shape in layers.items():
+        if name in on_path:
+            out_costs[name], out_bytes[name] = costs[on_path[name]], nbytes[on_path[name]]
+        else:
+            out_bytes[name] = _option_bytes(shape, candidates)
+            out_costs[name] = {label: 0.0 for label in out_bytes[name]}
+    kind = (f"output: mean(1 - cosine) of the embeddings of {len(texts)} calibration texts with only that layer "
+            f"quantized ({method}); layers off the embedding path (e.g. the pooler) cost 0")
+    return out_costs, out_bytes, kind
+
+
+def _option_bytes(shape, candidates) -> dict:
+    """Exact bytes of each candidate that fits ``shape`` (codes, scales, zero points), without quantizing."""
+    import numpy as np
+
+    from .quantize import quantize
+
+    out = {}
+    for label, sch in candidates.items():
+        if sch.granularity == "group" and shape[1] % sch.group_size:
+            continue
+        out[label] = quantize(np.zeros(shape, np.float32), sch).nbytes
+    return out
+
+
+def _proxy_costs(model, layers, candidates, observer):
+    """Weight-only proxy costs: each layer's relative squared weight error under each candidate."""
+    from .quantize import quantize_measured
+    from .safetensors_io import Checkpoint
+
+    costs, nbytes = {}, {}
+    with Checkpoint(model) as ckpt, _Progress(sum(ckpt.tensors[n].nbytes for n in layers), "measuring") as progress:
+        for name in layers:
+            src = ckpt.tensors[name]
+            costs[name], nbytes[name] = {}, {}
+            for label, sch in candidates.items():
+                if sch.granularity == "group" and src.shape[1] % sch.group_size:
+                    continue
+                qt, rel, _ = quantize_measured(src, sch, name=f"tensor {name!r}:", observer=observer)
+                costs[name][label] = rel * rel if math.isfinite(rel) else 0.0
+                nbytes[name][label] = qt.nbytes
+            if not costs[name]:
+                raise NpquantError(f"no candidate scheme fits layer {name!r} {src.shape}; add a channel scheme to --schemes")
+            progress(name, src.nbytes)
+    kind = ("weight-only proxy: the layer's relative squared weight error ||W - W_hat||^2 / ||W||^2 "
+            "(npquant cannot run this model, so its output error is not measured)")
+    return costs, nbytes, kind
+
+
+def _print_plan(plan: dict, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    table = Table(title=f"size plan for {plan['model']} ({plan['method']})", title_justify="left")
+    for head in ("layer", "shape", "scheme", "bytes", "predicted cost"):
+        table.add_column(head, justify="left" if head in ("layer", "scheme") else "right")
+    for name, e in plan["layers"].items():
+        table.add_row(name.removesuffix(".weight"), "x".join(map(str, e["shape"])), e["scheme"], f"{e['bytes']:,}",
+                      f"{e['cost']:.3e}")
+    console.print(table)
+    counts = {}
+    for e in plan["layers"].values():
+        counts[e["scheme"]] = counts.get(e["scheme"], 0) + 1
+    console.print(f"budget {plan['budget']['bytes']:,} bytes; plan {plan['total_bytes']:,} bytes = "
+                  f"{plan['bits_per_weight']:.3f} bits per weight; predicted cost {plan['predicted_cost']:.4e}; "
+                  + ", ".join(f"{k}: {v} layers" for k, v in counts.items()), highlight=False)
+    for label, u in plan["uniform"].items():
+        weights = 8.0 * plan["total_bytes"] / plan["bits_per_weight"] if plan["bits_per_weight"] else 0
+        bits = 8.0 * u["bytes"] / weights if weights else 0.0
+        console.print(f"  uniform {label:<12} {bits:6.3f} bits per weight, predicted cost {u['predicted_cost']:.4e}",
+                      highlight=False)
+    console.print(f"cost: {plan['cost']}", highlight=False)
+    console.print(f"wrote {out}", highlight=False)
 
 
 def _print_eval(rows, n_sentences) -> None:

@@ -35,7 +35,7 @@ def read_sentences(path) -> list[str]:
 
 
 def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progress=None, *, method: str = "rtn",
-             calibration=None, observer: str = "minmax") -> tuple[list[dict], dict]:
+             calibration=None, observer: str = "minmax", plans=None) -> tuple[list[dict], dict]:
     """Compare the float32 encoder's embeddings with each quantized encoder's.
 
     Parameters
@@ -49,6 +49,8 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
         and with GPTQ (``"<scheme> gptq"``), calibrated on ``calibration``
         (default: the built-in calibration texts, disjoint from :data:`SENTENCES`).
     observer : {"minmax", "mse"}, for every quantized encoder
+    plans : list of ``(label, {layer: scheme}, method)``, or None
+        Per-layer schemes (a size plan's) evaluated after the presets.
 
     Returns
     -------
@@ -73,6 +75,8 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
         runs.append((label, scheme, "rtn"))
         if method == "gptq" and not scheme.is_float:
             runs.append((f"{label} gptq", scheme, "gptq"))
+    for label, mapping, how in plans or []:
+        runs.append((label, mapping, how))
     for label, scheme, how in runs:
         q = encoder.quantized(scheme, method=how, calibration=calibration, observer=observer)
         emb = q.encode(sentences, batch_size=batch_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,19 +123,21 @@ class SentenceEncoder:
             names += [p + s + ".weight" for s in _BLOCK_LINEARS]
         return names
 
-    def quantized(self, scheme: Scheme | str, method: str = "rtn", calibration=None, *, observer: str = "minmax",
+    def quantized(self, scheme, method: str = "rtn", calibration=None, *, observer: str = "minmax",
                   progress=None) -> "SentenceEncoder":
-        """A copy whose every linear layer is a :class:`QuantizedTensor` of ``scheme``.
+        """A copy whose linear layers are :class:`QuantizedTensor` s.
 
         Parameters
         ----------
-        scheme : Scheme or preset name
+        scheme : Scheme, preset name, or a mapping ``{layer name: Scheme or preset}``
+            One scheme for every layer of :meth:`linear_names`, or one per
+            layer (a plan's; layers it leaves out stay float32).
         method : {"rtn", "gptq"}
             ``"rtn"``: round to nearest (:func:`npquant.quantize`). ``"gptq"``:
             calibrated on ``calibration``, block after block, each block's
             inputs computed with the earlier ones already quantized (see
-            :mod:`npquant.models.calibrated`); its per-layer losses are in the
-            copy's ``layer_report``.
+            :mod:`npquant.models.calibrated`); fp8 layers are rounded to
+            nearest. Its per-layer losses are in the copy's ``layer_report``.
         calibration : list of str or None
             GPTQ's calibration texts (default: the built-in set,
             :func:`npquant.calibrate.calibration_texts`).
@@ -143,7 +146,7 @@ class SentenceEncoder:
         progress : callable or None
             GPTQ only: ``progress(module, done, total)`` after each layer.
         """
-        scheme = get_scheme(scheme)
+        schemes = self._layer_schemes(scheme)
         if method not in METHODS:
             raise NpquantError(f"method={method!r} is not known; expected one of {METHODS}")
         if any(isinstance(self.tensors[n], QuantizedTensor) for n in self.linear_names()):
@@ -152,14 +155,31 @@ class SentenceEncoder:
         if method == "gptq":
             from .calibrated import gptq_tensors
 
-            tensors, report = gptq_tensors(self, scheme, calibration, observer=observer, progress=progress)
+            tensors, report = gptq_tensors(self, schemes, calibration, observer=observer, progress=progress)
         else:
             tensors = dict(self.tensors)
-            for name in self.linear_names():
-                tensors[name] = quantize(tensors[name], scheme, name=f"tensor {name!r}:", observer=observer)
-        out = SentenceEncoder(self.config, tensors, self.tokenizer, self.max_seq_length, self.backend, scheme)
+            for name, sch in schemes.items():
+                tensors[name] = quantize(tensors[name], sch, name=f"tensor {name!r}:", observer=observer)
+        uniform = set(schemes.values())
+        out = SentenceEncoder(self.config, tensors, self.tokenizer, self.max_seq_length, self.backend,
+                              uniform.pop() if len(uniform) == 1 and len(schemes) == len(self.linear_names()) else None)
         out.layer_report = report
         return out
+
+    def _layer_schemes(self, scheme) -> dict:
+        """``{layer name: Scheme}`` from one scheme or a per-layer mapping (names checked)."""
+        names = self.linear_names()
+        if isinstance(scheme, Mapping):
+            out = {}
+            for name, sch in scheme.items():
+                if name not in names:
+                    raise NpquantError(f"layer {name!r} is not a linear layer of this encoder (e.g. {names[0]!r})")
+                out[name] = get_scheme(sch)
+            if not out:
+                raise NpquantError("the per-layer scheme mapping is empty")
+            return {n: out[n] for n in names if n in out}
+        sch = get_scheme(scheme)
+        return {n: sch for n in names}
 
     @property
     def nbytes(self) -> int:
@@ -170,7 +190,7 @@ class SentenceEncoder:
     def linear_bits_per_weight(self) -> float:
         """Storage bits per weight of the linear layers, scales included."""
         names = self.linear_names()
-        nbytes = sum(self.tensors[n].nbytes for n in names)
+        nbytes = sum(self.tensors[n].nbytes for n in names)  # float32 layers count 32 bits
         count = sum(int(np.prod(self.tensors[n].shape)) for n in names)
         return 8.0 * nbytes / count
 

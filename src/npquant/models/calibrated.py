@@ -39,13 +39,14 @@ _GROUPS = (
 )
 
 
-def gptq_tensors(encoder, scheme: Scheme, texts=None, *, observer: str = "minmax", progress=None):
-    """The encoder's tensors with every block linear layer quantized by sequential GPTQ.
+def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", progress=None):
+    """The encoder's tensors with its linear layers quantized by sequential GPTQ.
 
     Parameters
     ----------
     encoder : SentenceEncoder (float32)
-    scheme : an int Scheme
+    schemes : Scheme, or ``{layer name: Scheme}`` (layers left out stay float32;
+        fp8 layers are rounded to nearest, and have no row)
     texts : list of str or None (the built-in calibration set)
     observer : {"minmax", "mse"}
     progress : ``progress(module, done, total)`` after each layer, or None
@@ -58,8 +59,10 @@ def gptq_tensors(encoder, scheme: Scheme, texts=None, *, observer: str = "minmax
     """
     from .bert import SentenceEncoder
 
-    if scheme.is_float:
-        raise NpquantError(f"GPTQ takes int schemes; {scheme.dtype} is rounded to nearest (method='rtn')")
+    if isinstance(schemes, Scheme):
+        schemes = {name: schemes for name in encoder.linear_names()}
+    if all(s.is_float for s in schemes.values()):
+        raise NpquantError("GPTQ takes int schemes; fp8 is rounded to nearest (method='rtn')")
     texts = calibration_texts() if texts is None else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise NpquantError("calibration texts must be a non-empty list of non-empty strings")
@@ -71,11 +74,15 @@ def gptq_tensors(encoder, scheme: Scheme, texts=None, *, observer: str = "minmax
         ids, mask = work.tokenize([texts[j] for j in idx])
         x, bias = work._embed(ids, mask)
         batches.append([x, bias, mask])  # block input, attention bias, token mask
-    names = work.linear_names()
+    names = [n for n in work.linear_names() if n in schemes]
     rows = []
+    done = 0
     for i in range(work.config.num_layers):
         prefix = f"encoder.layer.{i}."
         for group in _GROUPS:
+            group = tuple(m for m in group if prefix + m + ".weight" in schemes)
+            if not group:
+                continue
             wanted = prefix + group[0]
             hess = None
             for x, bias, mask in batches:
@@ -93,17 +100,25 @@ def gptq_tensors(encoder, scheme: Scheme, texts=None, *, observer: str = "minmax
             for module in group:
                 name = prefix + module + ".weight"
                 w = work.tensors[name]
+                scheme = schemes[name]
                 start = time.perf_counter()
+                if scheme.is_float:  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest
+                    work.tensors[name] = quantize(w, scheme, observer=observer)
+                    done += 1
+                    if progress is not None:
+                        progress(name, done, len(names))
+                    continue
                 qt = gptq(w, h, scheme, observer=observer)
                 seconds = time.perf_counter() - start
                 ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h, w.astype(np.float64)))
                 rtn = hessian_loss(w, quantize(w, scheme, observer=observer), h) / ref
                 ours = hessian_loss(w, qt, h) / ref
-                rows.append({"name": name, "shape": tuple(w.shape), "tokens": tokens, "rtn_loss": rtn,
+                rows.append({"name": name, "shape": tuple(w.shape), "scheme": scheme, "tokens": tokens, "rtn_loss": rtn,
                              "gptq_loss": ours, "ratio": ours / rtn if rtn > 0 else 1.0, "seconds": seconds})
                 work.tensors[name] = qt
+                done += 1
                 if progress is not None:
-                    progress(name, len(rows), len(names))
+                    progress(name, done, len(names))
         for batch in batches:  # the quantized block's output feeds the next block
             batch[0] = work._block(i, batch[0], batch[1])
     return work.tensors, rows
