@@ -150,7 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEFAULT_PLAN_SCHEMES = ("w4-g128", "w4-g32", "w8-channel", "fp8-channel")
+# The four, plus the two 4-bit steps between them (asymmetric g128 at 4.31 bits, g64 at 4.5):
+# with them the solver's 5-bit MiniLM plan keeps 0.9947 mean cosine on held-out text, 0.9929 without.
+DEFAULT_PLAN_SCHEMES = ("w4-g128", "w4-g128-asym", "w4-g64", "w4-g32", "w8-channel", "fp8-channel")
 
 
 def _add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = False) -> None:
@@ -172,9 +174,11 @@ def _add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fal
     parser.add_argument("--max-samples", type=int, metavar="N",
                         default=128 if plan_mode else None,
                         help="use the first N calibration texts only" + (" (default 128)" if plan_mode else ""))
-    parser.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
+    parser.add_argument("--observer", choices=["minmax", "mse"], default=None,
                         help="block ranges: minmax (the extremes) or mse (the shrink of the range with the least "
-                             "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax")
+                             "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax"
+                             + ("" if plan_mode else "; a --plan uses the observer it was planned with"
+                                if eval_mode else ", or the plan's with --plan"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,6 +471,7 @@ def _quantize(args) -> int:
 
         plan = read_plan(args.plan)
         args.method = args.method or plan.get("method", "rtn")
+        args.observer = args.observer or plan.get("observer", "minmax")
         scheme = plan_schemes(plan)
         _check_plan_fits(plan, model, args.plan)
         args.scheme = f"plan {args.plan}"
@@ -476,6 +481,7 @@ def _quantize(args) -> int:
         scheme = get_scheme(args.scheme)
         check_loadable(scheme)  # refuse before any calibration work
     args.method = args.method or "rtn"
+    args.observer = args.observer or "minmax"
     calibrated, gptq_rows = {}, None
     if args.method == "gptq":
         calibrated, gptq_rows = _calibrate_checkpoint(model, scheme, args)
@@ -650,14 +656,17 @@ def _eval(args) -> int:
     if args.plot:
         _need_matplotlib()
     args.method = args.method or "rtn"
+    args.observer = args.observer or "minmax"
     plans = []
     for plan_path in args.plan or []:
         from .plan import plan_schemes, read_plan
 
         plan = read_plan(plan_path)
         mapping = {_encoder_name(n): s for n, s in plan_schemes(plan).items()}
-        label = f"plan {plan.get('bits_per_weight', 0):.2f}b" + (" gptq" if plan.get("method") == "gptq" else "")
-        plans.append((label, mapping, plan.get("method", "rtn"), plan_path))
+        from pathlib import Path
+
+        label = f"plan {Path(plan_path).stem}" + (" gptq" if plan.get("method") == "gptq" else "")
+        plans.append((label, mapping, plan.get("method", "rtn"), plan.get("observer", "minmax"), plan_path))
     calibration = None
     if args.method == "gptq" or any(p[2] == "gptq" for p in plans):
         from .fidelity import SENTENCES
@@ -672,14 +681,14 @@ def _eval(args) -> int:
     elif args.calibration or args.max_samples:
         raise NpquantError("--calibration and --max-samples are for --method gptq")
     encoder = SentenceEncoder.from_pretrained(args.model, backend=args.backend)
-    for _, mapping, _, plan_path in plans:
+    for _, mapping, _, _, plan_path in plans:
         unknown = [n for n in mapping if n not in encoder.tensors]
         if unknown:
             raise NpquantError(f"--plan {plan_path} names layer {unknown[0]!r}, which this encoder lacks: "
                                f"is the plan for another model?")
     # Layers off the embedding path (the pooler) are in the plan but not in the forward pass.
-    plans = [(label, {n: s for n, s in mapping.items() if n in encoder.linear_names()}, method)
-             for label, mapping, method, _ in plans]
+    plans = [(label, {n: s for n, s in mapping.items() if n in encoder.linear_names()}, method, observer)
+             for label, mapping, method, observer, _ in plans]
     runs = [(label, "rtn") for label in labels]
     if args.method == "gptq":
         runs = [(label, m) for label in labels for m in (("rtn", "gptq") if not get_scheme(label).is_float else ("rtn",))]
@@ -730,6 +739,7 @@ def _plan(args) -> int:
     if args.size is not None and args.size < 1:
         raise NpquantError(f"--size must be a positive number of bytes, got {args.size}")
     method = args.method or "rtn"
+    args.observer = args.observer or "minmax"
     with Checkpoint(model) as ckpt:
         layers = {c.name: c.shape for c in select_layers(ckpt) if c.quantize}
         config = ckpt.config or {}

@@ -49,7 +49,7 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
         and with GPTQ (``"<scheme> gptq"``), calibrated on ``calibration``
         (default: the built-in calibration texts, disjoint from :data:`SENTENCES`).
     observer : {"minmax", "mse"}, for every quantized encoder
-    plans : list of ``(label, {layer: scheme}, method)``, or None
+    plans : list of ``(label, {layer: scheme}, method, observer)``, or None
         Per-layer schemes (a size plan's) evaluated after the presets.
 
     Returns
@@ -72,13 +72,12 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     rows = [_row("float32", encoder, base, base, base_nn, sentences)]
     runs = []
     for label, scheme in resolved:
-        runs.append((label, scheme, "rtn"))
+        runs.append((label, scheme, "rtn", observer))
         if method == "gptq" and not scheme.is_float:
-            runs.append((f"{label} gptq", scheme, "gptq"))
-    for label, mapping, how in plans or []:
-        runs.append((label, mapping, how))
-    for label, scheme, how in runs:
-        q = encoder.quantized(scheme, method=how, calibration=calibration, observer=observer)
+            runs.append((f"{label} gptq", scheme, "gptq", observer))
+    runs += list(plans or [])
+    for label, scheme, how, obs in runs:
+        q = encoder.quantized(scheme, method=how, calibration=calibration, observer=obs)
         emb = q.encode(sentences, batch_size=batch_size)
         rows.append(_row(label, q, emb, base, base_nn, sentences))
         if progress is not None:
