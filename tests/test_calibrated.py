@@ -214,3 +214,47 @@ def test_eval_shows_rtn_and_gptq_side_by_side(tiny_dir, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert code == 0
     assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "w4-g32 gptq", "fp8-channel"]
+
+
+# --- size plans on the encoder -------------------------------------------------------------------
+def test_plan_measures_output_costs_and_its_checkpoint_matches_eval(tiny_dir, encoder, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts(40, seed=8)))
+    plan_path = tmp_path / "plan.json"
+    code = main(["plan", str(tiny_dir), "--bits", "5.5", "--method", "gptq", "--calibration", str(calib),
+                 "--schemes", "w4-g32,w8-channel", "-o", str(plan_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "output: mean(1 - cosine)" in printed
+    plan = json.loads(plan_path.read_text())
+    assert plan["method"] == "gptq" and plan["bits_per_weight"] <= 5.5
+    assert plan["layers"]["pooler.dense.weight"]["costs"] == {"w4-g32": 0.0, "w8-channel": 0.0}
+    on_path = [e for n, e in plan["layers"].items() if n.startswith("bert.encoder")]
+    assert len(on_path) == 6 * LAYERS and all(e["costs"]["w8-channel"] < e["costs"]["w4-g32"] for e in on_path)
+    schemes = {e["scheme"] for e in on_path}
+    assert schemes == {"w4-g32", "w8-channel"}  # the budget forces a real mix
+    # The cost of one layer is what the model loses with that layer alone quantized.
+    from npquant.calibrate import calibration_texts
+    from npquant.models.sensitivity import layer_costs
+
+    costs, _ = layer_costs(encoder, {"w4-g32": npquant.get_scheme("w4-g32")}, calibration_texts(calib), method="rtn")
+    name = "encoder.layer.1.output.dense.weight"
+    alone = encoder.quantized({name: "w4-g32"})
+    cal = calibration_texts(calib)
+    direct = float(np.mean(1 - np.sum(alone.encode(cal) * encoder.encode(cal), axis=1)))
+    assert costs[name]["w4-g32"] == pytest.approx(direct, rel=1e-4, abs=1e-7)
+
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_dir), "-o", str(out), "--plan", str(plan_path), "--calibration", str(calib)]) == 0
+    capsys.readouterr()
+    loaded = npquant.load(out)
+    mapping = {n[len("bert."):]: e["scheme"] for n, e in plan["layers"].items() if n.startswith("bert.")}
+    want = encoder.quantized(mapping, method="gptq", calibration=calibration_texts(calib))
+    for name, sch in mapping.items():
+        assert loaded[f"bert.{name}"].scheme == npquant.get_scheme(sch)
+        np.testing.assert_array_equal(loaded[f"bert.{name}"].codes, want.tensors[name].codes)
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(texts(10, seed=9)))
+    assert main(["eval", str(tiny_dir), "--sentences", str(sentences), "--calibration", str(calib),
+                 "--plan", str(plan_path), "--scheme", "w4-g32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "plan plan gptq"]
