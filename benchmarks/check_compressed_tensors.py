@@ -44,10 +44,18 @@ def main() -> int:
     ours = npquant.load(root)
     bad = 0
     checked = 0
+    import re
+
+    modules = [n[: -len(".weight")] for n in ours]
+    exact = {t for g in cfg.config_groups.values() for t in g.targets}
     for gname, scheme in cfg.config_groups.items():
         fmt = scheme.format or config["format"]
         comp = BaseCompressor.get_value_from_registry(fmt)
-        for module in scheme.targets:
+        # Exact names as written; a class name such as "Linear" claims the modules no exact name does.
+        claimed = [m for m in modules if m in scheme.targets
+                   or any(t.startswith("re:") and re.match(t[3:], m) for t in scheme.targets)
+                   or (m not in exact and any(t[:1].isupper() and "." not in t for t in scheme.targets))]
+        for module in claimed:
             name = f"{module}.weight"
             local = {p: sd[f"{module}.{p}"] for p in comp.compression_param_names(scheme) if f"{module}.{p}" in sd}
             # compressed-tensors decompresses to the scale dtype; ours are float32 scales.
