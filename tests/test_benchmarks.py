@@ -32,7 +32,8 @@ def test_bench_checkpoint_quick():
     assert "GB/s of input" in out and "peak RssAnon" in out
 
 
-def test_bench_encoder_quick():
+def require_default_model():
+    """Skip (saying why) unless tokenizers and the default model are installed."""
     pytest.importorskip("tokenizers", reason="the encoder needs tokenizers (npquant[models])")
     from npquant import NpquantError
     from npquant.checkpoint import default_model_path
@@ -41,18 +42,15 @@ def test_bench_encoder_quick():
         default_model_path()
     except NpquantError as exc:
         pytest.skip(f"the default model is not installed ({exc})")
+
+
+def test_bench_encoder_quick():
+    require_default_model()
     out = run("bench_encoder.py", "--repeats", "1", "--scheme", "w8-channel")
     assert "npquant float32" in out and "npquant w8-channel" in out
 
 
 def test_bench_gptq_quick():
-    pytest.importorskip("tokenizers", reason="the encoder needs tokenizers (npquant[models])")
-    from npquant import NpquantError
-    from npquant.checkpoint import default_model_path
-
-    try:
-        default_model_path()
-    except NpquantError as exc:
-        pytest.skip(f"the default model is not installed ({exc})")
+    require_default_model()
     out = run("bench_gptq.py", "--quick")
     assert "GPTQ / RTN" in out and "gptq mse" in out and "held-out" in out

@@ -21,14 +21,9 @@ DEFAULT_EVAL_SCHEMES = ("w8-channel", "fp8-channel", "w4-g128", "w4-g32", "w3-g1
 
 def read_sentences(path) -> list[str]:
     """One sentence per line of a UTF-8 text file; blank lines are skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except OSError as exc:
-        raise NpquantError(f"--sentences {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise NpquantError(f"--sentences {path} is not UTF-8 text: {exc.reason}") from None
-    sentences = [s for s in lines if s]
+    from .calibrate.data import read_text_lines
+
+    sentences = read_text_lines(path, "--sentences")
     if len(sentences) < 2:
         raise NpquantError(f"--sentences {path} needs at least 2 non-empty lines, found {len(sentences)}")
     return sentences
