@@ -555,6 +555,12 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
                 modules.append(name[: -len(".weight_packed")])
             elif name.endswith(".weight_scale") and f"{name[: -len('.weight_scale')]}.weight_packed" not in t:
                 modules.append(name[: -len(".weight_scale")])
+        present = set(modules)
+        for gname, _, _, targets in groups:
+            for target in targets:
+                if not target.startswith("re:") and "." in target and target not in present:
+                    raise NpquantError(f"{path}: config group {gname} targets module {target!r}, "
+                                       f"which has no quantized tensors in the checkpoint")
         for module in modules:
             if _matches_any(module, ignore):
                 raise NpquantError(f"{path}: module {module!r} is in ignore but has quantized tensors")

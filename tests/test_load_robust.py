@@ -1,0 +1,141 @@
+"""npquant.load on broken or edited checkpoints: one-line NpquantError naming what is wrong, never a silent load."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import npquant
+from npquant import NpquantError
+from test_checkpoint import write_model
+
+MODULE = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture
+def written(tmp_path):
+    """A w4-g32 checkpoint and a w4-g128-asym one, written by npquant from the test model."""
+    model = tmp_path / "model"
+    write_model(model)
+    out = {}
+    for preset in ("w4-g32", "w4-g128-asym", "fp8-channel"):
+        path = tmp_path / preset
+        npquant.quantize_checkpoint(model, path, preset)
+        out[preset] = path
+    return out
+
+
+def edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg["quantization_config"])
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_tensors(path, fn):
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    fn(tensors)
+    save_file(tensors, str(f))
+
+
+def poke_float32(path, name, flat_index, value):
+    """Overwrite one float32 element of tensor ``name`` in place (works beside fp8 tensors numpy cannot load)."""
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + n])[name]
+    assert meta["dtype"] == "F32"
+    at = 8 + n + meta["data_offsets"][0] + 4 * flat_index
+    data[at : at + 4] = np.float32(value).tobytes()
+    f.write_bytes(bytes(data))
+
+
+def weights(qc):
+    return qc["config_groups"]["group_0"]["weights"]
+
+
+CONFIG_EDITS = [
+    ("w4-g32", lambda qc: weights(qc).update(num_bits=2), r"weight_packed has shape .* 2-bit codes of .* take"),
+    ("w4-g32", lambda qc: weights(qc).update(num_bits=5.5), r"num_bits must be an integer, got 5.5"),
+    ("w4-g32", lambda qc: weights(qc).update(num_bits="4"), r"num_bits must be an integer, got '4'"),
+    ("w4-g128-asym", lambda qc: weights(qc).update(symmetric="false"), r"symmetric must be true or false, got 'false'"),
+    ("w4-g32", lambda qc: weights(qc).update(group_size=0), r"group_size must be a positive integer"),
+    ("w4-g32", lambda qc: weights(qc).update(group_size=64), r"scale must be float32 \(\d+, \d+\), got float32"),
+    ("w4-g32", lambda qc: weights(qc).update(strategy="block"), r"strategy 'block' is not one npquant reads"),
+    ("w4-g32", lambda qc: weights(qc).update(type="nf4"), r"type must be 'int' or 'float'"),
+    ("w4-g32", lambda qc: qc.update(format="marlin-24"), r"format 'marlin-24' is not one npquant reads"),
+    ("w4-g32", lambda qc: qc.update(config_groups=[]), r"config_groups must be a non-empty object"),
+    ("w4-g32", lambda qc: qc["config_groups"]["group_0"].update(targets="Linear"), r"targets must be a list of strings"),
+    ("w4-g32", lambda qc: qc["config_groups"]["group_0"].update(targets=["model.layers.0.mlp.gate_proj"]),
+     r"targets module 'model.layers.0.mlp.gate_proj', which has no quantized tensors"),
+    ("w4-g32", lambda qc: qc["config_groups"]["group_0"].update(targets=[MODULE]),
+     r"has quantized tensors but no config group targets it"),
+    ("w4-g32", lambda qc: qc.update(ignore=[MODULE]), r"is in ignore but has quantized tensors"),
+    ("fp8-channel", lambda qc: weights(qc).update(num_bits=4), r"float weights of 4 bits are not a format npquant reads"),
+]
+
+
+@pytest.mark.parametrize("preset, edit, message", CONFIG_EDITS)
+def test_edited_configs_are_refused(written, preset, edit, message):
+    path = written[preset]
+    edit_config(path, edit)
+    with pytest.raises(NpquantError, match=message):
+        npquant.load(path)
+
+
+TENSOR_EDITS = [
+    ("w4-g32", lambda t: t[f"{MODULE}.weight_scale"].__setitem__((3, 1), np.nan), r"weight_scale\[3, 1\] = nan"),
+    ("w4-g32", lambda t: t[f"{MODULE}.weight_scale"].__setitem__((0, 0), -0.5), r"weight_scale\[0, 0\] = -0.5"),
+    ("w4-g32", lambda t: t.pop(f"{MODULE}.weight_shape"), rf"module '{MODULE}' .* lacks tensor '{MODULE}.weight_shape'"),
+    ("w4-g128-asym", lambda t: t.pop(f"{MODULE}.weight_zero_point"), r"lacks tensor .*weight_zero_point"),
+    ("w4-g32", lambda t: t.__setitem__(f"{MODULE}.weight_shape", np.array([96, 512], np.int64)),
+     r"weight_packed has shape \(96, 32\); 4-bit codes of \(96, 512\) take \(96, 64\)"),
+    ("w4-g32", lambda t: t.__setitem__(f"{MODULE}.weight_shape", np.array([96, 256, 1], np.int64)),
+     r"weight_shape must hold \[out, in\]"),
+    ("w4-g32", lambda t: t.__setitem__(f"{MODULE}.weight_scale", t[f"{MODULE}.weight_scale"][:, :4]),
+     r"scale must be float32 \(96, 8\), got float32 \(96, 4\)"),
+]
+
+
+@pytest.mark.parametrize("preset, edit, message", TENSOR_EDITS)
+def test_broken_tensors_are_refused(written, preset, edit, message):
+    path = written[preset]
+    edit_tensors(path, edit)
+    with pytest.raises(NpquantError, match=message):
+        npquant.load(path)
+
+
+def test_an_infinite_fp8_scale_is_refused(written):
+    path = written["fp8-channel"]
+    poke_float32(path, f"{MODULE}.weight_scale", 5, np.inf)
+    with pytest.raises(NpquantError, match=r"weight_scale\[5, 0\] = inf: scales must be finite and non-negative"):
+        npquant.load(path)
+
+
+def test_every_config_group_is_read(written, tmp_path):
+    # Hand-split one uniform checkpoint into two groups, one by exact name and one by regex.
+    path = written["w4-g32"]
+    before = npquant.load(path)
+
+    def split(qc):
+        g = qc["config_groups"]["group_0"]
+        qc["config_groups"] = {
+            "group_0": {**g, "targets": [MODULE]},
+            "group_1": {**g, "targets": ["re:model\\.layers\\.0\\.(self_attn|mlp\\.down)"]},
+        }
+
+    edit_config(path, split)
+    after = npquant.load(path)
+    assert sorted(after) == sorted(before)
+    for name in before:
+        np.testing.assert_array_equal(after[name].codes, before[name].codes)
+
+
+@pytest.mark.parametrize("preset, edit, message", CONFIG_EDITS[:4])
+def test_messages_are_one_line_and_name_the_file(written, preset, edit, message):
+    path = written[preset]
+    edit_config(path, edit)
+    with pytest.raises(NpquantError) as info:
+        npquant.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
