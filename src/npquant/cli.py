@@ -8,6 +8,7 @@ import math
 import sys
 
 from .errors import NpquantError
+from . import render
 from .quantize import QuantizedTensor
 
 __all__ = ["main"]
@@ -258,47 +259,8 @@ def _demo(args) -> int:
         f"W ({out_features}, {in_features}) float32, std 0.02, row 0 x100 (outlier channel); "
         f"x ({args.batch}, {in_features}); seed {args.seed}"
     )
-    _print_table(title, rows)
+    render.print_table(title, rows)
     return 0
-
-
-def _fmt(key: str, v) -> str:
-    if key == "scheme":
-        return v
-    if key == "bytes":
-        return f"{v:,}"
-    if key == "bits_per_weight":
-        return f"{v:.3g}" if v < 10 else f"{v:.0f}"
-    if key == "saving":
-        return f"{v:.2f}x"
-    if key == "sqnr_db":
-        return "inf" if math.isinf(v) else f"{v:.1f}"
-    return "0" if v == 0 else f"{v:.2e}"
-
-
-def _print_table(title: str, rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    headers = {
-        "scheme": "scheme",
-        "bits_per_weight": "bits/w",
-        "bytes": "bytes",
-        "saving": "saving",
-        "rel_error": "rel error",
-        "sqnr_db": "SQNR dB",
-        "max_abs_error": "max abs err",
-        "output_rel_error": "output err",
-    }
-    table = Table(title=title, title_justify="left")
-    for key, head in headers.items():
-        table.add_column(head, justify="left" if key == "scheme" else "right")
-    for r in rows:
-        table.add_row(*(_fmt(k, r[k]) for k in headers))
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # pipes and files get the whole table, unwrapped
-    console.print(table)
 
 
 def _schemes(args) -> int:
@@ -377,9 +339,9 @@ def _report(args) -> int:
         for r in rows:
             writer.writerow(["x".join(map(str, r[k])) if k == "shape" else r[k] for k in LAYER_KEYS])
     else:
-        _print_layer_table(str(model), rows, totals(rows), skipped, args.worst)
+        render.print_layer_table(str(model), rows, totals(rows), skipped, args.worst)
     if args.plot:
-        _plot_sqnr(rows, args.plot)
+        render.plot_sqnr(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -389,73 +351,6 @@ def _need_matplotlib():
 
     if importlib.util.find_spec("matplotlib") is None:
         raise NpquantError("--plot needs matplotlib: pip install 'npquant[plot]'")
-
-
-def _plot_sqnr(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(dict.fromkeys(r["name"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers) + 2), 4.5))
-    for scheme in dict.fromkeys(r["scheme"] for r in rows):
-        by = {r["name"]: r["sqnr_db"] for r in rows if r["scheme"] == scheme}
-        ax.plot(range(len(layers)), [by.get(n, float("nan")) for n in layers], marker="o", ms=3, label=scheme)
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=90, fontsize=6)
-    ax.set_ylabel("SQNR (dB), higher is better")
-    ax.set_title("Per-layer weight SQNR")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
-
-    os.replace(tmp, path)
-
-
-def _print_layer_table(model: str, rows, sums, skipped, worst: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    worst_keys = set()
-    for scheme in dict.fromkeys(r["scheme"] for r in rows):
-        ranked = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["sqnr_db"])
-        worst_keys |= {(r["name"], scheme) for r in ranked[:worst]}
-    table = Table(title=f"{model}: per layer (worst {worst} per scheme in bold red)", title_justify="left")
-    for head in ("layer", "shape", "scheme", "bits/w", "bytes before", "bytes after", "rel error", "SQNR dB", "outlier"):
-        table.add_column(head, justify="left" if head in ("layer", "scheme") else "right")
-    for r in rows:
-        style = "bold red" if (r["name"], r["scheme"]) in worst_keys else None
-        table.add_row(
-            r["name"].removesuffix(".weight"), "x".join(map(str, r["shape"])), r["scheme"],
-            f"{r['bits_per_weight']:.3g}", f"{r['bytes_before']:,}", f"{r['bytes_after']:,}",
-            _fmt("rel_error", r["rel_error"]), _fmt("sqnr_db", r["sqnr_db"]), f"{r['outlier_ratio']:.1f}",
-            style=style,
-        )
-    console.print(table)
-    tot = Table(title="totals per scheme (linear layers only)", title_justify="left")
-    for head in ("scheme", "layers", "bytes before", "bytes after", "saving", "rms rel error", "worst SQNR dB", "worst layer"):
-        tot.add_column(head, justify="left" if head in ("scheme", "worst layer") else "right")
-    for t in sums:
-        tot.add_row(t["scheme"], str(t["layers"]), f"{t['bytes_before']:,}", f"{t['bytes_after']:,}",
-                    f"{t['saving']:.2f}x", _fmt("rel_error", t["rms_rel_error"]), _fmt("sqnr_db", t["worst_sqnr_db"]),
-                    t["worst_layer"].removesuffix(".weight"))
-    console.print(tot)
-    if skipped:
-        reasons = {}
-        for name, why in skipped:
-            reasons.setdefault(why, []).append(name)
-        console.print("left alone:")
-        for why, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            console.print(f"  {why}: {shown}", highlight=False)
 
 
 def _quantize(args) -> int:
@@ -515,7 +410,7 @@ def _quantize(args) -> int:
     if not console.is_terminal:
         console = Console(width=160)
     if gptq_rows:
-        _print_gptq_table(console, gptq_rows, args)
+        render.print_gptq_table(console, gptq_rows, args)
     method = "GPTQ" if calibrated else "round to nearest"
     table = Table(title=f"{summary['out']}: {args.scheme} ({method}), {len(layers)} layers quantized",
                   title_justify="left")
@@ -523,7 +418,7 @@ def _quantize(args) -> int:
         table.add_column(head, justify="left" if head == "layer" else "right")
     for r in layers:
         table.add_row(r.name.removesuffix(".weight"), "x".join(map(str, r.shape)), f"{r.bytes_before:,}",
-                      f"{r.bytes_after:,}", _fmt("rel_error", r.rel_error), _fmt("sqnr_db", r.sqnr_db))
+                      f"{r.bytes_after:,}", render.fmt("rel_error", r.rel_error), render.fmt("sqnr_db", r.sqnr_db))
     console.print(table)
     before, after = summary["bytes_before"], summary["bytes_after"]
     console.print(f"linear layers: {before:,} -> {after:,} bytes ({before / after:.2f}x smaller); "
@@ -626,22 +521,6 @@ def _run_gptq(encoder, scheme, texts, observer):
         )
 
 
-def _print_gptq_table(console, rows, args) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"GPTQ per layer ({args.scheme}, observer {args.observer}): output error on the calibration "
-                        f"tokens, tr(dW H dW^T) / tr(W H W^T)", title_justify="left")
-    for head in ("layer", "shape", "tokens", "RTN loss", "GPTQ loss", "GPTQ / RTN", "seconds"):
-        table.add_column(head, justify="left" if head == "layer" else "right")
-    for r in rows:
-        table.add_row(r["name"].removesuffix(".weight"), "x".join(map(str, r["shape"])), f"{r['tokens']:,}",
-                      f"{r['rtn_loss']:.3e}", f"{r['gptq_loss']:.3e}", f"{r['ratio']:.3f}", f"{r['seconds']:.2f}")
-    console.print(table)
-    total = sum(r["seconds"] for r in rows)
-    console.print(f"GPTQ: {len(rows)} layers, mean loss ratio {sum(r['ratio'] for r in rows) / len(rows):.3f}, "
-                  f"{total:.1f} s in the solver", highlight=False)
-
-
 def _eval(args) -> int:
     from .fidelity import DEFAULT_EVAL_SCHEMES, evaluate, read_sentences
     from .models import SentenceEncoder
@@ -712,9 +591,9 @@ def _eval(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
-        _print_eval(rows, len(sentences) if sentences else None)
+        render.print_eval(rows, len(sentences) if sentences else None)
     if args.plot:
-        _plot_eval(rows, args.plot)
+        render.plot_eval(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -787,7 +666,7 @@ def _plan(args) -> int:
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
-        _print_plan(plan, args.out)
+        render.print_plan(plan, args.out)
     return 0
 
 
@@ -862,81 +741,3 @@ def _proxy_costs(model, layers, candidates, observer):
     return costs, nbytes, kind
 
 
-def _print_plan(plan: dict, out) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    table = Table(title=f"size plan for {plan['model']} ({plan['method']})", title_justify="left")
-    for head in ("layer", "shape", "scheme", "bytes", "predicted cost"):
-        table.add_column(head, justify="left" if head in ("layer", "scheme") else "right")
-    for name, e in plan["layers"].items():
-        table.add_row(name.removesuffix(".weight"), "x".join(map(str, e["shape"])), e["scheme"], f"{e['bytes']:,}",
-                      f"{e['cost']:.3e}")
-    console.print(table)
-    counts = {}
-    for e in plan["layers"].values():
-        counts[e["scheme"]] = counts.get(e["scheme"], 0) + 1
-    console.print(f"budget {plan['budget']['bytes']:,} bytes; plan {plan['total_bytes']:,} bytes = "
-                  f"{plan['bits_per_weight']:.3f} bits per weight; predicted cost {plan['predicted_cost']:.4e}; "
-                  + ", ".join(f"{k}: {v} layers" for k, v in counts.items()), highlight=False)
-    for label, u in plan["uniform"].items():
-        weights = 8.0 * plan["total_bytes"] / plan["bits_per_weight"] if plan["bits_per_weight"] else 0
-        bits = 8.0 * u["bytes"] / weights if weights else 0.0
-        console.print(f"  uniform {label:<12} {bits:6.3f} bits per weight, predicted cost {u['predicted_cost']:.4e}",
-                      highlight=False)
-    console.print(f"cost: {plan['cost']}", highlight=False)
-    console.print(f"wrote {out}", highlight=False)
-
-
-def _print_eval(rows, n_sentences) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .fidelity import SENTENCES
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    n = n_sentences or len(SENTENCES)
-    table = Table(title=f"sentence embeddings, {n} sentences: quantized vs float32", title_justify="left")
-    for head in ("scheme", "bits/w", "model bytes", "mean cosine", "min cosine", "top-1 agreement"):
-        table.add_column(head, justify="left" if head == "scheme" else "right")
-    for r in rows:
-        table.add_row(r["scheme"], f"{r['bits_per_weight']:.3g}", f"{r['model_bytes']:,}", f"{r['mean_cosine']:.6f}",
-                      f"{r['min_cosine']:.6f}", f"{100 * r['top1_agreement']:.1f}%")
-    console.print(table)
-    console.print("worst sentences (lowest cosine):")
-    for r in rows[1:]:
-        w = r["worst"][0]
-        text = w["sentence"] if len(w["sentence"]) <= 70 else w["sentence"][:67] + "..."
-        console.print(f"  {r['scheme']:<12} {w['cosine']:.4f}  {text}", highlight=False)
-
-
-def _plot_eval(rows, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    q = rows[1:]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(q) + 2), 4))
-    xs = range(len(q))
-    ax.bar([x - 0.2 for x in xs], [1 - r["mean_cosine"] for r in q], width=0.4, label="1 - mean cosine")
-    ax.bar([x + 0.2 for x in xs], [1 - r["min_cosine"] for r in q], width=0.4, label="1 - min cosine")
-    ax.set_yscale("log")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"{r['scheme']}\n{r['bits_per_weight']:.2f} b/w" for r in q])
-    ax.set_ylabel("embedding error (lower is better)")
-    ax.set_title("Quantized vs float32 sentence embeddings")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
-
-    os.replace(tmp, path)
