@@ -139,3 +139,29 @@ def test_messages_are_one_line_and_name_the_file(written, preset, edit, message)
     with pytest.raises(NpquantError) as info:
         npquant.load(path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def add_g_idx(path, g_idx):
+    edit_tensors(path, lambda t: t.__setitem__(f"{MODULE}.weight_g_idx", np.asarray(g_idx, np.int32)))
+
+
+def test_plain_g_idx_loads_and_act_order_g_idx_is_refused_never_misread(written):
+    path = written["w4-g32"]
+    before = npquant.load(path)[f"{MODULE}.weight"]
+    add_g_idx(path, np.arange(256) // 32)  # the plain layout: same weights
+    np.testing.assert_array_equal(npquant.load(path)[f"{MODULE}.weight"].codes, before.codes)
+    add_g_idx(path, np.full(256, -1))  # "unset"
+    np.testing.assert_array_equal(npquant.load(path)[f"{MODULE}.weight"].codes, before.codes)
+    shuffled = np.random.default_rng(0).permutation(np.arange(256) // 32)
+    add_g_idx(path, shuffled)
+    with pytest.raises(NpquantError, match=r"act-order groups.*will not load these weights with the wrong scales"):
+        npquant.load(path)
+    add_g_idx(path, np.r_[np.zeros(40, int), np.arange(40, 256) // 32])
+    with pytest.raises(NpquantError, match=r"weight_g_idx gives group 0 40 columns; every group has group_size=32"):
+        npquant.load(path)
+    add_g_idx(path, np.arange(256) // 16)
+    with pytest.raises(NpquantError, match=r"weight_g_idx holds groups 0..15; 8 groups take 0..7"):
+        npquant.load(path)
+    add_g_idx(path, np.arange(128))
+    with pytest.raises(NpquantError, match=r"weight_g_idx must be integer \(256,\)"):
+        npquant.load(path)

@@ -651,6 +651,8 @@ def _read_module(t, module: str, scheme: Scheme, fmt: str) -> QuantizedTensor:
             codes = u
         scale = t[f"{module}.weight_scale"].read().astype(np.float32)
         _check_scale(scale)
+        if f"{module}.weight_g_idx" in t:
+            _check_static_g_idx(t[f"{module}.weight_g_idx"].read(), scheme, shape)
         return QuantizedTensor(codes, scale, zp, shape, scheme)
     if fmt in ("float-quantized", "naive-quantized"):
         if not scheme.is_float:
@@ -660,6 +662,36 @@ def _read_module(t, module: str, scheme: Scheme, fmt: str) -> QuantizedTensor:
         _check_scale(scale)
         return QuantizedTensor(codes, scale, None, codes.shape, scheme)
     raise NpquantError(f"format {fmt!r} is not one npquant reads (pack-quantized, float-quantized, naive-quantized)")
+
+
+def _check_static_g_idx(g_idx: np.ndarray, scheme: Scheme, shape: tuple[int, int]) -> None:
+    """Accept a ``weight_g_idx`` that says the plain layout (-1 everywhere, or column // group_size); refuse others.
+
+    compressed-tensors 0.18 wrote act-order groups as ``g_idx[j]`` = the group of
+    input column j. Only the plain layout decodes as the scales' column
+    order; any other would load with every column's scale wrong, so it is
+    an error until npquant reads permuted groups.
+    """
+    in_features = shape[1]
+    if g_idx.shape != (in_features,) or g_idx.dtype.kind not in "iu":
+        raise NpquantError(f"weight_g_idx must be integer ({in_features},), got {g_idx.dtype} {g_idx.shape}")
+    if (g_idx == -1).all():
+        return
+    if scheme.granularity != "group":
+        raise NpquantError(f"weight_g_idx is for group scales; the config says strategy {scheme.granularity!r}")
+    n_groups = in_features // scheme.group_size
+    if g_idx.min() < 0 or g_idx.max() >= n_groups:
+        raise NpquantError(f"weight_g_idx holds groups {int(g_idx.min())}..{int(g_idx.max())}; "
+                           f"{n_groups} groups take 0..{n_groups - 1}")
+    counts = np.bincount(g_idx, minlength=n_groups)
+    if (counts != scheme.group_size).any():
+        g = int(np.argmax(counts != scheme.group_size))
+        raise NpquantError(f"weight_g_idx gives group {g} {int(counts[g])} columns; every group has "
+                           f"group_size={scheme.group_size}")
+    if not np.array_equal(g_idx, np.arange(in_features) // scheme.group_size):
+        raise NpquantError("weight_g_idx orders columns by activation (act-order groups, as compressed-tensors 0.18 "
+                           "wrote them); npquant reads only the plain group layout so far, and will not load "
+                           "these weights with the wrong scales")
 
 
 def _check_scale(scale: np.ndarray) -> None:
