@@ -379,3 +379,16 @@ def test_mse_ties_keep_the_minmax_range():
     qt = gptq(w, np.diag(d), "w4-g32", observer="mse")
     np.testing.assert_array_equal(qt.scale[:, 0], quantize(w, "w4-g32").scale[:, 0])
     assert np.any(qt.scale[:, 1:] != quantize(w, "w4-g32").scale[:, 1:])
+
+
+def test_dead_inputs_need_no_damping_and_keep_round_to_nearest_codes():
+    # A dead input (zero row and column of H) is given H[i, i] = 1 and no coupling:
+    # without damping H would be singular; its column is rounded to nearest, never zeroed.
+    x = correlated_inputs(512, 64)
+    x[:, [3, 40]] = 0
+    h = x.T.astype(np.float64) @ x
+    w = weight(8, 64)
+    qt = gptq(w, h, "w4-g32", damp=0.0)
+    rtn = quantize(w, "w4-g32").int_codes()
+    np.testing.assert_array_equal(qt.int_codes()[:, [3, 40]], rtn[:, [3, 40]])
+    assert np.any(qt.int_codes() != rtn)
