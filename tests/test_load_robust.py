@@ -76,14 +76,6 @@ CONFIG_EDITS = [
 ]
 
 
-@pytest.mark.parametrize("preset, edit, message", CONFIG_EDITS)
-def test_edited_configs_are_refused(written, preset, edit, message):
-    path = written[preset]
-    edit_config(path, edit)
-    with pytest.raises(NpquantError, match=message):
-        npquant.load(path)
-
-
 TENSOR_EDITS = [
     ("w4-g32", lambda t: t[f"{MODULE}.weight_scale"].__setitem__((3, 1), np.nan), r"weight_scale\[3, 1\] = nan"),
     ("w4-g32", lambda t: t[f"{MODULE}.weight_scale"].__setitem__((0, 0), -0.5), r"weight_scale\[0, 0\] = -0.5"),
@@ -98,10 +90,12 @@ TENSOR_EDITS = [
 ]
 
 
-@pytest.mark.parametrize("preset, edit, message", TENSOR_EDITS)
-def test_broken_tensors_are_refused(written, preset, edit, message):
+@pytest.mark.parametrize("preset, editor, edit, message",
+                         [(p, edit_config, e, m) for p, e, m in CONFIG_EDITS]
+                         + [(p, edit_tensors, e, m) for p, e, m in TENSOR_EDITS])
+def test_edited_configs_and_broken_tensors_are_refused(written, preset, editor, edit, message):
     path = written[preset]
-    edit_tensors(path, edit)
+    editor(path, edit)
     with pytest.raises(NpquantError, match=message):
         npquant.load(path)
 

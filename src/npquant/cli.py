@@ -100,6 +100,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          "the plan's method unless --method is given)")
     _add_method_arguments(qz)
 
+    from .plan import DEFAULT_CANDIDATES
+
     pl = sub.add_parser(
         "plan",
         help="choose a scheme per layer under a size budget (mixed precision)",
@@ -117,8 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
     budget = pl.add_mutually_exclusive_group(required=True)
     budget.add_argument("--bits", type=float, metavar="B", help="budget in bits per linear weight (scales included)")
     budget.add_argument("--size", type=int, metavar="BYTES", help="budget in bytes for the planned layers")
-    pl.add_argument("--schemes", default=",".join(DEFAULT_PLAN_SCHEMES), metavar="LIST",
-                    help=f"comma-separated candidate presets (default {','.join(DEFAULT_PLAN_SCHEMES)})")
+    pl.add_argument("--schemes", default=",".join(DEFAULT_CANDIDATES), metavar="LIST",
+                    help=f"comma-separated candidate presets (default {','.join(DEFAULT_CANDIDATES)})")
     pl.add_argument("-o", "--out", required=True, metavar="plan.json", help="where to write the plan")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     _add_method_arguments(pl, plan_mode=True)
@@ -149,11 +151,6 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="also evaluate a size plan from 'npquant plan' (repeatable), beside the presets")
     _add_method_arguments(ev, eval_mode=True)
     return parser
-
-
-# The issue's four, plus the two 4-bit steps between them (asymmetric g128 at 4.31 bits, g64 at 4.5):
-# with them the solver's 5-bit MiniLM plan keeps 0.9947 mean cosine on held-out text, 0.9929 without.
-DEFAULT_PLAN_SCHEMES = ("w4-g128", "w4-g128-asym", "w4-g64", "w4-g32", "w8-channel", "fp8-channel")
 
 
 def _add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = False) -> None:
@@ -287,18 +284,26 @@ def _model_path(args):
 
 
 class _Progress:
-    """A rich progress bar over bytes on stderr, or nothing when stderr is not a terminal."""
+    """A rich progress bar on stderr, or nothing when stderr is not a terminal.
 
-    def __init__(self, total: int, what: str):
+    ``unit="bytes"`` counts bytes with the time remaining; ``unit="steps"``
+    counts steps (layers, encoders) with the time elapsed. ``prefix`` stands
+    before every description. Called as ``progress(name, amount)``.
+    """
+
+    def __init__(self, total: int, what: str, unit: str = "bytes", prefix: str = ""):
         self.bar = None
+        self.prefix = prefix
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
             from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self.task = self.bar.add_task(what, total=total)
+            counts = (DownloadColumn(), TimeRemainingColumn()) if unit == "bytes" else (MofNCompleteColumn(),
+                                                                                        TimeElapsedColumn())
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), *counts,
+                                console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task(prefix + what, total=total)
 
     def __enter__(self):
         if self.bar is not None:
@@ -309,9 +314,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
-    def __call__(self, name: str, nbytes: int) -> None:
+    def __call__(self, name: str, amount: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=nbytes, description=name[-48:])
+            self.bar.update(self.task, advance=amount, description=self.prefix + name[-48:])
 
 
 def _model_bytes(model) -> int:
@@ -505,20 +510,10 @@ def _encoder_name(name: str) -> str:
 
 def _run_gptq(encoder, scheme, texts, observer):
     """``encoder.quantized(scheme, "gptq", ...)`` with a progress bar per layer on a terminal."""
-    if not sys.stderr.isatty():
-        return encoder.quantized(scheme, "gptq", texts, observer=observer)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("GPTQ {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
-    with bar:
-        total = len(scheme) if isinstance(scheme, dict) else len(encoder.linear_names())
-        task = bar.add_task(f"on {len(texts)} texts", total=total)
-        return encoder.quantized(
-            scheme, "gptq", texts, observer=observer,
-            progress=lambda name, done, total: bar.update(task, completed=done, description=name.removesuffix(".weight")[-40:]),
-        )
+    total = len(scheme) if isinstance(scheme, dict) else len(encoder.linear_names())
+    with _Progress(total, f"on {len(texts)} texts", unit="steps", prefix="GPTQ ") as bar:
+        return encoder.quantized(scheme, "gptq", texts, observer=observer,
+                                 progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
 
 
 def _eval(args) -> int:
@@ -572,22 +567,9 @@ def _eval(args) -> int:
     if args.method == "gptq":
         runs = [(label, m) for label in labels for m in (("rtn", "gptq") if not get_scheme(label).is_float else ("rtn",))]
     n_runs = 1 + len(runs) + len(plans)  # float32, then each scheme and method, then the plans
-    bar = None
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       console=Console(stderr=True), transient=True)
-    if bar is not None:
-        with bar:
-            task = bar.add_task("encoding", total=n_runs)
-            rows, _ = evaluate(encoder, labels, sentences, args.batch_size,
-                               progress=lambda label: bar.update(task, advance=1, description=label),
-                               method=args.method, calibration=calibration, observer=args.observer, plans=plans)
-    else:
-        rows, _ = evaluate(encoder, labels, sentences, args.batch_size, method=args.method,
-                           calibration=calibration, observer=args.observer, plans=plans)
+    with _Progress(n_runs, "encoding", unit="steps") as bar:
+        rows, _ = evaluate(encoder, labels, sentences, args.batch_size, progress=lambda label: bar(label, 1),
+                           method=args.method, calibration=calibration, observer=args.observer, plans=plans)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
@@ -677,20 +659,9 @@ def _encoder_costs(model, layers, candidates, texts, method, observer):
 
     encoder = SentenceEncoder.from_pretrained(model)
     on_path = {n: _encoder_name(n) for n in layers if _encoder_name(n) in encoder.linear_names()}
-    bar = None
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("measuring {task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-    if bar is not None:
-        with bar:
-            task = bar.add_task("layers", total=len(encoder.linear_names()))
-            costs, nbytes = layer_costs(encoder, candidates, texts, method=method, observer=observer,
-                                        progress=lambda n, d, t: bar.update(task, completed=d, description=n[-40:]))
-    else:
-        costs, nbytes = layer_costs(encoder, candidates, texts, method=method, observer=observer)
+    with _Progress(len(encoder.linear_names()), "layers", unit="steps", prefix="measuring ") as bar:
+        costs, nbytes = layer_costs(encoder, candidates, texts, method=method, observer=observer,
+                                    progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
     out_costs, out_bytes = {}, {}
     for name, shape in layers.items():
         if name in on_path:
