@@ -82,7 +82,7 @@ def fp8_round(v: float, fmt: str) -> int:
     return best[1]
 
 
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+FLOAT_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 
 
 # --- quantization -------------------------------------------------------
@@ -117,7 +117,7 @@ def reference_quantize(w, dtype="int", bits=8, granularity="channel", group_size
     for rows, cols in blocks(w.shape, granularity, group_size):
         vals = [f32(w[o, i]) for o in rows for i in cols]
         if dtype != "int":
-            qmax = FP8_MAX[dtype]
+            qmax = FLOAT_MAX[dtype]
         elif symmetric:
             qmax = 2 ** (bits - 1) - 1
         else:

@@ -14,7 +14,7 @@ import pytest
 import npquant
 from npquant import NpquantError, QuantizedTensor, Scheme, linear, prepare, quantize
 from npquant.prepared import PreparedTensor, preparable
-from reference import FP8_MAX, fp8_finite_table, fp8_round
+from reference import FLOAT_MAX, fp8_finite_table, fp8_round
 from test_linear import gamma
 
 ENGINE = importlib.import_module("npquant.quantize")  # the module (npquant.quantize is the function)
@@ -102,7 +102,7 @@ def test_fp8_ties_on_every_row_and_scale(backend, dtype):
     # is a power of two (so w / scale is the midpoint exactly): nearest even.
     finite = sorted({v for v, _ in fp8_finite_table(dtype)})
     mids = [(a + b) / 2 for a, b in zip(finite, finite[1:])]
-    fmax = FP8_MAX[dtype]
+    fmax = FLOAT_MAX[dtype]
     rows = [[fmax * 2.0**k] + [m * 2.0**k for m in mids] for k in (-6, 0, 3)]
     w = np.array(rows, np.float32)
     qt = quantize(w, Scheme(dtype, 8, "channel"), backend=backend)

@@ -10,8 +10,12 @@ def test_presets_are_the_documented_list():
     assert list(npquant.schemes()) == [
         "w8-tensor", "w8-channel", "w8-g128", "w4-tensor", "w4-channel", "w4-g128", "w4-g64",
         "w4-g32", "w4-g128-asym", "w3-g128", "w2-g64", "fp8-tensor", "fp8-channel",
+        "fp8-block", "nvfp4", "mxfp4", "mxfp6", "mxfp8",
     ]
-    assert all(s.scale_dtype == "float32" for s in npquant.schemes().values())
+    assert all(s.scale_dtype == "float32" for s in npquant.schemes().values() if not s.microscaled)
+    assert get_scheme("nvfp4") == Scheme("fp4_e2m1", 4, "group", 16, scale_dtype="fp8_e4m3")
+    assert get_scheme("mxfp6") == Scheme("fp6_e2m3", 6, "group", 32, scale_dtype="e8m0")
+    assert get_scheme("fp8-block") == Scheme("fp8_e4m3", 8, "block", block_size=(128, 128))
     assert get_scheme("w4-g128-asym") == Scheme("int", 4, "group", 128, symmetric=False)
     assert get_scheme("fp8-channel") == Scheme("fp8_e4m3", 8, "channel")
 
@@ -32,7 +36,18 @@ def test_schemes_are_frozen():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(dtype="int9"), r"dtype='int9' is not known; expected one of \('int', 'fp8_e4m3', 'fp8_e5m2'\)"),
+        (dict(dtype="int9"), r"dtype='int9' is not known; expected one of \('int', 'fp8_e4m3', 'fp8_e5m2', 'fp4_e2m1'"),
+        (dict(dtype="fp4_e2m1", bits=4, granularity="group", group_size=32), r"takes scale_dtype='e8m0' \(MX\) or"),
+        (dict(dtype="fp4_e2m1", bits=6, granularity="group", group_size=32, scale_dtype="e8m0"),
+         r"bits=6 does not fit dtype='fp4_e2m1'; its codes are 4 bits"),
+        (dict(dtype="fp6_e2m3", bits=6, granularity="group", group_size=32, scale_dtype="fp8_e4m3"),
+         r"scale_dtype='fp8_e4m3' is NVFP4's"),
+        (dict(dtype="fp4_e2m1", bits=4, granularity="channel", scale_dtype="e8m0"), r"scales groups; granularity='channel'"),
+        (dict(scale_dtype="e8m0", granularity="group", group_size=32), r"scale_dtype='e8m0' is for MX float codes"),
+        (dict(dtype="fp8_e4m3", granularity="block"), r"needs block_size=\(rows, cols\) of positive ints, got None"),
+        (dict(dtype="fp8_e4m3", granularity="block", block_size=(128, 0)), r"positive ints, got \(128, 0\)"),
+        (dict(granularity="block", block_size=(128, 128)), r"granularity='block' is for fp8_e4m3 codes"),
+        (dict(block_size=(128, 128)), r"block_size=\(128, 128\) is only for granularity='block'"),
         (dict(bits=1), r"bits=1 is out of range; int codes take 2 to 8 bits"),
         (dict(bits=9), r"bits=9 is out of range"),
         (dict(bits=4.0), r"bits=4.0 must be an int"),

@@ -22,6 +22,7 @@ beside the weights (tokenizer, configs) is copied.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -155,6 +156,8 @@ def _default_skip(name: str, t: TensorSource) -> str:
 
 def check_loadable(scheme: Scheme) -> list[str]:
     """Refuse schemes vLLM cannot load; return warnings for ones it loads slowly."""
+    if scheme.microscaled:
+        return _check_microscaled(scheme)
     if scheme.scale_dtype != "float32":
         raise NpquantError(f"checkpoints are written with float32 scales; scheme has scale_dtype={scheme.scale_dtype!r}")
     if scheme.dtype == "fp8_e5m2":
@@ -175,6 +178,17 @@ def check_loadable(scheme: Scheme) -> list[str]:
     if scheme.dtype == "int" and scheme.bits not in (4, 8):
         notes.append(f"{scheme.bits}-bit codes: vLLM's fast kernels take 4 and 8 bits only")
     return notes
+
+
+def _check_microscaled(scheme: Scheme) -> list[str]:
+    """NVFP4 takes groups of 16, MX groups of 32: compressed-tensors tells the formats apart by group size."""
+    if scheme.global_scale and scheme.group_size != 16:
+        raise NpquantError(f"NVFP4 checkpoints take groups of 16 (nvfp4); got group_size={scheme.group_size}")
+    if scheme.scale_dtype == "e8m0" and scheme.group_size != 32:
+        raise NpquantError(f"MX checkpoints take groups of 32 (mxfp4, mxfp6, mxfp8); got group_size={scheme.group_size}")
+    if scheme.granularity == "block" and scheme.block_size != (128, 128):
+        return [f"block_size={scheme.block_size}: vLLM's fp8 block kernels take 128 x 128 blocks"]
+    return []
 
 
 # --- compressed-tensors layout ------------------------------------------------------
@@ -200,6 +214,18 @@ def _unpack_words(words: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def _layer_plans(module: str, shape: tuple[int, int], scheme: Scheme) -> list[TensorPlan]:
     out_features, in_features = shape
+    if scheme.microscaled:
+        from .quantize import code_numpy_dtype, scale_numpy_dtype
+
+        codes_name = "weight_packed" if scheme.packed else "weight"
+        codes_shape = (out_features, in_features * scheme.bits // 8)
+        plans = [
+            TensorPlan(f"{module}.{codes_name}", code_numpy_dtype(scheme), codes_shape),
+            TensorPlan(f"{module}.weight_scale", scale_numpy_dtype(scheme), scheme.scale_shape(shape)),
+        ]
+        if scheme.global_scale:
+            plans.append(TensorPlan(f"{module}.weight_global_scale", np.dtype(np.float32), (1,)))
+        return plans
     if scheme.is_float:
         import ml_dtypes
 
@@ -223,6 +249,12 @@ def _layer_plans(module: str, shape: tuple[int, int], scheme: Scheme) -> list[Te
 
 def _layer_arrays(module: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
     scheme = qt.scheme
+    if scheme.microscaled:
+        arrays = {f"{module}.{'weight_packed' if scheme.packed else 'weight'}": qt.codes,
+                  f"{module}.weight_scale": qt.scale}
+        if qt.global_scale is not None:
+            arrays[f"{module}.weight_global_scale"] = qt.global_scale
+        return arrays
     if scheme.is_float:
         scale = qt.scale.reshape(1) if scheme.granularity == "tensor" else qt.scale
         return {f"{module}.weight": qt.codes, f"{module}.weight_scale": scale}
@@ -242,17 +274,27 @@ def _layer_arrays(module: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
 
 
 def _weights_args(scheme: Scheme) -> dict:
-    return {
+    args = {
         "num_bits": scheme.bits,
         "type": "float" if scheme.is_float else "int",
         "symmetric": scheme.symmetric,
-        "strategy": scheme.granularity,
+        "strategy": "tensor_group" if scheme.global_scale else scheme.granularity,
         "group_size": scheme.group_size,
         "dynamic": False,
     }
+    if scheme.granularity == "block":
+        args["block_structure"] = list(scheme.block_size)
+    if scheme.scale_dtype in ("fp8_e4m3", "e8m0"):
+        args["scale_dtype"] = "torch.float8_e4m3fn" if scheme.global_scale else "torch.uint8"
+    return args
 
 
 def _format_of(scheme: Scheme) -> str:
+    if scheme.global_scale:
+        return "nvfp4-pack-quantized"
+    if scheme.scale_dtype == "e8m0":
+        return {"fp4_e2m1": "mxfp4-pack-quantized", "fp6_e2m3": "mxfp6-pack-quantized"}.get(scheme.dtype,
+                                                                                              "mxfp8-quantized")
     return "float-quantized" if scheme.is_float else "pack-quantized"
 
 
@@ -419,7 +461,8 @@ def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, q
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
         elif src.name in picked:
-            qt, rel, sqnr = quantize_measured(src, layer_scheme[src.name], name=f"tensor {src.name!r} in {src.file.name}:",
+            qt, rel, sqnr = quantize_measured(src, _stored_scheme(layer_scheme[src.name], src),
+                                              name=f"tensor {src.name!r} in {src.file.name}:",
                                               observer=observer)
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
@@ -436,7 +479,8 @@ def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, q
             plans = []
             for src in sources:
                 if src.name in picked:
-                    plans += _layer_plans(src.name[: -len(".weight")], src.shape, layer_scheme[src.name])
+                    plans += _layer_plans(src.name[: -len(".weight")], src.shape,
+                                          _stored_scheme(layer_scheme[src.name], src))
                 else:
                     plans.append(TensorPlan(src.name, src.dtype, src.shape))
             write_safetensors(tmp / file.name, plans, _ordered_map(pool, job, sources, workers),
@@ -444,6 +488,13 @@ def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, q
             shard_names[file.name] = [p.name for p in plans]
     results.sort(key=lambda r: list(picked).index(r.name))
     return shard_names
+
+
+def _stored_scheme(scheme: Scheme, src: TensorSource) -> Scheme:
+    """fp8 blocks store their scales in the model's dtype, as compressed-tensors does (bfloat16 for bfloat16 models)."""
+    if scheme.granularity == "block" and src.code in ("BF16", "F16"):
+        return dataclasses.replace(scheme, scale_dtype="bfloat16" if src.code == "BF16" else "float16")
+    return scheme
 
 
 def _ordered_map(pool, fn, items, depth: int):
@@ -542,6 +593,8 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
         fmt = g.get("format") or top_format
         if fmt == "mixed-precision":
             raise NpquantError(f"{where} has no format of its own under a mixed-precision config")
+        if fmt not in _READ_FORMATS:
+            raise NpquantError(f"{where}: format {fmt!r} is not one npquant reads ({', '.join(_READ_FORMATS)})")
         groups.append((gname, _scheme_from_weights(g["weights"], where), fmt, targets))
     ignore = qc.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
@@ -567,9 +620,9 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
             group = _group_for(module, groups)
             if group is None:
                 raise NpquantError(f"{path}: module {module!r} has quantized tensors but no config group targets it")
-            gname, scheme, fmt, _ = group
+            gname, (scheme, act_order), fmt, _ = group
             try:
-                out[f"{module}.weight"] = _read_module(t, module, scheme, fmt)
+                out[f"{module}.weight"] = _read_module(t, module, scheme, fmt, act_order)
             except NpquantError as exc:
                 raise NpquantError(f"{path}: tensor {module}.weight: {exc} (config group {gname})") from None
             except KeyError as exc:
@@ -577,30 +630,76 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
     return out
 
 
-def _scheme_from_weights(weights: dict, where: str) -> Scheme:
-    """The Scheme a group's ``weights`` describe; wrong JSON types are errors, never coerced."""
+def _scheme_from_weights(weights: dict, where: str) -> tuple[Scheme, bool]:
+    """The Scheme a group's ``weights`` describe, and whether it has act-order groups.
+
+    Wrong JSON types are errors, never coerced.
+    """
     num_bits, kind = weights.get("num_bits"), weights.get("type", "int")
     strategy, symmetric = weights.get("strategy"), weights.get("symmetric", True)
-    group_size = weights.get("group_size")
+    group_size, scale_dtype = weights.get("group_size"), weights.get("scale_dtype")
+    actorder = weights.get("actorder")
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
         raise NpquantError(f"{where}.weights.num_bits must be an integer, got {num_bits!r}")
     if not isinstance(symmetric, bool):
         raise NpquantError(f"{where}.weights.symmetric must be true or false, got {symmetric!r}")
     if kind not in ("int", "float"):
         raise NpquantError(f"{where}.weights.type must be 'int' or 'float', got {kind!r}")
-    if strategy not in ("tensor", "channel", "group"):
-        raise NpquantError(f"{where}.weights.strategy {strategy!r} is not one npquant reads (tensor, channel, group)")
-    if strategy == "group":
+    if strategy is None:  # compressed-tensors infers it from group_size
+        strategy = "tensor" if group_size is None else "channel" if group_size == -1 else "group"
+    if strategy not in ("tensor", "channel", "group", "tensor_group", "block"):
+        raise NpquantError(f"{where}.weights.strategy {strategy!r} is not one npquant reads "
+                           f"(tensor, channel, group, tensor_group, block)")
+    if scale_dtype not in (None, "torch.float8_e4m3fn", "torch.uint8"):
+        raise NpquantError(f"{where}.weights.scale_dtype {scale_dtype!r} is not one npquant reads "
+                           f"(null, 'torch.float8_e4m3fn', 'torch.uint8')")
+    if actorder not in (None, "weight", "static", "group", "dynamic", True, False):
+        raise NpquantError(f"{where}.weights.actorder {actorder!r} is not known (null, 'weight', 'static', 'group')")
+    if strategy in ("group", "tensor_group"):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise NpquantError(f"{where}.weights.group_size must be a positive integer for strategy 'group', got {group_size!r}")
+            raise NpquantError(f"{where}.weights.group_size must be a positive integer for strategy {strategy!r}, "
+                               f"got {group_size!r}")
     else:
         group_size = None
-    if kind == "float" and num_bits != 8:
-        raise NpquantError(f"{where}.weights: float weights of {num_bits} bits are not a format npquant reads (fp8 only)")
+    block = None
+    if strategy == "block":
+        block = weights.get("block_structure")
+        if (not isinstance(block, list) or len(block) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block)):
+            raise NpquantError(f"{where}.weights.block_structure must be [rows, cols] of positive integers, got {block!r}")
+        block = tuple(block)
     try:
-        return Scheme("fp8_e4m3" if kind == "float" else "int", num_bits, strategy, group_size, symmetric)
+        if kind == "int":
+            if strategy not in ("tensor", "channel", "group") or scale_dtype is not None:
+                raise NpquantError(f"int weights with strategy {strategy!r} and scale_dtype {scale_dtype!r} are not "
+                                   f"a format npquant reads")
+            scheme = Scheme("int", num_bits, strategy, group_size, symmetric)
+        elif num_bits in (4, 6):
+            if strategy == "tensor_group" and num_bits == 4 and scale_dtype == "torch.float8_e4m3fn":
+                scheme = Scheme("fp4_e2m1", 4, "group", group_size, scale_dtype="fp8_e4m3")
+            elif strategy == "group" and scale_dtype == "torch.uint8":
+                scheme = Scheme("fp4_e2m1" if num_bits == 4 else "fp6_e2m3", num_bits, "group", group_size,
+                                scale_dtype="e8m0")
+            else:
+                raise NpquantError(f"float weights of {num_bits} bits are read as NVFP4 (strategy tensor_group, "
+                                   f"scale_dtype torch.float8_e4m3fn) or MX (group, torch.uint8); got strategy "
+                                   f"{strategy!r}, scale_dtype {scale_dtype!r}")
+        elif num_bits == 8:
+            if strategy == "group" and scale_dtype == "torch.uint8":
+                scheme = Scheme("fp8_e4m3", 8, "group", group_size, scale_dtype="e8m0")
+            elif strategy in ("tensor", "channel", "block") and scale_dtype is None:
+                scheme = Scheme("fp8_e4m3", 8, strategy, symmetric=symmetric, block_size=block)
+            else:
+                raise NpquantError(f"fp8 weights are read per tensor, channel or block (or MX groups with "
+                                   f"scale_dtype torch.uint8); got strategy {strategy!r}, scale_dtype {scale_dtype!r}")
+        else:
+            raise NpquantError(f"float weights of {num_bits} bits are not a format npquant reads (4, 6 or 8)")
     except NpquantError as exc:
         raise NpquantError(f"{where}.weights: {exc}") from None
+    act_order = actorder in ("group", "dynamic", True)
+    if act_order and scheme.granularity != "group":
+        raise NpquantError(f"{where}.weights: actorder {actorder!r} is for group scales, not strategy {strategy!r}")
+    return scheme, act_order
 
 
 def _matches(module: str, target: str) -> bool:
@@ -626,57 +725,129 @@ def _group_for(module: str, groups: list):
     return None
 
 
-def _read_module(t, module: str, scheme: Scheme, fmt: str) -> QuantizedTensor:
-    """One module's tensors decoded as ``fmt`` with ``scheme``."""
+# The formats load reads, and the tensors of one module each has besides weight_scale
+# (optional ones in brackets).
+_READ_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
+                 "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized")
+
+
+def _read_module(t, module: str, scheme: Scheme, fmt: str, act_order: bool) -> QuantizedTensor:
+    """One module's tensors decoded as ``fmt`` with ``scheme``; every tensor of the module must be used."""
+    used = {f"{module}.weight_scale"}
+    scale_src = t[f"{module}.weight_scale"]
     if fmt == "pack-quantized":
         if scheme.is_float:
             raise NpquantError("pack-quantized holds int weights, but the group's weights are float")
-        shape = tuple(int(v) for v in t[f"{module}.weight_shape"].read())
-        if len(shape) != 2:
-            raise NpquantError(f"weight_shape must hold [out, in], got {list(shape)}")
+        used |= {f"{module}.weight_packed", f"{module}.weight_shape"}
+        shape = _weight_shape(t[f"{module}.weight_shape"].read())
         words = t[f"{module}.weight_packed"].read()
         want = (shape[0], math.ceil(shape[1] * scheme.bits / 32))
-        if words.shape != want:
-            raise NpquantError(f"weight_packed has shape {words.shape}; {scheme.bits}-bit codes of {shape} take {want}")
+        if words.shape != want or words.dtype != np.int32:
+            raise NpquantError(f"weight_packed is {words.dtype} {words.shape}; {scheme.bits}-bit codes of {shape} "
+                               f"take int32 {want}")
         u = _unpack_words(words, scheme.bits, shape[1])
         zp = None
         if not scheme.symmetric:
+            used.add(f"{module}.weight_zero_point")
             zp_words = t[f"{module}.weight_zero_point"].read()
+            n_groups = scheme.scale_shape(shape)[1]
+            want_zp = (math.ceil(shape[0] * scheme.bits / 32), n_groups)
+            if zp_words.shape != want_zp or zp_words.dtype != np.int32:
+                raise NpquantError(f"weight_zero_point is {zp_words.dtype} {zp_words.shape}; {scheme.bits}-bit zero "
+                                   f"points of {shape} take int32 {want_zp}")
             zp = np.ascontiguousarray(_unpack_words(zp_words.T.copy(), scheme.bits, shape[0]).T)
+        perm = None
+        if f"{module}.weight_g_idx" in t:
+            used.add(f"{module}.weight_g_idx")
+            perm = _g_idx_order(t[f"{module}.weight_g_idx"].read(), scheme, shape, act_order)
+            if perm is not None:
+                u = np.ascontiguousarray(u[:, perm])
+        elif act_order:
+            raise NpquantError("the config says actorder 'group' but the module has no weight_g_idx")
         if scheme.packed:
             codes = pack_codes(u, scheme.bits)
         elif scheme.symmetric:
             codes = (u.astype(np.int16) - 128).astype(np.int8)
         else:
             codes = u
-        scale = t[f"{module}.weight_scale"].read().astype(np.float32)
-        _check_scale(scale)
-        if f"{module}.weight_g_idx" in t:
-            _check_static_g_idx(t[f"{module}.weight_g_idx"].read(), scheme, shape)
-        return QuantizedTensor(codes, scale, zp, shape, scheme)
-    if fmt in ("float-quantized", "naive-quantized"):
-        if not scheme.is_float:
-            raise NpquantError(f"{fmt} is read for fp8 weights here; the group's weights are int")
+        scale = _float_scale(scale_src)
+        qt = QuantizedTensor(codes, scale, zp, shape, scheme, perm=perm)
+    elif fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized"):
+        bits = {"nvfp4-pack-quantized": 4, "mxfp4-pack-quantized": 4, "mxfp6-pack-quantized": 6}[fmt]
+        if scheme.bits != bits or scheme.dtype not in ("fp4_e2m1", "fp6_e2m3"):
+            raise NpquantError(f"{fmt} holds {bits}-bit float codes, but the group's weights are {scheme.dtype} "
+                               f"{scheme.bits}-bit with {scheme.scale_dtype} scales")
+        if (fmt == "nvfp4-pack-quantized") != scheme.global_scale:
+            raise NpquantError(f"{fmt} does not fit weights with {scheme.scale_dtype} scales")
+        used.add(f"{module}.weight_packed")
+        packed = t[f"{module}.weight_packed"].read()
+        if packed.dtype != np.uint8 or packed.ndim != 2 or (packed.shape[1] * 8) % bits:
+            raise NpquantError(f"weight_packed must be uint8 (out, in * {bits} / 8), got {packed.dtype} {packed.shape}")
+        shape = (packed.shape[0], packed.shape[1] * 8 // bits)
+        global_scale = None
+        if scheme.global_scale:
+            used.add(f"{module}.weight_global_scale")
+            global_scale = t[f"{module}.weight_global_scale"].read()
+            if global_scale.dtype != np.float32 or global_scale.size != 1:
+                raise NpquantError(f"weight_global_scale must be float32 [1], got {global_scale.dtype} "
+                                   f"{list(global_scale.shape)}")
+            global_scale = global_scale.reshape(1)
+        qt = QuantizedTensor(packed, scale_src.read(), None, shape, scheme, global_scale)
+    elif fmt in ("float-quantized", "naive-quantized", "int-quantized", "mxfp8-quantized"):
+        used.add(f"{module}.weight")
         codes = t[f"{module}.weight"].read()
-        scale = t[f"{module}.weight_scale"].read().astype(np.float32).reshape(-1, 1)
-        _check_scale(scale)
-        return QuantizedTensor(codes, scale, None, codes.shape, scheme)
-    raise NpquantError(f"format {fmt!r} is not one npquant reads (pack-quantized, float-quantized, naive-quantized)")
+        if codes.ndim != 2:
+            raise NpquantError(f"weight must be 2-D (out, in), got {codes.shape}")
+        if fmt == "mxfp8-quantized" or scheme.scale_dtype == "e8m0":
+            if fmt != "mxfp8-quantized" or scheme.scale_dtype != "e8m0" or scheme.dtype != "fp8_e4m3":
+                raise NpquantError(f"{fmt} does not fit {scheme.dtype} weights with {scheme.scale_dtype} scales")
+            scale = scale_src.read()
+        else:
+            if ((fmt == "int-quantized" and scheme.is_float) or (fmt == "float-quantized" and not scheme.is_float)
+                    or (not scheme.is_float and scheme.bits != 8)):
+                raise NpquantError(f"{fmt} does not hold {scheme.dtype} {scheme.bits}-bit weights")
+            if not scheme.symmetric:
+                raise NpquantError(f"{fmt} is read for symmetric weights; the group's are asymmetric")
+            scale = _float_scale(scale_src)
+            if scheme.granularity in ("tensor", "channel"):
+                scale = scale.reshape(-1, 1)
+        qt = QuantizedTensor(codes, scale, None, codes.shape, scheme)
+    else:  # the config check refuses other formats first
+        raise NpquantError(f"format {fmt!r} is not one npquant reads ({', '.join(_READ_FORMATS)})")
+    if scheme.scale_dtype not in ("fp8_e4m3", "e8m0"):
+        _check_scale(qt.scale)
+    extra = sorted(n for n in t if n.startswith(f"{module}.weight") and n not in used)
+    if extra:
+        raise NpquantError(f"tensor {extra[0]!r} is not one a {fmt} module has")
+    return qt
 
 
-def _check_static_g_idx(g_idx: np.ndarray, scheme: Scheme, shape: tuple[int, int]) -> None:
-    """Accept a ``weight_g_idx`` that says the plain layout (-1 everywhere, or column // group_size); refuse others.
+def _weight_shape(shape: np.ndarray) -> tuple[int, int]:
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape <= 0).any():
+        raise NpquantError(f"weight_shape must hold [out, in] as 2 positive integers, got {shape.dtype} {shape.tolist()}")
+    return (int(shape[0]), int(shape[1]))
 
-    compressed-tensors 0.18 wrote act-order groups as ``g_idx[j]`` = the group of
-    input column j. Only the plain layout decodes as the scales' column
-    order; any other would load with every column's scale wrong, so it is
-    an error until npquant reads permuted groups.
+
+def _float_scale(src) -> np.ndarray:
+    """float32 scales from a float32, bfloat16 or float16 tensor (exact)."""
+    if src.code not in ("F32", "BF16", "F16"):
+        raise NpquantError(f"weight_scale must be float32, bfloat16 or float16, got {src.code}")
+    return src.read().astype(np.float32)
+
+
+def _g_idx_order(g_idx: np.ndarray, scheme: Scheme, shape: tuple[int, int], act_order: bool) -> np.ndarray | None:
+    """The stored column order a ``weight_g_idx`` gives, or None for the plain order.
+
+    ``g_idx[j]`` is the group of input column j (compressed-tensors 0.18 and
+    earlier; -1 everywhere means unset). Every group must have exactly
+    ``group_size`` columns: the stable sort of the columns by group then
+    gives plain contiguous groups, the same weight read as ``W[:, perm]``.
     """
     in_features = shape[1]
     if g_idx.shape != (in_features,) or g_idx.dtype.kind not in "iu":
         raise NpquantError(f"weight_g_idx must be integer ({in_features},), got {g_idx.dtype} {g_idx.shape}")
     if (g_idx == -1).all():
-        return
+        return None
     if scheme.granularity != "group":
         raise NpquantError(f"weight_g_idx is for group scales; the config says strategy {scheme.granularity!r}")
     n_groups = in_features // scheme.group_size
@@ -688,13 +859,12 @@ def _check_static_g_idx(g_idx: np.ndarray, scheme: Scheme, shape: tuple[int, int
         g = int(np.argmax(counts != scheme.group_size))
         raise NpquantError(f"weight_g_idx gives group {g} {int(counts[g])} columns; every group has "
                            f"group_size={scheme.group_size}")
-    if not np.array_equal(g_idx, np.arange(in_features) // scheme.group_size):
-        raise NpquantError("weight_g_idx orders columns by activation (act-order groups, as compressed-tensors 0.18 "
-                           "wrote them); npquant reads only the plain group layout so far, and will not load "
-                           "these weights with the wrong scales")
+    perm = np.argsort(g_idx, kind="stable").astype(np.int64)
+    return None if np.array_equal(perm, np.arange(in_features)) else perm
 
 
 def _check_scale(scale: np.ndarray) -> None:
+    scale = scale.astype(np.float32)
     bad = ~np.isfinite(scale) | (scale < 0)
     if bad.any():
         idx = tuple(int(v) for v in np.argwhere(bad)[0])

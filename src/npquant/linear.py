@@ -71,9 +71,14 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)  # (M, I)
+    if isinstance(qt, QuantizedTensor) and qt.perm is not None:  # act-order groups: the stored weight is W[:, perm]
+        x2 = x2[:, qt.perm]
+        qt = qt.in_stored_order()
     if backend == "numba":
-        from .kernels import numba_linear
+        from .kernels import has_kernels, numba_linear
 
+        backend = "numba" if has_kernels(qt) else "numpy"
+    if backend == "numba":
         y = numba_linear(x2, qt)  # converts x2 to float32 itself
     else:
         y = _numpy_linear(x2.astype(np.float32, copy=False), qt)

@@ -66,8 +66,11 @@ def preparable(scheme: Scheme, shape: tuple[int, int]) -> bool:
     """Whether :func:`prepare` rearranges a tensor of this scheme and shape.
 
     4-bit int codes whose blocks span an even number of columns (so that
-    blocks start on a byte), and every one-byte format (int8, fp8).
+    blocks start on a byte), and every one-byte format (int8, fp8) with
+    float scales over whole rows.
     """
+    if scheme.microscaled:
+        return False
     if scheme.bits == 8:
         return True
     return not scheme.is_float and scheme.bits == 4 and scheme.block_shape(shape)[1] % 2 == 0
@@ -200,7 +203,7 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | QuantizedTensor:
         raise NpquantError(f"qt must be a QuantizedTensor (see npquant.quantize), got {type(qt).__name__}")
     scheme = qt.scheme
     out_features, in_features = qt.shape
-    if not preparable(scheme, qt.shape):
+    if not preparable(scheme, qt.shape) or qt.perm is not None:
         return qt
     n_blocks = -(-out_features // ROWS)
     pad = n_blocks * ROWS - out_features

@@ -3,20 +3,32 @@
 A :class:`Scheme` says everything :func:`npquant.quantize` needs to turn a
 weight ``w (out_features, in_features)`` into codes and scales:
 
-- ``dtype``: ``"int"`` (``bits`` from 2 to 8), ``"fp8_e4m3"`` or ``"fp8_e5m2"``;
+- ``dtype``: ``"int"`` (``bits`` from 2 to 8), ``"fp8_e4m3"``, ``"fp8_e5m2"``,
+  ``"fp4_e2m1"`` (4 bits) or ``"fp6_e2m3"`` (6 bits);
 - ``granularity``: which weights share one scale. Every granularity is one
   block shape ``(block_rows, block_cols)`` over ``w``:
 
-  ============  ======================  =======================
+  ============  ======================  ==================================
   granularity   block of ``w (O, I)``   scale shape
-  ============  ======================  =======================
+  ============  ======================  ==================================
   ``tensor``    ``(O, I)``              ``(1, 1)``
   ``channel``   ``(1, I)``              ``(O, 1)``
   ``group``     ``(1, group_size)``     ``(O, I // group_size)``
-  ============  ======================  =======================
+  ``block``     ``block_size``          ``(ceil(O / rows), ceil(I / cols))``
+  ============  ======================  ==================================
 
+  Blocks that do not divide the shape are cut at its edge (the weight is
+  read as if zero-padded to whole blocks, as compressed-tensors does).
 - ``symmetric``: int only; asymmetric adds a zero point per block;
-- ``scale_dtype``: the dtype the scales are stored in.
+- ``scale_dtype``: the dtype the scales are stored in: ``"float32"``,
+  ``"float16"``, ``"bfloat16"``, ``"fp8_e4m3"`` (NVFP4: fp8 scales times one
+  float32 global scale per tensor) or ``"e8m0"`` (MX: a power of two,
+  stored as its biased exponent byte).
+
+Schemes with fp4/fp6 codes, fp8/e8m0 scales or blocks follow
+compressed-tensors' own rules (:mod:`npquant.microscaling`) bit for bit, so
+that their checkpoints are byte-equal to its; the int and fp8 channel,
+group and tensor schemes follow npquant's rules (:mod:`npquant.quantize`).
 
 >>> s = Scheme(bits=4, granularity="group", group_size=128)
 >>> s.qmin, s.qmax, s.block_shape((256, 512))
@@ -31,14 +43,16 @@ from dataclasses import dataclass
 
 from .errors import NpquantError
 
-__all__ = ["Scheme", "schemes", "get_scheme", "FP8_MAX"]
+__all__ = ["Scheme", "schemes", "get_scheme", "FLOAT_MAX"]
 
-#: Largest finite magnitude of each fp8 format.
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+#: Largest finite magnitude of each float code format.
+FLOAT_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp4_e2m1": 6.0, "fp6_e2m3": 7.5}
+#: Bits of each float code format.
+FLOAT_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "fp6_e2m3": 6}
 
-_DTYPES = ("int", "fp8_e4m3", "fp8_e5m2")
-_GRANULARITIES = ("tensor", "channel", "group")
-_SCALE_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPES = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp6_e2m3")
+_GRANULARITIES = ("tensor", "channel", "group", "block")
+_SCALE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "e8m0")
 
 
 @dataclass(frozen=True)
@@ -47,20 +61,24 @@ class Scheme:
 
     Parameters
     ----------
-    dtype : {"int", "fp8_e4m3", "fp8_e5m2"}
+    dtype : {"int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp6_e2m3"}
         Code format.
     bits : int
-        Bits per code: 2..8 for ``"int"``; always 8 for fp8.
-    granularity : {"tensor", "channel", "group"}
+        Bits per code: 2..8 for ``"int"``; 8 for fp8, 4 for fp4, 6 for fp6.
+    granularity : {"tensor", "channel", "group", "block"}
         Which weights share a scale (see the module docstring).
     group_size : int or None
         Consecutive input columns per scale; required for ``"group"`` only.
+    block_size : (int, int) or None
+        ``(rows, cols)`` per scale; required for ``"block"`` only.
     symmetric : bool
         ``True``: codes in ``[-qmax, qmax]``, no zero point. ``False`` (int
         only): codes in ``[0, 2**bits - 1]`` with a zero point per block.
-    scale_dtype : {"float32", "float16", "bfloat16"}
+    scale_dtype : {"float32", "float16", "bfloat16", "fp8_e4m3", "e8m0"}
         Storage dtype of the scales. Quantization uses the scale after it is
         rounded to this dtype, so codes match what an engine will read.
+        ``"fp8_e4m3"`` (fp4 codes, groups) adds a float32 global scale;
+        ``"e8m0"`` (float codes, groups) stores powers of two.
     """
 
     dtype: str = "int"
@@ -69,6 +87,7 @@ class Scheme:
     group_size: int | None = None
     symmetric: bool = True
     scale_dtype: str = "float32"
+    block_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -77,8 +96,10 @@ class Scheme:
             raise NpquantError(f"Scheme bits={self.bits!r} must be an int")
         if self.dtype == "int" and not 2 <= self.bits <= 8:
             raise NpquantError(f"Scheme bits={self.bits} is out of range; int codes take 2 to 8 bits")
-        if self.dtype != "int" and self.bits != 8:
-            raise NpquantError(f"Scheme bits={self.bits} does not fit dtype={self.dtype!r}; fp8 codes are 8 bits")
+        if self.dtype != "int" and self.bits != FLOAT_BITS[self.dtype]:
+            raise NpquantError(
+                f"Scheme bits={self.bits} does not fit dtype={self.dtype!r}; its codes are {FLOAT_BITS[self.dtype]} bits"
+            )
         if self.dtype != "int" and not self.symmetric:
             raise NpquantError(f"Scheme symmetric=False is for int codes only; dtype={self.dtype!r} is symmetric")
         if self.granularity not in _GRANULARITIES:
@@ -94,22 +115,58 @@ class Scheme:
                 f"Scheme group_size={self.group_size} is only for granularity='group', "
                 f"not {self.granularity!r}; leave it None"
             )
+        if self.granularity == "block":
+            b = self.block_size
+            if (not isinstance(b, tuple) or len(b) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b)):
+                raise NpquantError(f"Scheme granularity='block' needs block_size=(rows, cols) of positive ints, got {b!r}")
+            if self.dtype != "fp8_e4m3":
+                raise NpquantError(f"Scheme granularity='block' is for fp8_e4m3 codes (fp8-block), not {self.dtype!r}")
+        elif self.block_size is not None:
+            raise NpquantError(f"Scheme block_size={self.block_size} is only for granularity='block'; leave it None")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise NpquantError(
                 f"Scheme scale_dtype={self.scale_dtype!r} is not known; expected one of {_SCALE_DTYPES}"
+            )
+        if self.dtype in ("fp4_e2m1", "fp6_e2m3") and self.scale_dtype not in ("fp8_e4m3", "e8m0"):
+            raise NpquantError(
+                f"Scheme dtype={self.dtype!r} takes scale_dtype='e8m0' (MX) or, for fp4, 'fp8_e4m3' (NVFP4), "
+                f"not {self.scale_dtype!r}"
+            )
+        if self.scale_dtype == "fp8_e4m3" and self.dtype != "fp4_e2m1":
+            raise NpquantError(f"Scheme scale_dtype='fp8_e4m3' is NVFP4's, for fp4_e2m1 codes, not {self.dtype!r}")
+        if self.scale_dtype == "e8m0" and self.dtype not in ("fp4_e2m1", "fp6_e2m3", "fp8_e4m3"):
+            raise NpquantError(f"Scheme scale_dtype='e8m0' is for MX float codes (fp4, fp6, fp8_e4m3), not {self.dtype!r}")
+        if self.scale_dtype in ("fp8_e4m3", "e8m0") and self.granularity != "group":
+            raise NpquantError(
+                f"Scheme scale_dtype={self.scale_dtype!r} scales groups; granularity={self.granularity!r} does not"
             )
 
     # --- format facts -------------------------------------------------
     @property
     def is_float(self) -> bool:
-        """True for the fp8 formats."""
+        """True for float codes (fp8, fp6, fp4)."""
         return self.dtype != "int"
+
+    @property
+    def microscaled(self) -> bool:
+        """True for the schemes quantized by compressed-tensors' rules (:mod:`npquant.microscaling`).
+
+        fp4/fp6 codes, fp8 or e8m0 scales, or blocks.
+        """
+        return (self.dtype in ("fp4_e2m1", "fp6_e2m3") or self.scale_dtype in ("fp8_e4m3", "e8m0")
+                or self.granularity == "block")
+
+    @property
+    def global_scale(self) -> bool:
+        """True when a float32 global scale divides every scale (NVFP4)."""
+        return self.scale_dtype == "fp8_e4m3"
 
     @property
     def qmax(self) -> int | float:
         """Largest code: ``2**(bits-1) - 1`` symmetric, ``2**bits - 1`` asymmetric, fp8's max."""
         if self.is_float:
-            return FP8_MAX[self.dtype]
+            return FLOAT_MAX[self.dtype]
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
@@ -119,8 +176,8 @@ class Scheme:
 
     @property
     def packed(self) -> bool:
-        """True when codes are bit-packed (int codes below 8 bits)."""
-        return self.dtype == "int" and self.bits < 8
+        """True when codes are bit-packed (below 8 bits: int2-7, fp4, fp6)."""
+        return self.bits < 8
 
     def block_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Block ``(block_rows, block_cols)`` sharing one scale for ``w`` of ``shape (O, I)``.
@@ -128,6 +185,8 @@ class Scheme:
         Raises :class:`NpquantError` when ``group_size`` does not divide ``I``.
         """
         out_features, in_features = shape
+        if self.granularity == "block":
+            return self.block_size
         if self.granularity == "tensor":
             return (out_features, in_features)
         if self.granularity == "channel":
@@ -139,8 +198,23 @@ class Scheme:
             )
         return (1, self.group_size)
 
+    def scale_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """``(ceil(O / block_rows), ceil(I / block_cols))``: one scale per block of ``w (O, I)``."""
+        bo, bi = self.block_shape(shape)
+        return (-(-shape[0] // bo), -(-shape[1] // bi))
+
     def describe(self) -> str:
         """The rule in one line, e.g. for ``npquant schemes``."""
+        if self.scale_dtype == "fp8_e4m3":
+            return (f"NVFP4: fp4 e2m1 codes per group of {self.group_size} inputs, fp8 e4m3 scales "
+                    f"(group absmax / 6 x global) over one float32 global scale 2688 / absmax(w)")
+        if self.scale_dtype == "e8m0":
+            name = {"fp4_e2m1": "fp4 e2m1", "fp6_e2m3": "fp6 e2m3", "fp8_e4m3": "fp8 e4m3"}[self.dtype]
+            return (f"MX: {name} codes per group of {self.group_size} inputs, power-of-two e8m0 scales "
+                    f"(group absmax rounded to a power of two over the code's largest power of two)")
+        if self.granularity == "block":
+            return (f"{self.dtype} codes = round(w / scale), scale = absmax / {self.qmax:g} per "
+                    f"{self.block_size[0]}x{self.block_size[1]} block, {self.scale_dtype} scales")
         if self.granularity == "group":
             where = f"per group of {self.group_size} inputs"
         else:
@@ -198,4 +272,9 @@ _PRESETS: dict[str, Scheme] = {
     "w2-g64": _group(2, 64),
     "fp8-tensor": Scheme("fp8_e4m3", 8, "tensor"),
     "fp8-channel": Scheme("fp8_e4m3", 8, "channel"),
+    "fp8-block": Scheme("fp8_e4m3", 8, "block", block_size=(128, 128)),
+    "nvfp4": Scheme("fp4_e2m1", 4, "group", 16, scale_dtype="fp8_e4m3"),
+    "mxfp4": Scheme("fp4_e2m1", 4, "group", 32, scale_dtype="e8m0"),
+    "mxfp6": Scheme("fp6_e2m3", 6, "group", 32, scale_dtype="e8m0"),
+    "mxfp8": Scheme("fp8_e4m3", 8, "group", 32, scale_dtype="e8m0"),
 }

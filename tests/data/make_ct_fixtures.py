@@ -20,7 +20,8 @@ symmetric range, its zero-point packing); the reference from the same
 compressor's ``decompress``. Writes ``<name>/config.json`` (with the
 quantization_config compressed-tensors validates), ``<name>/model.safetensors``
 and ``<name>/reference/dense.safetensors`` (the dense weights it decompresses to,
-in its output dtype). compressed-tensors 0.20.1, torch 2.13.0 made the
+in its output dtype) and ``<name>/source/model.safetensors`` (the weights it
+quantized, for checking npquant's writer). compressed-tensors 0.20.1, torch 2.13.0 made the
 committed files.
 """
 
@@ -108,7 +109,8 @@ def make(name: str, fmt: str, args: dict | str, dtype: torch.dtype) -> None:
     comp = BaseCompressor.get_value_from_registry(fmt)
     tensors, expected = {}, {}
     block = scheme.weights.strategy == "block"
-    for module, w in weights_for(dtype, seed=len(name), block=block).items():
+    source = weights_for(dtype, seed=len(name), block=block)
+    for module, w in source.items():
         lo, hi = minmax(w, scheme.weights)
         local = {"weight": w}
         gs = None
@@ -135,6 +137,8 @@ def make(name: str, fmt: str, args: dict | str, dtype: torch.dtype) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "reference").mkdir()
     save_file(expected, str(directory / "reference" / "dense.safetensors"))
+    (directory / "source").mkdir()
+    save_file({f"{m}.weight": w.contiguous() for m, w in source.items()}, str(directory / "source" / "model.safetensors"))
 
 
 def make_mixed(dtype: torch.dtype) -> None:
@@ -156,7 +160,8 @@ def make_mixed(dtype: torch.dtype) -> None:
         schemes.append(sch)
     owner = {"model.layers.0.q_proj": 0, "model.layers.0.down_proj": 1, "model.layers.1.up_proj": 2}
     tensors, expected = {}, {}
-    for module, w in weights_for(dtype, seed=7, block=True).items():
+    source = weights_for(dtype, seed=7, block=True)
+    for module, w in source.items():
         if module in ignore:
             tensors[f"{module}.weight"] = w.contiguous()
             expected[f"{module}.weight"] = w.contiguous()
@@ -189,6 +194,8 @@ def make_mixed(dtype: torch.dtype) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "reference").mkdir()
     save_file(expected, str(directory / "reference" / "dense.safetensors"))
+    (directory / "source").mkdir()
+    save_file({f"{m}.weight": w.contiguous() for m, w in source.items()}, str(directory / "source" / "model.safetensors"))
 
 
 def make_g_idx(dtype: torch.dtype) -> None:
@@ -204,7 +211,8 @@ def make_g_idx(dtype: torch.dtype) -> None:
     comp = BaseCompressor.get_value_from_registry("pack-quantized")
     tensors, expected = {}, {}
     gen = torch.Generator().manual_seed(18)
-    for module, w in weights_for(dtype, seed=18).items():
+    source = weights_for(dtype, seed=18)
+    for module, w in source.items():
         cols = w.shape[1]
         g_idx = (torch.randperm(cols, generator=gen) // 32).to(torch.int32)
         n_groups = cols // 32
@@ -229,6 +237,8 @@ def make_g_idx(dtype: torch.dtype) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "reference").mkdir()
     save_file(expected, str(directory / "reference" / "dense.safetensors"))
+    (directory / "source").mkdir()
+    save_file({f"{m}.weight": w.contiguous() for m, w in source.items()}, str(directory / "source" / "model.safetensors"))
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ import threading
 
 import numpy as np
 
-from ..quantize import QuantizedTensor
+from ..quantize import QuantizedTensor, scale_values
 from ..prepared import ROWS, PreparedTensor
 from ._numba import (
     dequantize_bytes_blocks_t,
@@ -57,7 +57,7 @@ from ._numba import (
     gemv_int4_blocks,
 )
 
-__all__ = ["numba_linear", "numba_dequantize", "SMALL_M"]
+__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "SMALL_M"]
 
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
@@ -98,7 +98,7 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     scheme = qt.scheme
     bo, bi = qt.block_shape
     codes = np.ascontiguousarray(qt.codes).view(np.uint8)
-    scale = np.ascontiguousarray(qt.scale, dtype=np.float32)
+    scale = np.ascontiguousarray(scale_values(qt.scale, scheme, qt.global_scale))
     has_zp = qt.zero_point is not None
     zp = qt.zero_point if has_zp else _NO_ZP
     fp8_e4m3, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
@@ -147,8 +147,24 @@ def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])
 
 
+def has_kernels(qt: QuantizedTensor | PreparedTensor) -> bool:
+    """Whether the kernels read ``qt``'s codes: every format but fp4, fp6 and blocks cut at the weight's edge.
+
+    :func:`npquant.linear` takes the numpy path for the others.
+    """
+    if isinstance(qt, PreparedTensor):
+        return True
+    scheme = qt.scheme
+    if scheme.dtype in ("fp4_e2m1", "fp6_e2m3"):
+        return False
+    bo, bi = qt.block_shape
+    return qt.shape[0] % bo == 0 and qt.shape[1] % bi == 0
+
+
 def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     """float32 ``(R, I)``: rows ``[start, stop)`` of ``qt``'s weight, bit-equal to ``qt.dequantize_rows``."""
+    if not has_kernels(qt):
+        return qt.dequantize_rows(start, stop)
     stop = qt.shape[0] if stop is None else stop
     out = np.empty((stop - start, qt.shape[1]), np.float32)
     dequantize_rows(*_kernel_args(qt), start, out)
