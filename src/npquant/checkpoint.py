@@ -608,6 +608,9 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
                 modules.append(name[: -len(".weight_packed")])
             elif name.endswith(".weight_scale") and f"{name[: -len('.weight_scale')]}.weight_packed" not in t:
                 modules.append(name[: -len(".weight_scale")])
+            elif (name.endswith(".weight") and t[name].code in _CODE_ONLY_DTYPES
+                  and f"{name[: -len('.weight')]}.weight_scale" not in t):
+                modules.append(name[: -len(".weight")])  # codes without scales: refused below
         present = set(modules)
         for gname, _, _, targets in groups:
             for target in targets:
@@ -725,6 +728,8 @@ def _group_for(module: str, groups: list):
     return None
 
 
+# Dtypes a dense weight never has: a ``.weight`` of these is quantized codes.
+_CODE_ONLY_DTYPES = ("F8_E4M3", "F8_E5M2", "I8", "U8")
 # The formats load reads, and the tensors of one module each has besides weight_scale
 # (optional ones in brackets).
 _READ_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",

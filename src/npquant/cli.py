@@ -150,6 +150,20 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plan", action="append", metavar="plan.json",
                     help="also evaluate a size plan from 'npquant plan' (repeatable), beside the presets")
     _add_method_arguments(ev, eval_mode=True)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="read a compressed-tensors checkpoint (any tool's) and list its quantized modules",
+        description=(
+            "Load a compressed-tensors directory as npquant.load does (every weight format of compressed-tensors "
+            "0.20: pack-quantized int2-8 with zero points or act-order weight_g_idx, int-, naive- and "
+            "float-quantized, fp8 blocks, NVFP4, MXFP4/6/8, mixed-precision configs), checking every tensor "
+            "against the config, and list each module's codes, scales, shape and bytes. A broken or "
+            "inconsistent checkpoint is refused with one line naming the module and tensor."
+        ),
+    )
+    ins.add_argument("path", metavar="DIR", help="a compressed-tensors model directory (config.json + safetensors)")
+    ins.add_argument("--json", action="store_true", help="print the modules as JSON")
     return parser
 
 
@@ -200,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "inspect":
+            return _inspect(args)
     except NpquantError as exc:
         print(f"npquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -270,8 +286,34 @@ def _schemes(args) -> int:
         print(json.dumps({name: {**asdict(s), "rule": s.describe()} for name, s in presets.items()}, indent=2))
         return 0
     width = max(len(n) for n in presets)
+    print(f"{'preset':<{width}}  {'bits/w':>6}  rule (bits/w: codes and scales of a 4096 x 4096 weight)")
     for name, s in presets.items():
-        print(f"{name:<{width}}  {s.describe()}")
+        print(f"{name:<{width}}  {s.bits_per_weight():6.3f}  {s.describe()}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .checkpoint import load
+
+    tensors = load(args.path)
+    rows = []
+    for name, qt in tensors.items():
+        s = qt.scheme
+        rows.append({
+            "module": name[: -len(".weight")],
+            "codes": s.dtype if s.is_float else f"int{s.bits}" + ("" if s.symmetric else " asym"),
+            "blocks": {"tensor": "tensor", "channel": "channel", "group": f"group {s.group_size}",
+                       "block": "block " + "x".join(map(str, s.block_size or ()))}[s.granularity],
+            "scales": s.scale_dtype + (" x global" if qt.global_scale is not None else ""),
+            "act_order": qt.perm is not None,
+            "shape": list(qt.shape),
+            "bits_per_weight": round(qt.bits_per_weight, 4),
+            "bytes": qt.nbytes,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    render.print_inspect(f"{args.path}: {len(rows)} quantized modules, {sum(r['bytes'] for r in rows):,} bytes", rows)
     return 0
 
 

@@ -59,6 +59,23 @@ def print_table(title: str, rows: list[dict]) -> None:
     console.print(table)
 
 
+def print_inspect(title: str, rows: list[dict]) -> None:
+    """One line per quantized module of a loaded checkpoint."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for head in ("module", "codes", "blocks", "scales", "act-order", "shape", "bits/w", "bytes"):
+        table.add_column(head, justify="left" if head in ("module", "codes", "blocks", "scales") else "right")
+    for r in rows:
+        table.add_row(r["module"], r["codes"], r["blocks"], r["scales"], "yes" if r["act_order"] else "",
+                      " x ".join(map(str, r["shape"])), f"{r['bits_per_weight']:.3f}", f"{r['bytes']:,}")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+
+
 def plot_sqnr(rows: list[dict], path: str) -> None:
     import matplotlib
 

@@ -203,6 +203,16 @@ class Scheme:
         bo, bi = self.block_shape(shape)
         return (-(-shape[0] // bo), -(-shape[1] // bi))
 
+    def bits_per_weight(self, shape: tuple[int, int] = (4096, 4096)) -> float:
+        """Storage bits per weight of a ``shape`` weight: codes, scales, zero points and any global scale."""
+        out_features, in_features = shape
+        rows, cols = self.scale_shape(shape)
+        scale_bytes = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8_e4m3": 1, "e8m0": 1}[self.scale_dtype]
+        total = out_features * ((in_features * self.bits + 7) // 8) + rows * cols * scale_bytes
+        total += 0 if self.symmetric else rows * cols
+        total += 4 if self.global_scale else 0
+        return 8.0 * total / (out_features * in_features)
+
     def describe(self) -> str:
         """The rule in one line, e.g. for ``npquant schemes``."""
         if self.scale_dtype == "fp8_e4m3":
