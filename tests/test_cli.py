@@ -51,9 +51,15 @@ def test_user_errors_are_one_line_and_exit_2(capsys):
 def test_schemes_lists_every_preset(capsys):
     assert main(["schemes"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(npquant.schemes())
+    assert lines[0].split()[:2] == ["preset", "bits/w"]
+    assert [line.split()[0] for line in lines[1:]] == list(npquant.schemes())
+    bits = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
+    # codes + scales of 4096 x 4096: nvfp4 4 + 8/16 (+ a global float32), mxfp4 4 + 8/32, fp8 blocks 8 + 32/128**2
+    assert bits["nvfp4"] == 4.5 and bits["mxfp4"] == 4.25 and bits["mxfp6"] == 6.25 and bits["mxfp8"] == 8.25
+    assert bits["fp8-block"] == 8.002 and bits["w4-g128"] == 4.25
     assert main(["schemes", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["w4-g128"]["group_size"] == 128
+    presets = json.loads(capsys.readouterr().out)
+    assert presets["w4-g128"]["group_size"] == 128 and presets["fp8-block"]["block_size"] == [128, 128]
 
 
 def test_python_dash_m_runs_the_cli():

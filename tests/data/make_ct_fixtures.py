@@ -95,7 +95,7 @@ def weights_for(dtype: torch.dtype, seed: int, block: bool = False) -> dict[str,
         w[2, 5] = -0.0
         w[3, 7] = -1e-9  # a tiny negative: the formats' sign-of-zero rules
         w[4, 16:48] = 0.0  # an all-zero group of 16 and of 32
-        w[5, :16] = w[5, :16] * 1e-30  # a group whose maximum is subnormal in float32 and bfloat16
+        w[5, :32] = w[5, :32] * 1e-37  # a group whose maximum is subnormal in float32 and bfloat16 (about 1e-39)
         out[name] = w.to(dtype)
     return out
 
