@@ -165,3 +165,104 @@ def reference_pack(values, bits):
         acc |= int(v) << (i * bits)
     nbytes = (len(values) * bits + 7) // 8
     return list(acc.to_bytes(nbytes, "little"))
+
+
+# --- compressed-tensors' microscaled formats (float32 models), from the spec's rules ---------
+FP4_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # e2m1, by mantissa code 0..7
+
+
+def fp4_decode(code: int) -> float:
+    """The value of a 4-bit e2m1 pattern ``s<<3 | mag``."""
+    return -FP4_MAGNITUDES[code & 7] if code & 8 else FP4_MAGNITUDES[code & 7]
+
+
+def fp6_decode(code: int) -> float:
+    """The value of a 6-bit e2m3 pattern ``s<<5 | e<<3 | m`` (bias 1, subnormals at e = 0, no Inf/NaN)."""
+    e, m = (code >> 3) & 3, code & 7
+    v = m / 8 if e == 0 else 2.0 ** (e - 1) * (1 + m / 8)
+    return -v if code & 0x20 else v
+
+
+def _nearest(a: float, magnitudes: list[float]) -> int:
+    """Index of the magnitude nearest ``a``; ties to the even index (the mantissa's low bit)."""
+    return min(range(len(magnitudes)), key=lambda k: (abs(magnitudes[k] - a), k & 1))
+
+
+def fp4_round(x: float) -> int:
+    """compressed-tensors' fp4 code: clamp to +-6, nearest with ties to even, sign bit ``x < 0``."""
+    mag = _nearest(min(abs(x), 6.0), FP4_MAGNITUDES)
+    return mag | (8 if x < 0 else 0)
+
+
+FP6_MAGNITUDES = [fp6_decode(c) for c in range(32)]
+
+
+def fp6_round(x: float) -> int:
+    """The fp6 e2m3 code: clamp to +-7.5, nearest with ties to even, the sign bit of ``x``."""
+    mag = _nearest(min(abs(x), 7.5), FP6_MAGNITUDES)
+    return mag | (0x20 if math.copysign(1.0, x) < 0 else 0)
+
+
+def mx_exponent(amax: float, dtype: str) -> int:
+    """The biased e8m0 exponent E of a float32 group maximum, written from the rule's arithmetic.
+
+    The power of two is 2**floor(log2 amax), doubled when amax's mantissa is at
+    least 2 - 2**-(m+1) (m = 1 for fp4 and fp8: 1.75; m = 3 for fp6: 1.9375).
+    Below the smallest normal 2**-126 the rounding reaches 2**-126 from
+    2**-126 * (1 - 2**-(m+1)) up, else the power is 0 (log2 0 = -inf).
+    """
+    m, off = {"fp4_e2m1": (1, 2), "fp6_e2m3": (3, 2), "fp8_e4m3": (1, 8)}[dtype]
+    if amax >= 2.0**-126:
+        e = math.frexp(amax)[1] - 1  # amax = mant * 2**e, 1 <= mant < 2
+        if amax / 2.0**e >= 2 - 2.0 ** -(m + 1):
+            e += 1
+    elif amax >= 2.0**-126 * (1 - 2.0 ** -(m + 1)):
+        e = -126
+    else:
+        return 0
+    return min(max(127 + e - off, 0), 255)
+
+
+def reference_microscaled(w, preset: str):
+    """Codes (one per weight, unpacked), stored scale values and NVFP4's global scale of float32 ``w``.
+
+    Returns ``(codes int64 (O, I), scales float list per block in row-major order, global scale or None)``;
+    MX scales are their exponents E, NVFP4's their fp8 codes.
+    """
+    w = np.asarray(w, np.float32).astype(np.float64)
+    rows, cols = w.shape
+    codes = np.zeros(w.shape, np.int64)
+    scales, gs = [], None
+    if preset == "nvfp4":
+        gs = f32(f32(1 / max(np.abs(w).max(), 2.0**-126)) * 2688)
+    size = {"nvfp4": (1, 16), "mxfp4": (1, 32), "mxfp6": (1, 32), "mxfp8": (1, 32), "fp8-block": (128, 128)}[preset]
+    for r0 in range(0, rows, size[0]):
+        for c0 in range(0, cols, size[1]):
+            block = w[r0 : r0 + size[0], c0 : c0 + size[1]]
+            amax = float(np.abs(block).max())
+            if preset == "nvfp4":
+                raw = f32(gs * f32(amax / 6))
+                s_code = fp8_round(min(raw, 448.0), "fp8_e4m3")
+                s = fp8_decode(s_code, "fp8_e4m3") or 0.125
+                s_code = s_code if fp8_decode(s_code, "fp8_e4m3") else fp8_round(0.125, "fp8_e4m3")
+                scales.append(s_code)
+                divisor = f32(s / gs)
+            elif preset == "fp8-block":
+                divisor = f32(amax / 448) or 2.0**-23
+                scales.append(divisor)
+            else:
+                dtype = {"mxfp4": "fp4_e2m1", "mxfp6": "fp6_e2m3", "mxfp8": "fp8_e4m3"}[preset]
+                e = mx_exponent(amax, dtype)
+                scales.append(e)
+                divisor = 2.0 ** (e - 127)
+            for i in range(block.shape[0]):
+                for j in range(block.shape[1]):
+                    x = f32(block[i, j] / divisor)
+                    if preset in ("nvfp4", "mxfp4"):
+                        code = fp4_round(x)
+                    elif preset == "mxfp6":
+                        code = fp6_round(x)
+                    else:  # fp8 adds the zero point 0 first: -0.0 becomes +0.0
+                        code = fp8_round(min(max(x + 0.0, -448.0), 448.0), "fp8_e4m3")
+                    codes[r0 + i, c0 + j] = code
+    return codes, scales, gs
