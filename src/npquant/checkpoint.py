@@ -298,12 +298,20 @@ def _format_of(scheme: Scheme) -> str:
     return "float-quantized" if scheme.is_float else "pack-quantized"
 
 
-def _quantization_config(scheme: Scheme | Mapping[str, Scheme], ignore: list[str]) -> dict:
-    """One ``Linear`` group for a single scheme; for a per-layer mapping, one group per scheme targeting its modules by exact name."""
+# Formats whose codes are named ``weight``: compressed-tensors' model-free dequantizer takes a ``Linear``
+# target of theirs to claim every ``.weight`` (embeddings and LayerNorms too) and fails, so these
+# checkpoints name their modules exactly (vLLM and compressed-tensors' module path read both).
+_WEIGHT_NAMED_FORMATS = ("float-quantized", "naive-quantized", "int-quantized", "mxfp8-quantized")
+
+
+def _quantization_config(scheme: Scheme | Mapping[str, Scheme], ignore: list[str], modules: list[str]) -> dict:
+    """One group for a single scheme (targets ``Linear``, or ``modules`` by exact name for the
+    weight-named formats); for a per-layer mapping, one group per scheme targeting its modules by exact name."""
     if isinstance(scheme, Scheme):
-        groups = {"group_0": {"targets": ["Linear"], "weights": _weights_args(scheme), "input_activations": None,
-                              "output_activations": None}}
         fmt = _format_of(scheme)
+        targets = sorted(modules) if fmt in _WEIGHT_NAMED_FORMATS else ["Linear"]
+        groups = {"group_0": {"targets": targets, "weights": _weights_args(scheme), "input_activations": None,
+                              "output_activations": None}}
     else:
         by_scheme: dict[Scheme, list[str]] = {}
         for name, sch in scheme.items():
@@ -527,7 +535,7 @@ def _write_sidecars(ckpt, tmp, scheme, choices, shard_files) -> None:
             else:
                 shutil.copy2(item, tmp / item.name)
     config = ckpt.config or {}
-    config["quantization_config"] = _quantization_config(scheme, ignore)
+    config["quantization_config"] = _quantization_config(scheme, ignore, [c.module for c in choices if c.quantize])
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if ckpt.index is not None:
         weight_map = {name: file for file, names in shard_files.items() for name in names}
