@@ -42,6 +42,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, action="append", help="batch sizes M (repeatable; default 1, 8, 128)")
     p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("OUT", "IN"),
                    help="weight shapes (repeatable; default 4096 4096 and 11008 4096)")
+    p.add_argument("--scheme", action="append", metavar="PRESET",
+                   help="presets (repeatable; default w8-channel, w4-g128, fp8-channel, nvfp4, mxfp4)")
     p.add_argument("--same-process", action="store_true",
                    help="run every case in this process (default: each shape and batch in a fresh child, "
                         "so that one case's idle thread pools cannot slow the next)")
@@ -160,7 +162,7 @@ def main() -> int:
     shapes = [tuple(s) for s in ARGS.shape] if ARGS.shape else (
         [(512, 512), (1024, 1024)] if ARGS.quick else [(4096, 4096), (11008, 4096)])
     batches = ARGS.batch or ([1, 8, 32] if ARGS.quick else [1, 8, 128])
-    names = ["w8-channel", "w4-g128", "fp8-channel"]
+    names = ARGS.scheme or ["w8-channel", "w4-g128", "fp8-channel", "nvfp4", "mxfp4"]
     repeats = ARGS.repeats or (2 if ARGS.quick else 11)
     backend = ARGS.backend
     if backend == "auto":
@@ -203,7 +205,7 @@ def _run_children(shapes, batches, bw: float) -> int:
         for m in batches:
             cmd = [sys.executable, __file__, "--threads", str(ARGS.threads), "--repeats", str(repeats),
                    "--backend", ARGS.backend, "--shape", str(shape[0]), str(shape[1]), "--batch", str(m),
-                   "--child"]
+                   "--child"] + [a for name in ARGS.scheme or [] for a in ("--scheme", name)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
@@ -217,7 +219,8 @@ def _run_children(shapes, batches, bw: float) -> int:
 def _copy(qt):
     """An equal quantized tensor (QuantizedTensor or PreparedTensor) with arrays of its own."""
     own = None if qt.zero_point is None else qt.zero_point.copy()
-    return type(qt)(qt.codes.copy(), qt.scale.copy(), own, qt.shape, qt.scheme)
+    gs = None if qt.global_scale is None else qt.global_scale.copy()
+    return type(qt)(qt.codes.copy(), qt.scale.copy(), own, qt.shape, qt.scheme, gs)
 
 
 def _run_cases(shapes, batches, names, repeats, backend) -> int:

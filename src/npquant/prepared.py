@@ -23,9 +23,10 @@ bytes of codes per row (``I / 2`` for 4 bits, ``I`` for 8):
 
 - ``codes`` uint8 ``(B, N, 64)``: ``codes[b, j, r]`` is byte ``j`` of row
   ``64 b + r``. 4 bits: low nibble column ``2 j``, high nibble ``2 j + 1``;
-  symmetric nibbles hold ``q`` in two's complement (the stored ``q + 8``
+  symmetric int nibbles hold ``q`` in two's complement (the stored ``q + 8``
   with its top bit flipped), so the kernel sign-extends it with shifts;
-  asymmetric ones the stored ``q``, as in the checkpoint layout. 8 bits:
+  asymmetric ones the stored ``q`` and fp4 ones the e2m1 pattern, as in the
+  checkpoint layout. 8 bits:
   the checkpoint's byte (int8 ``q``, uint8 ``q``, or the fp8 code).
 - ``scale`` float32 ``(B, G, 64)``: the scale of row ``64 b + r``, block ``g``.
 - ``zero_point`` uint8 ``(B, G, 64)`` or None (symmetric, fp8).
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NpquantError
-from .quantize import QuantizedTensor, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype
+from .quantize import QuantizedTensor, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype, scale_values
 from .schemes import Scheme
 
 __all__ = ["PreparedTensor", "prepare", "preparable", "ROWS"]
@@ -65,10 +66,12 @@ _SIGN_FLIP = np.uint8(0x88)  # stored q + 8 <-> two's complement q, both nibbles
 def preparable(scheme: Scheme, shape: tuple[int, int]) -> bool:
     """Whether :func:`prepare` rearranges a tensor of this scheme and shape.
 
-    4-bit int codes whose blocks span an even number of columns (so that
-    blocks start on a byte), and every one-byte format (int8, fp8) with
+    4-bit int or fp4 codes whose blocks span an even number of columns (so
+    that blocks start on a byte), and every one-byte format (int8, fp8) with
     float scales over whole rows.
     """
+    if scheme.dtype == "fp4_e2m1":  # NVFP4, MXFP4: groups of 16 or 32 start on a byte
+        return scheme.group_size % 2 == 0
     if scheme.microscaled:
         return False
     if scheme.bits == 8:
@@ -83,10 +86,12 @@ class PreparedTensor:
     Attributes
     ----------
     codes : uint8 ``(B, N, 64)``, ``N = I / 2`` (4 bits) or ``I`` (8 bits)
-    scale : float32 ``(B, G, 64)``
+    scale : float32 ``(B, G, 64)``: the stored scales' values (e8m0: ``2**(E-127)``;
+        NVFP4: the fp8 scale itself, not yet divided by the global scale)
     zero_point : uint8 ``(B, G, 64)`` or None (symmetric, fp8)
     shape : (O, I)
-    scheme : Scheme (4-bit int with an even block width, or one-byte codes)
+    scheme : Scheme (4-bit int or fp4 with an even block width, or one-byte codes)
+    global_scale : float32 (1,) or None (NVFP4's)
     """
 
     codes: np.ndarray
@@ -94,6 +99,7 @@ class PreparedTensor:
     zero_point: np.ndarray | None
     shape: tuple[int, int]
     scheme: Scheme
+    global_scale: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -120,7 +126,7 @@ class PreparedTensor:
                     f"{name} must be C-contiguous {np.dtype(dtype).name} {shape} for shape {self.shape} "
                     f"and {scheme}, got {got}"
                 )
-        if scheme.is_float:  # as QuantizedTensor: NaN and Inf codes mean corrupt data
+        if scheme.dtype in ("fp8_e4m3", "fp8_e5m2"):  # as QuantizedTensor: NaN and Inf codes mean corrupt data
             bad = first_nonfinite_fp8(self.codes, scheme.dtype)
             if bad is not None:
                 b, j, r = np.unravel_index(bad, self.codes.shape)
@@ -140,6 +146,8 @@ class PreparedTensor:
         total = self.codes.nbytes + self.scale.nbytes
         if self.zero_point is not None:
             total += self.zero_point.nbytes
+        if self.global_scale is not None:
+            total += self.global_scale.nbytes
         return int(total)
 
     @property
@@ -170,7 +178,7 @@ class PreparedTensor:
             return np.ascontiguousarray(flat[first : first + stop - start])
 
         codes = rows_of(self.codes)  # (R, N)
-        if self.scheme.bits == 4 and self.zero_point is None:
+        if self.scheme.bits == 4 and self.zero_point is None and not self.scheme.is_float:
             codes ^= _SIGN_FLIP
         codes = codes.view(code_numpy_dtype(self.scheme))
         scale = rows_of(self.scale)  # (R, G)
@@ -178,8 +186,12 @@ class PreparedTensor:
         if self.scheme.granularity == "tensor":  # one scale for every row
             scale = scale[:1]
             zero_point = None if zero_point is None else zero_point[:1]
-        scale = scale.astype(scale_numpy_dtype(self.scheme))  # exact: the values came from this dtype
-        return QuantizedTensor(codes, scale, zero_point, (stop - start, self.shape[1]), self.scheme)
+        if self.scheme.scale_dtype == "e8m0":  # 2**(E-127) back to E, exactly
+            scale = (np.frexp(scale)[1] + 126).astype(np.uint8)
+        else:
+            scale = scale.astype(scale_numpy_dtype(self.scheme))  # exact: the values came from this dtype
+        return QuantizedTensor(codes, scale, zero_point, (stop - start, self.shape[1]), self.scheme,
+                               self.global_scale)
 
 
 def prepare(qt: QuantizedTensor) -> PreparedTensor | QuantizedTensor:
@@ -213,8 +225,9 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | QuantizedTensor:
         return np.ascontiguousarray(rows.reshape(n_blocks, ROWS, rows.shape[1]).transpose(0, 2, 1))
 
     codes = qt.codes.view(np.uint8)  # (O, N)
-    if scheme.bits == 4 and scheme.symmetric:
+    if scheme.bits == 4 and scheme.symmetric and not scheme.is_float:
         codes = codes ^ _SIGN_FLIP
     index = np.arange(out_features) // qt.block_shape[0]  # the scale row of each weight row
     zero_point = None if qt.zero_point is None else blocks_of(qt.zero_point[index])
-    return PreparedTensor(blocks_of(codes), blocks_of(qt.row_scales()), zero_point, qt.shape, scheme)
+    scale = scale_values(qt.scale[index], scheme)  # NVFP4: the fp8 values; the global scale stays apart
+    return PreparedTensor(blocks_of(codes), blocks_of(scale), zero_point, qt.shape, scheme, qt.global_scale)

@@ -37,6 +37,7 @@ channel, ``(O, I // group_size)`` per group.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,7 +284,7 @@ class QuantizedTensor:
         rows = self.codes[start:stop]
         if scheme.packed:
             u = unpack_codes(rows, scheme.bits, in_features)  # (R, I)
-            q = u.view(code_value_dtype(scheme)).astype(np.float32) if scheme.is_float else u.astype(np.float32)
+            q = _float_code_values(scheme.dtype)[u] if scheme.is_float else u.astype(np.float32)
             if scheme.symmetric and not scheme.is_float:
                 q -= np.float32(1 << (scheme.bits - 1))  # stored offset; exact
         else:
@@ -307,6 +308,14 @@ class QuantizedTensor:
     def in_stored_order(self) -> "QuantizedTensor":
         """The same arrays without ``perm``: the weight ``W[:, perm]``, for ``x[..., perm]``."""
         return QuantizedTensor(self.codes, self.scale, self.zero_point, self.shape, self.scheme, self.global_scale)
+
+
+@functools.cache
+def _float_code_values(dtype: str) -> np.ndarray:
+    """float32 (2**bits,): the value of every fp4/fp6 bit pattern (a table: ml_dtypes converts these one by one)."""
+    bits = {"fp4_e2m1": 4, "fp6_e2m3": 6}[dtype]
+    return np.arange(1 << bits, dtype=np.uint8).view(code_value_dtype(Scheme(dtype, bits, "group", 32,
+                                                                             scale_dtype="e8m0"))).astype(np.float32)
 
 
 def code_value_dtype(scheme: Scheme) -> np.dtype:

@@ -53,6 +53,7 @@ from ._numba import (
     gemm_small_m_int4_blocks,
     gemv_bytes,
     gemv_bytes_blocks,
+    gemv_fp4_blocks,
     gemv_int4,
     gemv_int4_blocks,
 )
@@ -241,6 +242,16 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
     has_zp = p.zero_point is not None
     zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
     bi = p.block_shape[1]
+    if p.scheme.dtype == "fp4_e2m1":
+        y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
+        if m_rows == 1:
+            x_even, x_odd = _even_odd(x2)
+            gemv_fp4_blocks(x_even[0], x_odd[0], p.codes, p.scale, bi // 2, y_mult, y)
+        else:  # larger batches: dequantized tiles and BLAS
+            from ..linear import _numpy_linear
+
+            y[:] = _numpy_linear(x2, p)
+        return
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])

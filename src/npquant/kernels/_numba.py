@@ -606,6 +606,75 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
             y[0, o0 + r] = acc[r]
 
 
+_I16_FP4_BITS = np.int16(-29184)  # 0x8E00: float16's sign, exponent bits 11..10, top mantissa bit 9
+_I16_3 = np.int16(3)
+_I16_8 = np.int16(8)
+_I16_12 = np.int16(12)
+_FP4_UNSCALE = np.float32(2.0**14)
+
+
+@njit(inline="always")
+def _fp4_low_as_f16(c):
+    """float32 of the float16 holding the low nibble's fp4 e2m1 fields: the fp4 value times 2**-14.
+
+    fp4's sign (bit 3) goes to float16's sign (bit 15), its exponent and
+    mantissa (bits 2..0) to float16's exponent bits 11..10 and top mantissa
+    bit 9: an fp4 exponent e >= 1 is the float16 2**(e-15) * (1 + m/2), and
+    e = 0 (0 and 0.5) the float16 subnormal m * 2**-15, which the
+    half-to-float conversion keeps exactly whatever the FPU does with
+    subnormals. Three int16 ops: the nibble shifted to the top (sign on
+    bit 15), an arithmetic shift right by 3 (mantissa to bit 9, the sign
+    copied over bits 14..12) and a mask; each cast back to int16.
+    """
+    h = _I16(np.uint8(c))
+    return _f16_bits_to_f32(_I16(_I16(_I16(h << _I16_12) >> _I16_3) & _I16_FP4_BITS))
+
+
+@njit(inline="always")
+def _fp4_high_as_f16(c):
+    """:func:`_fp4_low_as_f16` for the high nibble."""
+    h = _I16(np.uint8(c))
+    return _f16_bits_to_f32(_I16(_I16(_I16(h << _I16_8) >> _I16_3) & _I16_FP4_BITS))
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def gemv_fp4_blocks(x_even, x_odd, codes, scale, half_block, y_mult, y):
+    """``y (1, O) = x @ W.T`` for fp4 e2m1 codes (NVFP4, MXFP4) in blocks of rows.
+
+    As :func:`gemv_int4_blocks`, decoding each nibble through float16
+    (:func:`_fp4_low_as_f16`): each lane's block sum is 2**-14 times the
+    true one, taken back exactly by ``2**14`` before the scale. ``y_mult``
+    multiplies every output (NVFP4: 1 / global scale; MX: 1).
+    """
+    n_blocks = codes.shape[0]
+    rows = _ROWS
+    n_col_blocks = scale.shape[1]
+    out_features = y.shape[1]
+    for blk in prange(n_blocks):
+        acc = _stack_empty(1, _ROWS, np.float32)[0]
+        acc[:] = 0
+        t = _stack_empty(1, _ROWS, np.float32)[0]
+        for g in range(n_col_blocks):
+            t[:] = 0
+            j0 = g * half_block
+            cg = codes[blk, j0 : j0 + half_block]  # (half_block, rows)
+            xe = x_even[j0 : j0 + half_block]
+            xo = x_odd[j0 : j0 + half_block]
+            for j in range(half_block):
+                b = cg[j]
+                e = xe[j]
+                f = xo[j]
+                for r in range(rows):
+                    c = b[r]
+                    t[r] += e * _fp4_low_as_f16(c) + f * _fp4_high_as_f16(c)
+            sc = scale[blk, g]
+            for r in range(rows):
+                acc[r] += sc[r] * (t[r] * _FP4_UNSCALE)
+        o0 = blk * rows
+        for r in range(min(rows, out_features - o0)):
+            y[0, o0 + r] = acc[r] * y_mult
+
+
 @njit(inline="always", fastmath=_FASTMATH)
 def _add_pair_sums(acc, m, m1, sc, t):
     """``acc[m] += sc * t[0]`` and ``acc[m1] += sc * t[1]``, the second unless ``m1 == m`` (an odd last row)."""
