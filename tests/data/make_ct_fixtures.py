@@ -100,45 +100,54 @@ def weights_for(dtype: torch.dtype, seed: int, block: bool = False) -> dict[str,
     return out
 
 
-def make(name: str, fmt: str, args: dict | str, dtype: torch.dtype) -> None:
-    if isinstance(args, str):  # a compressed-tensors preset
-        scheme = preset_name_to_scheme(args, ["Linear"])
-        scheme.format = fmt
-    else:
-        scheme = QuantizationScheme(targets=["Linear"], weights=args, format=fmt)
-    comp = BaseCompressor.get_value_from_registry(fmt)
-    tensors, expected = {}, {}
-    block = scheme.weights.strategy == "block"
-    source = weights_for(dtype, seed=len(name), block=block)
-    for module, w in source.items():
-        lo, hi = minmax(w, scheme.weights)
-        local = {"weight": w}
-        gs = None
-        if scheme.weights.strategy == "tensor_group":  # NVFP4: one float32 global scale over the tensor
-            gs = generate_gparam(w.min(), w.max())
-            local["weight_global_scale"] = gs
-        scale, zp = calculate_qparams(lo, hi, scheme.weights, global_scale=gs)
-        local.update({"weight_scale": scale.to(dtype) if scale.dtype != torch.float8_e4m3fn else scale,
-                      "weight_zero_point": zp})
-        packed = comp.compress(local, scheme)
-        for key, value in packed.items():
-            if value is not None:
-                tensors[f"{module}.{key}"] = value.contiguous()
-        dense = comp.decompress({k: v for k, v in packed.items() if v is not None}, scheme)["weight"]
-        expected[f"{module}.weight"] = dense.contiguous()
-    directory = OUT / f"{name}-{str(dtype).removeprefix('torch.')}"
+def compress_module(module: str, w: torch.Tensor, scheme, tensors: dict, expected: dict) -> None:
+    """One module through compressed-tensors: qparams, its format's compress and decompress; adds to both dicts."""
+    comp = BaseCompressor.get_value_from_registry(scheme.format)
+    lo, hi = minmax(w, scheme.weights)
+    local = {"weight": w}
+    gs = None
+    if scheme.weights.strategy == "tensor_group":  # NVFP4: one float32 global scale over the tensor
+        gs = generate_gparam(w.min(), w.max())
+        local["weight_global_scale"] = gs
+    scale, zp = calculate_qparams(lo, hi, scheme.weights, global_scale=gs)
+    local.update({"weight_scale": scale.to(w.dtype) if scale.dtype != torch.float8_e4m3fn else scale,
+                  "weight_zero_point": zp})
+    packed = comp.compress(local, scheme)
+    for key, value in packed.items():
+        if value is not None:
+            tensors[f"{module}.{key}"] = value.contiguous()
+    dense = comp.decompress({k: v for k, v in packed.items() if v is not None}, scheme)["weight"]
+    expected[f"{module}.weight"] = dense.contiguous()
+
+
+def save(name: str, qc: dict, tensors: dict, expected: dict, source: dict) -> None:
+    """``<name>/config.json``, ``model.safetensors``, ``reference/dense.safetensors`` and ``source/model.safetensors``."""
+    directory = OUT / name
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-          "config_groups": {}, "ignore": []}
-    qc["config_groups"]["group_0"] = json.loads(scheme.model_dump_json())
-    QuantizationConfig.model_validate(qc)  # what compressed-tensors accepts
     (directory / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}, indent=2))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "reference").mkdir()
     save_file(expected, str(directory / "reference" / "dense.safetensors"))
     (directory / "source").mkdir()
     save_file({f"{m}.weight": w.contiguous() for m, w in source.items()}, str(directory / "source" / "model.safetensors"))
+
+
+def make(name: str, fmt: str, args: dict | str, dtype: torch.dtype) -> None:
+    if isinstance(args, str):  # a compressed-tensors preset
+        scheme = preset_name_to_scheme(args, ["Linear"])
+        scheme.format = fmt
+    else:
+        scheme = QuantizationScheme(targets=["Linear"], weights=args, format=fmt)
+    tensors, expected = {}, {}
+    block = scheme.weights.strategy == "block"
+    source = weights_for(dtype, seed=len(name), block=block)
+    for module, w in source.items():
+        compress_module(module, w, scheme, tensors, expected)
+    qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+          "config_groups": {"group_0": json.loads(scheme.model_dump_json())}, "ignore": []}
+    QuantizationConfig.model_validate(qc)  # what compressed-tensors accepts
+    save(f"{name}-{str(dtype).removeprefix('torch.')}", qc, tensors, expected, source)
 
 
 def make_mixed(dtype: torch.dtype) -> None:
@@ -166,36 +175,12 @@ def make_mixed(dtype: torch.dtype) -> None:
             tensors[f"{module}.weight"] = w.contiguous()
             expected[f"{module}.weight"] = w.contiguous()
             continue
-        scheme = schemes[owner[module]]
-        comp = BaseCompressor.get_value_from_registry(scheme.format)
-        lo, hi = minmax(w, scheme.weights)
-        local = {"weight": w}
-        gs = None
-        if scheme.weights.strategy == "tensor_group":
-            gs = generate_gparam(w.min(), w.max())
-            local["weight_global_scale"] = gs
-        scale, zp = calculate_qparams(lo, hi, scheme.weights, global_scale=gs)
-        local.update({"weight_scale": scale.to(dtype) if scale.dtype != torch.float8_e4m3fn else scale,
-                      "weight_zero_point": zp})
-        packed = comp.compress(local, scheme)
-        for key, value in packed.items():
-            if value is not None:
-                tensors[f"{module}.{key}"] = value.contiguous()
-        expected[f"{module}.weight"] = comp.decompress({k: v for k, v in packed.items() if v is not None}, scheme)[
-            "weight"].contiguous()
-    directory = OUT / f"mixed-{str(dtype).removeprefix('torch.')}"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+        compress_module(module, w, schemes[owner[module]], tensors, expected)
     qc = {"quant_method": "compressed-tensors", "format": "mixed-precision", "quantization_status": "compressed",
           "config_groups": {f"group_{k}": json.loads(s.model_dump_json()) for k, s in enumerate(schemes)},
           "ignore": ignore}
     QuantizationConfig.model_validate(qc)
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}, indent=2))
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "reference").mkdir()
-    save_file(expected, str(directory / "reference" / "dense.safetensors"))
-    (directory / "source").mkdir()
-    save_file({f"{m}.weight": w.contiguous() for m, w in source.items()}, str(directory / "source" / "model.safetensors"))
+    save(f"mixed-{str(dtype).removeprefix('torch.')}", qc, tensors, expected, source)
 
 
 def make_g_idx(dtype: torch.dtype) -> None:
@@ -228,17 +213,9 @@ def make_g_idx(dtype: torch.dtype) -> None:
             tensors[f"{module}.weight_g_idx"] = g_idx
         dense = comp.decompress({k: v for k, v in packed.items() if v is not None} | {"weight_g_idx": g_idx}, scheme)
         expected[f"{module}.weight"] = dense["weight"].contiguous()
-    directory = OUT / f"w4-g32-actorder-group-v0.18-{str(dtype).removeprefix('torch.')}"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
           "config_groups": {"group_0": json.loads(scheme.model_dump_json())}, "ignore": [], "version": "0.18.0"}
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}, indent=2))
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "reference").mkdir()
-    save_file(expected, str(directory / "reference" / "dense.safetensors"))
-    (directory / "source").mkdir()
-    save_file({f"{m}.weight": w.contiguous() for m, w in source.items()}, str(directory / "source" / "model.safetensors"))
+    save(f"w4-g32-actorder-group-v0.18-{str(dtype).removeprefix('torch.')}", qc, tensors, expected, source)
 
 
 def main() -> None:

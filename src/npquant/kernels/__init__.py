@@ -53,7 +53,6 @@ from ._numba import (
     gemm_small_m_int4_blocks,
     gemv_bytes,
     gemv_bytes_blocks,
-    gemv_fp4_blocks,
     gemv_int4,
     gemv_int4_blocks,
 )
@@ -246,7 +245,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
         y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
         if m_rows == 1:
             x_even, x_odd = _even_odd(x2)
-            gemv_fp4_blocks(x_even[0], x_odd[0], p.codes, p.scale, bi // 2, y_mult, y)
+            gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y)
         else:  # larger batches: dequantized tiles and BLAS
             from ..linear import _numpy_linear
 
@@ -269,7 +268,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
         half_block = bi // 2
         if m_rows == 1:
             x_even, x_odd = _even_odd(x2)
-            gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, half_block, y)
+            gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, False, half_block, np.float32(1.0), y)
             return
         if m_rows <= SMALL_M:
             gemm_small_m_int4_blocks(*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y)

@@ -550,62 +550,6 @@ _KCHUNK4 = _KCHUNK // 2
 # output row, so sums never cross lanes.
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y):
-    """``y (1, O) = x @ W.T`` for 4-bit codes in blocks of rows.
-
-    ``x_even``/``x_odd`` ``(I / 2,)`` hold x's even and odd columns;
-    ``half_block`` is the bytes per block of columns (``bi / 2``). Each
-    output row accumulates ``x . (q - z)`` over a block of columns in its
-    own lane (``t``), then adds ``scale * t``: the same products and
-    rounding as the checkpoint-layout kernels. Padding rows are not stored.
-    """
-    n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedTensor checks the last dimension
-    rows = _ROWS  # a compile-time constant: LLVM unrolls the lanes loops and keeps t in registers
-    n_col_blocks = scale.shape[1]
-    out_features = y.shape[1]
-    for blk in prange(n_blocks):
-        acc = _stack_empty(1, _ROWS, np.float32)[0]
-        acc[:] = 0
-        t = _stack_empty(1, _ROWS, np.float32)[0]
-        zi = _stack_empty(1, _ROWS, np.int32)[0]
-        for g in range(n_col_blocks):
-            t[:] = 0
-            j0 = g * half_block
-            # Slices from 0: numba then knows indices are non-negative.
-            cg = codes[blk, j0 : j0 + half_block]  # (half_block, rows)
-            xe = x_even[j0 : j0 + half_block]
-            xo = x_odd[j0 : j0 + half_block]
-            if has_zp:
-                zg = zp[blk, g]
-                for r in range(rows):
-                    zi[r] = _I32(zg[r])
-                for j in range(half_block):
-                    b = cg[j]
-                    e = xe[j]
-                    f = xo[j]
-                    for r in range(rows):
-                        c = _I32(b[r])
-                        z = zi[r]
-                        t[r] += e * np.float32(_I32(_I32(c & _I32(15)) - z)) + f * np.float32(_I32(_I32(c >> _I32(4)) - z))
-            else:
-                for j in range(half_block):
-                    b = cg[j]
-                    e = xe[j]
-                    f = xo[j]
-                    for r in range(rows):
-                        c = b[r]
-                        t[r] += e * np.float32(_low_nibble_x16(c)) + f * np.float32(_high_nibble_x16(c))
-                for r in range(rows):
-                    t[r] *= _SIXTEENTH
-            sc = scale[blk, g]
-            for r in range(rows):
-                acc[r] += sc[r] * t[r]
-        o0 = blk * rows
-        for r in range(min(rows, out_features - o0)):
-            y[0, o0 + r] = acc[r]
-
-
 _I16_FP4_BITS = np.int16(-29184)  # 0x8E00: float16's sign, exponent bits 11..10, top mantissa bit 9
 _I16_3 = np.int16(3)
 _I16_8 = np.int16(8)
@@ -638,38 +582,70 @@ def _fp4_high_as_f16(c):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def gemv_fp4_blocks(x_even, x_odd, codes, scale, half_block, y_mult, y):
-    """``y (1, O) = x @ W.T`` for fp4 e2m1 codes (NVFP4, MXFP4) in blocks of rows.
+def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y_mult, y):
+    """``y (1, O) = x @ W.T`` for 4-bit codes in blocks of rows: int (``zp`` when ``has_zp``) or fp4 e2m1.
 
-    As :func:`gemv_int4_blocks`, decoding each nibble through float16
-    (:func:`_fp4_low_as_f16`): each lane's block sum is 2**-14 times the
-    true one, taken back exactly by ``2**14`` before the scale. ``y_mult``
-    multiplies every output (NVFP4: 1 / global scale; MX: 1).
+    ``x_even``/``x_odd`` ``(I / 2,)`` hold x's even and odd columns;
+    ``half_block`` is the bytes per block of columns (``bi / 2``). Each
+    output row accumulates ``x . (q - z)`` over a block of columns in its
+    own lane (``t``), then adds ``scale * t``: the same products and
+    rounding as the checkpoint-layout kernels. Padding rows are not stored.
+    fp4 (NVFP4, MXFP4) decodes through float16 (:func:`_fp4_low_as_f16`):
+    the block sums are 2**-14 times the true ones, taken back exactly
+    before the scale. Every output is multiplied by ``y_mult`` (NVFP4: one
+    over the global scale; else 1).
     """
-    n_blocks = codes.shape[0]
-    rows = _ROWS
+    n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedTensor checks the last dimension
+    rows = _ROWS  # a compile-time constant: LLVM unrolls the lanes loops and keeps t in registers
     n_col_blocks = scale.shape[1]
     out_features = y.shape[1]
     for blk in prange(n_blocks):
         acc = _stack_empty(1, _ROWS, np.float32)[0]
         acc[:] = 0
         t = _stack_empty(1, _ROWS, np.float32)[0]
+        zi = _stack_empty(1, _ROWS, np.int32)[0]
         for g in range(n_col_blocks):
             t[:] = 0
             j0 = g * half_block
+            # Slices from 0: numba then knows indices are non-negative.
             cg = codes[blk, j0 : j0 + half_block]  # (half_block, rows)
             xe = x_even[j0 : j0 + half_block]
             xo = x_odd[j0 : j0 + half_block]
-            for j in range(half_block):
-                b = cg[j]
-                e = xe[j]
-                f = xo[j]
+            if has_zp:
+                zg = zp[blk, g]
                 for r in range(rows):
-                    c = b[r]
-                    t[r] += e * _fp4_low_as_f16(c) + f * _fp4_high_as_f16(c)
+                    zi[r] = _I32(zg[r])
+                for j in range(half_block):
+                    b = cg[j]
+                    e = xe[j]
+                    f = xo[j]
+                    for r in range(rows):
+                        c = _I32(b[r])
+                        z = zi[r]
+                        t[r] += e * np.float32(_I32(_I32(c & _I32(15)) - z)) + f * np.float32(_I32(_I32(c >> _I32(4)) - z))
+            elif fp4:
+                for j in range(half_block):
+                    b = cg[j]
+                    e = xe[j]
+                    f = xo[j]
+                    for r in range(rows):
+                        c = b[r]
+                        t[r] += e * _fp4_low_as_f16(c) + f * _fp4_high_as_f16(c)
+                for r in range(rows):
+                    t[r] *= _FP4_UNSCALE
+            else:
+                for j in range(half_block):
+                    b = cg[j]
+                    e = xe[j]
+                    f = xo[j]
+                    for r in range(rows):
+                        c = b[r]
+                        t[r] += e * np.float32(_low_nibble_x16(c)) + f * np.float32(_high_nibble_x16(c))
+                for r in range(rows):
+                    t[r] *= _SIXTEENTH
             sc = scale[blk, g]
             for r in range(rows):
-                acc[r] += sc[r] * (t[r] * _FP4_UNSCALE)
+                acc[r] += sc[r] * t[r]
         o0 = blk * rows
         for r in range(min(rows, out_features - o0)):
             y[0, o0 + r] = acc[r] * y_mult
