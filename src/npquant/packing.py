@@ -27,8 +27,8 @@ import numpy as np
 
 __all__ = ["packed_row_bytes", "pack_codes", "unpack_codes"]
 
-# Rows per chunk on the generic (3, 5, 6, 7 bit) path, which expands each
-# code to 8 bytes of bits: this bounds its temporary memory.
+# Elements per chunk on the 3, 5, 6 and 7-bit path, which holds each run of
+# whole bytes (3 to 7 of them) as one uint64 word: this bounds its temporary memory.
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -64,14 +64,30 @@ def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
         for k in range(per):
             out |= lanes[:, :, k] << np.uint8(k * bits)
         return out
-    out = np.empty((rows, nbytes), dtype=np.uint8)
+    per, width = _word_shape(bits)  # codes, bytes per word
+    n_words = -(-n // per)
+    out = np.empty((rows, n_words * width), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for r0 in range(0, rows, step):
         chunk = u[r0 : r0 + step]
-        stream = np.unpackbits(chunk[:, :, None], axis=2, bitorder="little")  # (r, n, 8)
-        stream = stream[:, :, :bits].reshape(chunk.shape[0], n * bits)  # (r, n * bits)
-        out[r0 : r0 + step] = np.packbits(stream, axis=1, bitorder="little")
-    return out
+        codes = np.zeros((chunk.shape[0], n_words * per), dtype=np.uint64)
+        codes[:, :n] = chunk
+        codes = codes.reshape(chunk.shape[0], n_words, per)  # (r, W, codes per word)
+        word = np.zeros((chunk.shape[0], n_words), dtype=np.uint64)
+        for k in range(per):
+            word |= codes[:, :, k] << np.uint64(k * bits)
+        as_bytes = out[r0 : r0 + step].reshape(chunk.shape[0], n_words, width)
+        for k in range(width):
+            as_bytes[:, :, k] = (word >> np.uint64(8 * k)).astype(np.uint8)
+    return out[:, :nbytes].copy() if out.shape[1] != nbytes else out
+
+
+def _word_shape(bits: int) -> tuple[int, int]:
+    """``(codes, bytes)`` of the smallest run of whole bytes holding whole codes: 3 bits (8, 3), 6 bits (4, 3)."""
+    import math
+
+    width = bits // math.gcd(bits, 8)
+    return 8 * width // bits, width
 
 
 def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -98,11 +114,19 @@ def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
         for k in range(per):
             np.bitwise_and(packed >> np.uint8(k * bits), mask, out=out[:, :, k])
         return out.reshape(rows, -1)[:, :n]
-    out = np.empty((rows, n), dtype=np.uint8)
+    per, width = _word_shape(bits)
+    n_words = -(-n // per)
+    out = np.empty((rows, n_words * per), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for r0 in range(0, rows, step):
         chunk = packed[r0 : r0 + step]
-        stream = np.unpackbits(chunk, axis=1, bitorder="little")[:, : n * bits]  # (r, n * bits)
-        stream = stream.reshape(chunk.shape[0], n, bits)  # (r, n, bits)
-        out[r0 : r0 + step] = np.packbits(stream, axis=2, bitorder="little")[:, :, 0]
-    return out
+        padded = np.zeros((chunk.shape[0], n_words * width), dtype=np.uint8)
+        padded[:, : chunk.shape[1]] = chunk
+        as_bytes = padded.reshape(chunk.shape[0], n_words, width)  # (r, W, bytes per word)
+        word = np.zeros((chunk.shape[0], n_words), dtype=np.uint64)
+        for k in range(width):
+            word |= as_bytes[:, :, k].astype(np.uint64) << np.uint64(8 * k)
+        codes = out[r0 : r0 + step].reshape(chunk.shape[0], n_words, per)
+        for k in range(per):
+            codes[:, :, k] = (word >> np.uint64(k * bits)) & np.uint64(mask)
+    return out[:, :n]
