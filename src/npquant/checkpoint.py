@@ -738,8 +738,7 @@ def _group_for(module: str, groups: list):
 
 # Dtypes a dense weight never has: a ``.weight`` of these is quantized codes.
 _CODE_ONLY_DTYPES = ("F8_E4M3", "F8_E5M2", "I8", "U8")
-# The formats load reads, and the tensors of one module each has besides weight_scale
-# (optional ones in brackets).
+# The formats load reads.
 _READ_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
                  "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized")
 

@@ -77,7 +77,7 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
     if backend == "numba":
         from .kernels import has_kernels, numba_linear
 
-        backend = "numba" if has_kernels(qt) else "numpy"
+        backend = "numba" if has_kernels(qt, x2.shape[0]) else "numpy"
     if backend == "numba":
         y = numba_linear(x2, qt)  # converts x2 to float32 itself
     else:

@@ -43,7 +43,7 @@ import numpy as np
 from ._checks import check_finite_rows, dtype_name, rows_per_chunk
 from .errors import NpquantError
 from .packing import pack_codes
-from .quantize import QuantizedTensor, code_numpy_dtype, code_value_dtype, scale_numpy_dtype
+from .quantize import QuantizedTensor, code_numpy_dtype, code_value_dtype, scale_numpy_dtype, scale_values
 from .schemes import Scheme
 
 __all__ = ["quantize_microscaled", "compute_dtype", "fp4_codes", "e8m0_exponents", "nvfp4_global_scale"]
@@ -138,9 +138,9 @@ def quantize_microscaled(w, scheme: Scheme, name: str, measure: bool):
     for r0 in range(0, out_features, step):
         chunk = _chunk(w, r0, step, name, check=global_scale is None)
         amax = _block_absmax(chunk, bo, bi)  # (RB, CB) values of D
-        s_stored, s_used = _scales(amax, scheme, d, global_scale)
-        scale[r0 // bo : r0 // bo + amax.shape[0]] = s_stored
-        codes[r0 : r0 + chunk.shape[0]] = _encode(chunk, s_used, scheme, d, bo, bi, global_scale)
+        stored = _scales(amax, scheme, d, global_scale)
+        scale[r0 // bo : r0 // bo + amax.shape[0]] = stored
+        codes[r0 : r0 + chunk.shape[0]] = _encode(chunk, scale_values(stored, scheme), scheme, d, bo, bi, global_scale)
     qt = QuantizedTensor(codes, scale, None, w.shape, scheme, global_scale)
     if not measure:
         return qt, None
@@ -175,22 +175,18 @@ def _block_absmax(chunk: np.ndarray, bo: int, bi: int) -> np.ndarray:
 
 
 def _scales(amax: np.ndarray, scheme: Scheme, d: np.dtype, global_scale):
-    """``(stored scales, float32 scales the codes are made with)`` from block maxima ``amax (RB, CB)``."""
-    import ml_dtypes
-
+    """Stored scales (``scheme.scale_dtype``) from block maxima ``amax (RB, CB)``; the codes are made with their values."""
     f32 = np.float32
     if scheme.scale_dtype == "e8m0":
-        e = e8m0_exponents(amax, d, scheme.dtype)
-        return e, np.ldexp(f32(1), e.astype(np.int32) - 127).astype(f32)
+        return e8m0_exponents(amax, d, scheme.dtype)
     if scheme.scale_dtype == "fp8_e4m3":
         raw = global_scale[0] * _in(amax / f32(6), d)
-        s = np.clip(raw, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        s = np.clip(raw, -448, 448).astype(scale_numpy_dtype(scheme))
         s[s.astype(f32) == 0] = f32(0.125)
-        return s, s.astype(f32)
+        return s
     s = _in(amax / f32(448), d)
     s[s == 0] = f32(np.finfo(d).eps)
-    stored = s.astype(scale_numpy_dtype(scheme))
-    return stored, stored.astype(f32)
+    return s.astype(scale_numpy_dtype(scheme))
 
 
 def _encode(chunk: np.ndarray, s_used: np.ndarray, scheme: Scheme, d: np.dtype, bo: int, bi: int,
@@ -207,6 +203,6 @@ def _encode(chunk: np.ndarray, s_used: np.ndarray, scheme: Scheme, d: np.dtype, 
     if scheme.dtype == "fp4_e2m1":
         return pack_codes(fp4_codes(x), 4)
     if scheme.dtype == "fp6_e2m3":
-        return pack_codes(np.clip(x, -7.5, 7.5).astype(code_value_dtype(scheme)).view(np.uint8), 6)
+        return pack_codes(np.clip(x, -7.5, 7.5).astype(code_value_dtype(scheme.dtype)).view(np.uint8), 6)
     x = np.clip(x + np.float32(0), -448, 448)  # + the zero point 0: -0.0 becomes +0.0
     return np.ascontiguousarray(x).astype(code_numpy_dtype(scheme))

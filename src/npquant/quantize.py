@@ -46,7 +46,7 @@ from ._backends import resolve_backend
 from ._checks import check_finite_rows, check_weight, dtype_name, rows_per_chunk
 from .errors import NpquantError
 from .packing import pack_codes, packed_row_bytes, unpack_codes
-from .schemes import Scheme, get_scheme
+from .schemes import FLOAT_BITS, Scheme, get_scheme
 
 __all__ = ["QuantizedTensor", "quantize", "quantize_measured", "scale_numpy_dtype", "code_numpy_dtype", "OBSERVERS"]
 
@@ -81,14 +81,8 @@ def code_numpy_dtype(scheme: Scheme) -> np.dtype:
     uint8 when packed (bits < 8: int2-7, fp4 and fp6 as their bit patterns)
     or asymmetric, int8 for symmetric int8, ml_dtypes' float8 for fp8.
     """
-    if scheme.dtype == "fp8_e4m3":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.float8_e4m3fn)
-    if scheme.dtype == "fp8_e5m2":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.float8_e5m2)
+    if scheme.dtype in ("fp8_e4m3", "fp8_e5m2"):
+        return code_value_dtype(scheme.dtype)
     if scheme.packed or not scheme.symmetric:
         return np.dtype(np.uint8)
     return np.dtype(np.int8)
@@ -248,7 +242,7 @@ class QuantizedTensor:
             return rows.copy()
         u = unpack_codes(rows, scheme.bits, self.shape[1])
         if scheme.is_float:
-            return u.view(code_value_dtype(scheme))
+            return u.view(code_value_dtype(scheme.dtype))
         if not scheme.symmetric:
             return u
         return (u.astype(np.int16) - (1 << (scheme.bits - 1))).astype(np.int8)
@@ -313,17 +307,16 @@ class QuantizedTensor:
 @functools.cache
 def _float_code_values(dtype: str) -> np.ndarray:
     """float32 (2**bits,): the value of every fp4/fp6 bit pattern (a table: ml_dtypes converts these one by one)."""
-    bits = {"fp4_e2m1": 4, "fp6_e2m3": 6}[dtype]
-    return np.arange(1 << bits, dtype=np.uint8).view(code_value_dtype(Scheme(dtype, bits, "group", 32,
-                                                                             scale_dtype="e8m0"))).astype(np.float32)
+    return np.arange(1 << FLOAT_BITS[dtype], dtype=np.uint8).view(code_value_dtype(dtype)).astype(np.float32)
 
 
-def code_value_dtype(scheme: Scheme) -> np.dtype:
-    """ml_dtypes' dtype of one float code (float4_e2m1fn, float6_e2m3fn, float8_*); its bits are the stored pattern."""
+def code_value_dtype(dtype: str) -> np.dtype:
+    """ml_dtypes' dtype of one float code of ``Scheme.dtype`` ``dtype`` (float4_e2m1fn, float6_e2m3fn,
+    float8_*); its bits are the stored pattern."""
     import ml_dtypes
 
     return np.dtype({"fp4_e2m1": ml_dtypes.float4_e2m1fn, "fp6_e2m3": ml_dtypes.float6_e2m3fn,
-                     "fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}[scheme.dtype])
+                     "fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}[dtype])
 
 
 def scale_values(scale: np.ndarray, scheme: Scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
@@ -445,8 +438,6 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto", observ
         return quantize_microscaled(w, scheme, name, measure)
     out_features, in_features = w.shape
     bo, bi = scheme.block_shape(w.shape)
-    if observer not in OBSERVERS:
-        raise NpquantError(f"observer={observer!r} is not known; expected one of {OBSERVERS}")
     if observer == "mse" and bo != 1:
         raise NpquantError(
             "observer='mse' chooses channel or group scales, not granularity='tensor'; use observer='minmax'"

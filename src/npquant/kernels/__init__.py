@@ -147,13 +147,14 @@ def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])
 
 
-def has_kernels(qt: QuantizedTensor | PreparedTensor) -> bool:
-    """Whether the kernels read ``qt``'s codes: every format but fp4, fp6 and blocks cut at the weight's edge.
+def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
+    """Whether the kernels read ``qt``'s codes for a batch of ``m_rows``.
 
-    :func:`npquant.linear` takes the numpy path for the others.
+    Every format but fp4, fp6 and blocks cut at the weight's edge; prepared
+    fp4 at batch 1 only. :func:`npquant.linear` takes the numpy path for the others.
     """
     if isinstance(qt, PreparedTensor):
-        return True
+        return qt.scheme.dtype != "fp4_e2m1" or m_rows == 1
     scheme = qt.scheme
     if scheme.dtype in ("fp4_e2m1", "fp6_e2m3"):
         return False
@@ -241,15 +242,10 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
     has_zp = p.zero_point is not None
     zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
     bi = p.block_shape[1]
-    if p.scheme.dtype == "fp4_e2m1":
+    if p.scheme.dtype == "fp4_e2m1":  # batch 1 only (see has_kernels)
         y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
-        if m_rows == 1:
-            x_even, x_odd = _even_odd(x2)
-            gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y)
-        else:  # larger batches: dequantized tiles and BLAS
-            from ..linear import _numpy_linear
-
-            y[:] = _numpy_linear(x2, p)
+        x_even, x_odd = _even_odd(x2)
+        gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y)
         return
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
