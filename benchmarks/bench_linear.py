@@ -1,12 +1,22 @@
-"""Quantized linear against numpy's float32 matmul, measured in one process.
+"""Quantized linear against numpy's float32 matmul, measured in one process, as a model runs it.
 
-For each weight shape, batch size M and scheme it prints the median time of
-``npquant.linear`` (numba backend when installed, else numpy) and its ratio
-to numpy float32 ``x @ W.T`` timed in the same process, runs interleaved
-(ratio of the two medians). ``rounds q1-q3`` is the spread of that ratio:
-the quartiles, over the rounds, of each round's quantized median over the
-same round's float32 median; on a noisy machine it shows how far one run's
-ratio can be trusted.
+Default (``in-model``): every quantized call alternates with a float32
+``x @ V.T`` of another matrix ``V`` of the same shape, as a model's forward
+alternates npquant's linears with numpy's own work (attention, norms, other
+layers), all cases in this one process. It prints, per weight shape, batch
+size M and scheme, the median time of ``npquant.linear`` (numba backend when
+installed, else numpy) in that loop and its ratio to float32 ``x @ V.T``
+timed alone (a loop of float32 calls only, in the same process, rounds
+interleaved with the others); ``f32 in loop`` is the float32 call's median
+inside the loop over its median alone: how much npquant's calls slow
+numpy's. ``rounds q1-q3`` is the spread of the ratio: the quartiles, over
+the rounds, of each round's quantized median over the same round's
+float32-alone median.
+
+``--bursts``: the old measurement, a best case: each (shape, batch) in a
+fresh process, each function timed in bursts of five calls of its own kind
+after a warm-up, nothing else in between.
+
 The bandwidth limit is the time to read the codes and scales once at the
 read bandwidth measured just before the case (the best of a few rounds of a
 parallel sum), as a ratio to the same float32 time.
@@ -16,8 +26,9 @@ timing, as an engine does after loading). Where torch is installed it adds
 ``torch._weight_int8pack_mm`` (bf16 activations, int8 per-channel weights)
 beside ``w8-channel``.
 
-    python benchmarks/bench_linear.py              # full run (a few minutes), one process per case
+    python benchmarks/bench_linear.py              # full run (a few minutes)
     python benchmarks/bench_linear.py --quick      # seconds, small shapes
+    python benchmarks/bench_linear.py --bursts     # fresh process per case, bursts: a best case
     python benchmarks/bench_linear.py --threads 1
 
 Lower ratios are better; below 1 beats float32 BLAS.
@@ -44,16 +55,18 @@ def _parse() -> argparse.Namespace:
                    help="weight shapes (repeatable; default 4096 4096 and 11008 4096)")
     p.add_argument("--scheme", action="append", metavar="PRESET",
                    help="presets (repeatable; default w8-channel, w4-g128, fp8-channel, nvfp4, mxfp4)")
-    p.add_argument("--same-process", action="store_true",
-                   help="run every case in this process (default: each shape and batch in a fresh child, "
-                        "so that one case's idle thread pools cannot slow the next)")
+    p.add_argument("--bursts", action="store_true",
+                   help="time each function in bursts of its own calls, each shape and batch in a fresh "
+                        "process: a best case, not what a model sees (default: calls alternate with float32 "
+                        "matmuls of another matrix, all in this process)")
+    p.add_argument("--same-process", action="store_true", help="with --bursts: every case in this process")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 ARGS = _parse()
 # Thread counts must be set before numpy, numba or torch start their pools.
-for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NPQUANT_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
 
 import numpy as np  # noqa: E402
@@ -95,6 +108,52 @@ def interleaved(fns: dict, repeats: int, warm_s: float = WARM_S) -> tuple[dict, 
             times[k] += burst
             rounds[k].append(statistics.median(burst))
     return {k: statistics.median(v) for k, v in times.items()}, rounds
+
+
+STEPS = 8  # calls in a row per round and function in the in-model loop (the first two untimed)
+
+
+def in_model(qfns: dict, f32, repeats: int) -> tuple[dict, dict, dict]:
+    """Times of each quantized call alternating with ``f32()``, and of ``f32()`` alone.
+
+    Each round runs ``f32`` alone ``STEPS`` times, then for each quantized
+    function ``STEPS`` steps of ``q(); f32()``; the first two calls or steps
+    of each run are untimed (they pay for the switch from the previous
+    run). Returns ``(median, rounds, f32_in_loop)``: medians over all timed
+    calls (key ``"f32"``: float32 alone), per-round medians, and the median
+    float32 time inside each function's loop.
+    """
+    alone, alone_rounds = [], []
+    times = {k: [] for k in qfns}
+    rounds = {k: [] for k in qfns}
+    f_loop = {k: [] for k in qfns}
+    clock = time.perf_counter
+    for _ in range(repeats):
+        run = []
+        for i in range(STEPS):
+            t0 = clock()
+            f32()
+            if i >= 2:
+                run.append(clock() - t0)
+        alone += run
+        alone_rounds.append(statistics.median(run))
+        for k, q in qfns.items():
+            run = []
+            for i in range(STEPS):
+                t0 = clock()
+                q()
+                t1 = clock()
+                f32()
+                t2 = clock()
+                if i >= 2:
+                    run.append(t1 - t0)
+                    f_loop[k].append(t2 - t1)
+            times[k] += run
+            rounds[k].append(statistics.median(run))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med["f32"] = statistics.median(alone)
+    rounds["f32"] = alone_rounds
+    return med, rounds, {k: statistics.median(v) for k, v in f_loop.items()}
 
 
 def ratio_spread(num: list, den: list) -> str:
@@ -170,7 +229,7 @@ def main() -> int:
     if ARGS.child:
         return _run_cases(shapes, batches, names, repeats, backend)
     bw = _read_bandwidth()
-    if not ARGS.quick and not ARGS.same_process:
+    if ARGS.bursts and not ARGS.quick and not ARGS.same_process:
         return _run_children(shapes, batches, bw)
     _header(bw, repeats, backend, isolated=False)
     return _run_cases(shapes, batches, names, repeats, backend)
@@ -183,13 +242,20 @@ def _read_bandwidth() -> float:
 def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
-    where = "each shape and batch in a fresh process" if isolated else "all in this process"
     print(f"read bandwidth (measured, best round): {bw / 1e9:.1f} GB/s at the start; each case's limit uses "
           f"its own, measured just before it")
-    print(f"medians of {repeats} interleaved rounds of {BURST} calls after a warm-up; {where}")
+    if ARGS.bursts:
+        where = "each shape and batch in a fresh process" if isolated else "all in this process"
+        print(f"BURSTS (a best case): medians of {repeats} interleaved rounds of {BURST} calls of one function "
+              f"after a warm-up; {where}")
+    else:
+        print(f"IN A MODEL: each quantized call alternates with a float32 matmul of another matrix, all in this "
+              f"process; medians of {repeats} rounds of {STEPS - 2} timed steps; ratio = quantized in the loop / "
+              f"float32 alone")
     print()
+    loop = "" if ARGS.bursts else f" {'f32 in loop':>11}"
     head = (f"{'shape':>13} {'M':>4} {'scheme':<16} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
-            f"{'rounds q1-q3':>12} {'bw limit':>8}")
+            f"{'rounds q1-q3':>12}{loop} {'bw limit':>8}")
     print(head)
     print("-" * len(head))
 
@@ -205,7 +271,7 @@ def _run_children(shapes, batches, bw: float) -> int:
         for m in batches:
             cmd = [sys.executable, __file__, "--threads", str(ARGS.threads), "--repeats", str(repeats),
                    "--backend", ARGS.backend, "--shape", str(shape[0]), str(shape[1]), "--batch", str(m),
-                   "--child"] + [a for name in ARGS.scheme or [] for a in ("--scheme", name)]
+                   "--child", "--bursts"] + [a for name in ARGS.scheme or [] for a in ("--scheme", name)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
@@ -246,17 +312,24 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
             if tc is not None:
                 fns["torch int8"] = tc
             bw = _read_bandwidth()  # the machine's memory now, for this case's limits
-            t, rounds = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
+            if ARGS.bursts:
+                t, rounds = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
+                f_loop = {}
+            else:
+                other = (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
+                del fns["f32"]  # timed on the other matrix, alone and in the loop
+                t, rounds, f_loop = in_model(fns, lambda: x @ other.T, repeats)
             for name in fns:
                 if name == "f32":
                     continue
                 limit = ""
                 if name in qts:
                     limit = f"{qts[name].nbytes / bw / t['f32']:8.3f}"
+                loop = "" if ARGS.bursts else f" {f_loop[name] / t['f32']:10.2f}x"
                 print(
                     f"{str((out_features, in_features)):>13} {m:>4} {name:<16} "
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} "
-                    f"{ratio_spread(rounds[name], rounds['f32']):>12} {limit:>8}"
+                    f"{ratio_spread(rounds[name], rounds['f32']):>12}{loop} {limit:>8}"
                 )
         if not ARGS.child:
             print()

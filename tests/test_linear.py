@@ -10,6 +10,12 @@ import npquant
 from npquant import NpquantError, Scheme, linear, prepare, quantize
 from npquant.linear import _numpy_linear
 
+
+
+def one_thread() -> tuple:
+    """The last two arguments of a kernel called directly: a fresh work counter and one chunk of every unit (this thread does all)."""
+    return np.zeros(1, np.int64), 1 << 40
+
 U32 = 2.0**-24  # float32 unit roundoff
 
 
@@ -208,7 +214,7 @@ def test_numba_large_m_restores_blas_threads(kernels):
 @pytest.mark.parametrize("scheme", ["w4-g128", Scheme("int", 4, "channel"),
                                     Scheme("int", 4, "group", 32, symmetric=False)], ids=str)
 def test_numba_int4_split_dequantize_is_bit_equal_reordered(kernels, scheme):
-    from npquant.kernels._numba import dequantize_rows_int4_split
+    from npquant.kernels._tiles import dequantize_rows_int4_split
 
     qt = quantize(weight((19, 256)), scheme)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = kernels._kernel_args(qt)[:9]
@@ -252,7 +258,7 @@ def test_numba_fp8_decodes_every_finite_code_exactly(kernels, dtype):
                 want = (values * np.float64(big)).astype(np.float32)
             for m in (mults, float16_decode(mults)):
                 y = np.empty((1, codes.shape[0]), np.float32)
-                kernels.gemv_bytes(x, codes, scale, codes.shape[0], 8, 1, m, y)
+                kernels.gemv_bytes(x, codes, scale, codes.shape[0], 8, 1, m, y, *one_thread())
                 np.testing.assert_array_equal(y[0], want)
 
 
@@ -286,14 +292,13 @@ def mxcsr_access():
     return mxcsr
 
 
-def test_numba_e4m3_batch1_exact_where_subnormal_inputs_are_flushed(kernels):
+def test_numba_e4m3_batch1_exact_where_subnormal_inputs_are_flushed(kernels, monkeypatch):
     # Some libraries switch on DAZ (x86: subnormal inputs read as zero) for
     # their thread. e4m3's float32-bits decode makes its subnormal codes
     # float32 subnormals, so the kernels must notice and decode through
-    # float16. With one numba thread, the kernels run in this one.
+    # float16. With one kernel thread, the kernels run in this one.
     import platform
 
-    import numba
     from reference import fp8_finite_table
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -308,20 +313,18 @@ def test_numba_e4m3_batch1_exact_where_subnormal_inputs_are_flushed(kernels):
     claims_kept = kernels._e4m3_multipliers(x)
     claims_kept[4] = 1.0  # a normal number: the check then says this thread keeps subnormals
     mxcsr = mxcsr_access()
-    threads = numba.get_num_threads()
     old = mxcsr(0, False)
-    numba.set_num_threads(1)
+    monkeypatch.setenv("NPQUANT_NUM_THREADS", "1")  # every kernel in this thread, where DAZ is set
     try:
         mxcsr(old | 0x40, True)  # DAZ
         assert np.float32(2.0**-140) * np.float32(2.0**100) == 0  # it is on in this thread
         wrong = np.empty((1, codes.shape[0]), np.float32)
-        kernels.gemv_bytes(x, codes, np.ones((1, 1), np.float32), codes.shape[0], 8, 1, claims_kept, wrong)
+        kernels.gemv_bytes(x, codes, np.ones((1, 1), np.float32), codes.shape[0], 8, 1, claims_kept, wrong, *one_thread())
         assert np.any(wrong[0] != want)  # the float32-bits decode loses the subnormal codes here
         np.testing.assert_array_equal(linear(x[0], qt, backend="numba"), want)
         np.testing.assert_array_equal(linear(x[0], prepare(qt), backend="numba"), want)
     finally:
         mxcsr(old, True)
-        numba.set_num_threads(threads)
 
 
 def float16_decode(mults: np.ndarray) -> np.ndarray:
@@ -345,7 +348,7 @@ def test_numba_e4m3_batch1_decodes_agree_bit_for_bit(kernels, amax):
     ys = []
     for m in (mults, float16_decode(mults)):
         y = np.empty((1, 37), np.float32)
-        kernels.gemv_bytes(x, args[0], args[1], args[4], args[5], 1, m, y)
+        kernels.gemv_bytes(x, args[0], args[1], args[4], args[5], 1, m, y, *one_thread())
         ys.append(y)
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], linear(x, qt, backend="numba"))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import npquant
 from npquant import NpquantError, PreparedTensor, Scheme, linear, prepare, quantize
 from npquant.prepared import ROWS
-from test_linear import float16_decode, sum_bound, weight
+from test_linear import float16_decode, one_thread, sum_bound, weight
 
 FOUR_BIT = [
     Scheme("int", 4, "group", 128),
@@ -176,7 +176,7 @@ def kernels():
 @pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
 def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
     from npquant.kernels import _BYTE_KIND, _FP8
-    from npquant.kernels._numba import dequantize_bytes_blocks_t, dequantize_int4_blocks_t
+    from npquant.kernels._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t
 
     qt = quantize(weight((150, in_features_for(scheme))), scheme)
     p = prepare(qt)
@@ -242,7 +242,7 @@ def test_numba_e4m3_blocks_batch1_decodes_agree_bit_for_bit(kernels, amax):
     ys = []
     for m in (mults, float16_decode(mults)):
         y = np.empty((1, 150), np.float32)
-        kernels.gemv_bytes_blocks(x, p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), 1, 384, m, y)
+        kernels.gemv_bytes_blocks(x, p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), 1, 384, m, y, *one_thread())
         ys.append(y)
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], linear(x, p, backend="numba"))

@@ -498,7 +498,7 @@ def _fused_kernel(scheme: Scheme, shape, backend: str):
     )
     if not fits:
         return None
-    from .kernels._numba import quantize_sym_rows
+    from .kernels._quantizer import quantize_sym_rows
 
     return quantize_sym_rows
 

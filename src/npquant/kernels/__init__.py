@@ -37,31 +37,30 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 
 import numpy as np
 
-from ..quantize import QuantizedTensor, scale_values
+from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
-from ._numba import (
-    dequantize_bytes_blocks_t,
-    dequantize_int4_blocks_t,
-    dequantize_rows,
-    dequantize_rows_int4_split,
-    gemm_small_m,
-    gemm_small_m_bytes_blocks,
-    gemm_small_m_int4_blocks,
-    gemv_bytes,
-    gemv_bytes_blocks,
-    gemv_int4,
-    gemv_int4_blocks,
-)
+from ..quantize import QuantizedTensor, scale_values
+from . import _blas_threads, _pool
+from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
+from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
+from ._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split
 
-__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "SMALL_M"]
+__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M"]
 
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
 _TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes wide tiles)
+# Below this cost (bytes of codes times rows of x) a call runs in the caller's
+# thread alone: waking a worker costs more than it saves.
+_PARALLEL_FROM = 1 << 20
+_CHUNKS_PER_THREAD = 8
+#: Whether kernels run on OpenBLAS's threads where they can (tests switch it off to reach the pool).
+USE_BLAS_THREADS = True
 # fp8: (e4m3?, power of two taking the float16 the fields make to the value)
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
@@ -172,13 +171,59 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
     return out
 
 
+def default_threads() -> int:
+    """Threads a kernel call may use: ``NPQUANT_NUM_THREADS`` if set, else every core this process may run on."""
+    env = os.environ.get("NPQUANT_NUM_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise NpquantError(f"NPQUANT_NUM_THREADS={env!r}: expected a whole number of threads >= 1")
+        return n
+    return _pool.cpu_count()
+
+
+def _thread_count(n_units: int, cost: int, threads: int | None) -> int:
+    """Threads for a call of ``n_units`` chunks of work costing about ``cost`` (bytes of codes times rows of ``x``)."""
+    if threads is None:
+        threads = 1 if cost < _PARALLEL_FROM else default_threads()
+    return max(1, min(threads, n_units))
+
+
+def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None) -> None:
+    """``kernel(*args, work, per)`` on the threads the call deserves.
+
+    On OpenBLAS's threads where it can (:mod:`npquant.kernels._blas_threads`:
+    as many as BLAS has now), else on npquant's pool
+    (:mod:`npquant.kernels._pool`). The kernel takes chunks of ``per`` of its
+    ``n_units`` units (blocks of rows) from the counter ``work`` until none
+    is left: about ``_CHUNKS_PER_THREAD`` chunks per thread, so a slowed
+    thread takes fewer.
+    """
+    n = _thread_count(n_units, cost, threads)
+    on_blas = _blas_threads.blas_threads() if n > 1 and USE_BLAS_THREADS else 0
+    if on_blas:
+        n = min(n, on_blas)
+    work = np.zeros(1, np.int64)
+    if n == 1:
+        kernel(*args, work, n_units)
+        return
+    per = max(1, -(-n_units // (n * _CHUNKS_PER_THREAD)))
+    if on_blas:
+        _blas_threads.run(kernel, (*args, work, per), n)
+    else:
+        _pool.run(lambda: kernel(*args, work, per), n)
+
+
 def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
                  threads: int | None = None) -> np.ndarray:
     """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``.
 
     ``tile_elements`` bounds each float32 tile of the tiled paths;
-    ``threads`` is their number of threads (default: BLAS's thread count,
-    1 without threadpoolctl).
+    ``threads`` is the number of threads (default: :func:`default_threads`,
+    one for small layers).
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
@@ -191,21 +236,19 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         return y
     args = _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
-    if m_rows == 1 and kind == 0:
-        gemv_bytes(x2, codes, scale, bo, bi, 0, _NO_E4M3, y)
-        return y
-    if m_rows == 1 and kind == 4:
-        if args[9]:  # e4m3
-            gemv_bytes(x2, codes, scale, bo, bi, 1, _e4m3_multipliers(x2), y)
-        else:  # e5m2: the float16 decode is the value itself
-            gemv_bytes(x2, codes, scale, bo, bi, 2, _NO_E4M3, y)
+    cost = codes.nbytes * m_rows
+    if m_rows == 1 and kind in (0, 4):
+        code_kind = 0 if kind == 0 else 1 if args[9] else 2  # int8, e4m3, e5m2 (its float16 decode is the value)
+        mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
+        _parallel(gemv_bytes, (x2, codes, scale, bo, bi, code_kind, mults, y), -(-out_features // 8), cost, threads)
         return y
     if m_rows == 1 and kind == 2:
         x_even, x_odd = _even_odd(x2)
-        gemv_int4(x_even[0], x_odd[0], codes, scale, zp, has_zp, bo, bi, base_off, y)
+        _parallel(gemv_int4, (x_even[0], x_odd[0], codes, scale, zp, has_zp, bo, bi, base_off, y),
+                  out_features, cost, threads)
         return y
     if m_rows <= SMALL_M:
-        gemm_small_m(x2, *args, y)
+        _parallel(gemm_small_m, (x2, *args, y), -(-out_features // 4), cost, threads)
         return y
     if kind == 2:
         # 4-bit codes dequantize faster into even|odd column order (unit-stride
@@ -223,15 +266,12 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 
     tile = max(1, tile_elements // in_features)
 
-    def share(lo: int, hi: int) -> None:
-        """``y[:, lo:hi]``, ``tile`` rows at a time."""
-        buf = _aligned_empty((min(tile, hi - lo), in_features))
-        for o0 in range(lo, hi, tile):
-            w_tile = buf[: min(tile, hi - o0)]  # (T, I)
-            dequantize(o0, w_tile)
-            np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
+    def one_tile(o0: int, buf: np.ndarray) -> None:
+        w_tile = buf[: min(tile, out_features - o0)]  # (T, I)
+        dequantize(o0, w_tile)
+        np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
 
-    _in_threads(out_features, out_features * in_features // tile_elements, threads, share)
+    _tiles(range(0, out_features, tile), (tile, in_features), one_tile, threads)
     return y
 
 
@@ -239,23 +279,27 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
     """``y (M, O) = x2 @ W.T`` for codes in blocks of rows."""
     m_rows, in_features = x2.shape
     out_features = p.shape[0]
+    n_blocks = p.codes.shape[0]
+    cost = p.codes.nbytes * m_rows
     has_zp = p.zero_point is not None
     zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
     bi = p.block_shape[1]
     if p.scheme.dtype == "fp4_e2m1":  # batch 1 only (see has_kernels)
         y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
         x_even, x_odd = _even_odd(x2)
-        gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y)
+        _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2,
+                                     y_mult, y), n_blocks, cost, threads)
         return
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
         if m_rows == 1:
             mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
-            gemv_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, bi, mults, y)
+            _parallel(gemv_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, bi, mults, y), n_blocks, cost, threads)
             return
         if m_rows <= SMALL_M:
-            gemm_small_m_bytes_blocks(x2, p.codes, p.scale, zp, code_kind, fp8_mult, bi, y)
+            _parallel(gemm_small_m_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, fp8_mult, bi, y),
+                      n_blocks, cost, threads)
             return
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
@@ -264,71 +308,90 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
         half_block = bi // 2
         if m_rows == 1:
             x_even, x_odd = _even_odd(x2)
-            gemv_int4_blocks(x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, False, half_block, np.float32(1.0), y)
+            _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, False, half_block,
+                                         np.float32(1.0), y), n_blocks, cost, threads)
             return
         if m_rows <= SMALL_M:
-            gemm_small_m_int4_blocks(*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y)
+            _parallel(gemm_small_m_int4_blocks, (*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y),
+                      n_blocks, cost, threads)
             return
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
             dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, half_block, b0, w_t)
 
     # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
-    n_blocks = p.codes.shape[0]
     per_tile = max(1, tile_elements // (ROWS * in_features))  # blocks
 
-    def share(b_lo: int, b_hi: int) -> None:
-        """``y`` for blocks ``[b_lo, b_hi)``, ``per_tile`` blocks at a time."""
-        buf = _aligned_empty((in_features * ROWS * min(per_tile, b_hi - b_lo),))
-        for b0 in range(b_lo, b_hi, per_tile):
-            o0 = b0 * ROWS
-            n = min(per_tile * ROWS, out_features - o0)
-            w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
-            dequantize_t(b0, w_t)
-            np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
+    def one_tile(b0: int, buf: np.ndarray) -> None:
+        o0 = b0 * ROWS
+        n = min(per_tile * ROWS, out_features - o0)
+        w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
+        dequantize_t(b0, w_t)
+        np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
 
-    _in_threads(n_blocks, max(1, n_blocks // per_tile), threads, share)
+    _tiles(range(0, n_blocks, per_tile), (in_features * ROWS * per_tile,), one_tile, threads)
 
 
-def _in_threads(n: int, max_workers: int, threads: int | None, share) -> None:
-    """``share(lo, hi)`` over ``[0, n)`` cut into contiguous shares, one per thread.
+def _tiles(starts: range, buf_shape: tuple, one_tile, threads: int | None) -> None:
+    """``one_tile(start, buf)`` for every start, on the threads of :func:`default_threads` (or ``threads``).
 
-    As many threads as BLAS has (or ``threads``), at most ``max_workers``;
-    with more than one, BLAS runs single-threaded in each for the duration.
-    The caller's thread takes the first share; errors reach the caller.
+    Each thread takes the next tile until none is left, into a float32
+    buffer ``buf_shape`` of its own. With more than one thread, BLAS runs
+    single-threaded for the duration (:func:`_single_threaded_blas`): the
+    parallelism is ours, over tiles.
+    """
+    n = max(1, min(default_threads() if threads is None else threads, len(starts)))
+    order = iter(starts)  # next() on one iterator: each start goes to one thread (the GIL serialises it)
+
+    def work() -> None:
+        buf = _aligned_empty(buf_shape)
+        for start in order:
+            one_tile(start, buf)
+
+    if n == 1:
+        work()
+        return
+    with _single_threaded_blas():
+        _pool.run(work, n)
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"depth": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS limited to one thread while any tiled call runs (threadpoolctl), restored when the last one ends.
+
+    A process-wide setting, counted: calls from several user threads
+    overlap, and the first to start limits, the last to end restores (a
+    context per call would restore out of order). BLAS calls other threads
+    make meanwhile run single-threaded too. Without threadpoolctl, nothing
+    is limited.
     """
     blas = _blas_controller()
-    workers = threads or (1 if blas is None else max(lib.num_threads for lib in blas.lib_controllers))
-    workers = max(1, min(workers, max_workers, n))
-    if workers == 1:
-        share(0, n)
+    if blas is None:
+        yield
         return
-    bounds = [n * k // workers for k in range(workers + 1)]
-    errors = []
-
-    def run(k: int) -> None:
-        try:
-            share(bounds[k], bounds[k + 1])
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
-
-    with contextlib.nullcontext() if blas is None else blas.limit(limits=1):
-        pool = [threading.Thread(target=run, args=(k,)) for k in range(1, workers)]
-        for t in pool:
-            t.start()
-        run(0)
-        for t in pool:
-            t.join()
-    if errors:
-        raise errors[0]
+    with _BLAS_LOCK:
+        if _BLAS_STATE["depth"] == 0:
+            _BLAS_STATE["limiter"] = blas.limit(limits=1)
+        _BLAS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["depth"] -= 1
+            if _BLAS_STATE["depth"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 @functools.cache
 def _blas_controller():
     """threadpoolctl's controller of the BLAS libraries loaded in this process, or None.
 
-    None when threadpoolctl is not installed or finds no BLAS it can limit;
-    the tiled paths then run in one thread (BLAS threading as configured).
+    None when threadpoolctl is not installed or finds no BLAS it can limit.
     Looked up once per process.
     """
     try:

@@ -1,0 +1,104 @@
+"""The kernels on OpenBLAS's own threads: one pool for numpy's BLAS and npquant.
+
+After each BLAS call, OpenBLAS's worker threads poll for the next job for a
+while (about 0.1 s) before they sleep. A model alternates numpy's BLAS calls
+with npquant's, so those workers are always polling, and any other thread
+the kernels start shares a core with one of them: measured on 2 cores,
+11008 x 4096 at batch 1, the kernels ran about 2x slower alternating with
+float32 matmuls than alone. Run on OpenBLAS's threads instead, the kernels
+find them awake and take nothing from BLAS.
+
+OpenBLAS runs a function on its threads through ``blas_level1_thread``
+(exported, not documented; unchanged in its arguments since GotoBLAS):
+``blas_level1_thread(mode, m, n, k, alpha, a, lda, b, ldb, c, ldc, routine,
+nthreads)`` cuts ``m`` into ``nthreads`` parts and calls ``routine(m_part,
+n, k, alpha, a + ..., lda, ...)`` once per part, the caller's thread taking
+the first, and returns when all are done. With ``m = nthreads`` and
+``lda = 0``, every thread gets the same ``a``: the job block of
+:mod:`npquant.kernels._jobs`, whose kernels share the work out themselves.
+``mode`` 3 asks for a real, non-complex routine whose ``alpha`` is a float
+(double in current versions, double or extended in the oldest): every
+precision passes ``alpha`` in a floating-point register, so the integer and
+pointer arguments the jobs read land where they expect in all of them.
+
+Used only when the process's BLAS is an OpenBLAS exporting that function
+and a probe at first use runs a counting routine on exactly the threads
+asked for; otherwise (MKL, Accelerate, BLIS, a failed probe) the kernels
+use npquant's own pool (:mod:`npquant.kernels._pool`). The thread count is
+BLAS's own, read at each call: limiting BLAS (``threadpoolctl``,
+``OPENBLAS_NUM_THREADS``) limits the kernels alike. OpenBLAS handles fork
+itself (its threads are restarted in the child on first use) and accepts
+calls from several user threads at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import numpy as np
+
+__all__ = ["blas_threads", "run"]
+
+_MODE = 3
+
+
+@functools.cache
+def _setup():
+    """``(blas_level1_thread, OpenBLAS controller)`` when usable here, else None. Probed once per process."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    libs = [c for c in ThreadpoolController().select(internal_api="openblas").lib_controllers]
+    if len(libs) != 1:  # none, or two OpenBLAS copies: which one numpy calls is not ours to guess
+        return None
+    ctl = libs[0]
+    try:
+        fn = ctl.dynlib.blas_level1_thread
+    except AttributeError:
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                   ctypes.c_void_p, ctypes.c_int]
+    return (fn, ctl) if _probe(fn, max(1, ctl.num_threads)) else None
+
+
+_ALPHA = np.array([1.0, 0.0, 0.0, 0.0])  # read as a float, a double, an extended double or a complex pair
+
+
+def _probe(fn, threads: int) -> bool:
+    """Whether ``fn`` runs a routine once per thread, each with ``m == 1`` and the block it was given."""
+    from numba import carray, cfunc
+
+    from ._jobs import SIGNATURE
+    from ._llvm import _fetch_add
+
+    @cfunc(SIGNATURE)
+    def count(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+        blk = carray(a, (n,))
+        for _ in range(m):
+            _fetch_add(blk[0:1])
+        if k == 7:
+            _fetch_add(blk[1:2])
+        return 0
+
+    block = np.zeros(2, np.int64)
+    fn(_MODE, threads, 2, 7, _ALPHA.ctypes.data, block.ctypes.data, 0, None, 0, None, 0, count.address, threads)
+    return int(block[0]) == threads and int(block[1]) == threads
+
+
+def blas_threads() -> int:
+    """OpenBLAS's thread count now, or 0 when the kernels cannot run on its threads."""
+    setup = _setup()
+    return 0 if setup is None else max(1, setup[1].num_threads)
+
+
+def run(kernel, args: tuple, threads: int) -> None:
+    """``kernel(*args)`` (its last two: ``work``, ``per``) on ``threads`` of OpenBLAS's threads (:func:`blas_threads` > 0)."""
+    from ._jobs import JOBS, pack
+
+    fn = _setup()[0]
+    block = pack(args)  # addresses into args' arrays, which the caller keeps alive
+    fn(_MODE, threads, block.shape[0], 0, _ALPHA.ctypes.data, block.ctypes.data, 0, None, 0, None, 0,
+       JOBS[kernel].address, threads)

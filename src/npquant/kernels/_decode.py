@@ -1,0 +1,261 @@
+"""numba kernels that read the codes directly (private; see :mod:`npquant.kernels`).
+
+Each code format decodes to ``v - z``, where ``v`` is the code's value and
+``z`` is ``2**(bits-1)`` for packed symmetric codes (their stored offset), the
+zero point for asymmetric ones, and 0 otherwise; the weight is
+``(v - z) * scale``:
+
+====  =====================  ==================================================
+kind  codes                  ``v`` of element ``i`` of a row
+====  =====================  ==================================================
+0     int8, unpacked         ``int8(byte[i])``
+1     uint8, unpacked        ``byte[i]``
+2     4-bit packed           ``(byte[i // 2] >> 4 * (i % 2)) & 15``
+3     2..7-bit packed        bits ``[i * bits, (i + 1) * bits)`` of the row stream
+4     fp8 (e4m3 or e5m2)     the float16 whose sign, exponent and mantissa
+                             fields are the fp8 code's (integer shifts and a
+                             mask), converted to float32 (one instruction per
+                             vector: vcvtph2ps), times ``fp8_mult``: 1 for
+                             e5m2 (the float16 is the value: e5m2 is float16's
+                             top byte), 2**8 for e4m3 (float16's exponent bias
+                             is 8 more than e4m3's; subnormals map to float16
+                             subnormals, which convert exactly)
+====  =====================  ==================================================
+
+At batch 1, :func:`gemv_bytes` decodes e4m3 with one op fewer: its fields
+go straight into a float32's (:func:`_e4m3_as_f32_bits`, the value times
+2**-120).
+
+Every decode is exact (integer ops, int-to-float or half-to-float
+conversion, a power-of-two multiply), so a dequantized weight is bit-equal to the numpy reference.
+
+Performance notes, measured on the kernels below:
+
+- loops index slices from 0, so numba knows indices are non-negative, skips
+  its negative-index wraparound, and LLVM vectorises them;
+- integer ops are cast back to narrow types (numba widens small integers to
+  int64, which makes LLVM convert 64-bit lanes);
+- float constants arrive as float32 arguments, not literals.
+
+Dot products accumulate in float32 with reassociation allowed (``fastmath``
+flags ``reassoc``/``contract``/``arcp`` only: nothing assumes away NaN or
+Inf), so linear results differ from the numpy reference by float32
+summation order only.
+"""
+
+import numpy as np
+
+from numba import njit
+
+from ._llvm import _f16_bits_to_f32, _i32_bits_to_f32
+
+_FASTMATH = {"reassoc", "contract", "arcp"}
+_CHUNK = 512  # columns decoded per step: four float32 buffers and x's chunks stay in L1
+
+_U8_15 = np.uint8(15)
+_U8_4 = np.uint8(4)
+
+_I16 = np.int16
+_I32 = np.int32
+_E4M3_TO_F16_MASK = np.int16(-16512)  # 0xBF80: sign bit, exponent bits 13..10, mantissa bits 9..7
+
+
+@njit(inline="always")
+def _e4m3_as_f16(b):
+    """float32 of the float16 holding an e4m3 byte's fields: the e4m3 value / 2**8.
+
+    The byte is sign-extended to 16 bits and shifted left 7: its sign lands
+    on bit 15, a copy of it on bit 14 (masked off: float16's exponent is one
+    bit wider), exponent on 13..10, mantissa on 9..7. Every op is cast back
+    to int16 and shifts are by constants, or numba widens them to 64 bits.
+    The two NaN codes (0x7F, 0xFF) decode to +-480; quantization never makes
+    them and :class:`~npquant.QuantizedTensor` refuses them.
+    """
+    return _f16_bits_to_f32(_I16(_I16(_I16(np.int8(b)) << _I16(7)) & _E4M3_TO_F16_MASK))
+
+
+_I32_20 = np.int32(20)
+_E4M3_TO_F32_MASK = np.int32(-2014314496)  # 0x87F00000: sign bit, exponent bits 26..23, mantissa bits 22..20
+
+
+@njit(inline="always")
+def _e4m3_as_f32_bits(b):
+    """The float32 holding an e4m3 byte's fields: the e4m3 value * 2**-120.
+
+    The byte is sign-extended to 32 bits and shifted left 20: sign on bit
+    31 (copies of it on 30..27, masked off), exponent on 26..23, mantissa
+    on 22..20. float32's exponent bias is 120 more than e4m3's, and e4m3's
+    subnormals (exponent 0) land on float32's subnormals, which carry the
+    same fraction: exact for every finite code, but only where the FPU does
+    not flush subnormal inputs to zero (see :func:`gemv_bytes`). Three
+    integer vector ops, no conversion instruction.
+    """
+    return _i32_bits_to_f32(_I32(_I32(_I32(np.int8(b)) << _I32_20) & _E4M3_TO_F32_MASK))
+
+
+@njit(inline="always")
+def _e5m2_as_f16(b):
+    """float32 of the float16 whose top byte is the e5m2 byte: the e5m2 value itself."""
+    return _f16_bits_to_f32(_I16(_I16(np.int8(b)) << _I16(8)))
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, buf):
+    """``buf[:n] = (v - z) * s``: the weights of columns ``[c0, c0 + n)`` of one code row (uint8 bytes).
+
+    ``(v - z)`` is exact in float32 and ``* s`` rounds once, as in the numpy
+    reference, so the result is the dequantized weight bit for bit.
+    """
+    if kind == 0:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = np.float32(np.int8(src[k])) * s
+    elif kind == 1:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = (np.float32(src[k]) - z) * s
+    elif kind == 2:
+        # c0 is even: the caller picks kind 2 only for byte-aligned blocks.
+        half = n // 2
+        src = row[c0 // 2 : c0 // 2 + (n + 1) // 2]
+        for k in range(half):
+            b = src[k]
+            buf[2 * k] = (np.float32(np.uint8(b & _U8_15)) - z) * s
+            buf[2 * k + 1] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
+        if n % 2:
+            buf[n - 1] = (np.float32(np.uint8(src[half] & _U8_15)) - z) * s
+    elif kind == 3:
+        mask = np.int32((1 << bits) - 1)
+        last = row.shape[0] - 1
+        for k in range(n):
+            bit = (c0 + k) * bits
+            j = bit >> 3
+            v = np.int32(row[j])
+            if j < last:
+                v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
+            buf[k] = (np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z) * s
+    elif fp8_e4m3:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = (_e4m3_as_f16(src[k]) * fp8_mult) * s
+    else:
+        src = row[c0 : c0 + n]
+        for k in range(n):
+            buf[k] = (_e5m2_as_f16(src[k]) * fp8_mult) * s
+
+
+_I8 = np.int8
+_I8_4 = np.int8(4)
+_U8_88 = np.uint8(0x88)
+
+
+@njit(inline="always")
+def _low_nibble_signed(c):
+    """int8 value of the two's complement low nibble of the byte ``c``.
+
+    8-bit shifts (left, then arithmetic right), cast back at each step:
+    LLVM turns them into GFNI byte transforms (vgf2p8affineqb, 16 bytes an
+    op) before widening, where 32-bit shifts after widening cost four
+    times the vector width. Measured: 6% faster batch-1 int4.
+    """
+    return _I8(_I8(np.uint8(c << _U8_4)) >> _I8_4)
+
+
+@njit(inline="always")
+def _high_nibble_signed(c):
+    """int8 value of the two's complement high nibble of the byte ``c`` (arithmetic shift)."""
+    return _I8(_I8(c) >> _I8_4)
+
+
+_U8_F0 = np.uint8(0xF0)
+_SIXTEENTH = np.float32(0.0625)
+
+
+@njit(inline="always")
+def _low_nibble_x16(c):
+    """16 times the two's complement low nibble of the byte ``c``, as int8: the nibble shifted to the top.
+
+    With :func:`_high_nibble_x16`, the batch-1 4-bit kernels' decode: one
+    byte op per nibble (a shift, a mask) where the value itself needs a
+    second shift for the low nibble. The dot products are then exactly 16
+    times the true ones (a power of two: every product and partial sum
+    rounds alike, short of float32's overflow), and the sum of each block
+    of columns is multiplied by 1/16, exactly. Measured with codes in cache
+    (prepared, 2048 x 4096): 0.187 -> 0.170 ms.
+    """
+    return _I8(np.uint8(c << _U8_4))
+
+
+@njit(inline="always")
+def _high_nibble_x16(c):
+    """16 times the two's complement high nibble of the byte ``c``, as int8: the low nibble masked off."""
+    return _I8(np.uint8(c & _U8_F0))
+
+
+# --- 4-bit codes in blocks of rows (npquant.prepared) ---------------------------------
+_ROWS = 64  # npquant.prepared.ROWS
+# Byte positions of a block the small-M kernels decode at a time: 64 columns,
+# 16 KiB of float32 (one buffer for one-byte codes, two for 4-bit ones).
+_KCHUNK = 64
+_KCHUNK4 = _KCHUNK // 2
+# codes (B, I / 2, R): byte j of rows R b .. R b + R - 1 side by side; scale and
+# zero point (B, G, R). Symmetric nibbles hold q in two's complement. A loop
+# over r (the R rows of a block) is a loop over SIMD lanes: each lane is one
+# output row, so sums never cross lanes.
+
+
+_I16_FP4_BITS = np.int16(-29184)  # 0x8E00: float16's sign, exponent bits 11..10, top mantissa bit 9
+_I16_3 = np.int16(3)
+_I16_8 = np.int16(8)
+_I16_12 = np.int16(12)
+_FP4_UNSCALE = np.float32(2.0**14)
+
+
+@njit(inline="always")
+def _fp4_low_as_f16(c):
+    """float32 of the float16 holding the low nibble's fp4 e2m1 fields: the fp4 value times 2**-14.
+
+    fp4's sign (bit 3) goes to float16's sign (bit 15), its exponent and
+    mantissa (bits 2..0) to float16's exponent bits 11..10 and top mantissa
+    bit 9: an fp4 exponent e >= 1 is the float16 2**(e-15) * (1 + m/2), and
+    e = 0 (0 and 0.5) the float16 subnormal m * 2**-15, which the
+    half-to-float conversion keeps exactly whatever the FPU does with
+    subnormals. Three int16 ops: the nibble shifted to the top (sign on
+    bit 15), an arithmetic shift right by 3 (mantissa to bit 9, the sign
+    copied over bits 14..12) and a mask; each cast back to int16.
+    """
+    h = _I16(np.uint8(c))
+    return _f16_bits_to_f32(_I16(_I16(_I16(h << _I16_12) >> _I16_3) & _I16_FP4_BITS))
+
+
+@njit(inline="always")
+def _fp4_high_as_f16(c):
+    """:func:`_fp4_low_as_f16` for the high nibble."""
+    h = _I16(np.uint8(c))
+    return _f16_bits_to_f32(_I16(_I16(_I16(h << _I16_8) >> _I16_3) & _I16_FP4_BITS))
+
+
+# scale and zero point (B, G, R). ``code_kind``: 0 int8 (symmetric), 1 fp8
+# e4m3, 2 fp8 e5m2, 3 uint8 minus a zero point (asymmetric). As for 4-bit
+# blocks, a loop over r is a loop over SIMD lanes, one output row each.
+
+
+@njit(inline="always")
+def _decode_lanes(code_kind, b, zi, fp8_mult, out):
+    """``out[:R] = v - z`` for one byte position of a block (``b`` uint8 (R,)), exact in float32.
+
+    fp8 through float16 (:func:`_e4m3_as_f16` times ``fp8_mult`` = 2**8,
+    or :func:`_e5m2_as_f16`): exact whatever the FPU does with subnormals.
+    """
+    if code_kind == 0:
+        for r in range(_ROWS):
+            out[r] = np.float32(np.int8(b[r]))
+    elif code_kind == 1:
+        for r in range(_ROWS):
+            out[r] = _e4m3_as_f16(b[r]) * fp8_mult
+    elif code_kind == 2:
+        for r in range(_ROWS):
+            out[r] = _e5m2_as_f16(b[r])
+    else:
+        for r in range(_ROWS):
+            out[r] = np.float32(_I32(_I32(b[r]) - zi[r]))

@@ -1,0 +1,201 @@
+"""The kernels as C functions that OpenBLAS's own threads can run (see :mod:`npquant.kernels._blas_threads`).
+
+Each ``*_job`` has the signature OpenBLAS gives the functions it runs in
+its threads (``blas_level1_thread``'s legacy routine: ``m, n, k, alpha, a,
+lda, b, ldb, c, ldc, sb``) and reads only ``a``, an int64 job block of ``n``
+entries holding the kernel's arguments in order: an array as its data
+address and its dimensions (C-contiguous), an integer or a flag as itself,
+a float as its float64 bit pattern (:func:`pack`). It rebuilds the arrays
+around the same memory and calls the kernel, which takes its chunks of
+work from the shared counter as in every other thread.
+
+Compiled on first use (imported lazily) and cached on disk like the kernels.
+"""
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+
+from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
+from ._llvm import _address_as, _i64_bits_to_f64
+from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
+
+# int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb)
+SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, types.CPointer(types.int64),
+                        types.int64, types.voidptr, types.int64, types.voidptr, types.int64, types.voidptr)
+
+
+def pack(args: tuple) -> np.ndarray:
+    """The int64 job block of ``args`` (arrays must be C-contiguous and outlive the call)."""
+    out = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            if not a.flags.c_contiguous:  # the job rebuilds C-contiguous arrays around the address
+                raise ValueError(f"job argument {len(out)}: a non-contiguous {a.shape} array")
+            out.append(a.__array_interface__["data"][0])
+            out.extend(a.shape)
+        elif isinstance(a, (float, np.floating)):
+            out.append(int(np.float64(a).view(np.int64)))
+        else:  # int, bool, numpy integer
+            out.append(int(a))
+    return np.array(out, np.int64)
+
+
+@njit(inline="always")
+def _f32_1d(blk, i):
+    return carray(_address_as(blk[i], np.float32), (blk[i + 1],)), i + 2
+
+
+@njit(inline="always")
+def _f32_2d(blk, i):
+    return carray(_address_as(blk[i], np.float32), (blk[i + 1], blk[i + 2])), i + 3
+
+
+@njit(inline="always")
+def _f32_3d(blk, i):
+    return carray(_address_as(blk[i], np.float32), (blk[i + 1], blk[i + 2], blk[i + 3])), i + 4
+
+
+@njit(inline="always")
+def _u8_2d(blk, i):
+    return carray(_address_as(blk[i], np.uint8), (blk[i + 1], blk[i + 2])), i + 3
+
+
+@njit(inline="always")
+def _u8_3d(blk, i):
+    return carray(_address_as(blk[i], np.uint8), (blk[i + 1], blk[i + 2], blk[i + 3])), i + 4
+
+
+@njit(inline="always")
+def _i64_1d(blk, i):
+    return carray(_address_as(blk[i], np.int64), (blk[i + 1],)), i + 2
+
+
+@njit(inline="always")
+def _f32(blk, i):
+    return np.float32(_i64_bits_to_f64(blk[i])), i + 1
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemv_bytes_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemv_bytes` (x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    codes, i = _u8_2d(blk, i)
+    scale, i = _f32_2d(blk, i)
+    bo, bi, code_kind = blk[i], blk[i + 1], blk[i + 2]
+    mults, i = _f32_1d(blk, i + 3)
+    y, i = _f32_2d(blk, i)
+    work, i = _i64_1d(blk, i)
+    gemv_bytes(x, codes, scale, bo, bi, code_kind, mults, y, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemv_int4_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemv_int4` (x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y, work, per)."""
+    blk = carray(a, (n,))
+    x_even, i = _f32_1d(blk, 0)
+    x_odd, i = _f32_1d(blk, i)
+    codes, i = _u8_2d(blk, i)
+    scale, i = _f32_2d(blk, i)
+    zp, i = _u8_2d(blk, i)
+    has_zp, bo, bi, base_off = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3]
+    y, i = _f32_2d(blk, i + 4)
+    work, i = _i64_1d(blk, i)
+    gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemv_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemv_int4_blocks` (x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y_mult, y, work, per)."""
+    blk = carray(a, (n,))
+    x_even, i = _f32_1d(blk, 0)
+    x_odd, i = _f32_1d(blk, i)
+    codes, i = _u8_3d(blk, i)
+    scale, i = _f32_3d(blk, i)
+    zp, i = _u8_3d(blk, i)
+    has_zp, fp4, half_block = blk[i] != 0, blk[i + 1] != 0, blk[i + 2]
+    y_mult, i = _f32(blk, i + 3)
+    y, i = _f32_2d(blk, i)
+    work, i = _i64_1d(blk, i)
+    gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y_mult, y, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemv_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemv_bytes_blocks` (x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    codes, i = _u8_3d(blk, i)
+    scale, i = _f32_3d(blk, i)
+    zp, i = _u8_3d(blk, i)
+    code_kind, bi = blk[i], blk[i + 1]
+    mults, i = _f32_1d(blk, i + 2)
+    y, i = _f32_2d(blk, i)
+    work, i = _i64_1d(blk, i)
+    gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, mults, y, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemm_small_m_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemm_small_m` (x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    codes, i = _u8_2d(blk, i)
+    scale, i = _f32_2d(blk, i)
+    zp, i = _u8_2d(blk, i)
+    has_zp, bo, bi, kind, bits, base_off, fp8_e4m3 = (blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4],
+                                                      blk[i + 5], blk[i + 6])
+    fp8_mult, i = _f32(blk, i + 7)
+    y, i = _f32_2d(blk, i)
+    work, i = _i64_1d(blk, i)
+    gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemm_small_m_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemm_small_m_int4_blocks` (x_even, x_odd, codes, scale, zp, has_zp, half_block, y, work, per)."""
+    blk = carray(a, (n,))
+    x_even, i = _f32_2d(blk, 0)
+    x_odd, i = _f32_2d(blk, i)
+    codes, i = _u8_3d(blk, i)
+    scale, i = _f32_3d(blk, i)
+    zp, i = _u8_3d(blk, i)
+    has_zp, half_block = blk[i] != 0, blk[i + 1]
+    y, i = _f32_2d(blk, i + 2)
+    work, i = _i64_1d(blk, i)
+    gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def gemm_small_m_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`gemm_small_m_bytes_blocks` (x, codes, scale, zp, code_kind, fp8_mult, bi, y, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    codes, i = _u8_3d(blk, i)
+    scale, i = _f32_3d(blk, i)
+    zp, i = _u8_3d(blk, i)
+    code_kind = blk[i]
+    fp8_mult, i = _f32(blk, i + 1)
+    bi = blk[i]
+    y, i = _f32_2d(blk, i + 1)
+    work, i = _i64_1d(blk, i)
+    gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y, work, blk[i])
+    return 0
+
+
+#: kernel -> its job
+JOBS = {
+    gemv_bytes: gemv_bytes_job,
+    gemv_int4: gemv_int4_job,
+    gemv_int4_blocks: gemv_int4_blocks_job,
+    gemv_bytes_blocks: gemv_bytes_blocks_job,
+    gemm_small_m: gemm_small_m_job,
+    gemm_small_m_int4_blocks: gemm_small_m_int4_blocks_job,
+    gemm_small_m_bytes_blocks: gemm_small_m_bytes_blocks_job,
+}

@@ -1,0 +1,56 @@
+"""The fused quantizer: symmetric int codes and scales of float32 rows in one pass."""
+
+import numpy as np
+from numba import njit
+
+# --- quantization -----------------------------------------------------------------
+# Exact IEEE division and rounding: fastmath only for the reductions ("reassoc"
+# to vectorise the sums, "nnan"/"nsz" to vectorise the max; callers have
+# refused NaN and Inf already). No "arcp" (reciprocals) and no "contract".
+_QUANT_FASTMATH = {"reassoc", "nnan", "nsz"}
+
+
+@njit(nogil=True, cache=True, fastmath=_QUANT_FASTMATH)
+def quantize_sym_rows(chunk, bi, qmax, offset, codes, scale, sums):
+    """Symmetric int codes of float32 rows ``chunk (R, I)``, blocks of ``bi`` columns.
+
+    The numpy engine's rule bit for bit: ``s = absmax / qmax`` (float32),
+    ``q = clip(rint(w / s), -qmax, qmax)``, 0 where ``s == 0``. Writes
+    ``codes (R, I)`` as ``q + offset`` (int8 with offset 0, or uint8 stored
+    values), ``scale (R, I // bi)``, and adds the squared error of
+    ``q * s`` and the squared weights (float32 squares, float64 sums) to
+    ``sums[0]`` and ``sums[1]``.
+    Serial and GIL-free: tensors run in parallel threads.
+    """
+    rows, in_features = chunk.shape
+    qm = np.float32(qmax)
+    err = 0.0
+    ref = 0.0
+    for r in range(rows):
+        for g in range(in_features // bi):
+            seg = chunk[r, g * bi : (g + 1) * bi]
+            out = codes[r, g * bi : (g + 1) * bi]
+            m = np.float32(0.0)
+            for k in range(bi):
+                a = abs(seg[k])
+                m = a if a > m else m
+            s = m / qm
+            scale[r, g] = s
+            e = 0.0  # float64 sums of float32 squares, as the numpy engine
+            w2 = 0.0
+            if s == 0:
+                for k in range(bi):
+                    out[k] = offset
+                    w2 += seg[k] * seg[k]
+                e = w2
+            else:
+                for k in range(bi):
+                    v = min(max(np.rint(seg[k] / s), -qm), qm)
+                    out[k] = v + offset
+                    d = seg[k] - v * s
+                    e += d * d
+                    w2 += seg[k] * seg[k]
+            err += e
+            ref += w2
+    sums[0] += err
+    sums[1] += ref

@@ -1,0 +1,227 @@
+"""Small-batch kernels: ``y (M, O) = x @ W.T`` for ``M <= SMALL_M``, each code decoded once into L1."""
+
+import numpy as np
+from numba import njit
+
+from ._decode import _CHUNK, _FASTMATH, _I32, _KCHUNK, _KCHUNK4, _ROWS, _decode, _decode_lanes, _high_nibble_signed, _low_nibble_signed
+from ._llvm import _claim, _stack_empty
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per):
+    """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
+
+    Parallel over quads of output rows. Each chunk of the four weight rows is
+    dequantized into float32 buffers in L1, then rows of ``x`` are dotted with
+    all four, two rows of ``x`` at a time (six loads feed eight products).
+    ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)`` (``zp``
+    unused unless ``has_zp``).
+    """
+    m_rows, in_features = x.shape
+    out_features = y.shape[1]
+    last = out_features - 1
+    n_units = (out_features + 3) // 4
+    while True:
+        lo, hi = _claim(work, per, n_units)
+        if lo >= hi:
+            break
+        for quad in range(lo, hi):
+            bufs = np.empty((4, _CHUNK), np.float32)
+            acc = np.zeros((m_rows, 4), np.float32)
+            o = quad * 4
+            rows = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last))  # past the end: repeat, not stored
+            for g in range(in_features // bi):
+                end = (g + 1) * bi
+                for c0 in range(g * bi, end, _CHUNK):
+                    n = min(_CHUNK, end - c0)
+                    for j in range(4):
+                        z = np.float32(base_off)
+                        if has_zp:
+                            z += np.float32(zp[rows[j] // bo, g])
+                        s = scale[rows[j] // bo, g]
+                        _decode(kind, codes[rows[j]], c0, n, z, s, bits, fp8_e4m3, fp8_mult, bufs[j])
+                    b0 = bufs[0, :n]
+                    b1 = bufs[1, :n]
+                    b2 = bufs[2, :n]
+                    b3 = bufs[3, :n]
+                    # Two rows of x at a time: six loads feed eight products.
+                    for m in range(0, m_rows - 1, 2):
+                        xa = x[m, c0 : c0 + n]
+                        xb = x[m + 1, c0 : c0 + n]
+                        a0 = a1 = a2 = a3 = np.float32(0.0)
+                        d0 = d1 = d2 = d3 = np.float32(0.0)
+                        for k in range(n):
+                            u = xa[k]
+                            v = xb[k]
+                            a0 += u * b0[k]
+                            a1 += u * b1[k]
+                            a2 += u * b2[k]
+                            a3 += u * b3[k]
+                            d0 += v * b0[k]
+                            d1 += v * b1[k]
+                            d2 += v * b2[k]
+                            d3 += v * b3[k]
+                        acc[m, 0] += a0
+                        acc[m, 1] += a1
+                        acc[m, 2] += a2
+                        acc[m, 3] += a3
+                        acc[m + 1, 0] += d0
+                        acc[m + 1, 1] += d1
+                        acc[m + 1, 2] += d2
+                        acc[m + 1, 3] += d3
+                    if m_rows % 2:
+                        m = m_rows - 1
+                        xs = x[m, c0 : c0 + n]
+                        t0 = t1 = t2 = t3 = np.float32(0.0)
+                        for k in range(n):
+                            xv = xs[k]
+                            t0 += xv * b0[k]
+                            t1 += xv * b1[k]
+                            t2 += xv * b2[k]
+                            t3 += xv * b3[k]
+                        acc[m, 0] += t0
+                        acc[m, 1] += t1
+                        acc[m, 2] += t2
+                        acc[m, 3] += t3
+            for j in range(min(4, out_features - o)):
+                for m in range(m_rows):
+                    y[m, o + j] = acc[m, j]
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _add_pair_sums(acc, m, m1, sc, t):
+    """``acc[m] += sc * t[0]`` and ``acc[m1] += sc * t[1]``, the second unless ``m1 == m`` (an odd last row)."""
+    a0 = acc[m]
+    t0 = t[0]
+    for r in range(_ROWS):
+        a0[r] += sc[r] * t0[r]
+    if m1 != m:
+        a1 = acc[m1]
+        t1 = t[1]
+        for r in range(_ROWS):
+            a1[r] += sc[r] * t1[r]
+
+
+@njit(inline="always")
+def _store_block(acc, o0, y):
+    """``y[:, o0 : o0 + R] = acc (M, R)``, leaving out the padding rows past ``y``'s end."""
+    for m in range(acc.shape[0]):
+        for r in range(min(_ROWS, y.shape[1] - o0)):
+            y[m, o0 + r] = acc[m, r]
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y, work, per):
+    """``y (M, O) = x @ W.T`` for small M and 4-bit codes in blocks of rows.
+
+    ``x_even``/``x_odd`` ``(M, I / 2)``. ``_KCHUNK`` byte positions of a
+    block are decoded at a time into two buffers in L1 (low and high
+    nibbles, ``q - z``, exact), then two rows of ``x`` at a time accumulate
+    against them in registers, and each chunk's sums are scaled into
+    ``acc`` (as :func:`gemm_small_m_bytes_blocks`).
+    """
+    n_blocks = codes.shape[0]
+    m_rows = y.shape[0]
+    n_units = n_blocks
+    while True:
+        lo, hi = _claim(work, per, n_units)
+        if lo >= hi:
+            break
+        for blk in range(lo, hi):
+            acc = np.zeros((m_rows, _ROWS), np.float32)
+            lo = _stack_empty(_KCHUNK4, _ROWS, np.float32)
+            hi = _stack_empty(_KCHUNK4, _ROWS, np.float32)
+            t = _stack_empty(2, _ROWS, np.float32)
+            for g in range(scale.shape[1]):
+                zg = zp[blk, g] if has_zp else zp[0, 0]
+                sc = scale[blk, g]
+                for j0 in range(g * half_block, (g + 1) * half_block, _KCHUNK4):
+                    n = min(_KCHUNK4, (g + 1) * half_block - j0)
+                    for jj in range(n):
+                        b = codes[blk, j0 + jj]
+                        lj = lo[jj]
+                        hj = hi[jj]
+                        if has_zp:
+                            for r in range(_ROWS):
+                                c = _I32(b[r])
+                                z = _I32(zg[r])
+                                lj[r] = np.float32(_I32(_I32(c & _I32(15)) - z))
+                                hj[r] = np.float32(_I32(_I32(c >> _I32(4)) - z))
+                        else:
+                            for r in range(_ROWS):
+                                c = b[r]
+                                lj[r] = np.float32(_low_nibble_signed(c))
+                                hj[r] = np.float32(_high_nibble_signed(c))
+                    for m in range(0, m_rows, 2):
+                        m1 = min(m + 1, m_rows - 1)  # an odd last row pairs with itself, stored once
+                        t0 = t[0]
+                        t1 = t[1]
+                        t0[:] = 0
+                        t1[:] = 0
+                        ea = x_even[m, j0 : j0 + n]
+                        fa = x_odd[m, j0 : j0 + n]
+                        eb = x_even[m1, j0 : j0 + n]
+                        fb = x_odd[m1, j0 : j0 + n]
+                        for jj in range(n):
+                            e0 = ea[jj]
+                            f0 = fa[jj]
+                            e1 = eb[jj]
+                            f1 = fb[jj]
+                            lj = lo[jj]
+                            hj = hi[jj]
+                            for r in range(_ROWS):
+                                t0[r] += e0 * lj[r] + f0 * hj[r]
+                                t1[r] += e1 * lj[r] + f1 * hj[r]
+                        _add_pair_sums(acc, m, m1, sc, t)
+            _store_block(acc, blk * _ROWS, y)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y, work, per):
+    """``y (M, O) = x (M, I) @ W.T`` for small M and one-byte codes in blocks of rows.
+
+    ``_KCHUNK`` columns of a block are decoded at a time into a buffer in
+    L1 (``v - z``, exact), then two rows of ``x`` at a time accumulate
+    against it in registers (eight vectors of lanes), and each chunk's sums
+    are scaled into ``acc``. Measured for 11008 x 4096 int8, batch 8: 6.0
+    ms, where one decoded column at a time against every row of ``x``,
+    accumulating in memory, took 9.1.
+    """
+    n_blocks = codes.shape[0]
+    m_rows = y.shape[0]
+    n_units = n_blocks
+    while True:
+        lo, hi = _claim(work, per, n_units)
+        if lo >= hi:
+            break
+        for blk in range(lo, hi):
+            acc = np.zeros((m_rows, _ROWS), np.float32)
+            buf = _stack_empty(_KCHUNK, _ROWS, np.float32)
+            t = _stack_empty(2, _ROWS, np.float32)
+            zi = _stack_empty(1, _ROWS, np.int32)[0]
+            for g in range(scale.shape[1]):
+                if code_kind == 3:
+                    zg = zp[blk, g]
+                    for r in range(_ROWS):
+                        zi[r] = _I32(zg[r])
+                sc = scale[blk, g]
+                for c0 in range(g * bi, (g + 1) * bi, _KCHUNK):
+                    n = min(_KCHUNK, (g + 1) * bi - c0)
+                    for kk in range(n):
+                        _decode_lanes(code_kind, codes[blk, c0 + kk], zi, fp8_mult, buf[kk])
+                    for m in range(0, m_rows, 2):
+                        m1 = min(m + 1, m_rows - 1)  # an odd last row pairs with itself, stored once
+                        t0 = t[0]
+                        t1 = t[1]
+                        t0[:] = 0
+                        t1[:] = 0
+                        xa = x[m, c0 : c0 + n]
+                        xb = x[m1, c0 : c0 + n]
+                        for kk in range(n):
+                            e = xa[kk]
+                            f = xb[kk]
+                            bk = buf[kk]
+                            for r in range(_ROWS):
+                                t0[r] += e * bk[r]
+                                t1[r] += f * bk[r]
+                        _add_pair_sums(acc, m, m1, sc, t)
+            _store_block(acc, blk * _ROWS, y)

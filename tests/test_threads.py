@@ -1,0 +1,243 @@
+"""The kernels' threads: results independent of the thread count, and safe in forked and spawned
+children and under concurrent user threads (npquant.kernels._pool)."""
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+from npquant import NpquantError, Scheme, linear, prepare, quantize
+
+numba = pytest.importorskip("numba", reason="numba is not installed (pip install 'npquant[fast]'); the kernels are optional")
+from npquant import kernels  # noqa: E402
+from npquant.kernels import _pool  # noqa: E402
+
+SCHEMES = {"w8-channel": "w8-channel", "w4-g128": "w4-g128", "fp8-channel": "fp8-channel",
+           "w4-g128-asym": "w4-g128-asym", "w8-g64-asym": Scheme("int", 8, "group", 64, symmetric=False)}
+
+
+def weight(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def cases():
+    """(name, tensor) for the checkpoint layout and the prepared one of each scheme, 300 x 256 (ragged blocks of rows)."""
+    w = weight((300, 256))
+    out = []
+    for name, scheme in SCHEMES.items():
+        qt = quantize(w, scheme)
+        out += [(name, qt), (name + " prep", prepare(qt))]
+    out.append(("nvfp4 prep", prepare(quantize(w, "nvfp4"))))
+    return out
+
+
+CASES = cases()
+
+
+@pytest.fixture(params=["openblas threads", "npquant pool"])
+def where(request, monkeypatch):
+    """Both ways a kernel call runs on several threads: OpenBLAS's threads (where it can) and npquant's pool."""
+    if request.param == "openblas threads":
+        if kernels._blas_threads.blas_threads() < 2:
+            pytest.skip("BLAS here is not an OpenBLAS with two threads or more the kernels can run on")
+    else:
+        monkeypatch.setattr(kernels, "USE_BLAS_THREADS", False)
+    return request.param
+
+
+def test_openblas_threads_found_where_numpy_uses_openblas():
+    # numpy's wheels ship OpenBLAS: there the kernels must find its threads
+    # (a failed probe would silently fall back to the pool).
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    libs = [lib for lib in threadpoolctl.threadpool_info() if lib["internal_api"] == "openblas"]
+    if len(libs) != 1:
+        pytest.skip("numpy here does not use one OpenBLAS")
+    assert kernels._blas_threads.blas_threads() == max(1, libs[0]["num_threads"])
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("name,qt", CASES, ids=[c[0] for c in CASES])
+def test_thread_count_does_not_change_a_bit(name, qt, m, where):
+    # Each output row is one thread's loop over the same codes in the same
+    # order, whichever thread takes its chunk: equal to the bit.
+    if not kernels.has_kernels(qt, m):
+        pytest.skip(f"{name} at batch {m} takes the numpy path (see has_kernels)")
+    x = weight((m, 256), seed=m)
+    one = kernels.numba_linear(x, qt, threads=1)
+    for threads in (2, 3, 7):
+        np.testing.assert_array_equal(kernels.numba_linear(x, qt, threads=threads), one)
+
+
+@pytest.mark.parametrize("name,qt", CASES[:4], ids=[c[0] for c in CASES[:4]])
+def test_tiles_in_threads_match_numpy(name, qt):
+    # Large batches: tiles taken by the threads in turn, BLAS single-threaded
+    # inside; compared with the numpy backend (float32 sums in another order:
+    # the tolerance is test_linear's float32 summation bound).
+    from test_linear import sum_bound
+
+    x = weight((40, 256), seed=9)
+    want = linear(x, qt, backend="numpy")
+    bound = 2 * sum_bound(x, qt.dequantize(), 256)  # both sides stray at most this far from the exact sum
+    for threads in (1, 2, 3):
+        got = kernels.numba_linear(x, qt, tile_elements=256 * 64, threads=threads)
+        assert np.all(np.abs(got - want) <= bound), threads
+
+
+def test_default_threads_env(monkeypatch):
+    monkeypatch.setenv("NPQUANT_NUM_THREADS", "3")
+    assert kernels.default_threads() == 3
+    monkeypatch.delenv("NPQUANT_NUM_THREADS")
+    assert kernels.default_threads() == _pool.cpu_count() >= 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("NPQUANT_NUM_THREADS", bad)
+        with pytest.raises(NpquantError, match="NPQUANT_NUM_THREADS"):
+            kernels.default_threads()
+
+
+# --- the pool itself ------------------------------------------------------------------
+
+
+def test_pool_runs_n_copies_and_raises_a_workers_error():
+    pool = _pool._Pool()
+    barrier = threading.Barrier(3, timeout=10)  # all three copies must run at once
+    seen = []
+
+    def fn():
+        barrier.wait()
+        seen.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("from a worker")
+
+    with pytest.raises(ValueError, match="from a worker"):
+        pool.run(fn, 3)
+    assert len(seen) == 3 and sum(n.startswith("npquant-kernels-") for n in seen) == 2
+
+
+def test_pool_caller_does_not_wait_for_a_busy_worker():
+    # The pool's only worker is held by another call; a second call's task
+    # is never started: the caller runs its own copy, cancels the task and
+    # returns instead of waiting for the worker.
+    pool = _pool._Pool()
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        if threading.current_thread().name.startswith("npquant-kernels-"):
+            started.set()
+            release.wait(10)
+        else:
+            started.wait(10)
+
+    t = threading.Thread(target=pool.run, args=(hold, 2))
+    t.start()
+    assert started.wait(10)
+    calls = []
+    pool.run(lambda: calls.append(threading.current_thread().name), 2)
+    assert calls == [threading.current_thread().name]
+    release.set()
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_blas_limit_is_counted_and_restored():
+    # Two overlapping tiled calls (as from two user threads) ending in the
+    # order they started: BLAS stays single-threaded until the last one ends,
+    # then has its thread count back.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = kernels._blas_controller()
+    if blas is None:
+        pytest.skip("threadpoolctl finds no BLAS it can limit")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    a, b = kernels._single_threaded_blas(), kernels._single_threaded_blas()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert all(lib.num_threads == 1 for lib in blas.lib_controllers)
+    b.__exit__(None, None, None)
+    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert after == before
+
+
+# --- processes and user threads -------------------------------------------------------
+
+
+def child_results(seed: int = 0) -> list:
+    """linear over every case at batch 1, 5 and 40, with 2 threads where the kernels run: what parent and children compare."""
+    out = []
+    for name, qt in cases():
+        for m in (1, 5, 40):
+            x = weight((m, 256), seed=seed + m)
+            if kernels.has_kernels(qt, m):
+                out.append(kernels.numba_linear(x, qt, tile_elements=256 * 64, threads=2))
+            else:
+                out.append(linear(x, qt, backend="numpy"))
+    return out
+
+
+def _child(queue, seed, use_blas_threads):
+    kernels.USE_BLAS_THREADS = use_blas_threads  # a spawned child imports afresh: the parent's choice, again
+    try:
+        queue.put(("ok", child_results(seed)))
+    except BaseException as exc:  # reported to the parent
+        queue.put(("error", repr(exc)))
+
+
+def run_in_child(method: str) -> list:
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, 0, kernels.USE_BLAS_THREADS))
+    proc.start()
+    try:
+        status, result = queue.get(timeout=240)
+    finally:
+        proc.join(60)
+    assert proc.exitcode == 0, f"{method} child exited with {proc.exitcode}"
+    assert status == "ok", result
+    return result
+
+
+def assert_same(got: list, want: list):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        # Batch 40 tiles run BLAS single-threaded in the threads: a BLAS
+        # call with another thread count may sum in another order.
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_forked_child_runs_the_kernels_after_the_parent(where):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this platform cannot fork")
+    want = child_results()  # the parent uses the kernels and the pool first
+    assert_same(run_in_child("fork"), want)
+
+
+def test_spawned_child_runs_the_kernels(where):
+    want = child_results()
+    assert_same(run_in_child("spawn"), want)
+
+
+def test_eight_user_threads_at_once(where):
+    want = child_results()
+    barrier = threading.Barrier(8, timeout=60)
+    results, errors = {}, []
+
+    def user(k):
+        try:
+            barrier.wait()
+            for _ in range(2):
+                results[k] = child_results()
+            w = weight((64, 256), seed=k)
+            qt = quantize(w, "w4-g128")  # quantize too, in every thread at once
+            np.testing.assert_array_equal(qt.codes, quantize(w, "w4-g128", backend="numpy").codes)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[0]
+    assert sorted(results) == list(range(8))
+    for got in results.values():
+        assert_same(got, want)
