@@ -220,7 +220,7 @@ def test_numba_int4_split_dequantize_is_bit_equal_reordered(kernels, scheme):
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = kernels._kernel_args(qt)[:9]
     assert kind == 2
     out = np.empty((7, 256), np.float32)
-    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, 5, out)
+    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, 5, out, *one_thread())
     ref = qt.dequantize_rows(5, 12)
     np.testing.assert_array_equal(out, np.concatenate([ref[:, 0::2], ref[:, 1::2]], axis=1))
 

@@ -185,11 +185,11 @@ def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
     for blk0, n in ((0, 150), (1, 86), (2, 22), (0, 5)):
         out_t = np.empty((qt.shape[1], n), np.float32)
         if scheme.bits == 4:
-            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, p.block_shape[1] // 2, blk0, out_t)
+            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, p.block_shape[1] // 2, blk0, out_t, *one_thread())
         else:
             kind = _BYTE_KIND.get(scheme.dtype, 3 if has_zp else 0)
             fp8_mult = np.float32(_FP8.get(scheme.dtype, (0, 1.0))[1])
-            dequantize_bytes_blocks_t(p.codes, p.scale, zp, kind, fp8_mult, p.block_shape[1], blk0, out_t)
+            dequantize_bytes_blocks_t(p.codes, p.scale, zp, kind, fp8_mult, p.block_shape[1], blk0, out_t, *one_thread())
         o0 = blk0 * ROWS
         np.testing.assert_array_equal(out_t.T, qt.dequantize_rows(o0, o0 + n))
 

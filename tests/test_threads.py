@@ -139,25 +139,6 @@ def test_pool_caller_does_not_wait_for_a_busy_worker():
     assert not t.is_alive()
 
 
-def test_blas_limit_is_counted_and_restored():
-    # Two overlapping tiled calls (as from two user threads) ending in the
-    # order they started: BLAS stays single-threaded until the last one ends,
-    # then has its thread count back.
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    blas = kernels._blas_controller()
-    if blas is None:
-        pytest.skip("threadpoolctl finds no BLAS it can limit")
-    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    a, b = kernels._single_threaded_blas(), kernels._single_threaded_blas()
-    a.__enter__()
-    b.__enter__()
-    a.__exit__(None, None, None)
-    assert all(lib.num_threads == 1 for lib in blas.lib_controllers)
-    b.__exit__(None, None, None)
-    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    assert after == before
-
-
 # --- processes and user threads -------------------------------------------------------
 
 

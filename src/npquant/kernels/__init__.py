@@ -34,11 +34,8 @@ stream per block), and for larger ``M`` tiles dequantized transposed,
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
-import threading
 
 import numpy as np
 
@@ -167,7 +164,7 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
         return qt.dequantize_rows(start, stop)
     stop = qt.shape[0] if stop is None else stop
     out = np.empty((stop - start, qt.shape[1]), np.float32)
-    dequantize_rows(*_kernel_args(qt), start, out)
+    _parallel(dequantize_rows, (*_kernel_args(qt), start, out), out.shape[0], out.nbytes, None)
     return out
 
 
@@ -258,20 +255,19 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         x2 = x_split
 
         def dequantize(o0: int, w_tile: np.ndarray) -> None:
-            dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, w_tile)
+            _parallel(dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off, o0, w_tile),
+                      w_tile.shape[0], w_tile.nbytes, threads)
     else:
 
         def dequantize(o0: int, w_tile: np.ndarray) -> None:
-            dequantize_rows(*args, o0, w_tile)
+            _parallel(dequantize_rows, (*args, o0, w_tile), w_tile.shape[0], w_tile.nbytes, threads)
 
     tile = max(1, tile_elements // in_features)
-
-    def one_tile(o0: int, buf: np.ndarray) -> None:
+    buf = _aligned_empty((min(tile, out_features), in_features))
+    for o0 in range(0, out_features, tile):
         w_tile = buf[: min(tile, out_features - o0)]  # (T, I)
         dequantize(o0, w_tile)
         np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
-
-    _tiles(range(0, out_features, tile), (tile, in_features), one_tile, threads)
     return y
 
 
@@ -303,7 +299,8 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
             return
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
-            dequantize_bytes_blocks_t(p.codes, p.scale, zp, code_kind, fp8_mult, bi, b0, w_t)
+            _parallel(dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, bi, b0, w_t),
+                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads)
     else:
         half_block = bi // 2
         if m_rows == 1:
@@ -317,86 +314,15 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
             return
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
-            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, half_block, b0, w_t)
+            _parallel(dequantize_int4_blocks_t, (p.codes, p.scale, zp, has_zp, half_block, b0, w_t),
+                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads)
 
     # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
     per_tile = max(1, tile_elements // (ROWS * in_features))  # blocks
-
-    def one_tile(b0: int, buf: np.ndarray) -> None:
+    buf = _aligned_empty((in_features * ROWS * min(per_tile, n_blocks),))
+    for b0 in range(0, n_blocks, per_tile):
         o0 = b0 * ROWS
         n = min(per_tile * ROWS, out_features - o0)
         w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
         dequantize_t(b0, w_t)
         np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
-
-    _tiles(range(0, n_blocks, per_tile), (in_features * ROWS * per_tile,), one_tile, threads)
-
-
-def _tiles(starts: range, buf_shape: tuple, one_tile, threads: int | None) -> None:
-    """``one_tile(start, buf)`` for every start, on the threads of :func:`default_threads` (or ``threads``).
-
-    Each thread takes the next tile until none is left, into a float32
-    buffer ``buf_shape`` of its own. With more than one thread, BLAS runs
-    single-threaded for the duration (:func:`_single_threaded_blas`): the
-    parallelism is ours, over tiles.
-    """
-    n = max(1, min(default_threads() if threads is None else threads, len(starts)))
-    order = iter(starts)  # next() on one iterator: each start goes to one thread (the GIL serialises it)
-
-    def work() -> None:
-        buf = _aligned_empty(buf_shape)
-        for start in order:
-            one_tile(start, buf)
-
-    if n == 1:
-        work()
-        return
-    with _single_threaded_blas():
-        _pool.run(work, n)
-
-
-_BLAS_LOCK = threading.Lock()
-_BLAS_STATE = {"depth": 0, "limiter": None}
-
-
-@contextlib.contextmanager
-def _single_threaded_blas():
-    """BLAS limited to one thread while any tiled call runs (threadpoolctl), restored when the last one ends.
-
-    A process-wide setting, counted: calls from several user threads
-    overlap, and the first to start limits, the last to end restores (a
-    context per call would restore out of order). BLAS calls other threads
-    make meanwhile run single-threaded too. Without threadpoolctl, nothing
-    is limited.
-    """
-    blas = _blas_controller()
-    if blas is None:
-        yield
-        return
-    with _BLAS_LOCK:
-        if _BLAS_STATE["depth"] == 0:
-            _BLAS_STATE["limiter"] = blas.limit(limits=1)
-        _BLAS_STATE["depth"] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_STATE["depth"] -= 1
-            if _BLAS_STATE["depth"] == 0:
-                _BLAS_STATE["limiter"].restore_original_limits()
-                _BLAS_STATE["limiter"] = None
-
-
-@functools.cache
-def _blas_controller():
-    """threadpoolctl's controller of the BLAS libraries loaded in this process, or None.
-
-    None when threadpoolctl is not installed or finds no BLAS it can limit.
-    Looked up once per process.
-    """
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    blas = ThreadpoolController().select(user_api="blas")
-    return blas if blas.lib_controllers else None

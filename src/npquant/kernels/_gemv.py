@@ -34,10 +34,10 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
     last = out_features - 1
     n_units = (out_features + 7) // 8
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for blk in range(lo, hi):
+        for blk in range(u_lo, u_hi):
             o = blk * 8
             r = (o, min(o + 1, last), min(o + 2, last), min(o + 3, last),
                  min(o + 4, last), min(o + 5, last), min(o + 6, last), min(o + 7, last))
@@ -134,10 +134,10 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y, work
     half_block = bi // 2
     n_units = out_features
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for o in range(lo, hi):
+        for o in range(u_lo, u_hi):
             row = codes[o]
             so = o // bo
             acc = np.float32(0.0)
@@ -181,10 +181,10 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y
     out_features = y.shape[1]
     n_units = n_blocks
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for blk in range(lo, hi):
+        for blk in range(u_lo, u_hi):
             acc = _stack_empty(1, _ROWS, np.float32)[0]
             acc[:] = 0
             t = _stack_empty(1, _ROWS, np.float32)[0]
@@ -253,10 +253,10 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, p
     xs = x[0]
     n_units = n_blocks
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for blk in range(lo, hi):
+        for blk in range(u_lo, u_hi):
             acc = _stack_empty(1, _ROWS, np.float32)[0]
             acc[:] = 0
             t = _stack_empty(1, _ROWS, np.float32)[0]

@@ -18,6 +18,7 @@ from numba import carray, cfunc, njit, types
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._llvm import _address_as, _i64_bits_to_f64
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
+from ._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split
 
 # int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb)
 SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, types.CPointer(types.int64),
@@ -199,3 +200,72 @@ JOBS = {
     gemm_small_m_int4_blocks: gemm_small_m_int4_blocks_job,
     gemm_small_m_bytes_blocks: gemm_small_m_bytes_blocks_job,
 }
+
+
+@cfunc(SIGNATURE, cache=True)
+def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`dequantize_rows` (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out, work, per)."""
+    blk = carray(a, (n,))
+    codes, i = _u8_2d(blk, 0)
+    scale, i = _f32_2d(blk, i)
+    zp, i = _u8_2d(blk, i)
+    has_zp, bo, bi, kind, bits, base_off, fp8_e4m3 = (blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4],
+                                                      blk[i + 5], blk[i + 6])
+    fp8_mult, i = _f32(blk, i + 7)
+    o0 = blk[i]
+    out, i = _f32_2d(blk, i + 1)
+    work, i = _i64_1d(blk, i)
+    dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`dequantize_rows_int4_split` (codes, scale, zp, has_zp, bo, bi, base_off, o0, out, work, per)."""
+    blk = carray(a, (n,))
+    codes, i = _u8_2d(blk, 0)
+    scale, i = _f32_2d(blk, i)
+    zp, i = _u8_2d(blk, i)
+    has_zp, bo, bi, base_off, o0 = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4]
+    out, i = _f32_2d(blk, i + 5)
+    work, i = _i64_1d(blk, i)
+    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, out, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`dequantize_int4_blocks_t` (codes, scale, zp, has_zp, half_block, blk0, out_t, work, per)."""
+    blk = carray(a, (n,))
+    codes, i = _u8_3d(blk, 0)
+    scale, i = _f32_3d(blk, i)
+    zp, i = _u8_3d(blk, i)
+    has_zp, half_block, blk0 = blk[i] != 0, blk[i + 1], blk[i + 2]
+    out_t, i = _f32_2d(blk, i + 3)
+    work, i = _i64_1d(blk, i)
+    dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def dequantize_bytes_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`dequantize_bytes_blocks_t` (codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t, work, per)."""
+    blk = carray(a, (n,))
+    codes, i = _u8_3d(blk, 0)
+    scale, i = _f32_3d(blk, i)
+    zp, i = _u8_3d(blk, i)
+    code_kind = blk[i]
+    fp8_mult, i = _f32(blk, i + 1)
+    bi, blk0 = blk[i], blk[i + 1]
+    out_t, i = _f32_2d(blk, i + 2)
+    work, i = _i64_1d(blk, i)
+    dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t, work, blk[i])
+    return 0
+
+
+JOBS.update({
+    dequantize_rows: dequantize_rows_job,
+    dequantize_rows_int4_split: dequantize_rows_int4_split_job,
+    dequantize_int4_blocks_t: dequantize_int4_blocks_t_job,
+    dequantize_bytes_blocks_t: dequantize_bytes_blocks_t_job,
+})

@@ -21,10 +21,10 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     last = out_features - 1
     n_units = (out_features + 3) // 4
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for quad in range(lo, hi):
+        for quad in range(u_lo, u_hi):
             bufs = np.empty((4, _CHUNK), np.float32)
             acc = np.zeros((m_rows, 4), np.float32)
             o = quad * 4
@@ -123,10 +123,10 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block
     m_rows = y.shape[0]
     n_units = n_blocks
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for blk in range(lo, hi):
+        for blk in range(u_lo, u_hi):
             acc = np.zeros((m_rows, _ROWS), np.float32)
             lo = _stack_empty(_KCHUNK4, _ROWS, np.float32)
             hi = _stack_empty(_KCHUNK4, _ROWS, np.float32)
@@ -190,10 +190,10 @@ def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y, w
     m_rows = y.shape[0]
     n_units = n_blocks
     while True:
-        lo, hi = _claim(work, per, n_units)
-        if lo >= hi:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
             break
-        for blk in range(lo, hi):
+        for blk in range(u_lo, u_hi):
             acc = np.zeros((m_rows, _ROWS), np.float32)
             buf = _stack_empty(_KCHUNK, _ROWS, np.float32)
             t = _stack_empty(2, _ROWS, np.float32)

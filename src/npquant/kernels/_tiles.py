@@ -4,10 +4,10 @@ import numpy as np
 from numba import njit
 
 from ._decode import _CHUNK, _FASTMATH, _I32, _ROWS, _U8_15, _U8_4, _decode, _decode_lanes, _high_nibble_signed, _low_nibble_signed
-from ._llvm import _stack_empty
+from ._llvm import _claim, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out):
+def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out, work, per):
     """``out (T, I)`` = float32 rows ``[o0, o0 + T)`` of the weight, ``(v - z) * scale``.
 
     Serial and GIL-free: the tiled paths run it in one Python thread per
@@ -15,23 +15,28 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     """
     rows, in_features = out.shape
     n_col_blocks = in_features // bi
-    for t in range(rows):
-        o = o0 + t
-        row = codes[o]
-        so = o // bo
-        for g in range(n_col_blocks):
-            z = np.float32(base_off)
-            if has_zp:
-                z += np.float32(zp[so, g])
-            s = scale[so, g]
-            end = (g + 1) * bi
-            for c0 in range(g * bi, end, _CHUNK):
-                n = min(_CHUNK, end - c0)
-                _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, out[t, c0 : c0 + n])
+    n_units = rows
+    while True:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
+            break
+        for t in range(u_lo, u_hi):
+            o = o0 + t
+            row = codes[o]
+            so = o // bo
+            for g in range(n_col_blocks):
+                z = np.float32(base_off)
+                if has_zp:
+                    z += np.float32(zp[so, g])
+                s = scale[so, g]
+                end = (g + 1) * bi
+                for c0 in range(g * bi, end, _CHUNK):
+                    n = min(_CHUNK, end - c0)
+                    _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, out[t, c0 : c0 + n])
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, out):
+def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, out, work, per):
     """As :func:`dequantize_rows` for 4-bit codes in byte-aligned blocks, columns reordered.
 
     ``out (T, I)`` holds each row's even columns in ``[0, I / 2)`` and its
@@ -45,29 +50,34 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, o
     half = in_features // 2
     half_block = bi // 2
     n_col_blocks = in_features // bi
-    for t in range(rows):
-        o = o0 + t
-        row = codes[o]
-        so = o // bo
-        lo = out[t, :half]
-        hi = out[t, half:]
-        for g in range(n_col_blocks):
-            z = np.float32(base_off)
-            if has_zp:
-                z += np.float32(zp[so, g])
-            s = scale[so, g]
-            j0 = g * half_block
-            src = row[j0 : j0 + half_block]
-            dlo = lo[j0 : j0 + half_block]
-            dhi = hi[j0 : j0 + half_block]
-            for k in range(half_block):
-                b = src[k]
-                dlo[k] = (np.float32(np.uint8(b & _U8_15)) - z) * s
-                dhi[k] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
+    n_units = rows
+    while True:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
+            break
+        for t in range(u_lo, u_hi):
+            o = o0 + t
+            row = codes[o]
+            so = o // bo
+            lo = out[t, :half]
+            hi = out[t, half:]
+            for g in range(n_col_blocks):
+                z = np.float32(base_off)
+                if has_zp:
+                    z += np.float32(zp[so, g])
+                s = scale[so, g]
+                j0 = g * half_block
+                src = row[j0 : j0 + half_block]
+                dlo = lo[j0 : j0 + half_block]
+                dhi = hi[j0 : j0 + half_block]
+                for k in range(half_block):
+                    b = src[k]
+                    dlo[k] = (np.float32(np.uint8(b & _U8_15)) - z) * s
+                    dhi[k] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t):
+def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t, work, per):
     """``out_t (I, T)``: the weight's rows ``[R blk0, R blk0 + T)`` as columns, bit-equal to the numpy reference.
 
     ``(q - z)`` is an exact integer, converted exactly, times the scale:
@@ -76,32 +86,37 @@ def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t):
     """
     _, half_in, rows = codes.shape
     n_cols = out_t.shape[1]
-    for bb in range((n_cols + rows - 1) // rows):
-        blk = blk0 + bb
-        c0 = bb * rows
-        n = min(rows, n_cols - c0)
-        for g in range(scale.shape[1]):
-            sc = scale[blk, g]
-            zg = zp[blk, g] if has_zp else zp[0, 0]
-            for j in range(g * half_block, (g + 1) * half_block):
-                b = codes[blk, j]
-                lo = out_t[2 * j, c0 : c0 + n]
-                hi = out_t[2 * j + 1, c0 : c0 + n]
-                if has_zp:
-                    for r in range(n):
-                        c = _I32(b[r])
-                        z = _I32(zg[r])
-                        lo[r] = np.float32(_I32(_I32(c & _I32(15)) - z)) * sc[r]
-                        hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z)) * sc[r]
-                else:
-                    for r in range(n):
-                        c = b[r]
-                        lo[r] = np.float32(_low_nibble_signed(c)) * sc[r]
-                        hi[r] = np.float32(_high_nibble_signed(c)) * sc[r]
+    n_units = (n_cols + rows - 1) // rows
+    while True:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
+            break
+        for bb in range(u_lo, u_hi):
+            blk = blk0 + bb
+            c0 = bb * rows
+            n = min(rows, n_cols - c0)
+            for g in range(scale.shape[1]):
+                sc = scale[blk, g]
+                zg = zp[blk, g] if has_zp else zp[0, 0]
+                for j in range(g * half_block, (g + 1) * half_block):
+                    b = codes[blk, j]
+                    lo = out_t[2 * j, c0 : c0 + n]
+                    hi = out_t[2 * j + 1, c0 : c0 + n]
+                    if has_zp:
+                        for r in range(n):
+                            c = _I32(b[r])
+                            z = _I32(zg[r])
+                            lo[r] = np.float32(_I32(_I32(c & _I32(15)) - z)) * sc[r]
+                            hi[r] = np.float32(_I32(_I32(c >> _I32(4)) - z)) * sc[r]
+                    else:
+                        for r in range(n):
+                            c = b[r]
+                            lo[r] = np.float32(_low_nibble_signed(c)) * sc[r]
+                            hi[r] = np.float32(_high_nibble_signed(c)) * sc[r]
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t):
+def dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t, work, per):
     """``out_t (I, T)``: the weight's rows ``[R blk0, R blk0 + T)`` as columns, bit-equal to the numpy reference.
 
     ``(v - z)`` is exact, times the scale: one rounding, as in the reference.
@@ -112,18 +127,23 @@ def dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, o
     # slower (2048 x 4096 int8 in tiles of 256 rows, one thread).
     w = _stack_empty(1, _ROWS, np.float32)[0]
     zi = _stack_empty(1, _ROWS, np.int32)[0]
-    for bb in range((n_cols + rows - 1) // rows):
-        blk = blk0 + bb
-        c0 = bb * rows
-        n = min(rows, n_cols - c0)
-        for g in range(scale.shape[1]):
-            sc = scale[blk, g]
-            if code_kind == 3:
-                zg = zp[blk, g]
-                for r in range(_ROWS):
-                    zi[r] = _I32(zg[r])
-            for k in range(g * bi, (g + 1) * bi):
-                _decode_lanes(code_kind, codes[blk, k], zi, fp8_mult, w)
-                dst = out_t[k, c0 : c0 + n]
-                for r in range(n):
-                    dst[r] = w[r] * sc[r]
+    n_units = (n_cols + rows - 1) // rows
+    while True:
+        u_lo, u_hi = _claim(work, per, n_units)
+        if u_lo >= u_hi:
+            break
+        for bb in range(u_lo, u_hi):
+            blk = blk0 + bb
+            c0 = bb * rows
+            n = min(rows, n_cols - c0)
+            for g in range(scale.shape[1]):
+                sc = scale[blk, g]
+                if code_kind == 3:
+                    zg = zp[blk, g]
+                    for r in range(_ROWS):
+                        zi[r] = _I32(zg[r])
+                for k in range(g * bi, (g + 1) * bi):
+                    _decode_lanes(code_kind, codes[blk, k], zi, fp8_mult, w)
+                    dst = out_t[k, c0 : c0 + n]
+                    for r in range(n):
+                        dst[r] = w[r] * sc[r]
