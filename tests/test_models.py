@@ -95,6 +95,21 @@ def test_backends_agree_on_the_quantized_encoder(encoder):
     q_numba = SentenceEncoder(encoder.config, encoder.tensors, encoder.tokenizer, backend="numba").quantized("w4-g128")
     # Same codes and float32 sums in another order through 6 blocks of layer norms: ~1e-6.
     assert np.abs(q_numpy.encode(sentences) - q_numba.encode(sentences)).max() <= 1e-4
+    # The numba encoder runs prepared layers (made once, from the tensors it
+    # holds); the numpy one the checkpoint layout.
+    from npquant import PreparedTensor
+
+    name = q_numba.linear_names()[0]
+    run = q_numba._runnable(name, q_numba.tensors[name])
+    assert isinstance(run, PreparedTensor) and q_numba._runnable(name, q_numba.tensors[name]) is run
+    np.testing.assert_array_equal(run.quantized().codes, q_numba.tensors[name].codes)
+    assert isinstance(q_numba.tensors[name], QuantizedTensor)
+    assert q_numpy._runnable(name, q_numpy.tensors[name]) is q_numpy.tensors[name]
+    # A layer replaced since is prepared again, from the new tensor.
+    from npquant import quantize
+
+    q_numba.tensors[name] = quantize(encoder.tensors[name], "w8-channel")
+    assert q_numba._runnable(name, q_numba.tensors[name]).scheme.bits == 8
 
 
 def test_bad_input(encoder, tmp_path):

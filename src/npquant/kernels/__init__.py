@@ -54,7 +54,7 @@ SMALL_M = 16
 _TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes wide tiles)
 # Below this cost (bytes of codes times rows of x) a call runs in the caller's
 # thread alone: waking a worker costs more than it saves.
-_PARALLEL_FROM = 1 << 20
+_PARALLEL_FROM = 1 << 22
 _CHUNKS_PER_THREAD = 8
 #: Whether kernels run on OpenBLAS's threads where they can (tests switch it off to reach the pool).
 USE_BLAS_THREADS = True

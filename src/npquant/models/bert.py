@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NpquantError
+from .._backends import resolve_backend
 from ..linear import linear
+from ..prepared import prepare
 from ..quantize import QuantizedTensor, quantize
 from ..schemes import Scheme, get_scheme
 
@@ -85,6 +87,7 @@ class SentenceEncoder:
         self.backend = backend
         self.scheme = scheme
         self.layer_report = None  # GPTQ's per-layer rows, when made by quantized(method="gptq")
+        self._prepared: dict = {}  # weight name -> (QuantizedTensor, what linear runs for it)
 
     # --- loading -----------------------------------------------------------------
     @classmethod
@@ -297,10 +300,26 @@ class SentenceEncoder:
         w = self.tensors[module + ".weight"]
         b = self.tensors[module + ".bias"]
         if isinstance(w, QuantizedTensor):
-            return linear(x, w, bias=b, backend=self.backend)
+            return linear(x, self._runnable(module + ".weight", w), bias=b, backend=self.backend)
         y = x.reshape(-1, x.shape[-1]) @ w.T  # (B * T, O): one BLAS call
         y += b
         return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+    def _runnable(self, name: str, w: QuantizedTensor):
+        """What :func:`npquant.linear` runs for weight ``w``: its prepared form on the numba backend (made once).
+
+        The kernels read :func:`npquant.prepare`'s blocks of rows faster at
+        every batch (the engine's load-time repack); ``w`` itself stays in
+        :attr:`tensors` (checkpoints, byte counts). Kept per name with the
+        tensor it was made from, so a layer replaced since is prepared again.
+        """
+        cached = self._prepared.get(name)
+        if cached is not None and cached[0] is w:
+            return cached[1]
+        run = prepare(w) if resolve_backend(self.backend) == "numba" else w
+        self._prepared[name] = (w, run)
+        return run
 
 
 _BLOCK_LINEARS = (
