@@ -3,7 +3,12 @@
 Importing this package imports numba; :func:`npquant.linear` imports it only
 when the ``"numba"`` backend is asked for (or ``"auto"`` finds numba).
 Kernels compile on first use and are cached on disk, so a second process
-loads them instead of compiling.
+loads them instead of compiling. The modules, one idea each: ``_decode``
+(code formats to float32), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
+``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_quantizer`` (the
+fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
+counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
+threads), ``_pool`` (npquant's own threads where that is not possible).
 
 For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 
@@ -13,23 +18,43 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   into a float32's, e5m2 through float16).
 - ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
   decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
-  rows of ``x`` against it, in parallel over output rows.
-- larger ``M`` (prefill): tiles of rows are dequantized into a reused
-  float32 buffer and multiplied with BLAS; the full float32 weight never
-  exists. With ``B > 1`` BLAS threads configured, ``B`` Python threads each
-  take a contiguous share of the output rows and run single-threaded BLAS
-  on their own tiles; BLAS is limited to one thread through threadpoolctl
-  for the duration of the call and restored after (a process-wide setting:
-  BLAS calls made meanwhile by other threads run single-threaded too).
-  Measured for 11008 x 4096, M = 128, on 2 cores: about 1.0 to 1.1x
-  float32 BLAS, where one thread alternating serial dequantization with
-  2-thread BLAS calls ran at 1.1x or, after some seconds of calls, ~1.8x.
+  rows of ``x`` against it.
+- larger ``M`` (prefill): each tile of rows is dequantized into a reused
+  float32 buffer by all threads, then multiplied with one BLAS call (BLAS's
+  own threads); the full float32 weight never exists.
 
 For a :class:`~npquant.PreparedTensor` (:func:`npquant.prepare`: 4-bit or
 one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
 kernels whose SIMD lanes are output rows (no horizontal sums, one memory
 stream per block), and for larger ``M`` tiles dequantized transposed,
-``(I, T)``, for BLAS, threaded as above.
+``(I, T)``, for BLAS.
+
+Threads. A model alternates numpy's BLAS calls (attention, other layers)
+with npquant's. The kernels are serial, GIL-free numba functions that take
+chunks of output rows from a shared atomic counter; a call runs one on
+several threads at once:
+
+1. on OpenBLAS's own worker threads, where numpy's BLAS is an OpenBLAS
+   that lets us (:mod:`npquant.kernels._blas_threads`): one pool for both.
+   After each BLAS call those workers poll for new work for about 0.1 s;
+   any other thread the kernels woke would share a core with one of them.
+2. else on npquant's pool of sleeping threads (:mod:`npquant.kernels._pool`).
+
+numba's own ``parallel=True`` is not used: its OpenMP workers poll after
+each kernel and slowed the float32 BLAS call after it (3.5 -> 5.6-6.7 ms
+for 11008 x 4096), its GNU OpenMP layer kills a forked child that calls a
+kernel, and its workqueue layer aborts when two user threads call at once.
+Measured on 2 cores, 11008 x 4096 at batch 1, each call alternating with a
+float32 matmul of another matrix (``benchmarks/bench_linear.py``): with
+OpenMP, w8-channel 0.55-1.2x float32's time and the float32 calls 1.5-2x
+slower; with npquant's pool, the float32 calls as fast as alone but the
+kernels still about 2x slower than alone (OpenBLAS's polling workers);
+on OpenBLAS's threads, both close to their time alone (the README's table).
+Nothing in the process is changed: BLAS keeps its thread count, and
+limiting it (``threadpoolctl``, ``OPENBLAS_NUM_THREADS``) limits the
+kernels alike. Calls below ``_PARALLEL_FROM`` of work run in the caller's
+thread alone. A forked child, a spawned child and user threads calling at
+once all work (``tests/test_threads.py``).
 """
 
 from __future__ import annotations
