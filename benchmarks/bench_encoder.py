@@ -91,12 +91,14 @@ def main() -> int:
 
     import npquant
 
-    child = subprocess.run([sys.executable, __file__, "--float32-only", "--repeats", str(args.repeats),
-                            "--batch-size", str(args.batch_size)], capture_output=True, text=True)
-    if child.returncode:
-        print(child.stderr, file=sys.stderr)
-        return child.returncode
-    alone = json.loads(child.stdout)
+    def float32_only() -> dict:
+        child = subprocess.run([sys.executable, __file__, "--float32-only", "--repeats", str(args.repeats),
+                                "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+        if child.returncode:
+            raise SystemExit(child.stderr)
+        return json.loads(child.stdout)
+
+    runs = [float32_only()]  # once before and once after this process's rounds: the faster is the baseline
     encode = {"float32": enc.encode}
     for name in args.scheme or ["w8-channel", "w4-g128", "fp8-channel"]:
         encode[name] = enc.quantized(name).encode
@@ -113,12 +115,17 @@ def main() -> int:
     except ImportError:
         pass
     t = time_encoders(encode, args.repeats, args.batch_size)
+    runs.append(float32_only())
+    alone = {k: min(r[k] for r in runs) for k in ("one", "many")}
+    alone["numba_loaded"] = any(r["numba_loaded"] for r in runs)
     print(f"{os.cpu_count()} cores; numpy {np.__version__}, npquant {npquant.__version__} "
           f"(quantized linears on {npquant.available_backends()[-1]}); {st_note}")
     print(f"one sentence: {ONE[0]!r}, median of {args.repeats} rounds x {STEPS - 2} calls; "
           f"64 sentences in batches of {args.batch_size}, median of {args.repeats} rounds")
-    print(f"float32-only process: one {alone['one'] * 1e3:.2f} ms, 64 sentences {alone['many'] * 1e3:.1f} ms"
-          f"{'' if not alone['numba_loaded'] else ' (numba was loaded there)'}")
+    print("float32-only process, run before and after (the faster is the baseline): one "
+          + " / ".join(f"{r['one'] * 1e3:.2f}" for r in runs) + " ms, 64 sentences "
+          + " / ".join(f"{r['many'] * 1e3:.1f}" for r in runs) + " ms"
+          + ("" if not alone["numba_loaded"] else " (numba was loaded there)"))
     print("ratios: to the float32-only process [to float32 in this process]")
     print()
     head = f"{'encoder':<22} {'one ms':>8} {'ratio':>15} {'64 ms':>9} {'ratio':>15}"

@@ -275,9 +275,15 @@ class SentenceEncoder:
                 observe(p + module, inp)
             return self._linear(inp, p + module)
 
-        q = lin(x, "attention.self.query").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = lin(x, "attention.self.key").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        v = lin(x, "attention.self.value").reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        fused = self._fused_qkv(i) if observe is None else None
+        if fused is not None:  # one call for the three projections
+            qkv = linear(x, fused[0], bias=fused[1], backend=self.backend)  # (B, T, 3C)
+            q, k, v = (qkv[..., j * C : (j + 1) * C] for j in range(3))
+        else:
+            q, k, v = (lin(x, "attention.self." + m) for m in ("query", "key", "value"))
+        q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = k.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        v = v.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
         scores = (q @ k.transpose(0, 1, 3, 2)) * scale + bias  # (B, H, T, T)
         probs = _softmax(scores)
         ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
@@ -305,6 +311,38 @@ class SentenceEncoder:
         y += b
         return y.reshape(*x.shape[:-1], w.shape[0])
 
+
+    def _fused_qkv(self, i: int):
+        """Block ``i``'s query, key and value weights as one ``(3C, C)`` tensor to run, and their bias; or None.
+
+        An engine's fused QKV projection: one call reads ``x`` once and
+        splits its work over more rows. The codes and scales are the three
+        tensors' rows stacked, so every output row is computed as by its own
+        layer, bit for bit. Only where the three are quantized alike with
+        scales per row or per block of rows that fits ``C`` (not per tensor,
+        no global scale or act-order permutation). Made once per set of
+        tensors, like :meth:`_runnable`.
+        """
+        p = f"encoder.layer.{i}.attention.self."
+        ws = tuple(self.tensors[p + m + ".weight"] for m in ("query", "key", "value"))
+        cached = self._prepared.get(p + "qkv")
+        if cached is not None and all(a is b for a, b in zip(cached[0], ws)):
+            return cached[1]
+        fused = None
+        first = ws[0]
+        fits = (all(isinstance(w, QuantizedTensor) for w in ws)
+                and all(w.scheme == first.scheme and w.shape == first.shape for w in ws)
+                and first.scheme.granularity != "tensor"
+                and all(w.global_scale is None and w.perm is None for w in ws)
+                and first.shape[0] % first.block_shape[0] == 0)
+        if fits:
+            zp = None if first.zero_point is None else np.concatenate([w.zero_point for w in ws])
+            qt = QuantizedTensor(np.concatenate([w.codes for w in ws]), np.concatenate([w.scale for w in ws]), zp,
+                                 (3 * first.shape[0], first.shape[1]), first.scheme)
+            bias = np.concatenate([self.tensors[p + m + ".bias"] for m in ("query", "key", "value")])
+            fused = (prepare(qt) if resolve_backend(self.backend) == "numba" else qt, bias.astype(np.float32))
+        self._prepared[p + "qkv"] = (ws, fused)
+        return fused
 
     def _runnable(self, name: str, w: QuantizedTensor):
         """What :func:`npquant.linear` runs for weight ``w``: its prepared form on the numba backend (made once).
