@@ -71,8 +71,8 @@ def test_thread_count_does_not_change_a_bit(name, qt, m, where):
 
 @pytest.mark.parametrize("name,qt", CASES[:4], ids=[c[0] for c in CASES[:4]])
 def test_tiles_in_threads_match_numpy(name, qt):
-    # Large batches: tiles taken by the threads in turn, BLAS single-threaded
-    # inside; compared with the numpy backend (float32 sums in another order:
+    # Large batches: each tile dequantized by all threads, then one BLAS
+    # call; compared with the numpy backend (float32 sums in another order:
     # the tolerance is test_linear's float32 summation bound).
     from test_linear import sum_bound
 
@@ -180,8 +180,8 @@ def run_in_child(method: str) -> list:
 def assert_same(got: list, want: list):
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        # Batch 40 tiles run BLAS single-threaded in the threads: a BLAS
-        # call with another thread count may sum in another order.
+        # Batch 40 goes through BLAS, which another process's thread setup
+        # may sum in another order.
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 

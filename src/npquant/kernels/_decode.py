@@ -1,4 +1,4 @@
-"""numba kernels that read the codes directly (private; see :mod:`npquant.kernels`).
+"""The code formats, decoded to float32 inside the kernels (private; see :mod:`npquant.kernels`).
 
 Each code format decodes to ``v - z``, where ``v`` is the code's value and
 ``z`` is ``2**(bits-1)`` for packed symmetric codes (their stored offset), the
@@ -22,14 +22,14 @@ kind  codes                  ``v`` of element ``i`` of a row
                              subnormals, which convert exactly)
 ====  =====================  ==================================================
 
-At batch 1, :func:`gemv_bytes` decodes e4m3 with one op fewer: its fields
+At batch 1, ``_gemv.gemv_bytes`` decodes e4m3 with one op fewer: its fields
 go straight into a float32's (:func:`_e4m3_as_f32_bits`, the value times
 2**-120).
 
 Every decode is exact (integer ops, int-to-float or half-to-float
 conversion, a power-of-two multiply), so a dequantized weight is bit-equal to the numpy reference.
 
-Performance notes, measured on the kernels below:
+Performance notes, measured on the kernels that use these decoders:
 
 - loops index slices from 0, so numba knows indices are non-negative, skips
   its negative-index wraparound, and LLVM vectorises them;
@@ -87,7 +87,7 @@ def _e4m3_as_f32_bits(b):
     on 22..20. float32's exponent bias is 120 more than e4m3's, and e4m3's
     subnormals (exponent 0) land on float32's subnormals, which carry the
     same fraction: exact for every finite code, but only where the FPU does
-    not flush subnormal inputs to zero (see :func:`gemv_bytes`). Three
+    not flush subnormal inputs to zero (see ``_gemv.gemv_bytes``). Three
     integer vector ops, no conversion instruction.
     """
     return _i32_bits_to_f32(_I32(_I32(_I32(np.int8(b)) << _I32_20) & _E4M3_TO_F32_MASK))

@@ -10,7 +10,7 @@ from ._llvm import _claim, _stack_empty
 def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per):
     """``y (M, O) = x (M, I) @ W.T`` for small M: each code is read and decoded once.
 
-    Parallel over quads of output rows. Each chunk of the four weight rows is
+    Work in quads of output rows. Each chunk of the four weight rows is
     dequantized into float32 buffers in L1, then rows of ``x`` are dotted with
     all four, two rows of ``x`` at a time (six loads feed eight products).
     ``scale`` float32 and ``zp`` uint8 are ``(O // bo, I // bi)`` (``zp``

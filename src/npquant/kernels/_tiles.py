@@ -10,8 +10,8 @@ from ._llvm import _claim, _stack_empty
 def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out, work, per):
     """``out (T, I)`` = float32 rows ``[o0, o0 + T)`` of the weight, ``(v - z) * scale``.
 
-    Serial and GIL-free: the tiled paths run it in one Python thread per
-    share of the rows.
+    Rows taken in chunks from ``work`` (see :func:`npquant.kernels._llvm._claim`):
+    every thread of the tiled path runs it on the same tile.
     """
     rows, in_features = out.shape
     n_col_blocks = in_features // bi
