@@ -29,6 +29,8 @@ def cases():
         qt = quantize(w, scheme)
         out += [(name, qt), (name + " prep", prepare(qt))]
     out.append(("nvfp4 prep", prepare(quantize(w, "nvfp4"))))
+    mx = quantize(w, "mxfp4")
+    out += [("mxfp4", mx), ("mxfp4 prep", prepare(mx))]
     return out
 
 
@@ -64,6 +66,22 @@ def test_thread_count_does_not_change_a_bit(name, qt, m, where):
     if not kernels.has_kernels(qt, m):
         pytest.skip(f"{name} at batch {m} takes the numpy path (see has_kernels)")
     x = weight((m, 256), seed=m)
+    one = kernels.numba_linear(x, qt, threads=1)
+    for threads in (2, 3, 7):
+        np.testing.assert_array_equal(kernels.numba_linear(x, qt, threads=threads), one)
+
+
+FOUR_BIT = [c for c in CASES if c[0].startswith(("w4", "nvfp4", "mxfp4"))]
+
+
+@pytest.mark.parametrize("name,qt", FOUR_BIT, ids=[c[0] for c in FOUR_BIT])
+def test_thread_count_does_not_change_a_bit_portable_batch1(name, qt, where, monkeypatch):
+    # Where AVX-512 is, batch-1 4-bit calls take the table-lookup kernels
+    # (the test above); the portable ones serve every other CPU.
+    monkeypatch.setattr(kernels, "USE_LUT", False)
+    if not kernels.has_kernels(qt, 1):
+        pytest.skip(f"{name} at batch 1 takes the numpy path without the table-lookup kernels")
+    x = weight((1, 256), seed=1)
     one = kernels.numba_linear(x, qt, threads=1)
     for threads in (2, 3, 7):
         np.testing.assert_array_equal(kernels.numba_linear(x, qt, threads=threads), one)

@@ -323,7 +323,7 @@ def scale_values(scale: np.ndarray, scheme: Scheme, global_scale: np.ndarray | N
     """float32 values of stored scales: ``2**(E - 127)`` for e8m0, ``float32(s) / global_scale`` for NVFP4."""
     if scheme.scale_dtype == "e8m0":
         return np.ldexp(np.float32(1), scale.astype(np.int32) - 127).astype(np.float32)
-    values = scale.astype(np.float32)
+    values = scale.astype(np.float32, copy=global_scale is not None)  # float32 scales: no copy
     if global_scale is not None:
         values /= global_scale[0]
     return values

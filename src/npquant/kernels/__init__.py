@@ -59,6 +59,7 @@ once all work (``tests/test_threads.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -66,7 +67,7 @@ import numpy as np
 
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
-from ..quantize import QuantizedTensor, scale_values
+from ..quantize import QuantizedTensor, _float_code_values, scale_values
 from . import _blas_threads, _pool
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
@@ -86,6 +87,16 @@ _PARALLEL_FROM = 1 << 22
 _CHUNKS_PER_THREAD = 8
 #: Whether kernels run on OpenBLAS's threads where they can (tests switch it off to reach the pool).
 USE_BLAS_THREADS = True
+#: Whether batch-1 4-bit calls take the table-lookup kernels where numba's target has AVX-512
+#: (:mod:`npquant.kernels._lut`; tests switch it off to reach the portable ones).
+USE_LUT = True
+# Each nibble's value, for the table-lookup kernels: checkpoint-layout symmetric
+# int4 (stored q + 8), prepared symmetric int4 (two's complement q), stored q
+# (asymmetric), fp4 e2m1.
+_NIBBLES = np.arange(16, dtype=np.float32)
+_INT4_OFFSET = _NIBBLES - 8
+_NO_SCALE_TABLE = np.zeros(1, np.float32)
+_INT4_TWOS = np.where(_NIBBLES < 8, _NIBBLES, _NIBBLES - 16).astype(np.float32)
 # fp8: (e4m3?, power of two taking the float16 the fields make to the value)
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
@@ -171,24 +182,58 @@ def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])
 
 
+@functools.cache
+def has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512: the host's, or ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``'s."""
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return "+avx512f" in (config.CPU_FEATURES or "")
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+def _lut_kernels():
+    """:mod:`npquant.kernels._lut` where it can run (AVX-512, ``USE_LUT``), else None. Compiles it on first use."""
+    if not (USE_LUT and has_avx512()):
+        return None
+    from . import _lut
+
+    return _lut
+
+
+def _lut_rows_fit(qt: QuantizedTensor) -> bool:
+    """Whether :func:`~npquant.kernels._lut.gemv_lut_rows` reads ``qt``: 4-bit codes in whole blocks of a multiple of 32 columns."""
+    scheme = qt.scheme
+    four_bit = scheme.dtype == "fp4_e2m1" or (scheme.packed and not scheme.is_float and scheme.bits == 4)
+    bo, bi = qt.block_shape
+    fits = bi % 32 == 0 and qt.shape[1] % bi == 0 and qt.shape[0] % bo == 0
+    return four_bit and fits and _lut_kernels() is not None
+
+
+def _dequantizes(qt: QuantizedTensor) -> bool:
+    """Whether the dequantizing and portable kernels read ``qt``: not fp4, fp6, or blocks cut at the weight's edge."""
+    bo, bi = qt.block_shape
+    return qt.scheme.dtype not in ("fp4_e2m1", "fp6_e2m3") and qt.shape[0] % bo == 0 and qt.shape[1] % bi == 0
+
+
 def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
     """Whether the kernels read ``qt``'s codes for a batch of ``m_rows``.
 
-    Every format but fp4, fp6 and blocks cut at the weight's edge; prepared
-    fp4 at batch 1 only. :func:`npquant.linear` takes the numpy path for the others.
+    Every format but fp4, fp6 and blocks cut at the weight's edge; fp4 at
+    batch 1 only: prepared, or in the checkpoint layout in blocks of a
+    multiple of 32 columns where the table-lookup kernels run (AVX-512).
+    :func:`npquant.linear` takes the numpy path for the others.
     """
     if isinstance(qt, PreparedTensor):
         return qt.scheme.dtype != "fp4_e2m1" or m_rows == 1
-    scheme = qt.scheme
-    if scheme.dtype in ("fp4_e2m1", "fp6_e2m3"):
-        return False
-    bo, bi = qt.block_shape
-    return qt.shape[0] % bo == 0 and qt.shape[1] % bi == 0
+    return _dequantizes(qt) or (m_rows == 1 and _lut_rows_fit(qt))
 
 
 def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     """float32 ``(R, I)``: rows ``[start, stop)`` of ``qt``'s weight, bit-equal to ``qt.dequantize_rows``."""
-    if not has_kernels(qt):
+    if not _dequantizes(qt):
         return qt.dequantize_rows(start, stop)
     stop = qt.shape[0] if stop is None else stop
     out = np.empty((stop - start, qt.shape[1]), np.float32)
@@ -259,9 +304,12 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     if isinstance(qt, PreparedTensor):
         _prepared_linear(x2, qt, y, tile_elements, threads)
         return y
+    cost = out_features * in_features * m_rows
+    if m_rows == 1 and _lut_rows_fit(qt):
+        _gemv_lut_rows(x2, qt, y, cost, threads)
+        return y
     args = _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
-    cost = out_features * in_features * m_rows
     if m_rows == 1 and kind in (0, 4):
         code_kind = 0 if kind == 0 else 1 if args[9] else 2  # int8, e4m3, e5m2 (its float16 decode is the value)
         mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
@@ -299,6 +347,37 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     return y
 
 
+def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int, threads: int | None) -> None:
+    """``y (1, O) = x2 @ W.T`` for 4-bit codes in the checkpoint layout, decoded by table lookup.
+
+    One-byte scales (e8m0, NVFP4's fp8) stay codes, read through a table of
+    their 256 values (computed as :func:`~npquant.quantize.scale_values`
+    computes each); decoding them all would cost more than the call.
+    """
+    scheme = qt.scheme
+    bo, bi = qt.block_shape
+    has_zp = qt.zero_point is not None
+    if scheme.dtype == "fp4_e2m1":
+        values = _float_code_values("fp4_e2m1")
+    else:
+        values = _NIBBLES if has_zp else _INT4_OFFSET
+    codes = np.ascontiguousarray(qt.codes).view(np.uint8)
+    if qt.scale.dtype.itemsize == 1:
+        kernel = _lut_kernels().gemv_lut_rows_coded
+        scale = np.ascontiguousarray(qt.scale).view(np.uint8)
+        every = np.arange(256, dtype=np.uint8).view(qt.scale.dtype)
+        with np.errstate(over="ignore"):  # e8m0's 0xFF (NaN): QuantizedTensor refuses it
+            scale_table = np.ascontiguousarray(scale_values(every, scheme, qt.global_scale), np.float32)
+    else:
+        kernel = _lut_kernels().gemv_lut_rows
+        scale = np.ascontiguousarray(scale_values(qt.scale, scheme, qt.global_scale))
+        scale_table = _NO_SCALE_TABLE
+    zp = qt.zero_point if has_zp else np.zeros((1, scale.shape[1]), np.uint8)
+    x_even, x_odd = _even_odd(x2)
+    _parallel(kernel, (x_even[0], x_odd[0], codes, scale, scale_table, zp, has_zp, values, bo, y),
+              -(-qt.shape[0] // 4), cost, threads)
+
+
 def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elements: int, threads: int | None) -> None:
     """``y (M, O) = x2 @ W.T`` for codes in blocks of rows."""
     m_rows, in_features = x2.shape
@@ -308,7 +387,16 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
     has_zp = p.zero_point is not None
     zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
     bi = p.block_shape[1]
-    if p.scheme.dtype == "fp4_e2m1":  # batch 1 only (see has_kernels)
+    fp4 = p.scheme.dtype == "fp4_e2m1"
+    lut = _lut_kernels()
+    if m_rows == 1 and lut is not None and (fp4 or (p.scheme.bits == 4 and not has_zp)):
+        y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
+        table = _float_code_values("fp4_e2m1") if fp4 else _INT4_TWOS
+        x_even, x_odd = _even_odd(x2)
+        _parallel(lut.gemv_lut_blocks, (x_even[0], x_odd[0], p.codes, p.scale, table, bi // 2, y_mult, y),
+                  n_blocks, cost, threads)
+        return
+    if fp4:  # batch 1 only (see has_kernels)
         y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
         x_even, x_odd = _even_odd(x2)
         _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2,
