@@ -28,7 +28,10 @@ bytes of codes per row (``I / 2`` for 4 bits, ``I`` for 8):
   asymmetric ones the stored ``q`` and fp4 ones the e2m1 pattern, as in the
   checkpoint layout. 8 bits:
   the checkpoint's byte (int8 ``q``, uint8 ``q``, or the fp8 code).
-- ``scale`` float32 ``(B, G, 64)``: the scale of row ``64 b + r``, block ``g``.
+- ``scale`` float32 ``(B, G, 64)``: the scale of row ``64 b + r``, block ``g``;
+  for fp4 (NVFP4, MXFP4) uint8 ``(B, G, 64)``: the stored one-byte scale
+  itself (NVFP4's fp8 e4m3 bits, MXFP4's e8m0 exponent), a quarter of the
+  bytes, decoded by the kernel.
 - ``zero_point`` uint8 ``(B, G, 64)`` or None (symmetric, fp8).
 
 Rows past ``O`` (the last block's padding) hold code 0 and scale 0.
@@ -53,7 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NpquantError
-from .quantize import QuantizedTensor, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype, scale_values
+from .quantize import (QuantizedTensor, _check_small_scales, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype,
+                       scale_values)
 from .schemes import Scheme
 
 __all__ = ["PreparedTensor", "prepare", "preparable", "ROWS"]
@@ -86,8 +90,9 @@ class PreparedTensor:
     Attributes
     ----------
     codes : uint8 ``(B, N, 64)``, ``N = I / 2`` (4 bits) or ``I`` (8 bits)
-    scale : float32 ``(B, G, 64)``: the stored scales' values (e8m0: ``2**(E-127)``;
-        NVFP4: the fp8 scale itself, not yet divided by the global scale)
+    scale : float32 ``(B, G, 64)``: the stored scales' values; fp4 (NVFP4, MXFP4):
+        uint8 ``(B, G, 64)``, the stored scale bytes (fp8 e4m3 bits, not yet
+        divided by the global scale; e8m0 exponents)
     zero_point : uint8 ``(B, G, 64)`` or None (symmetric, fp8)
     shape : (O, I)
     scheme : Scheme (4-bit int or fp4 with an even block width, or one-byte codes)
@@ -111,9 +116,10 @@ class PreparedTensor:
             )
         n_blocks = -(-out_features // ROWS)
         n_col_blocks = in_features // self.block_shape[1]
+        scale_dtype = np.uint8 if scheme.dtype == "fp4_e2m1" else np.float32
         checks = [
             ("codes", self.codes, np.uint8, (n_blocks, in_features * scheme.bits // 8, ROWS)),
-            ("scale", self.scale, np.float32, (n_blocks, n_col_blocks, ROWS)),
+            ("scale", self.scale, scale_dtype, (n_blocks, n_col_blocks, ROWS)),
         ]
         if scheme.symmetric != (self.zero_point is None):
             raise NpquantError(f"zero_point must be given exactly when the scheme is asymmetric ({scheme})")
@@ -126,6 +132,8 @@ class PreparedTensor:
                     f"{name} must be C-contiguous {np.dtype(dtype).name} {shape} for shape {self.shape} "
                     f"and {scheme}, got {got}"
                 )
+        if scale_dtype == np.uint8:  # as QuantizedTensor: NaN or negative scale bytes mean corrupt data
+            _check_small_scales(self.scale, scheme.scale_dtype)
         if scheme.dtype in ("fp8_e4m3", "fp8_e5m2"):  # as QuantizedTensor: NaN and Inf codes mean corrupt data
             bad = first_nonfinite_fp8(self.codes, scheme.dtype)
             if bad is not None:
@@ -142,7 +150,7 @@ class PreparedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: codes, float32 scales and zero points, one per row and block, padding included."""
+        """Bytes held: codes, scales (float32; fp4: one byte) and zero points, one per row and block, padding included."""
         total = self.codes.nbytes + self.scale.nbytes
         if self.zero_point is not None:
             total += self.zero_point.nbytes
@@ -186,8 +194,8 @@ class PreparedTensor:
         if self.scheme.granularity == "tensor":  # one scale for every row
             scale = scale[:1]
             zero_point = None if zero_point is None else zero_point[:1]
-        if self.scheme.scale_dtype == "e8m0":  # 2**(E-127) back to E, exactly
-            scale = (np.frexp(scale)[1] + 126).astype(np.uint8)
+        if scale.dtype == np.uint8:  # fp4: the stored bytes themselves
+            scale = scale.view(scale_numpy_dtype(self.scheme))
         else:
             scale = scale.astype(scale_numpy_dtype(self.scheme))  # exact: the values came from this dtype
         return QuantizedTensor(codes, scale, zero_point, (stop - start, self.shape[1]), self.scheme,
@@ -229,5 +237,8 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | QuantizedTensor:
         codes = codes ^ _SIGN_FLIP
     index = np.arange(out_features) // qt.block_shape[0]  # the scale row of each weight row
     zero_point = None if qt.zero_point is None else blocks_of(qt.zero_point[index])
-    scale = scale_values(qt.scale[index], scheme)  # NVFP4: the fp8 values; the global scale stays apart
+    if scheme.dtype == "fp4_e2m1":  # the stored bytes (NVFP4: the global scale stays apart)
+        scale = np.ascontiguousarray(qt.scale[index]).view(np.uint8)
+    else:
+        scale = scale_values(qt.scale[index], scheme)
     return PreparedTensor(blocks_of(codes), blocks_of(scale), zero_point, qt.shape, scheme, qt.global_scale)

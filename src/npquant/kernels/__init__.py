@@ -67,7 +67,7 @@ import numpy as np
 
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
-from ..quantize import QuantizedTensor, _float_code_values, scale_values
+from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
 from . import _blas_threads, _pool
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
@@ -96,6 +96,8 @@ USE_LUT = True
 _NIBBLES = np.arange(16, dtype=np.float32)
 _INT4_OFFSET = _NIBBLES - 8
 _NO_SCALE_TABLE = np.zeros(1, np.float32)
+_NO_SCALE_BLOCKS = np.zeros((1, 1, ROWS), np.float32)  # float32 scales of prepared blocks, where codes are read
+_NO_SCALE_CODES = np.zeros((1, 1, ROWS), np.uint8)  # scale codes of prepared blocks, where float32 scales are read
 _INT4_TWOS = np.where(_NIBBLES < 8, _NIBBLES, _NIBBLES - 16).astype(np.float32)
 # fp8: (e4m3?, power of two taking the float16 the fields make to the value)
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
@@ -347,6 +349,14 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     return y
 
 
+def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
+    """float32 (256,): the value of each one-byte scale code (e8m0, fp8 e4m3 over ``global_scale`` if given),
+    computed as :func:`~npquant.quantize.scale_values` computes each."""
+    every = np.arange(256, dtype=np.uint8).view(scale_numpy_dtype(scheme))
+    with np.errstate(over="ignore", invalid="ignore"):  # the NaN codes: QuantizedTensor and PreparedTensor refuse them
+        return np.ascontiguousarray(scale_values(every, scheme, global_scale), np.float32)
+
+
 def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int, threads: int | None) -> None:
     """``y (1, O) = x2 @ W.T`` for 4-bit codes in the checkpoint layout, decoded by table lookup.
 
@@ -365,9 +375,7 @@ def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int
     if qt.scale.dtype.itemsize == 1:
         kernel = _lut_kernels().gemv_lut_rows_coded
         scale = np.ascontiguousarray(qt.scale).view(np.uint8)
-        every = np.arange(256, dtype=np.uint8).view(qt.scale.dtype)
-        with np.errstate(over="ignore"):  # e8m0's 0xFF (NaN): QuantizedTensor refuses it
-            scale_table = np.ascontiguousarray(scale_values(every, scheme, qt.global_scale), np.float32)
+        scale_table = _scale_table(scheme, qt.global_scale)
     else:
         kernel = _lut_kernels().gemv_lut_rows
         scale = np.ascontiguousarray(scale_values(qt.scale, scheme, qt.global_scale))
@@ -389,18 +397,19 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
     bi = p.block_shape[1]
     fp4 = p.scheme.dtype == "fp4_e2m1"
     lut = _lut_kernels()
-    if m_rows == 1 and lut is not None and (fp4 or (p.scheme.bits == 4 and not has_zp)):
-        y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
-        table = _float_code_values("fp4_e2m1") if fp4 else _INT4_TWOS
-        x_even, x_odd = _even_odd(x2)
-        _parallel(lut.gemv_lut_blocks, (x_even[0], x_odd[0], p.codes, p.scale, table, bi // 2, y_mult, y),
-                  n_blocks, cost, threads)
-        return
-    if fp4:  # batch 1 only (see has_kernels)
+    if m_rows == 1 and (fp4 or (lut is not None and p.scheme.bits == 4 and not has_zp)):
+        # fp4 scales are one-byte codes (see npquant.prepared); int4 ones float32
+        scale, scale_codes = (_NO_SCALE_BLOCKS, p.scale) if fp4 else (p.scale, _NO_SCALE_CODES)
         y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
         x_even, x_odd = _even_odd(x2)
-        _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, _NO_ZP_BLOCKS, False, True, bi // 2,
-                                     y_mult, y), n_blocks, cost, threads)
+        if lut is not None:
+            kind = (1 if p.scheme.scale_dtype == "fp8_e4m3" else 2) if fp4 else 0
+            table = _float_code_values("fp4_e2m1") if fp4 else _INT4_TWOS
+            _parallel(lut.gemv_lut_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, kind, table, y_mult, y),
+                      n_blocks, cost, threads)
+        else:  # fp4 at batch 1 only (see has_kernels)
+            _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, _scale_table(p.scheme),
+                                         _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y), n_blocks, cost, threads)
         return
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
@@ -421,7 +430,8 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
         half_block = bi // 2
         if m_rows == 1:
             x_even, x_odd = _even_odd(x2)
-            _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, zp, has_zp, False, half_block,
+            _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, _NO_SCALE_CODES, _NO_SCALE_TABLE, zp,
+                                         has_zp, False, half_block,
                                          np.float32(1.0), y), n_blocks, cost, threads)
             return
         if m_rows <= SMALL_M:

@@ -162,7 +162,8 @@ def gemv_int4(x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y, work
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y_mult, y, work, per):
+def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y_mult, y,
+                     work, per):
     """``y (1, O) = x @ W.T`` for 4-bit codes in blocks of rows: int (``zp`` when ``has_zp``) or fp4 e2m1.
 
     ``x_even``/``x_odd`` ``(I / 2,)`` hold x's even and odd columns;
@@ -172,12 +173,14 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y
     rounding as the checkpoint-layout kernels. Padding rows are not stored.
     fp4 (NVFP4, MXFP4) decodes through float16 (:func:`_fp4_low_as_f16`):
     the block sums are 2**-14 times the true ones, taken back exactly
-    before the scale. Every output is multiplied by ``y_mult`` (NVFP4: one
-    over the global scale; else 1).
+    before the scale; its scales are one-byte codes, ``scale_codes`` uint8
+    (B, G, R), whose values ``scale_table`` float32 (256,) holds (``scale``
+    is then not read, and ``scale_codes`` not otherwise). Every output is
+    multiplied by ``y_mult`` (NVFP4: one over the global scale; else 1).
     """
     n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedTensor checks the last dimension
     rows = _ROWS  # a compile-time constant: LLVM unrolls the lanes loops and keeps t in registers
-    n_col_blocks = scale.shape[1]
+    n_col_blocks = scale_codes.shape[1] if fp4 else scale.shape[1]
     out_features = y.shape[1]
     n_units = n_blocks
     while True:
@@ -228,9 +231,14 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y
                             t[r] += e * np.float32(_low_nibble_x16(c)) + f * np.float32(_high_nibble_x16(c))
                     for r in range(rows):
                         t[r] *= _SIXTEENTH
-                sc = scale[blk, g]
-                for r in range(rows):
-                    acc[r] += sc[r] * t[r]
+                if fp4:
+                    sb = scale_codes[blk, g]
+                    for r in range(rows):
+                        acc[r] += scale_table[sb[r]] * t[r]
+                else:
+                    sc = scale[blk, g]
+                    for r in range(rows):
+                        acc[r] += sc[r] * t[r]
             o0 = blk * rows
             for r in range(min(rows, out_features - o0)):
                 y[0, o0 + r] = acc[r] * y_mult

@@ -109,18 +109,22 @@ def gemv_int4_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 @cfunc(SIGNATURE, cache=True)
 def gemv_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`gemv_int4_blocks` (x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y_mult, y, work, per)."""
+    """:func:`gemv_int4_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block,
+    y_mult, y, work, per)."""
     blk = carray(a, (n,))
     x_even, i = _f32_1d(blk, 0)
     x_odd, i = _f32_1d(blk, i)
     codes, i = _u8_3d(blk, i)
     scale, i = _f32_3d(blk, i)
+    scale_codes, i = _u8_3d(blk, i)
+    scale_table, i = _f32_1d(blk, i)
     zp, i = _u8_3d(blk, i)
     has_zp, fp4, half_block = blk[i] != 0, blk[i + 1] != 0, blk[i + 2]
     y_mult, i = _f32(blk, i + 3)
     y, i = _f32_2d(blk, i)
     work, i = _i64_1d(blk, i)
-    gemv_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, fp4, half_block, y_mult, y, work, blk[i])
+    gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y_mult, y,
+                     work, blk[i])
     return 0
 
 

@@ -78,13 +78,53 @@ def _is_u8(a, ndim):
     return isinstance(a, types.Array) and a.dtype == types.uint8 and a.ndim == ndim and a.layout == "C"
 
 
-@intrinsic
-def _lanes_dot(typingctx, table, codes, x_even, x_odd, t):
-    """``t[r] += sum_j table[codes[j, r] & 15] * x_even[j] + table[codes[j, r] >> 4] * x_odd[j]``, r < 64.
+_E4M3_SCALE = 256.0  # the float16 holding an e4m3 byte's fields is its value / 2**8
+_E8M0_ZERO = 0x00400000  # float32 bits of 2**-127, e8m0's exponent 0 (a float32 subnormal)
 
-    ``table`` float32 (16,); ``codes`` uint8 (n, 64), C-contiguous (byte
-    ``j`` of 64 rows side by side); ``x_even``, ``x_odd`` float32 (n,);
-    ``t`` float32 (64,).
+
+def _interleave(builder, parts):
+    """Rows ``0..63`` from four vectors whose lane ``d`` holds row ``4 d + b`` (``parts[b]``)."""
+    pairs = ir.Constant(ir.VectorType(_I32, 2 * _LANES), [i for d in range(_LANES) for i in (d, _LANES + d)])
+    ab = builder.shuffle_vector(parts[0], parts[1], pairs)
+    cd = builder.shuffle_vector(parts[2], parts[3], pairs)
+    quads = ir.Constant(ir.VectorType(_I32, _ROWS),
+                        [i for d in range(_LANES) for i in (2 * d, 2 * d + 1, 2 * _LANES + 2 * d, 2 * _LANES + 2 * d + 1)])
+    return builder.shuffle_vector(ab, cd, quads)
+
+
+def _byte_lanes(builder, words, b):
+    """Byte ``b`` of each of 16 int32 words, zero-extended: rows ``4 d + b`` of a column of 64 bytes."""
+    shifted = words if b == 0 else builder.lshr(words, ir.Constant(_VI, [8 * b] * _LANES))
+    return builder.and_(shifted, ir.Constant(_VI, [0xFF] * _LANES))
+
+
+def _e4m3_lanes(builder, byte):
+    """float32 values of 16 fp8 e4m3 bytes (int32 lanes): through float16, exact for every finite code, subnormals too."""
+    sign = builder.shl(builder.and_(byte, ir.Constant(_VI, [0x80] * _LANES)), ir.Constant(_VI, [8] * _LANES))
+    rest = builder.shl(builder.and_(byte, ir.Constant(_VI, [0x7F] * _LANES)), ir.Constant(_VI, [7] * _LANES))
+    half = builder.bitcast(builder.trunc(builder.or_(sign, rest), ir.VectorType(ir.IntType(16), _LANES)),
+                           ir.VectorType(ir.HalfType(), _LANES))
+    return builder.fmul(builder.fpext(half, _VF), ir.Constant(_VF, [_E4M3_SCALE] * _LANES))
+
+
+def _e8m0_lanes(builder, byte):
+    """float32 values ``2**(E - 127)`` of 16 e8m0 bytes (int32 lanes): the exponent field itself, 2**-127 for 0."""
+    bits = builder.shl(byte, ir.Constant(_VI, [23] * _LANES))
+    is_zero = builder.icmp_unsigned("==", byte, ir.Constant(_VI, [0] * _LANES))
+    return builder.bitcast(builder.select(is_zero, ir.Constant(_VI, [_E8M0_ZERO] * _LANES), bits), _VF)
+
+
+@intrinsic
+def _lanes_block(typingctx, table, codes, scale, scale_codes, scale_kind, n_groups, x_even, x_odd, out):
+    """``out[r] = sum_g scale[g, r] * sum_j (table[low nibble] * x_even[j] + table[high nibble] * x_odd[j])``, r < 64.
+
+    One block of 64 rows of :class:`~npquant.PreparedTensor`: ``table``
+    float32 (16,); ``codes`` uint8 (N, 64) (byte ``j`` of the 64 rows side
+    by side); ``n_groups`` blocks of ``N / n_groups`` bytes; their scales
+    ``scale`` float32 (n_groups, 64) (``scale_kind`` 0), or the codes
+    ``scale_codes`` uint8 (n_groups, 64) of fp8 e4m3 (1) or e8m0 (2)
+    scales, decoded here (the other array is not read); ``x_even``,
+    ``x_odd`` float32 (N,); ``out`` float32 (64,).
 
     The 64 bytes of a column are loaded as 16 int32 words; ``vpermps``
     reads the low four bits of each word, so the word shifted right by
@@ -92,40 +132,65 @@ def _lanes_dot(typingctx, table, codes, x_even, x_odd, t):
     shifts and eight lookups decode 128 weights, with no widening of bytes
     (measured with codes in cache, 256 x 4096 w4-g128 on one thread:
     0.067 -> 0.034 ms against widening each 16 bytes first). Accumulator
-    ``b`` then holds rows ``4 d + b`` in lane ``d``; they are interleaved
-    back into row order once per block of columns.
+    ``b`` then holds rows ``4 d + b`` in lane ``d``; one-byte scales are
+    decoded in that same order from their words, float32 ones shuffled
+    into it, and the sums are interleaved back into row order once per
+    block of rows. Per block of columns: the exact sum of ``x . v`` per row
+    (``t``), then ``acc += scale * t`` (one fused multiply-add).
     """
-    if not (_is_f32(table, 1) and _is_u8(codes, 2) and _is_f32(x_even, 1) and _is_f32(x_odd, 1) and _is_f32(t, 1)):
+    if not (_is_f32(table, 1) and _is_u8(codes, 2) and _is_f32(scale, 2) and _is_u8(scale_codes, 2)
+            and isinstance(scale_kind, types.Integer) and isinstance(n_groups, types.Integer)
+            and _is_f32(x_even, 1) and _is_f32(x_odd, 1) and _is_f32(out, 1)):
         return None
-    sig = types.void(table, codes, x_even, x_odd, t)
+    sig = types.void(table, codes, scale, scale_codes, scale_kind, n_groups, x_even, x_odd, out)
 
     def codegen(context, builder, signature, args):
         lookup, fma = _vector_ops(builder)
-        tp, cp, ep, op, accp = (_data(context, builder, ty, v) for ty, v in zip(signature.args, args))
-        n = _length(context, builder, signature.args[2], args[2])
+        aty = signature.args
+        tp, cp, sp, scp = (_data(context, builder, aty[i], args[i]) for i in range(4))
+        ep, op, outp = (_data(context, builder, aty[i], args[i]) for i in (6, 7, 8))
+        kind = context.cast(builder, args[4], aty[4], types.intp)
+        groups = context.cast(builder, args[5], aty[5], types.intp)
+        n = _length(context, builder, aty[6], args[6])
+        per_group = builder.udiv(n, groups)
         tbl = builder.load(_vector_at(builder, tp, 0, _VF), align=4)
         parts = _ROWS // _LANES  # bytes per word
-        slots = [cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * _LANES)) for _ in range(parts)]
-        with cgutils.for_range(builder, n) as loop:
-            j = loop.index
-            words = builder.load(_vector_at(builder, cp, j, _VI), align=1)  # 64 bytes: byte 4 d + b of word d
-            ev = _splat(builder, builder.load(builder.gep(ep, [j])))
-            ov = _splat(builder, builder.load(builder.gep(op, [j])))
+        zero = ir.Constant(_VF, [0.0] * _LANES)
+        acc = [cgutils.alloca_once_value(builder, zero) for _ in range(parts)]
+        t = [cgutils.alloca_once(builder, _VF) for _ in range(parts)]
+        sc = [cgutils.alloca_once(builder, _VF) for _ in range(parts)]
+        with cgutils.for_range(builder, groups) as group:
+            g = group.index
             for b in range(parts):
-                low = words if b == 0 else builder.lshr(words, ir.Constant(_VI, [8 * b] * _LANES))
-                high = builder.lshr(words, ir.Constant(_VI, [8 * b + 4] * _LANES))
-                s = fma(lookup(tbl, low), ev, builder.load(slots[b]))
-                builder.store(fma(lookup(tbl, high), ov, s), slots[b])
-        # slots[b] lane d is row 4 d + b: interleave into rows 0..63 and add to t.
-        v = [builder.load(slot) for slot in slots]
-        pairs = ir.Constant(ir.VectorType(_I32, 2 * _LANES), [i for d in range(_LANES) for i in (d, _LANES + d)])
-        ab = builder.shuffle_vector(v[0], v[1], pairs)
-        cd = builder.shuffle_vector(v[2], v[3], pairs)
-        quads = ir.Constant(ir.VectorType(_I32, _ROWS),
-                            [i for d in range(_LANES) for i in (2 * d, 2 * d + 1, 2 * _LANES + 2 * d, 2 * _LANES + 2 * d + 1)])
-        rows = builder.shuffle_vector(ab, cd, quads)
-        tv = builder.bitcast(accp, ir.VectorType(ir.FloatType(), _ROWS).as_pointer())
-        builder.store(builder.fadd(builder.load(tv, align=4), rows), tv, align=4)
+                builder.store(zero, t[b])
+            with cgutils.for_range(builder, per_group) as col:
+                j = builder.add(builder.mul(g, per_group), col.index)
+                words = builder.load(_vector_at(builder, cp, j, _VI), align=1)  # byte 4 d + b of word d
+                ev = _splat(builder, builder.load(builder.gep(ep, [j])))
+                ov = _splat(builder, builder.load(builder.gep(op, [j])))
+                for b in range(parts):
+                    low = words if b == 0 else builder.lshr(words, ir.Constant(_VI, [8 * b] * _LANES))
+                    high = builder.lshr(words, ir.Constant(_VI, [8 * b + 4] * _LANES))
+                    s = fma(lookup(tbl, low), ev, builder.load(t[b]))
+                    builder.store(fma(lookup(tbl, high), ov, s), t[b])
+            is_float = builder.icmp_signed("==", kind, ir.Constant(kind.type, 0))
+            with builder.if_else(is_float) as (float_scales, byte_scales):
+                with float_scales:
+                    row = builder.load(_vector_at(builder, sp, g, ir.VectorType(ir.FloatType(), _ROWS)), align=4)
+                    for b in range(parts):
+                        gather = ir.Constant(_VI, [4 * d + b for d in range(_LANES)])
+                        builder.store(builder.shuffle_vector(row, row, gather), sc[b])
+                with byte_scales:
+                    words = builder.load(_vector_at(builder, scp, g, _VI), align=1)
+                    is_e4m3 = builder.icmp_signed("==", kind, ir.Constant(kind.type, 1))
+                    for b in range(parts):
+                        byte = _byte_lanes(builder, words, b)
+                        builder.store(builder.select(is_e4m3, _e4m3_lanes(builder, byte), _e8m0_lanes(builder, byte)),
+                                      sc[b])
+            for b in range(parts):
+                builder.store(fma(builder.load(sc[b]), builder.load(t[b]), builder.load(acc[b])), acc[b])
+        rows = _interleave(builder, [builder.load(a) for a in acc])
+        builder.store(rows, builder.bitcast(outp, ir.VectorType(ir.FloatType(), _ROWS).as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -211,38 +276,31 @@ def _rows_dot(typingctx, values, c0, c1, c2, c3, s0, s1, s2, s3, scale_table, ha
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def gemv_lut_blocks(x_even, x_odd, codes, scale, table, half_block, y_mult, y, work, per):
+def gemv_lut_blocks(x_even, x_odd, codes, scale, scale_codes, scale_kind, table, y_mult, y, work, per):
     """``y (1, O) = x @ W.T`` for 4-bit codes in blocks of 64 rows (:class:`~npquant.PreparedTensor`), no zero point.
 
     ``table`` float32 (16,): the value of each nibble (symmetric int4 in
-    two's complement, or fp4 e2m1). Each block of columns accumulates
-    ``x . v`` per row (:func:`_lanes_dot`), then ``acc += scale * t``:
-    the products and roundings of :func:`~npquant.kernels._gemv.gemv_int4_blocks`.
-    Every output is multiplied by ``y_mult`` (NVFP4: one over the global
-    scale; else 1). Padding rows are not stored.
+    two's complement, or fp4 e2m1). Scales: ``scale`` float32 (B, G, 64)
+    when ``scale_kind`` is 0, else ``scale_codes`` uint8 (B, G, 64) of fp8
+    e4m3 (1, NVFP4) or e8m0 (2, MXFP4) scales; the array not read may be
+    (1, 1, 64). Each block of rows is :func:`_lanes_block`; every output is
+    multiplied by ``y_mult`` (NVFP4: one over the global scale; else 1).
+    Padding rows are not stored.
     """
     n_blocks = codes.shape[0]
-    n_col_blocks = scale.shape[1]
+    n_groups = scale_codes.shape[1] if scale_kind else scale.shape[1]
     out_features = y.shape[1]
+    out = _stack_empty(1, _ROWS, np.float32)[0]
     while True:
         u_lo, u_hi = _claim(work, per, n_blocks)
         if u_lo >= u_hi:
             break
         for blk in range(u_lo, u_hi):
-            acc = _stack_empty(1, _ROWS, np.float32)[0]
-            acc[:] = 0
-            t = _stack_empty(1, _ROWS, np.float32)[0]
-            for g in range(n_col_blocks):
-                t[:] = 0
-                j0 = g * half_block
-                _lanes_dot(table, codes[blk, j0 : j0 + half_block], x_even[j0 : j0 + half_block],
-                           x_odd[j0 : j0 + half_block], t)
-                sc = scale[blk, g]
-                for r in range(_ROWS):
-                    acc[r] += sc[r] * t[r]
+            _lanes_block(table, codes[blk], scale[0 if scale_kind else blk], scale_codes[blk if scale_kind else 0],
+                         scale_kind, n_groups, x_even, x_odd, out)
             o0 = blk * _ROWS
             for r in range(min(_ROWS, out_features - o0)):
-                y[0, o0 + r] = acc[r] * y_mult
+                y[0, o0 + r] = out[r] * y_mult
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -289,18 +347,19 @@ gemv_lut_rows_coded = njit(nogil=True, cache=True, fastmath=_FASTMATH)(gemv_lut_
 
 @cfunc(SIGNATURE, cache=True)
 def gemv_lut_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`gemv_lut_blocks` (x_even, x_odd, codes, scale, table, half_block, y_mult, y, work, per)."""
+    """:func:`gemv_lut_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_kind, table, y_mult, y, work, per)."""
     blk = carray(a, (n,))
     x_even, i = _f32_1d(blk, 0)
     x_odd, i = _f32_1d(blk, i)
     codes, i = _u8_3d(blk, i)
     scale, i = _f32_3d(blk, i)
-    table, i = _f32_1d(blk, i)
-    half_block = blk[i]
-    y_mult, i = _f32(blk, i + 1)
+    scale_codes, i = _u8_3d(blk, i)
+    scale_kind = blk[i]
+    table, i = _f32_1d(blk, i + 1)
+    y_mult, i = _f32(blk, i)
     y, i = _f32_2d(blk, i)
     work, i = _i64_1d(blk, i)
-    gemv_lut_blocks(x_even, x_odd, codes, scale, table, half_block, y_mult, y, work, blk[i])
+    gemv_lut_blocks(x_even, x_odd, codes, scale, scale_codes, scale_kind, table, y_mult, y, work, blk[i])
     return 0
 
 
