@@ -74,8 +74,9 @@ def enumerating(scheme, out_features=48, in_features=64) -> QuantizedTensor:
 
 
 @needs_lut
-@pytest.mark.parametrize("scheme", ["w4-g32", "w4-channel", "w4-g128-asym", "mxfp4",
-                                    Scheme("int", 4, "group", 32, symmetric=False)], ids=str)
+@pytest.mark.parametrize("scheme", ["w4-g32", "w4-channel", "w4-g128-asym", "mxfp4", "nvfp4",
+                                    Scheme("int", 4, "group", 32, symmetric=False),
+                                    Scheme("int", 4, "group", 16, symmetric=False)], ids=str)
 def test_checkpoint_layout_decodes_every_code_exactly(scheme):
     # x = e_k picks column k: each output is 0 + ... + w[o, k] * 1 + ... + 0,
     # exact, so the kernel's table entries are compared with
@@ -107,14 +108,16 @@ def test_prepared_decodes_every_code_exactly(scheme):
 
 
 @needs_lut
-def test_fp4_in_the_checkpoint_layout_has_batch1_kernels_where_blocks_fit(monkeypatch):
+def test_which_checkpoint_tensors_take_the_lookup_kernel(monkeypatch):
     w = weight((64, 256))
-    mx, nv = quantize(w, "mxfp4"), quantize(w, "nvfp4")
-    assert kernels.has_kernels(mx, 1) and not kernels.has_kernels(mx, 2)
-    assert not kernels.has_kernels(nv, 1)  # blocks of 16 columns: 8 bytes, under one 16-lane step
-    assert kernels.has_kernels(quantize(weight((64, 96)), "mxfp4"), 1)  # three whole blocks of 32
+    assert kernels._lut_rows_fit(quantize(w, "mxfp4")) and kernels._lut_rows_fit(quantize(w, "w4-g128-asym"))
+    assert kernels._lut_rows_fit(quantize(w, "nvfp4"))  # blocks of 16 columns, in pairs
+    assert kernels._lut_rows_fit(quantize(weight((64, 96)), "mxfp4"))  # three whole blocks of 32
+    assert not kernels._lut_rows_fit(quantize(weight((64, 48)), "nvfp4"))  # three blocks of 16: one unpaired
+    assert not kernels._lut_rows_fit(quantize(weight((64, 48)), Scheme("int", 4, "group", 8)))
+    assert not kernels._lut_rows_fit(quantize(w, "w8-channel"))
     monkeypatch.setattr(kernels, "USE_LUT", False)
-    assert not kernels.has_kernels(mx, 1)
+    assert not kernels._lut_rows_fit(quantize(w, "mxfp4"))
 
 
 def test_avx512_follows_numbas_cpu_settings(monkeypatch):

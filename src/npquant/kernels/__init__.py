@@ -5,7 +5,8 @@ when the ``"numba"`` backend is asked for (or ``"auto"`` finds numba).
 Kernels compile on first use and are cached on disk, so a second process
 loads them instead of compiling. The modules, one idea each: ``_decode``
 (code formats to float32), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
-``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_quantizer`` (the
+``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_lut`` (batch-1
+4-bit kernels decoding by table lookup, AVX-512), ``_quantizer`` (the
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
 counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
 threads), ``_pool`` (npquant's own threads where that is not possible).
@@ -15,7 +16,12 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 - ``M == 1``: kernels of their own for int8 (eight rows per pass over
   ``x``), 4-bit codes in byte-aligned blocks (nibbles against ``x``'s even
   and odd columns) and fp8 (decoded in registers: e4m3's fields shifted
-  into a float32's, e5m2 through float16).
+  into a float32's, e5m2 through float16). Where numba's target has
+  AVX-512, 4-bit codes (int4, and fp4 in blocks of 16 or 32 columns)
+  take :mod:`~npquant.kernels._lut` instead: each row's block of
+  dequantized weights is a 16-entry table in a register, four rows share
+  each load of ``x``, and the next rows' lines are prefetched (short rows
+  are streams the hardware prefetcher ramps up on too late).
 - ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
   decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
   rows of ``x`` against it.
@@ -26,8 +32,9 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 For a :class:`~npquant.PreparedTensor` (:func:`npquant.prepare`: 4-bit or
 one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
 kernels whose SIMD lanes are output rows (no horizontal sums, one memory
-stream per block), and for larger ``M`` tiles dequantized transposed,
-``(I, T)``, for BLAS.
+stream per block; 4-bit ones without a zero point, and fp4, by table
+lookup where AVX-512 is), and for larger ``M`` tiles dequantized
+transposed, ``(I, T)``, for BLAS. Prepared fp4 runs at batch 1 only.
 
 Threads. A model alternates numpy's BLAS calls (attention, other layers)
 with npquant's. The kernels are serial, GIL-free numba functions that take
@@ -135,12 +142,14 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     scheme = qt.scheme
     bo, bi = qt.block_shape
     codes = np.ascontiguousarray(qt.codes).view(np.uint8)
-    scale = np.ascontiguousarray(scale_values(qt.scale, scheme, qt.global_scale))
+    scale = _scale_values(qt)
     has_zp = qt.zero_point is not None
     zp = qt.zero_point if has_zp else _NO_ZP
     fp8_e4m3, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
     base_off = 0
-    if scheme.is_float:
+    if scheme.dtype == "fp4_e2m1":
+        kind = 5
+    elif scheme.is_float:
         kind = 4
     elif scheme.packed:
         # The 4-bit fast path reads whole bytes: blocks must start on a byte.
@@ -149,6 +158,14 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     else:
         kind = 1 if has_zp else 0
     return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
+
+
+def _scale_values(qt: QuantizedTensor) -> np.ndarray:
+    """float32 C-contiguous values of ``qt``'s scales; one-byte ones (e8m0, NVFP4's e4m3) looked up in a table of
+    their 256 values (faster than converting each)."""
+    if qt.scale.dtype.itemsize == 1:
+        return _scale_table(qt.scheme, qt.global_scale)[qt.scale.view(np.uint8)]
+    return np.ascontiguousarray(scale_values(qt.scale, qt.scheme, qt.global_scale))
 
 
 def _e4m3_multipliers(x2: np.ndarray) -> np.ndarray:
@@ -206,31 +223,31 @@ def _lut_kernels():
 
 
 def _lut_rows_fit(qt: QuantizedTensor) -> bool:
-    """Whether :func:`~npquant.kernels._lut.gemv_lut_rows` reads ``qt``: 4-bit codes in whole blocks of a multiple of 32 columns."""
+    """Whether :func:`~npquant.kernels._lut.gemv_lut_rows` reads ``qt``: 4-bit codes in whole blocks of 16 columns
+    (in pairs) or a multiple of 32."""
     scheme = qt.scheme
     four_bit = scheme.dtype == "fp4_e2m1" or (scheme.packed and not scheme.is_float and scheme.bits == 4)
     bo, bi = qt.block_shape
-    fits = bi % 32 == 0 and qt.shape[1] % bi == 0 and qt.shape[0] % bo == 0
+    fits = (bi % 32 == 0 or (bi == 16 and qt.shape[1] % 32 == 0)) and qt.shape[1] % bi == 0 and qt.shape[0] % bo == 0
     return four_bit and fits and _lut_kernels() is not None
 
 
 def _dequantizes(qt: QuantizedTensor) -> bool:
-    """Whether the dequantizing and portable kernels read ``qt``: not fp4, fp6, or blocks cut at the weight's edge."""
+    """Whether the dequantizing and portable kernels read ``qt``: not fp6, nor blocks cut at the weight's edge."""
     bo, bi = qt.block_shape
-    return qt.scheme.dtype not in ("fp4_e2m1", "fp6_e2m3") and qt.shape[0] % bo == 0 and qt.shape[1] % bi == 0
+    return qt.scheme.dtype != "fp6_e2m3" and qt.shape[0] % bo == 0 and qt.shape[1] % bi == 0
 
 
 def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
     """Whether the kernels read ``qt``'s codes for a batch of ``m_rows``.
 
-    Every format but fp4, fp6 and blocks cut at the weight's edge; fp4 at
-    batch 1 only: prepared, or in the checkpoint layout in blocks of a
-    multiple of 32 columns where the table-lookup kernels run (AVX-512).
-    :func:`npquant.linear` takes the numpy path for the others.
+    Every format but fp6 and blocks cut at the weight's edge; prepared fp4
+    at batch 1 only. :func:`npquant.linear` takes the numpy path for the
+    others.
     """
     if isinstance(qt, PreparedTensor):
         return qt.scheme.dtype != "fp4_e2m1" or m_rows == 1
-    return _dequantizes(qt) or (m_rows == 1 and _lut_rows_fit(qt))
+    return _dequantizes(qt)
 
 
 def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = None) -> np.ndarray:

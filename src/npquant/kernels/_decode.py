@@ -12,6 +12,8 @@ kind  codes                  ``v`` of element ``i`` of a row
 1     uint8, unpacked        ``byte[i]``
 2     4-bit packed           ``(byte[i // 2] >> 4 * (i % 2)) & 15``
 3     2..7-bit packed        bits ``[i * bits, (i + 1) * bits)`` of the row stream
+5     fp4 e2m1, packed       the float16 holding the nibble's fields (see
+                             :func:`_fp4_low_as_f16`) times 2**14
 4     fp8 (e4m3 or e5m2)     the float16 whose sign, exponent and mantissa
                              fields are the fp8 code's (integer shifts and a
                              mask), converted to float32 (one instruction per
@@ -134,6 +136,13 @@ def _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, buf):
             if j < last:
                 v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
             buf[k] = (np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z) * s
+    elif kind == 5:
+        # fp4 e2m1, two a byte; c0 and n are even (blocks of 16 or 32 columns).
+        src = row[c0 // 2 : c0 // 2 + n // 2]
+        for k in range(n // 2):
+            b = src[k]
+            buf[2 * k] = (_fp4_low_as_f16(b) * _FP4_UNSCALE) * s
+            buf[2 * k + 1] = (_fp4_high_as_f16(b) * _FP4_UNSCALE) * s
     elif fp8_e4m3:
         src = row[c0 : c0 + n]
         for k in range(n):
