@@ -4,7 +4,7 @@ import numpy as np
 from numba import njit
 
 from ._decode import _FASTMATH, _FP4_UNSCALE, _I32, _ROWS, _SIXTEENTH, _U8_15, _U8_4, _U8_88, _e4m3_as_f16, _e4m3_as_f32_bits, _e5m2_as_f16, _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_x16, _low_nibble_x16
-from ._llvm import _claim, _stack_empty
+from ._llvm import _claim, _prefetch, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
@@ -244,12 +244,17 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                 y[0, o0 + r] = acc[r] * y_mult
 
 
+_AHEAD_COLUMNS = 64  # columns of a block of rows (4 KiB) ahead of the one read: its line is prefetched
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, per):
     """``y (1, O) = x @ W.T`` for one-byte codes in blocks of rows.
 
-    Each block's codes are read as one stream, a cache line per column,
-    and every lane accumulates its own row in a register: measured for
+    Each block's codes are read as one stream, a cache line per column
+    (the line ``_AHEAD_COLUMNS`` on prefetched: measured 4-30% faster from
+    memory, each call alternating with a float32 matmul), and every lane
+    accumulates its own row in a register: measured for
     11008 x 4096 int8, codes from memory, 1.43 ms against 1.93 ms for
     :func:`gemv_bytes` over the checkpoint layout. e4m3 as in
     :func:`gemv_bytes` (``e4m3_mults``); ``zp`` is read for
@@ -280,24 +285,28 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, p
                 xg = xs[c0 : c0 + bi]
                 if code_kind == 0:
                     for k in range(bi):
+                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k]
                         for r in range(_ROWS):
                             t[r] += e * np.float32(np.int8(b[r]))
                 elif code_kind == 1 and f32_bits:
                     for k in range(bi):
+                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k] * xm
                         for r in range(_ROWS):
                             t[r] += e * _e4m3_as_f32_bits(b[r])
                 elif code_kind == 1:
                     for k in range(bi):
+                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k] * xm
                         for r in range(_ROWS):
                             t[r] += e * _e4m3_as_f16(b[r])
                 elif code_kind == 2:
                     for k in range(bi):
+                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k]
                         for r in range(_ROWS):
@@ -307,6 +316,7 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, p
                     for r in range(_ROWS):
                         zi[r] = _I32(zg[r])
                     for k in range(bi):
+                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k]
                         for r in range(_ROWS):

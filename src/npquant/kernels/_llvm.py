@@ -126,3 +126,28 @@ def _i64_bits_to_f64(typingctx, v):
         return builder.bitcast(args[0], ir.DoubleType())
 
     return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, ary, offset):
+    """Ask the CPU to fetch the cache line holding element ``offset`` of ``ary``'s data (C-contiguous, flat).
+
+    A hint: no bounds check and no fault (an offset past the end fetches a
+    line never read, or nothing). For streams the hardware prefetcher
+    ramps up on too late: many short rows, or two threads sharing memory.
+    """
+    if not (isinstance(ary, types.Array) and ary.layout == "C" and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        data = context.make_array(aryty)(context, builder, args[0]).data
+        where = builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(where, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(ary, offset), codegen
