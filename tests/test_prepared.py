@@ -195,16 +195,24 @@ def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
     from npquant.kernels import _BYTE_KIND, _FP8
     from npquant.kernels._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t
 
-    if scheme.dtype == "fp4_e2m1":
-        pytest.skip("prepared fp4 has batch-1 kernels only: larger batches dequantize through numpy (see has_kernels)")
     qt = quantize(weight((150, in_features_for(scheme))), scheme)
     p = prepare(qt)
     has_zp = p.zero_point is not None
     zp = p.zero_point if has_zp else np.zeros((1, 1, 1), np.uint8)
+    fp4 = scheme.dtype == "fp4_e2m1"
+    if fp4:  # one-byte scale codes and their values (NVFP4's over its global scale), independently of the kernels
+        every = np.arange(256, dtype=np.uint8).view(qt.scale.dtype).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # the NaN codes (e8m0 0xFF: 2**128), never read
+            table = (every / qt.global_scale[0] if qt.global_scale is not None else
+                     np.ldexp(np.float32(1), np.arange(256) - 127).astype(np.float32))
+        scales = (np.zeros((1, 1, ROWS), np.float32), p.scale, np.ascontiguousarray(table, np.float32))
+    else:
+        scales = (p.scale, np.zeros((1, 1, ROWS), np.uint8), np.zeros(1, np.float32))
     for blk0, n in ((0, 150), (1, 86), (2, 22), (0, 5)):
         out_t = np.empty((qt.shape[1], n), np.float32)
         if scheme.bits == 4:
-            dequantize_int4_blocks_t(p.codes, p.scale, zp, has_zp, p.block_shape[1] // 2, blk0, out_t, *one_thread())
+            dequantize_int4_blocks_t(p.codes, *scales, zp, has_zp, fp4, p.block_shape[1] // 2, blk0, out_t,
+                                     *one_thread())
         else:
             kind = _BYTE_KIND.get(scheme.dtype, 3 if has_zp else 0)
             fp8_mult = np.float32(_FP8.get(scheme.dtype, (0, 1.0))[1])

@@ -34,7 +34,7 @@ one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
 kernels whose SIMD lanes are output rows (no horizontal sums, one memory
 stream per block; 4-bit ones without a zero point, and fp4, by table
 lookup where AVX-512 is), and for larger ``M`` tiles dequantized
-transposed, ``(I, T)``, for BLAS. Prepared fp4 runs at batch 1 only.
+transposed, ``(I, T)``, for BLAS.
 
 Threads. A model alternates numpy's BLAS calls (attention, other layers)
 with npquant's. The kernels are serial, GIL-free numba functions that take
@@ -241,12 +241,12 @@ def _dequantizes(qt: QuantizedTensor) -> bool:
 def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
     """Whether the kernels read ``qt``'s codes for a batch of ``m_rows``.
 
-    Every format but fp6 and blocks cut at the weight's edge; prepared fp4
-    at batch 1 only. :func:`npquant.linear` takes the numpy path for the
-    others.
+    Every format but fp6 and blocks cut at the weight's edge (``m_rows``
+    does not matter: every batch has kernels). :func:`npquant.linear` takes
+    the numpy path for the others.
     """
     if isinstance(qt, PreparedTensor):
-        return qt.scheme.dtype != "fp4_e2m1" or m_rows == 1
+        return True
     return _dequantizes(qt)
 
 
@@ -424,7 +424,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
             table = _float_code_values("fp4_e2m1") if fp4 else _INT4_TWOS
             _parallel(lut.gemv_lut_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, kind, table, y_mult, y),
                       n_blocks, cost, threads)
-        else:  # fp4 at batch 1 only (see has_kernels)
+        else:
             _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, _scale_table(p.scheme),
                                          _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y), n_blocks, cost, threads)
         return
@@ -451,13 +451,16 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
                                          has_zp, False, half_block,
                                          np.float32(1.0), y), n_blocks, cost, threads)
             return
+        # fp4: one-byte scale codes, their values (NVFP4's over its global scale, as dequantize divides) in a table
+        scales = ((_NO_SCALE_BLOCKS, p.scale, _scale_table(p.scheme, p.global_scale)) if fp4
+                  else (p.scale, _NO_SCALE_CODES, _NO_SCALE_TABLE))
         if m_rows <= SMALL_M:
-            _parallel(gemm_small_m_int4_blocks, (*_even_odd(x2), p.codes, p.scale, zp, has_zp, half_block, y),
+            _parallel(gemm_small_m_int4_blocks, (*_even_odd(x2), p.codes, *scales, zp, has_zp, fp4, half_block, y),
                       n_blocks, cost, threads)
             return
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
-            _parallel(dequantize_int4_blocks_t, (p.codes, p.scale, zp, has_zp, half_block, b0, w_t),
+            _parallel(dequantize_int4_blocks_t, (p.codes, *scales, zp, has_zp, fp4, half_block, b0, w_t),
                       -(-w_t.shape[1] // ROWS), w_t.nbytes, threads)
 
     # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.

@@ -163,17 +163,21 @@ def gemm_small_m_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 @cfunc(SIGNATURE, cache=True)
 def gemm_small_m_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`gemm_small_m_int4_blocks` (x_even, x_odd, codes, scale, zp, has_zp, half_block, y, work, per)."""
+    """:func:`gemm_small_m_int4_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4,
+    half_block, y, work, per)."""
     blk = carray(a, (n,))
     x_even, i = _f32_2d(blk, 0)
     x_odd, i = _f32_2d(blk, i)
     codes, i = _u8_3d(blk, i)
     scale, i = _f32_3d(blk, i)
+    scale_codes, i = _u8_3d(blk, i)
+    scale_table, i = _f32_1d(blk, i)
     zp, i = _u8_3d(blk, i)
-    has_zp, half_block = blk[i] != 0, blk[i + 1]
-    y, i = _f32_2d(blk, i + 2)
+    has_zp, fp4, half_block = blk[i] != 0, blk[i + 1] != 0, blk[i + 2]
+    y, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y, work, blk[i])
+    gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y,
+                             work, blk[i])
     return 0
 
 
@@ -239,15 +243,19 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_int4_blocks_t` (codes, scale, zp, has_zp, half_block, blk0, out_t, work, per)."""
+    """:func:`dequantize_int4_blocks_t` (codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0,
+    out_t, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_3d(blk, 0)
     scale, i = _f32_3d(blk, i)
+    scale_codes, i = _u8_3d(blk, i)
+    scale_table, i = _f32_1d(blk, i)
     zp, i = _u8_3d(blk, i)
-    has_zp, half_block, blk0 = blk[i] != 0, blk[i + 1], blk[i + 2]
-    out_t, i = _f32_2d(blk, i + 3)
+    has_zp, fp4, half_block, blk0 = blk[i] != 0, blk[i + 1] != 0, blk[i + 2], blk[i + 3]
+    out_t, i = _f32_2d(blk, i + 4)
     work, i = _i64_1d(blk, i)
-    dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t, work, blk[i])
+    dequantize_int4_blocks_t(codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0, out_t, work,
+                             blk[i])
     return 0
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 from numba import njit
 
-from ._decode import _CHUNK, _FASTMATH, _I32, _KCHUNK, _KCHUNK4, _ROWS, _decode, _decode_lanes, _high_nibble_signed, _low_nibble_signed
+from ._decode import (_CHUNK, _FASTMATH, _FP4_UNSCALE, _I32, _KCHUNK, _KCHUNK4, _ROWS, _decode, _decode_lanes,
+                      _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_signed, _low_nibble_signed)
 from ._llvm import _claim, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -110,17 +111,22 @@ def _store_block(acc, o0, y):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block, y, work, per):
-    """``y (M, O) = x @ W.T`` for small M and 4-bit codes in blocks of rows.
+def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y,
+                             work, per):
+    """``y (M, O) = x @ W.T`` for small M and 4-bit codes in blocks of rows: int (``zp`` when ``has_zp``) or fp4 e2m1.
 
     ``x_even``/``x_odd`` ``(M, I / 2)``. ``_KCHUNK`` byte positions of a
     block are decoded at a time into two buffers in L1 (low and high
-    nibbles, ``q - z``, exact), then two rows of ``x`` at a time accumulate
-    against them in registers, and each chunk's sums are scaled into
-    ``acc`` (as :func:`gemm_small_m_bytes_blocks`).
+    nibbles, ``q - z`` or the fp4 value, exact), then two rows of ``x`` at
+    a time accumulate against them in registers, and each chunk's sums are
+    scaled into ``acc`` (as :func:`gemm_small_m_bytes_blocks`). fp4 scales
+    are one-byte codes, ``scale_codes`` uint8 (B, G, R), whose values
+    ``scale_table`` float32 (256,) holds (NVFP4's over its global scale);
+    ``scale`` is then not read.
     """
     n_blocks = codes.shape[0]
     m_rows = y.shape[0]
+    n_col_blocks = scale_codes.shape[1] if fp4 else scale.shape[1]
     n_units = n_blocks
     while True:
         u_lo, u_hi = _claim(work, per, n_units)
@@ -131,16 +137,27 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, zp, has_zp, half_block
             lo = _stack_empty(_KCHUNK4, _ROWS, np.float32)
             hi = _stack_empty(_KCHUNK4, _ROWS, np.float32)
             t = _stack_empty(2, _ROWS, np.float32)
-            for g in range(scale.shape[1]):
+            sc = _stack_empty(1, _ROWS, np.float32)[0]
+            for g in range(n_col_blocks):
                 zg = zp[blk, g] if has_zp else zp[0, 0]
-                sc = scale[blk, g]
+                if fp4:
+                    sg = scale_codes[blk, g]
+                    for r in range(_ROWS):
+                        sc[r] = scale_table[sg[r]]
+                else:
+                    sc[:] = scale[blk, g]
                 for j0 in range(g * half_block, (g + 1) * half_block, _KCHUNK4):
                     n = min(_KCHUNK4, (g + 1) * half_block - j0)
                     for jj in range(n):
                         b = codes[blk, j0 + jj]
                         lj = lo[jj]
                         hj = hi[jj]
-                        if has_zp:
+                        if fp4:
+                            for r in range(_ROWS):
+                                c = b[r]
+                                lj[r] = _fp4_low_as_f16(c) * _FP4_UNSCALE
+                                hj[r] = _fp4_high_as_f16(c) * _FP4_UNSCALE
+                        elif has_zp:
                             for r in range(_ROWS):
                                 c = _I32(b[r])
                                 z = _I32(zg[r])

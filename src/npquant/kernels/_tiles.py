@@ -3,7 +3,8 @@
 import numpy as np
 from numba import njit
 
-from ._decode import _CHUNK, _FASTMATH, _I32, _ROWS, _U8_15, _U8_4, _decode, _decode_lanes, _high_nibble_signed, _low_nibble_signed
+from ._decode import (_CHUNK, _FASTMATH, _FP4_UNSCALE, _I32, _ROWS, _U8_15, _U8_4, _decode, _decode_lanes,
+                      _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_signed, _low_nibble_signed)
 from ._llvm import _claim, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -77,16 +78,21 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, o
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t, work, per):
+def dequantize_int4_blocks_t(codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0, out_t, work,
+                             per):
     """``out_t (I, T)``: the weight's rows ``[R blk0, R blk0 + T)`` as columns, bit-equal to the numpy reference.
 
-    ``(q - z)`` is an exact integer, converted exactly, times the scale:
-    one rounding, as in the reference. Each step writes the ``R`` rows of
-    one byte position to two rows of ``out_t`` at unit stride.
+    ``(q - z)`` is an exact integer, converted exactly (fp4: the code's
+    value, exactly), times the scale: one rounding, as in the reference.
+    Each step writes the ``R`` rows of one byte position to two rows of
+    ``out_t`` at unit stride. fp4 scales are one-byte codes as in
+    :func:`~npquant.kernels._small_m.gemm_small_m_int4_blocks`.
     """
     _, half_in, rows = codes.shape
     n_cols = out_t.shape[1]
     n_units = (n_cols + rows - 1) // rows
+    n_col_blocks = scale_codes.shape[1] if fp4 else scale.shape[1]
+    sc = _stack_empty(1, _ROWS, np.float32)[0]
     while True:
         u_lo, u_hi = _claim(work, per, n_units)
         if u_lo >= u_hi:
@@ -95,14 +101,24 @@ def dequantize_int4_blocks_t(codes, scale, zp, has_zp, half_block, blk0, out_t, 
             blk = blk0 + bb
             c0 = bb * rows
             n = min(rows, n_cols - c0)
-            for g in range(scale.shape[1]):
-                sc = scale[blk, g]
+            for g in range(n_col_blocks):
+                if fp4:
+                    sg = scale_codes[blk, g]
+                    for r in range(rows):
+                        sc[r] = scale_table[sg[r]]
+                else:
+                    sc[:] = scale[blk, g]
                 zg = zp[blk, g] if has_zp else zp[0, 0]
                 for j in range(g * half_block, (g + 1) * half_block):
                     b = codes[blk, j]
                     lo = out_t[2 * j, c0 : c0 + n]
                     hi = out_t[2 * j + 1, c0 : c0 + n]
-                    if has_zp:
+                    if fp4:
+                        for r in range(n):
+                            c = b[r]
+                            lo[r] = (_fp4_low_as_f16(c) * _FP4_UNSCALE) * sc[r]
+                            hi[r] = (_fp4_high_as_f16(c) * _FP4_UNSCALE) * sc[r]
+                    elif has_zp:
                         for r in range(n):
                             c = _I32(b[r])
                             z = _I32(zg[r])
