@@ -244,6 +244,22 @@ def _fp4_high_as_f16(c):
     return _f16_bits_to_f32(_I16(_I16(_I16(h << _I16_8) >> _I16_3) & _I16_FP4_BITS))
 
 
+@njit(inline="always")
+def _block_scales(scale, scale_codes, scale_table, coded, blk, g, out):
+    """``out[:R]``: the scales of block of rows ``blk``, block of columns ``g``, as float32 values.
+
+    ``scale`` float32 (B, G, R), or, when ``coded``, ``scale_codes`` uint8
+    (B, G, R) (fp4's one-byte scales) whose values ``scale_table`` float32
+    (256,) holds.
+    """
+    if coded:
+        sg = scale_codes[blk, g]
+        for r in range(out.shape[0]):
+            out[r] = scale_table[sg[r]]
+    else:
+        out[:] = scale[blk, g]
+
+
 # scale and zero point (B, G, R). ``code_kind``: 0 int8 (symmetric), 1 fp8
 # e4m3, 2 fp8 e5m2, 3 uint8 minus a zero point (asymmetric). As for 4-bit
 # blocks, a loop over r is a loop over SIMD lanes, one output row each.

@@ -88,8 +88,9 @@ def _interleave(builder, parts):
     pairs = ir.Constant(ir.VectorType(_I32, 2 * _LANES), [i for d in range(_LANES) for i in (d, _LANES + d)])
     ab = builder.shuffle_vector(parts[0], parts[1], pairs)
     cd = builder.shuffle_vector(parts[2], parts[3], pairs)
+    half = 2 * _LANES
     quads = ir.Constant(ir.VectorType(_I32, _ROWS),
-                        [i for d in range(_LANES) for i in (2 * d, 2 * d + 1, 2 * _LANES + 2 * d, 2 * _LANES + 2 * d + 1)])
+                        [i for d in range(_LANES) for i in (2 * d, 2 * d + 1, half + 2 * d, half + 2 * d + 1)])
     return builder.shuffle_vector(ab, cd, quads)
 
 
@@ -100,7 +101,7 @@ def _byte_lanes(builder, words, b):
 
 
 def _e4m3_lanes(builder, byte):
-    """float32 values of 16 fp8 e4m3 bytes (int32 lanes): through float16, exact for every finite code, subnormals too."""
+    """float32 values of 16 fp8 e4m3 bytes (int32 lanes), through float16: exact for every finite code, subnormals too."""
     sign = builder.shl(builder.and_(byte, ir.Constant(_VI, [0x80] * _LANES)), ir.Constant(_VI, [8] * _LANES))
     rest = builder.shl(builder.and_(byte, ir.Constant(_VI, [0x7F] * _LANES)), ir.Constant(_VI, [7] * _LANES))
     half = builder.bitcast(builder.trunc(builder.or_(sign, rest), ir.VectorType(ir.IntType(16), _LANES)),
@@ -234,8 +235,8 @@ def _rows_dot(typingctx, values, c0, c1, c2, c3, s0, s1, s2, s3, scale_table, ha
     rows, scales, zps = (c0, c1, c2, c3), (s0, s1, s2, s3), (z0, z1, z2, z3)
     coded = all(_is_u8(s, 1) for s in scales)
     if not (_is_f32(values, 1) and all(_is_u8(c, 1) for c in rows) and (coded or all(_is_f32(s, 1) for s in scales))
-            and _is_f32(scale_table, 1) and isinstance(has_zp, types.Boolean) and all(_is_u8(z, 1) for z in zps) and _is_f32(x_even, 1) and _is_f32(x_odd, 1)
-            and isinstance(ahead, types.Integer) and _is_f32(acc, 2)):
+            and _is_f32(scale_table, 1) and isinstance(has_zp, types.Boolean) and all(_is_u8(z, 1) for z in zps)
+            and _is_f32(x_even, 1) and _is_f32(x_odd, 1) and isinstance(ahead, types.Integer) and _is_f32(acc, 2)):
         return None
     sig = types.void(values, *rows, *scales, scale_table, has_zp, *zps, x_even, x_odd, ahead, acc)
 

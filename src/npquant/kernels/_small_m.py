@@ -3,8 +3,8 @@
 import numpy as np
 from numba import njit
 
-from ._decode import (_CHUNK, _FASTMATH, _FP4_UNSCALE, _I32, _KCHUNK, _KCHUNK4, _ROWS, _decode, _decode_lanes,
-                      _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_signed, _low_nibble_signed)
+from ._decode import (_block_scales, _CHUNK, _decode, _decode_lanes, _FASTMATH, _fp4_high_as_f16, _fp4_low_as_f16,
+                      _FP4_UNSCALE, _high_nibble_signed, _I32, _KCHUNK, _KCHUNK4, _low_nibble_signed, _ROWS)
 from ._llvm import _claim, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -140,12 +140,7 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_tab
             sc = _stack_empty(1, _ROWS, np.float32)[0]
             for g in range(n_col_blocks):
                 zg = zp[blk, g] if has_zp else zp[0, 0]
-                if fp4:
-                    sg = scale_codes[blk, g]
-                    for r in range(_ROWS):
-                        sc[r] = scale_table[sg[r]]
-                else:
-                    sc[:] = scale[blk, g]
+                _block_scales(scale, scale_codes, scale_table, fp4, blk, g, sc)
                 for j0 in range(g * half_block, (g + 1) * half_block, _KCHUNK4):
                     n = min(_KCHUNK4, (g + 1) * half_block - j0)
                     for jj in range(n):

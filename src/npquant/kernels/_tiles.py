@@ -3,8 +3,8 @@
 import numpy as np
 from numba import njit
 
-from ._decode import (_CHUNK, _FASTMATH, _FP4_UNSCALE, _I32, _ROWS, _U8_15, _U8_4, _decode, _decode_lanes,
-                      _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_signed, _low_nibble_signed)
+from ._decode import (_block_scales, _CHUNK, _decode, _decode_lanes, _FASTMATH, _fp4_high_as_f16, _fp4_low_as_f16,
+                      _FP4_UNSCALE, _high_nibble_signed, _I32, _low_nibble_signed, _ROWS, _U8_15, _U8_4)
 from ._llvm import _claim, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -102,12 +102,7 @@ def dequantize_int4_blocks_t(codes, scale, scale_codes, scale_table, zp, has_zp,
             c0 = bb * rows
             n = min(rows, n_cols - c0)
             for g in range(n_col_blocks):
-                if fp4:
-                    sg = scale_codes[blk, g]
-                    for r in range(rows):
-                        sc[r] = scale_table[sg[r]]
-                else:
-                    sc[:] = scale[blk, g]
+                _block_scales(scale, scale_codes, scale_table, fp4, blk, g, sc)
                 zg = zp[blk, g] if has_zp else zp[0, 0]
                 for j in range(g * half_block, (g + 1) * half_block):
                     b = codes[blk, j]
