@@ -155,3 +155,21 @@ def test_rows_past_the_end_are_not_stored(rows):
     assert np.all(y[:, rows:] == 7.0)
     ref = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
     assert np.all(np.abs(y[:, :rows] - ref) <= gamma(66) * np.abs(x) @ np.abs(qt.dequantize()).T + 1e-30)
+
+
+@needs_lut
+@pytest.mark.parametrize("prepared", [False, True], ids=["checkpoint", "prepared"])
+def test_e8m0_scales_decode_exactly_at_every_exponent(prepared):
+    # MXFP4's scale 2**(E - 127) for E = 0 .. 199: E = 0 is 2**-127, a
+    # float32 subnormal that the kernels must not read as 0 (a one-byte
+    # scale's exponent field alone would be). Exponents stay below 200 so
+    # that no weight overflows to inf (0 * inf would make the one-hot sums NaN).
+    template = enumerating("mxfp4", out_features=100)
+    scale = (np.arange(template.scale.size) % 200).reshape(template.scale.shape).astype(np.uint8)
+    qt = QuantizedTensor(template.codes, scale, None, template.shape, template.scheme)
+    obj = prepare(qt) if prepared else qt
+    eye = np.eye(qt.shape[1], dtype=np.float32)
+    got = np.stack([kernels.numba_linear(eye[k : k + 1], obj)[0] for k in range(qt.shape[1])], axis=1)
+    want = qt.dequantize()
+    assert np.count_nonzero(want[scale.repeat(32, axis=1) == 0]) > 0  # subnormal weights are there to check
+    np.testing.assert_array_equal(got, want)
