@@ -102,10 +102,10 @@ USE_LUT = True
 # (asymmetric), fp4 e2m1.
 _NIBBLES = np.arange(16, dtype=np.float32)
 _INT4_OFFSET = _NIBBLES - 8
+_INT4_TWOS = np.where(_NIBBLES < 8, _NIBBLES, _NIBBLES - 16).astype(np.float32)
 _NO_SCALE_TABLE = np.zeros(1, np.float32)
 _NO_SCALE_BLOCKS = np.zeros((1, 1, ROWS), np.float32)  # float32 scales of prepared blocks, where codes are read
 _NO_SCALE_CODES = np.zeros((1, 1, ROWS), np.uint8)  # scale codes of prepared blocks, where float32 scales are read
-_INT4_TWOS = np.where(_NIBBLES < 8, _NIBBLES, _NIBBLES - 16).astype(np.float32)
 # fp8: (e4m3?, power of two taking the float16 the fields make to the value)
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
 # x * 2**8 is exact below this (and far below float32's 2**128)
@@ -368,10 +368,21 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 
 def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
     """float32 (256,): the value of each one-byte scale code (e8m0, fp8 e4m3 over ``global_scale`` if given),
-    computed as :func:`~npquant.quantize.scale_values` computes each."""
+    computed as :func:`~npquant.quantize.scale_values` computes each (a float32 division by the global scale)."""
+    table = _code_scale_values(scheme)
+    return table if global_scale is None else table / global_scale[0]
+
+
+@functools.cache
+def _code_scale_values(scheme) -> np.ndarray:
+    """float32 (256,): :func:`~npquant.quantize.scale_values` of every one-byte scale code of ``scheme``.
+
+    Shared by every call: the kernels only read it (a read-only array would
+    make numba compile each kernel once more for that type).
+    """
     every = np.arange(256, dtype=np.uint8).view(scale_numpy_dtype(scheme))
     with np.errstate(over="ignore", invalid="ignore"):  # the NaN codes: QuantizedTensor and PreparedTensor refuse them
-        return np.ascontiguousarray(scale_values(every, scheme, global_scale), np.float32)
+        return np.ascontiguousarray(scale_values(every, scheme), np.float32)
 
 
 def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int, threads: int | None) -> None:
@@ -395,7 +406,7 @@ def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int
         scale_table = _scale_table(scheme, qt.global_scale)
     else:
         kernel = _lut_kernels().gemv_lut_rows
-        scale = np.ascontiguousarray(scale_values(qt.scale, scheme, qt.global_scale))
+        scale = _scale_values(qt)
         scale_table = _NO_SCALE_TABLE
     zp = qt.zero_point if has_zp else np.zeros((1, scale.shape[1]), np.uint8)
     x_even, x_odd = _even_odd(x2)

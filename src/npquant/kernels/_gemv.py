@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit
 
-from ._decode import _FASTMATH, _FP4_UNSCALE, _I32, _ROWS, _SIXTEENTH, _U8_15, _U8_4, _U8_88, _e4m3_as_f16, _e4m3_as_f32_bits, _e5m2_as_f16, _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_x16, _low_nibble_x16
+from ._decode import _FASTMATH, _block_scales, _FP4_UNSCALE, _I32, _ROWS, _SIXTEENTH, _U8_15, _U8_4, _U8_88, _e4m3_as_f16, _e4m3_as_f32_bits, _e5m2_as_f16, _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_x16, _low_nibble_x16
 from ._llvm import _claim, _prefetch, _stack_empty
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -192,6 +192,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
             acc[:] = 0
             t = _stack_empty(1, _ROWS, np.float32)[0]
             zi = _stack_empty(1, _ROWS, np.int32)[0]
+            sc = _stack_empty(1, _ROWS, np.float32)[0]
             for g in range(n_col_blocks):
                 t[:] = 0
                 j0 = g * half_block
@@ -231,14 +232,9 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                             t[r] += e * np.float32(_low_nibble_x16(c)) + f * np.float32(_high_nibble_x16(c))
                     for r in range(rows):
                         t[r] *= _SIXTEENTH
-                if fp4:
-                    sb = scale_codes[blk, g]
-                    for r in range(rows):
-                        acc[r] += scale_table[sb[r]] * t[r]
-                else:
-                    sc = scale[blk, g]
-                    for r in range(rows):
-                        acc[r] += sc[r] * t[r]
+                _block_scales(scale, scale_codes, scale_table, fp4, blk, g, sc)
+                for r in range(rows):
+                    acc[r] += sc[r] * t[r]
             o0 = blk * rows
             for r in range(min(rows, out_features - o0)):
                 y[0, o0 + r] = acc[r] * y_mult
