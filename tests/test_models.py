@@ -48,6 +48,25 @@ def test_matches_the_committed_sentence_transformers_reference(encoder):
     assert np.abs(got - expected).max() <= 1e-5
 
 
+def test_both_backends_match_the_reference(encoder):
+    # numpy's GELU, LayerNorm and softmax (the numpy backend) and the one-pass
+    # numba kernels (the numba backend) both stay within the bar.
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed (npquant[fast]): the default encoder is the numpy one, tested above")
+    from npquant.models import SentenceEncoder
+    from npquant.models.bert import _NumbaOps, _NumpyOps
+
+    sentences, expected = reference()
+    got = {}
+    for backend, ops in (("numpy", _NumpyOps), ("numba", _NumbaOps)):
+        enc = SentenceEncoder(encoder.config, encoder.tensors, encoder.tokenizer, backend=backend)
+        got[backend] = enc.encode(sentences)
+        assert enc._ops() is ops
+        assert np.abs(got[backend] - expected).max() <= 1e-5
+    # float32 rounding in another order through 6 blocks: ~2e-7 seen.
+    assert np.abs(got["numpy"] - got["numba"]).max() <= 2e-6
+
+
 def test_matches_sentence_transformers_live(encoder):
     pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0); the committed "
                                         "reference file covers this check without it")

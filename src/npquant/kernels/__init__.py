@@ -4,7 +4,8 @@ Importing this package imports numba; :func:`npquant.linear` imports it only
 when the ``"numba"`` backend is asked for (or ``"auto"`` finds numba).
 Kernels compile on first use and are cached on disk, so a second process
 loads them instead of compiling. The modules, one idea each: ``_decode``
-(code formats to float32), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
+(code formats to float32), ``_nonlinear`` (a transformer's GELU,
+LayerNorm and softmax in one pass each), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
 ``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_lut`` (batch-1
 4-bit kernels decoding by table lookup, AVX-512), ``_quantizer`` (the
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
@@ -76,11 +77,13 @@ from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
 from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
 from . import _blas_threads, _pool
+from . import _nonlinear
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split
 
-__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M"]
+__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M", "gelu", "add_layer_norm",
+           "softmax_scaled"]
 
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
@@ -483,3 +486,51 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
         w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
         dequantize_t(b0, w_t)
         np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
+
+
+def _rows_f32(a: np.ndarray, name: str) -> np.ndarray:
+    """``a (..., C)`` as a C-contiguous float32 ``(N, C)``, a view when it is one."""
+    if a.dtype != np.float32:
+        raise NpquantError(f"{name} must be float32, got {a.dtype}")
+    return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+
+
+def gelu(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``(..., F)``: exact-erf GELU of float32 ``h (..., F)``, into ``out`` if given (``h`` itself may be)."""
+    if h.dtype != np.float32:
+        raise NpquantError(f"h must be float32, got {h.dtype}")
+    if out is None:
+        out = np.empty(h.shape, np.float32)
+    elif out.shape != h.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise NpquantError(f"gelu: out must be a C-contiguous float32 {h.shape} array, got {out.dtype} {out.shape}")
+    if out is not h:
+        np.copyto(out, h)
+    _nonlinear.gelu(out.reshape(-1, h.shape[-1]))  # in place (see there)
+    return out
+
+
+def add_layer_norm(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """float32 ``(..., C)``: LayerNorm over the last axis of ``a + b`` (both float32 ``(..., C)``), new array."""
+    if a.shape != b.shape or gamma.shape != (a.shape[-1],) or beta.shape != gamma.shape:
+        raise NpquantError(f"add_layer_norm: a {a.shape}, b {b.shape}, gamma {gamma.shape} and beta {beta.shape} "
+                           f"must be (..., C), (..., C), (C,), (C,)")
+    out = np.empty(a.shape, np.float32)
+    _nonlinear.add_layer_norm(_rows_f32(a, "a"), _rows_f32(b, "b"), _rows_f32(gamma, "gamma")[0],
+                              _rows_f32(beta, "beta")[0], float(eps), out.reshape(-1, a.shape[-1]))
+    return out
+
+
+def softmax_scaled(scores: np.ndarray, scale, key_bias: np.ndarray) -> np.ndarray:
+    """float32 ``(B, H, T, K)``, new: softmax over the last axis of ``scores * scale + key_bias[:, None, None, :]``.
+
+    ``scores`` float32 (B, H, T, K); ``key_bias`` float32 (B, K), e.g. 0
+    for kept keys and float32's lowest for padding.
+    """
+    if scores.ndim != 4 or key_bias.shape != (scores.shape[0], scores.shape[3]):
+        raise NpquantError(f"softmax_scaled: scores {scores.shape} must be (B, H, T, K) and key_bias "
+                           f"{key_bias.shape} (B, K)")
+    if scores.dtype != np.float32 or key_bias.dtype != np.float32:
+        raise NpquantError(f"softmax_scaled: scores and key_bias must be float32, got {scores.dtype}, {key_bias.dtype}")
+    out = np.empty(scores.shape, np.float32)
+    _nonlinear.softmax_scaled(np.ascontiguousarray(scores), np.float32(scale), np.ascontiguousarray(key_bias), out)
+    return out

@@ -88,6 +88,7 @@ class SentenceEncoder:
         self.scheme = scheme
         self.layer_report = None  # GPTQ's per-layer rows, when made by quantized(method="gptq")
         self._prepared: dict = {}  # weight name -> (QuantizedTensor, what linear runs for it)
+        self._nonlinear = None  # GELU, LayerNorm and softmax for the backend (see _ops)
 
     # --- loading -----------------------------------------------------------------
     @classmethod
@@ -248,7 +249,7 @@ class SentenceEncoder:
         return self._pool(x, mask)
 
     def _embed(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 ``(B, T, C)`` embeddings after LayerNorm, and the additive attention mask ``(B, 1, 1, T)``."""
+        """float32 ``(B, T, C)`` embeddings after LayerNorm, and the additive attention mask over keys ``(B, T)``."""
         cfg = self.config
         t = self.tensors
         T = ids.shape[1]
@@ -257,7 +258,7 @@ class SentenceEncoder:
         x = x + t["embeddings.token_type_embeddings.weight"][0][None, None]
         x = _layer_norm(x, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], cfg.layer_norm_eps)
         # Additive mask over keys, as transformers builds it: 0 or float32.min.
-        bias = (1.0 - mask[:, None, None, :].astype(np.float32)) * np.finfo(np.float32).min  # (B, 1, 1, T)
+        bias = (1.0 - mask.astype(np.float32)) * np.finfo(np.float32).min  # (B, T)
         return x, bias
 
     def _block(self, i: int, x: np.ndarray, bias: np.ndarray, observe=None) -> np.ndarray:
@@ -284,15 +285,22 @@ class SentenceEncoder:
         q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
         k = k.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
         v = v.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        scores = (q @ k.transpose(0, 1, 3, 2)) * scale + bias  # (B, H, T, T)
-        probs = _softmax(scores)
+        ops = self._ops()
+        probs = ops.softmax_scaled(q @ k.transpose(0, 1, 3, 2), scale, bias)  # (B, H, T, T)
         ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
         attn = lin(ctx, "attention.output.dense")
-        x = _layer_norm(attn + x, t[p + "attention.output.LayerNorm.weight"],
-                        t[p + "attention.output.LayerNorm.bias"], cfg.layer_norm_eps)
-        h = _gelu(lin(x, "intermediate.dense"))  # (B, T, intermediate)
+        x = ops.add_layer_norm(attn, x, t[p + "attention.output.LayerNorm.weight"],
+                               t[p + "attention.output.LayerNorm.bias"], cfg.layer_norm_eps)
+        h = ops.gelu(lin(x, "intermediate.dense"))  # (B, T, intermediate)
         h = lin(h, "output.dense")
-        return _layer_norm(h + x, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"], cfg.layer_norm_eps)
+        return ops.add_layer_norm(h, x, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"],
+                                  cfg.layer_norm_eps)
+
+    def _ops(self):
+        """The non-linear parts for this encoder's backend: one-pass numba kernels on ``"numba"``, else numpy."""
+        if self._nonlinear is None:
+            self._nonlinear = _NumbaOps if resolve_backend(self.backend) == "numba" else _NumpyOps
+        return self._nonlinear
 
     @staticmethod
     def _pool(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -358,6 +366,53 @@ class SentenceEncoder:
         run = prepare(w) if resolve_backend(self.backend) == "numba" else w
         self._prepared[name] = (w, run)
         return run
+
+
+class _NumpyOps:
+    """The encoder's non-linear parts in numpy (the reference; shapes as :class:`_NumbaOps`)."""
+
+    @staticmethod
+    def gelu(h: np.ndarray) -> np.ndarray:
+        return _gelu(h)
+
+    @staticmethod
+    def add_layer_norm(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+        return _layer_norm(a + b, gamma, beta, eps)
+
+    @staticmethod
+    def softmax_scaled(scores: np.ndarray, scale: np.float32, key_bias: np.ndarray) -> np.ndarray:
+        return _softmax(scores * scale + key_bias[:, None, None, :])
+
+
+class _NumbaOps:
+    """The encoder's non-linear parts, each one pass of :mod:`npquant.kernels` (numba).
+
+    Measured on 2 cores, float32: GELU of ``(12, 1536)`` (one sentence)
+    60 -> 20 us and of ``(480, 1536)`` 2.2-8 -> 0.8 ms; residual LayerNorm
+    of ``(12, 384)`` 20 -> 2 us; softmax of ``(32, 12, 15, 15)`` 0.57 ->
+    0.19 ms.
+    """
+
+    @staticmethod
+    def gelu(h: np.ndarray) -> np.ndarray:
+        """GELU of ``h (..., F)``, a linear's fresh output: computed in place."""
+        from ..kernels import gelu
+
+        return gelu(h, out=h)
+
+    @staticmethod
+    def add_layer_norm(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+        """float32 ``(..., C)``: LayerNorm of ``a + b``, both ``(..., C)``."""
+        from ..kernels import add_layer_norm
+
+        return add_layer_norm(a, b, gamma, beta, eps)
+
+    @staticmethod
+    def softmax_scaled(scores: np.ndarray, scale: np.float32, key_bias: np.ndarray) -> np.ndarray:
+        """float32 ``(B, H, T, K)``: softmax over keys of ``scores * scale + key_bias`` (``key_bias (B, K)``)."""
+        from ..kernels import softmax_scaled
+
+        return softmax_scaled(scores, scale, key_bias)
 
 
 _BLOCK_LINEARS = (
