@@ -319,8 +319,10 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
+    # The kernels read x by whole lines; BLAS (larger batches) does not care, and
+    # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
     if (x2.dtype != np.float32 or not x2.flags.c_contiguous
-            or (x2.nbytes >= _ALIGN_FROM_BYTES and x2.ctypes.data % _ALIGN)):
+            or (m_rows <= SMALL_M and x2.nbytes >= _ALIGN_FROM_BYTES and x2.ctypes.data % _ALIGN)):
         x2 = _copy_aligned(x2)
     y = _aligned_empty((m_rows, out_features))
     if isinstance(qt, PreparedTensor):
