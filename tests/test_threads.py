@@ -102,6 +102,20 @@ def test_tiles_in_threads_match_numpy(name, qt):
         assert np.all(np.abs(got - want) <= bound), threads
 
 
+def test_job_block_holds_each_argument():
+    from npquant.kernels._jobs import pack
+
+    a = np.zeros((2, 3), np.float32)
+    b = np.zeros((4, 5, 6), np.uint8)
+    block = pack((a, True, 2.5, np.float32(1.5), 7, np.int64(-3), b, False))
+    expected = [a.ctypes.data, 2, 3, 1, np.float64(2.5).view(np.int64), np.float64(1.5).view(np.int64), 7, -3,
+                b.ctypes.data, 4, 5, 6, 0]
+    assert block.dtype == np.int64
+    np.testing.assert_array_equal(block, np.array(expected, np.int64))
+    with pytest.raises(ValueError, match=r"non-contiguous \(4, 2\) array"):
+        pack((np.zeros((4, 4), np.float32)[:, ::2],))
+
+
 def test_default_threads_env(monkeypatch):
     monkeypatch.setenv("NPQUANT_NUM_THREADS", "3")
     assert kernels.default_threads() == 3

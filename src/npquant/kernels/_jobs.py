@@ -13,7 +13,8 @@ Compiled on first use (imported lazily) and cached on disk like the kernels.
 """
 
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, cfunc, literal_unroll, njit, types
+from numba.extending import overload
 
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._llvm import _address_as, _i64_bits_to_f64
@@ -25,20 +26,65 @@ SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, ty
                         types.int64, types.voidptr, types.int64, types.voidptr, types.int64, types.voidptr)
 
 
+_MAX_JOB = 64  # int64 entries of a job block: every kernel's arguments fit
+
+
 def pack(args: tuple) -> np.ndarray:
-    """The int64 job block of ``args`` (arrays must be C-contiguous and outlive the call)."""
-    out = []
+    """The int64 job block of ``args`` (arrays must be C-contiguous and outlive the call).
+
+    Built by :func:`_pack_into`, compiled once per kernel's argument types:
+    1.5 us a call, where reading each array's address in Python took 10 us
+    (about 4% of a one-sentence encoder forward).
+    """
     for a in args:
-        if isinstance(a, np.ndarray):
-            if not a.flags.c_contiguous:  # the job rebuilds C-contiguous arrays around the address
-                raise ValueError(f"job argument {len(out)}: a non-contiguous {a.shape} array")
-            out.append(a.__array_interface__["data"][0])
-            out.extend(a.shape)
-        elif isinstance(a, (float, np.floating)):
-            out.append(int(np.float64(a).view(np.int64)))
-        else:  # int, bool, numpy integer
-            out.append(int(a))
-    return np.array(out, np.int64)
+        if isinstance(a, np.ndarray) and not a.flags.c_contiguous:  # the job rebuilds C-contiguous arrays
+            raise ValueError(f"job argument: a non-contiguous {a.shape} array")
+    out = np.empty(_MAX_JOB, np.int64)
+    return out[: _pack_into(out, *args)]
+
+
+def _put(item, out, i):
+    """Write ``item`` into ``out`` from ``i`` (an array: address, then dimensions; a float: its float64 bits; an
+    integer or flag: itself); return the next index. Compiled only (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(_put, jit_options={"cache": True})
+def _put_typed(item, out, i):
+    if isinstance(item, types.Array) and item.layout == "C":
+        nd = item.ndim
+
+        def put_array(item, out, i):
+            out[i] = item.ctypes.data
+            for d in range(nd):
+                out[i + 1 + d] = item.shape[d]
+            return i + 1 + nd
+
+        return put_array
+    if isinstance(item, types.Float):
+
+        def put_float(item, out, i):
+            out.view(np.float64)[i] = np.float64(item)
+            return i + 1
+
+        return put_float
+    if isinstance(item, (types.Integer, types.Boolean)):
+
+        def put_int(item, out, i):
+            out[i] = np.int64(item)
+            return i + 1
+
+        return put_int
+    return None
+
+
+@njit(cache=True)
+def _pack_into(out, *args):
+    """Fill ``out`` int64 (_MAX_JOB,) with the job block of ``args``; return its length."""
+    i = 0
+    for a in literal_unroll(args):
+        i = _put(a, out, i)
+    return i
 
 
 @njit(inline="always")
