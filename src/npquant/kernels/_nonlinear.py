@@ -155,11 +155,14 @@ def softmax_scaled(scores, scale, bias, out):
         for h in range(n_heads):
             for t in range(n_queries):
                 si = scores[b, h, t]
+                row = shifted[t * n_keys : (t + 1) * n_keys]
                 top = np.float32(-np.inf)
                 for k in range(n_keys):
-                    top = max(top, si[k] * scale + kb[k])
+                    v = si[k] * scale + kb[k]
+                    row[k] = v
+                    top = max(top, v)
                 for k in range(n_keys):
-                    shifted[t * n_keys + k] = (si[k] * scale + kb[k]) - top
+                    row[k] -= top
             for j in range(n_queries * n_keys):
                 shifted[j] = _exp(shifted[j])
             for t in range(n_queries):
