@@ -76,7 +76,7 @@ import numpy as np
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
 from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
-from . import _blas_threads, _pool
+from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
@@ -119,7 +119,6 @@ _NO_E4M3 = np.array([1.0, 1.0, 1.0, 1.0, 2.0**-140, 2.0**100], np.float32)
 _BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
-_ALIGN = 64  # bytes: one cache line
 # Arrays smaller than this are left as malloc places them: asking numpy for
 # an address costs about a microsecond, which a small layer's call notices
 # and its few cache lines do not repay.
@@ -127,17 +126,17 @@ _ALIGN_FROM_BYTES = 1 << 14
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
-    """An uninitialised C-contiguous float32 array whose data starts on a cache line (from 16 KiB).
+    """An uninitialised C-contiguous float32 ``(n,)`` or ``(m, n)`` array whose data starts on a cache line
+    (from 16 KiB).
 
     malloc aligns large blocks to 16 bytes only; BLAS and the kernels read
     and write these tiles, outputs and copies of ``x`` by whole lines.
     """
-    nbytes = math.prod(shape) * 4
-    if nbytes < _ALIGN_FROM_BYTES:
+    if math.prod(shape) * 4 < _ALIGN_FROM_BYTES:
         return np.empty(shape, np.float32)
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(np.float32).reshape(shape)
+    if len(shape) == 1:
+        return _buffers.empty_aligned(1, shape[0])[0]
+    return _buffers.empty_aligned(*shape)
 
 
 def _kernel_args(qt: QuantizedTensor) -> tuple:
@@ -190,13 +189,6 @@ def _e4m3_multipliers(x2: np.ndarray) -> np.ndarray:
     # Past 2**127, x itself would be scaled down, rounding its subnormals: the float16 decode then.
     tiny = 2.0**-140 if y_shift <= 120 else 0.0
     return np.array([2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16, tiny, 2.0**100], np.float32)
-
-
-def _copy_aligned(a: np.ndarray) -> np.ndarray:
-    """float32 copy of ``a`` starting on a cache line."""
-    out = _aligned_empty(a.shape)
-    out[...] = a
-    return out
 
 
 def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -295,18 +287,15 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None)
     thread takes fewer.
     """
     n = _thread_count(n_units, cost, threads)
-    on_blas = _blas_threads.blas_threads() if n > 1 and USE_BLAS_THREADS else 0
-    if on_blas:
-        n = min(n, on_blas)
+    if n > 1 and USE_BLAS_THREADS and _blas_threads.usable():
+        _blas_threads.run(kernel, args, n_units, n, _CHUNKS_PER_THREAD)  # reads BLAS's thread count itself
+        return
     work = np.zeros(1, np.int64)
     if n == 1:
         kernel(*args, work, n_units)
         return
     per = max(1, -(-n_units // (n * _CHUNKS_PER_THREAD)))
-    if on_blas:
-        _blas_threads.run(kernel, (*args, work, per), n)
-    else:
-        _pool.run(lambda: kernel(*args, work, per), n)
+    _pool.run(lambda: kernel(*args, work, per), n)
 
 
 def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
@@ -321,10 +310,9 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     m_rows = x2.shape[0]
     # The kernels read x by whole lines; BLAS (larger batches) does not care, and
     # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
-    if (x2.dtype != np.float32 or not x2.flags.c_contiguous
-            or (m_rows <= SMALL_M and x2.nbytes >= _ALIGN_FROM_BYTES and x2.ctypes.data % _ALIGN)):
-        x2 = _copy_aligned(x2)
-    y = _aligned_empty((m_rows, out_features))
+    if x2.dtype != np.float32 or not x2.flags.c_contiguous:
+        x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
     if isinstance(qt, PreparedTensor):
         _prepared_linear(x2, qt, y, tile_elements, threads)
         return y

@@ -37,14 +37,15 @@ import ctypes
 import functools
 import numpy as np
 
-__all__ = ["blas_threads", "run"]
+__all__ = ["blas_threads", "run", "usable"]
 
 _MODE = 3
 
 
 @functools.cache
 def _setup():
-    """``(blas_level1_thread, OpenBLAS controller)`` when usable here, else None. Probed once per process."""
+    """``(blas_level1_thread, BLAS's thread-count function, OpenBLAS controller)`` when usable here, else None.
+    Probed once per process."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
@@ -57,11 +58,21 @@ def _setup():
         fn = ctl.dynlib.blas_level1_thread
     except AttributeError:
         return None
+    # The thread count threadpoolctl reads: its OpenMP builds' omp_get_max_threads, else
+    # openblas_get_num_threads under the prefix and suffix the build gave its symbols.
+    names = (["omp_get_max_threads"] if getattr(ctl, "threading_layer", None) == "openmp" else
+             [f"{p}openblas_get_num_threads{s}" for p in ("", "scipy_") for s in ("", "64_", "_64")])
+    get_threads = next((getattr(ctl.dynlib, n) for n in names if hasattr(ctl.dynlib, n)), None)
+    if get_threads is None:
+        return None
+    get_threads.restype, get_threads.argtypes = ctypes.c_int, []
+    if get_threads() != ctl.num_threads:
+        return None
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
                    ctypes.c_void_p, ctypes.c_int]
-    return (fn, ctl) if _probe(fn, max(1, ctl.num_threads)) else None
+    return (fn, get_threads, ctl) if _probe(fn, max(1, ctl.num_threads)) else None
 
 
 _ALPHA = np.array([1.0, 0.0, 0.0, 0.0])  # read as a float, a double, an extended double or a complex pair
@@ -88,17 +99,38 @@ def _probe(fn, threads: int) -> bool:
     return int(block[0]) == threads and int(block[1]) == threads
 
 
+def usable() -> bool:
+    """Whether the kernels can run on OpenBLAS's threads in this process (probed once)."""
+    return _setup() is not None
+
+
 def blas_threads() -> int:
     """OpenBLAS's thread count now, or 0 when the kernels cannot run on its threads."""
     setup = _setup()
-    return 0 if setup is None else max(1, setup[1].num_threads)
+    return 0 if setup is None else max(1, setup[1]())
 
 
-def run(kernel, args: tuple, threads: int) -> None:
-    """``kernel(*args)`` (its last two: ``work``, ``per``) on ``threads`` of OpenBLAS's threads (:func:`blas_threads` > 0)."""
-    from ._jobs import JOBS, pack
+@functools.cache
+def _addresses() -> tuple:
+    """``(blas_level1_thread, BLAS's thread-count function, alpha)`` as addresses, for
+    :func:`npquant.kernels._jobs.launch`."""
+    fn, get_threads = _setup()[:2]
+    return ctypes.cast(fn, ctypes.c_void_p).value, ctypes.cast(get_threads, ctypes.c_void_p).value, _ALPHA.ctypes.data
 
-    fn = _setup()[0]
-    block = pack(args)  # addresses into args' arrays, which the caller keeps alive
-    fn(_MODE, threads, block.shape[0], 0, _ALPHA.ctypes.data, block.ctypes.data, 0, None, 0, None, 0,
-       JOBS[kernel].address, threads)
+
+_JOB_ADDRESSES: dict = {}  # kernel -> the address of its job (jobs are compiled on first use, some later than others)
+
+
+def run(kernel, args: tuple, n_units: int, threads: int, chunks: int) -> int:
+    """``kernel(*args, work, per)`` on OpenBLAS's threads (:func:`blas_threads` > 0): ``threads`` at most, BLAS's
+    count now at most; about ``chunks`` chunks of its ``n_units`` units per thread. Returns the threads used.
+
+    The arrays in ``args`` must be C-contiguous; the caller keeps them alive.
+    """
+    from ._jobs import JOBS, launch
+
+    job = _JOB_ADDRESSES.get(kernel)
+    if job is None:
+        job = _JOB_ADDRESSES[kernel] = JOBS[kernel].address
+    fn, get_threads, alpha = _addresses()
+    return launch(fn, get_threads, _MODE, alpha, job, threads, n_units, chunks, *args)

@@ -151,3 +151,44 @@ def _prefetch(typingctx, ary, offset):
         return context.get_dummy_value()
 
     return types.void(ary, offset), codegen
+
+
+@intrinsic
+def _blas_level1_thread(typingctx, fn, mode, threads, n, alpha, block, job):
+    """``blas_level1_thread(mode, threads, n, 0, alpha, block, 0, NULL, 0, NULL, 0, job, threads)`` of OpenBLAS.
+
+    Every argument an int64: ``fn``, ``alpha``, ``block`` and ``job`` are
+    addresses (see :mod:`npquant.kernels._blas_threads`). Called from
+    compiled code, where a call through ctypes costs tens of microseconds
+    when a model's work has left the interpreter out of cache.
+    """
+    if not all(isinstance(a, types.Integer) for a in (fn, mode, threads, n, alpha, block, job)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32, i64, ptr = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(i32, [i32, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ptr, i32])
+        f_addr, mode_, n_threads, n_entries, alpha_addr, block_addr, job_addr = (
+            context.cast(builder, a, t, types.int64) for a, t in zip(args, signature.args))
+        zero, null = ir.Constant(i64, 0), ir.Constant(ptr, None)
+        return builder.call(builder.inttoptr(f_addr, fnty.as_pointer()), [
+            builder.trunc(mode_, i32), n_threads, n_entries, zero, builder.inttoptr(alpha_addr, ptr),
+            builder.inttoptr(block_addr, ptr), zero, null, zero, null, zero, builder.inttoptr(job_addr, ptr),
+            builder.trunc(n_threads, i32)])
+
+    return types.int32(fn, mode, threads, n, alpha, block, job), codegen
+
+
+@intrinsic
+def _call_int_function(typingctx, fn):
+    """The ``int`` that the C function without arguments at address ``fn`` (an int64) returns, as an int64."""
+    if not isinstance(fn, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        f = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64),
+                             ir.FunctionType(i32, []).as_pointer())
+        return builder.sext(builder.call(f, []), ir.IntType(64))
+
+    return types.int64(fn), codegen
