@@ -103,17 +103,81 @@ def test_tiles_in_threads_match_numpy(name, qt):
 
 
 def test_job_block_holds_each_argument():
-    from npquant.kernels._jobs import pack
+    from npquant.kernels._jobs import _MAX_JOB, _pack_into
 
     a = np.zeros((2, 3), np.float32)
     b = np.zeros((4, 5, 6), np.uint8)
-    block = pack((a, True, 2.5, np.float32(1.5), 7, np.int64(-3), b, False))
+    block = np.full(_MAX_JOB, -99, np.int64)
+    n = _pack_into(block, a, True, 2.5, np.float32(1.5), 7, np.int64(-3), b, False)
     expected = [a.ctypes.data, 2, 3, 1, np.float64(2.5).view(np.int64), np.float64(1.5).view(np.int64), 7, -3,
                 b.ctypes.data, 4, 5, 6, 0]
-    assert block.dtype == np.int64
-    np.testing.assert_array_equal(block, np.array(expected, np.int64))
-    with pytest.raises(ValueError, match=r"non-contiguous \(4, 2\) array"):
-        pack((np.zeros((4, 4), np.float32)[:, ::2],))
+    assert n == len(expected)
+    np.testing.assert_array_equal(block[:n], np.array(expected, np.int64))
+    assert np.all(block[n:] == -99)
+    # A job rebuilds C-contiguous arrays from an address and dimensions: nothing else compiles.
+    with pytest.raises(numba.core.errors.TypingError):
+        _pack_into(block, np.zeros((4, 4), np.float32)[:, ::2])
+
+
+def test_launch_takes_blas_thread_count_at_each_call():
+    # launch reads OpenBLAS's thread count in compiled code at every call: limiting
+    # BLAS limits the kernels; one unit of work, or one thread asked, runs on one.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from npquant.kernels import _blas_threads
+    from npquant.kernels._gemv import gemv_bytes
+
+    if _blas_threads.blas_threads() < 2:
+        pytest.skip("BLAS here is not an OpenBLAS with two threads or more the kernels can run on")
+    qt = quantize(weight((64, 256)), "w8-channel")
+    codes, scale = qt.codes.view(np.uint8), qt.scale
+    x = weight((1, 256), seed=1)
+    want = linear(x, qt, backend="numpy")
+
+    def run(n_units, threads):
+        y = np.full((1, 64), np.nan, np.float32)
+        used = _blas_threads.run(gemv_bytes, (x, codes, scale, 1, 256, 0, kernels._NO_E4M3, y), n_units, threads, 8)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+        return used
+
+    assert run(8, 2) == 2
+    assert run(8, 1) == 1
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        assert run(8, 2) == 1
+    assert run(8, 2) == 2  # the limit lifted: read again
+    assert run(1, 2) == 1  # one unit of work: one thread
+
+
+def test_kernel_plan_follows_its_tensor(where):
+    # The per-tensor plan (npquant.kernels._plan) holds the tensor's own arrays: writing into
+    # them shows at the next call, a converted copy (bfloat16 scales) is not kept, the
+    # plan leaves with its tensor and is not part of it (pickling it carries nothing more).
+    import dataclasses
+    import gc
+    import pickle
+
+    import ml_dtypes
+
+    x = weight((1, 256), seed=2)
+    for scheme in ("w8-channel", "w4-g128", "fp8-channel"):
+        qt = quantize(weight((300, 256)), scheme)
+        first = linear(x, qt, backend="numba")
+        assert set(vars(qt)) == {"codes", "scale", "zero_point", "shape", "scheme", "global_scale", "perm"}
+        assert len(pickle.dumps(qt)) < qt.codes.nbytes + qt.scale.nbytes + 4096
+        qt.scale[...] *= 2
+        np.testing.assert_allclose(linear(x, qt, backend="numba"), 2 * first, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(linear(x, qt, backend="numba"), linear(x, qt, backend="numba"))
+        key = id(qt)
+        assert key in kernels._PLANS
+        del qt
+        gc.collect()
+        assert key not in kernels._PLANS
+    qt = quantize(weight((300, 256)), "w8-channel")
+    bf = type(qt)(qt.codes, qt.scale.astype(ml_dtypes.bfloat16), None, qt.shape,
+                  dataclasses.replace(qt.scheme, scale_dtype="bfloat16"))  # as a bfloat16 checkpoint loads
+    before = linear(x, bf, backend="numba")
+    bf.scale[...] = bf.scale * 2
+    np.testing.assert_allclose(linear(x, bf, backend="numba"), 2 * before, rtol=1e-6, atol=1e-6)
+    assert kernels._plan(bf)[0] is None
 
 
 def test_default_threads_env(monkeypatch):

@@ -70,6 +70,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 
 import numpy as np
 
@@ -162,6 +163,33 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
     return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
 
 
+# id(tensor) -> (weak reference to it, its plan); an entry leaves when its tensor does
+_PLANS: dict[int, tuple] = {}
+
+
+def _plan(qt: QuantizedTensor) -> tuple:
+    """``(kernel args or None, whether its format suits the 4-bit table kernels, whether the kernels read it)``.
+
+    Worked out at a tensor's first call and kept beside it (not on it: a
+    pickled tensor stays the same): a model calls its layers right after
+    numpy's own work has left the interpreter's memory out of cache, where
+    each line of Python a call saves counts. The arguments are kept only
+    when they are the tensor's own arrays (float32 scales), not converted
+    copies (bfloat16 or one-byte scales, converted at each call as before),
+    which writing into the tensor's scales would leave stale.
+    """
+    key = id(qt)
+    entry = _PLANS.get(key)
+    if entry is not None and entry[0]() is qt:
+        return entry[1]
+    dequantizes = _dequantizes(qt)
+    args = _kernel_args(qt) if dequantizes else None
+    own = args is not None and np.may_share_memory(args[0], qt.codes) and np.may_share_memory(args[1], qt.scale)
+    plan = (args if own else None, dequantizes and _lut_rows_shape(qt), dequantizes)
+    _PLANS[key] = (weakref.ref(qt, lambda _, key=key: _PLANS.pop(key, None)), plan)
+    return plan
+
+
 def _scale_values(qt: QuantizedTensor) -> np.ndarray:
     """float32 C-contiguous values of ``qt``'s scales; one-byte ones (e8m0, NVFP4's e4m3) looked up in a table of
     their 256 values (faster than converting each)."""
@@ -220,11 +248,16 @@ def _lut_kernels():
 def _lut_rows_fit(qt: QuantizedTensor) -> bool:
     """Whether :func:`~npquant.kernels._lut.gemv_lut_rows` reads ``qt``: 4-bit codes in whole blocks of 16 columns
     (in pairs) or a multiple of 32."""
+    return _lut_rows_shape(qt) and _lut_kernels() is not None
+
+
+def _lut_rows_shape(qt: QuantizedTensor) -> bool:
+    """Whether ``qt``'s format and blocks are those :func:`_lut_rows_fit` asks for."""
     scheme = qt.scheme
     four_bit = scheme.dtype == "fp4_e2m1" or (scheme.packed and not scheme.is_float and scheme.bits == 4)
     bo, bi = qt.block_shape
     fits = (bi % 32 == 0 or (bi == 16 and qt.shape[1] % 32 == 0)) and qt.shape[1] % bi == 0 and qt.shape[0] % bo == 0
-    return four_bit and fits and _lut_kernels() is not None
+    return four_bit and fits
 
 
 def _dequantizes(qt: QuantizedTensor) -> bool:
@@ -242,7 +275,7 @@ def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
     """
     if isinstance(qt, PreparedTensor):
         return True
-    return _dequantizes(qt)
+    return _plan(qt)[2]
 
 
 def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -317,10 +350,11 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         _prepared_linear(x2, qt, y, tile_elements, threads)
         return y
     cost = out_features * in_features * m_rows
-    if m_rows == 1 and _lut_rows_fit(qt):
+    args, lut_shape = _plan(qt)[:2]
+    if m_rows == 1 and lut_shape and _lut_kernels() is not None:
         _gemv_lut_rows(x2, qt, y, cost, threads)
         return y
-    args = _kernel_args(qt)
+    args = args or _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     if m_rows == 1 and kind in (0, 4):
         code_kind = 0 if kind == 0 else 1 if args[9] else 2  # int8, e4m3, e5m2 (its float16 decode is the value)

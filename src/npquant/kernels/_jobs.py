@@ -5,7 +5,7 @@ its threads (``blas_level1_thread``'s legacy routine: ``m, n, k, alpha, a,
 lda, b, ldb, c, ldc, sb``) and reads only ``a``, an int64 job block of ``n``
 entries holding the kernel's arguments in order: an array as its data
 address and its dimensions (C-contiguous), an integer or a flag as itself,
-a float as its float64 bit pattern (:func:`pack`). It rebuilds the arrays
+a float as its float64 bit pattern (:func:`launch` packs it). It rebuilds the arrays
 around the same memory and calls the kernel, which takes its chunks of
 work from the shared counter as in every other thread.
 
@@ -27,20 +27,6 @@ SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, ty
 
 
 _MAX_JOB = 64  # int64 entries of a job block: every kernel's arguments fit
-
-
-def pack(args: tuple) -> np.ndarray:
-    """The int64 job block of ``args`` (arrays must be C-contiguous and outlive the call).
-
-    Built by :func:`_pack_into`, compiled once per kernel's argument types:
-    1.5 us a call, where reading each array's address in Python took 10 us
-    (about 4% of a one-sentence encoder forward).
-    """
-    for a in args:
-        if isinstance(a, np.ndarray) and not a.flags.c_contiguous:  # the job rebuilds C-contiguous arrays
-            raise ValueError(f"job argument: a non-contiguous {a.shape} array")
-    out = np.empty(_MAX_JOB, np.int64)
-    return out[: _pack_into(out, *args)]
 
 
 def _put(item, out, i):
@@ -100,7 +86,7 @@ def launch(fn, get_threads, mode, alpha, job, threads, n_units, chunks, *args):
     n = max(1, min(threads, _call_int_function(get_threads), n_units))
     per = n_units if n == 1 else max(1, -(-n_units // (n * chunks)))
     work = np.zeros(1, np.int64)
-    block = _stack_empty(1, 64, np.int64)[0]  # _MAX_JOB entries
+    block = _stack_empty(1, _MAX_JOB, np.int64)[0]
     k = _pack_into(block, *(args + (work, per)))
     _blas_level1_thread(fn, mode, n, k, alpha, block.ctypes.data, job)
     return n
