@@ -1,5 +1,6 @@
 """The apply path: numpy reference tiles, numba kernels, and their agreement."""
 
+import math
 import tracemalloc
 
 import ml_dtypes
@@ -140,7 +141,7 @@ def test_bad_arguments():
 def test_numba_missing_is_a_clear_error(monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("npquant._backends"), "available_backends", lambda: ["numpy"])
+    monkeypatch.setattr(importlib.import_module("npquant._backends"), "_numba_installed", lambda: False)
     qt = quantize(weight((9, 16)), "w8-channel")
     with pytest.raises(NpquantError, match=r"backend='numba' needs numba: pip install 'npquant\[fast\]'"):
         linear(np.ones(16, np.float32), qt, backend="numba")
@@ -325,6 +326,35 @@ def test_numba_e4m3_batch1_exact_where_subnormal_inputs_are_flushed(kernels, mon
         np.testing.assert_array_equal(linear(x[0], prepare(qt), backend="numba"), want)
     finally:
         mxcsr(old, True)
+
+
+def e4m3_multipliers_reference(x) -> list[float]:
+    """The six e4m3_mults, worked out in float64 Python from x's largest magnitude (NaN wins, as in np.max)."""
+    values = [abs(float(v)) for v in np.asarray(x, np.float64).ravel()]
+    amax = math.nan if any(v != v for v in values) else max(values, default=0.0)
+    # the float32-bits decode leaves out 2**120: x takes it unless x * 2**120 would pass 2**127
+    e = math.frexp(amax)[1] if math.isfinite(amax) else 0
+    y_shift = max(0, e - 7)
+    x_f16, y_f16 = (256.0, 1.0) if amax < 2.0**100 else (1.0, 256.0)  # the float16 decode leaves out 2**8
+    return [2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16, 2.0**-140 if y_shift <= 120 else 0.0, 2.0**100]
+
+
+@pytest.mark.parametrize("case", ["zeros", "ones", "tiny", "huge", "max", "inf", "-inf", "nan", "nan+inf",
+                                  "random"])
+def test_e4m3_multipliers_match_reference(kernels, case):
+    rng = np.random.default_rng(len(case))
+    x = rng.standard_normal((1, 4099)).astype(np.float32)
+    special = {"zeros": 0.0, "ones": 1.0, "tiny": 1e-44, "huge": 2.0**110, "max": np.finfo(np.float32).max,
+               "inf": np.inf, "-inf": -np.inf, "nan": np.nan}
+    if case in ("zeros", "ones", "tiny"):
+        x[:] = special[case]
+    elif case == "nan+inf":
+        x[0, 17], x[0, 4000] = np.inf, np.nan
+    elif case != "random":
+        x[0, 4098] = special[case]  # the last element: the scan must reach it
+    got = kernels._e4m3_multipliers(x)
+    assert got.dtype == np.float32 and got.shape == (6,)
+    np.testing.assert_array_equal(got, np.array(e4m3_multipliers_reference(x), np.float32))
 
 
 def float16_decode(mults: np.ndarray) -> np.ndarray:

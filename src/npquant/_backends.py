@@ -27,7 +27,7 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise NpquantError(f"backend={backend!r} is not known; expected one of {BACKENDS}")
     if backend == "auto":
-        return available_backends()[-1]
-    if backend == "numba" and "numba" not in available_backends():
+        return "numba" if _numba_installed() else "numpy"
+    if backend == "numba" and not _numba_installed():
         raise NpquantError("backend='numba' needs numba: pip install 'npquant[fast]'")
     return backend

@@ -19,6 +19,8 @@ Backends, chosen by argument (never by a global):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ._backends import available_backends, resolve_backend
@@ -75,16 +77,24 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
         x2 = x2[:, qt.perm]
         qt = qt.in_stored_order()
     if backend == "numba":
-        from .kernels import has_kernels, numba_linear
-
-        backend = "numba" if has_kernels(qt, x2.shape[0]) else "numpy"
+        kernels = _kernels()
+        backend = "numba" if kernels.has_kernels(qt, x2.shape[0]) else "numpy"
     if backend == "numba":
-        y = numba_linear(x2, qt)  # converts x2 to float32 itself
+        y = kernels.numba_linear(x2, qt)  # converts x2 to float32 itself
     else:
         y = _numpy_linear(x2.astype(np.float32, copy=False), qt)
     if bias is not None:
         y += bias.astype(np.float32)
     return y.reshape(*lead, out_features)
+
+
+@functools.cache
+def _kernels():
+    """:mod:`npquant.kernels`, imported at the first numba call (it imports numba). A cached call: an import
+    statement runs Python code of importlib at each call, which a model's calls meet out of cache."""
+    from . import kernels
+
+    return kernels
 
 
 def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:

@@ -79,6 +79,7 @@ from ..prepared import ROWS, PreparedTensor
 from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
 from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
+from ._decode import e4m3_multipliers
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split
@@ -112,8 +113,6 @@ _NO_SCALE_BLOCKS = np.zeros((1, 1, ROWS), np.float32)  # float32 scales of prepa
 _NO_SCALE_CODES = np.zeros((1, 1, ROWS), np.uint8)  # scale codes of prepared blocks, where float32 scales are read
 # fp8: (e4m3?, power of two taking the float16 the fields make to the value)
 _FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
-# x * 2**8 is exact below this (and far below float32's 2**128)
-_FP8_X_LIMIT = 2.0**100
 # e4m3_mults of the batch-1 kernels where no e4m3 is decoded
 _NO_E4M3 = np.array([1.0, 1.0, 1.0, 1.0, 2.0**-140, 2.0**100], np.float32)
 # code_kind of the one-byte blocks kernels (int8: 0 symmetric, 3 asymmetric)
@@ -199,24 +198,9 @@ def _scale_values(qt: QuantizedTensor) -> np.ndarray:
 
 
 def _e4m3_multipliers(x2: np.ndarray) -> np.ndarray:
-    """The ``e4m3_mults`` of :func:`gemv_bytes` and :func:`gemv_bytes_blocks` for ``x2 (1, I)``.
-
-    Both e4m3 decodes leave out a power of two (2**120, 2**8). ``x`` takes
-    all of it when it stays finite: every product and partial sum is then
-    the one with the true weight, bit for bit. Past that, ``x`` takes what
-    it can and ``y`` the rest; the sums are then a power of two smaller,
-    which rounds alike unless they fall among float32's subnormals.
-    """
-    amax = float(np.abs(x2).max())
-    finite = math.isfinite(amax)
-    # float32-bits decode (value * 2**-120): amax < 2**e, so x * 2**(127 - e) stays finite.
-    e = math.frexp(amax)[1] if finite else 0
-    y_shift = max(0, e - 7)
-    # float16 decode (value * 2**-8).
-    x_f16, y_f16 = (2.0**8, 1.0) if amax < _FP8_X_LIMIT else (1.0, 2.0**8)  # NaN: not below
-    # Past 2**127, x itself would be scaled down, rounding its subnormals: the float16 decode then.
-    tiny = 2.0**-140 if y_shift <= 120 else 0.0
-    return np.array([2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16, tiny, 2.0**100], np.float32)
+    """The ``e4m3_mults`` of :func:`gemv_bytes` and :func:`gemv_bytes_blocks` for float32 ``x2 (1, I)``: see
+    :func:`~npquant.kernels._decode.e4m3_multipliers` (compiled: one call where numpy took six)."""
+    return e4m3_multipliers(x2)
 
 
 def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

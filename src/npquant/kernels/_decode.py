@@ -45,6 +45,8 @@ Inf), so linear results differ from the numpy reference by float32
 summation order only.
 """
 
+import math
+
 import numpy as np
 
 from numba import njit
@@ -284,3 +286,41 @@ def _decode_lanes(code_kind, b, zi, fp8_mult, out):
     else:
         for r in range(_ROWS):
             out[r] = np.float32(_I32(_I32(b[r]) - zi[r]))
+
+
+# x * 2**8 is exact below this (and far below float32's 2**128)
+_FP8_X_LIMIT = 2.0**100
+
+
+@njit(cache=True)
+def e4m3_multipliers(x):
+    """float32 (6,): the ``e4m3_mults`` of the batch-1 kernels for float32 ``x`` (any shape, C-contiguous).
+
+    Both e4m3 decodes leave out a power of two (2**120, 2**8). ``x`` takes
+    all of it when it stays finite: every product and partial sum is then
+    the one with the true weight, bit for bit. Past that, ``x`` takes what
+    it can and ``y`` the rest; the sums are then a power of two smaller,
+    which rounds alike unless they fall among float32's subnormals.
+    Compiled: a batch-1 call comes right after a model's own work has left
+    the interpreter out of cache, where the six numpy calls this took cost
+    about 80 us.
+    """
+    flat = x.ravel()
+    top = np.float32(0.0)
+    nans = 0
+    for i in range(flat.size):
+        a = abs(flat[i])
+        nans += a != a
+        top = a if a > top else top
+    amax = math.nan if nans else float(top)
+    finite = math.isfinite(amax)
+    # float32-bits decode (value * 2**-120): amax < 2**e, so x * 2**(127 - e) stays finite.
+    e = math.frexp(amax)[1] if finite else 0
+    y_shift = max(0, e - 7)
+    # float16 decode (value * 2**-8); NaN is not below the limit.
+    x_f16, y_f16 = (2.0**8, 1.0) if amax < _FP8_X_LIMIT else (1.0, 2.0**8)
+    # Past 2**127, x itself would be scaled down, rounding its subnormals: the float16 decode then.
+    tiny = 2.0**-140 if y_shift <= 120 else 0.0
+    out = np.empty(6, np.float32)
+    out[0], out[1], out[2], out[3], out[4], out[5] = 2.0 ** (120 - y_shift), 2.0**y_shift, x_f16, y_f16, tiny, 2.0**100
+    return out
