@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import npquant
-from npquant import NpquantError, QuantizedTensor, Scheme, quantize
+from npquant import NpquantError, QuantizedTensor, quantize
 from npquant.microscaling import e8m0_exponents, fp4_codes, nvfp4_global_scale
 from npquant.packing import pack_codes
 from reference import (
