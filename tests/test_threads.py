@@ -178,6 +178,22 @@ def test_kernel_plan_follows_its_tensor(where):
     bf.scale[...] = bf.scale * 2
     np.testing.assert_allclose(linear(x, bf, backend="numba"), 2 * before, rtol=1e-6, atol=1e-6)
     assert kernels._plan(bf)[0] is None
+    nv = quantize(weight((64, 256)), "nvfp4")  # its table kernels read a table divided by the global scale
+    before = linear(x, nv, backend="numba")
+    nv.global_scale[...] /= 2
+    np.testing.assert_allclose(linear(x, nv, backend="numba"), 2 * before, rtol=1e-6, atol=1e-6)
+    assert kernels._plan(nv)[3] is None
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (3, 7), (2, 1), (4, 0)])
+def test_even_odd_columns(shape):
+    from npquant.kernels import _buffers
+
+    x = weight(shape)
+    even, odd = _buffers.even_odd(x)
+    for got, want in ((even, x[:, 0::2]), (odd, x[:, 1::2])):
+        assert got.flags.c_contiguous and got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
 
 
 def test_default_threads_env(monkeypatch):

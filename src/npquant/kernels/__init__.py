@@ -167,7 +167,8 @@ _PLANS: dict[int, tuple] = {}
 
 
 def _plan(qt: QuantizedTensor) -> tuple:
-    """``(kernel args or None, whether its format suits the 4-bit table kernels, whether the kernels read it)``.
+    """``(kernel args or None, whether its format suits the 4-bit table kernels, whether the kernels read it,
+    the table kernels' args or None)`` for ``qt``.
 
     Worked out at a tensor's first call and kept beside it (not on it: a
     pickled tensor stays the same): a model calls its layers right after
@@ -184,7 +185,11 @@ def _plan(qt: QuantizedTensor) -> tuple:
     dequantizes = _dequantizes(qt)
     args = _kernel_args(qt) if dequantizes else None
     own = args is not None and np.may_share_memory(args[0], qt.codes) and np.may_share_memory(args[1], qt.scale)
-    plan = (args if own else None, dequantizes and _lut_rows_shape(qt), dequantizes)
+    lut_shape = dequantizes and _lut_rows_shape(qt)
+    lut = _lut_args(qt) if lut_shape else None
+    lut_own = (lut is not None and np.may_share_memory(lut[1], qt.codes) and np.may_share_memory(lut[2], qt.scale)
+               and qt.global_scale is None)  # NVFP4's table is divided by its global scale
+    plan = (args if own else None, lut_shape, dequantizes, lut if lut_own else None)
     _PLANS[key] = (weakref.ref(qt, lambda _, key=key: _PLANS.pop(key, None)), plan)
     return plan
 
@@ -205,7 +210,7 @@ def _e4m3_multipliers(x2: np.ndarray) -> np.ndarray:
 
 def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x's even and odd columns, each C-contiguous float32 ``(M, I / 2)``: what byte ``j``'s two nibbles meet."""
-    return np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])
+    return _buffers.even_odd(x2)
 
 
 @functools.cache
@@ -397,32 +402,38 @@ def _code_scale_values(scheme) -> np.ndarray:
 
 
 def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int, threads: int | None) -> None:
-    """``y (1, O) = x2 @ W.T`` for 4-bit codes in the checkpoint layout, decoded by table lookup.
+    """``y (1, O) = x2 @ W.T`` for 4-bit codes in the checkpoint layout, decoded by table lookup."""
+    coded, *args = _plan(qt)[3] or _lut_args(qt)
+    lut = _lut_kernels()
+    kernel = lut.gemv_lut_rows_coded if coded else lut.gemv_lut_rows
+    x_even, x_odd = _even_odd(x2)
+    _parallel(kernel, (x_even[0], x_odd[0], *args, y), -(-qt.shape[0] // 4), cost, threads)
 
-    One-byte scales (e8m0, NVFP4's fp8) stay codes, read through a table of
-    their 256 values (computed as :func:`~npquant.quantize.scale_values`
-    computes each); decoding them all would cost more than the call.
+
+def _lut_args(qt: QuantizedTensor) -> tuple:
+    """``(coded, codes, scale, scale_table, zp, has_zp, values, bo)`` for :func:`_gemv_lut_rows`.
+
+    One-byte scales (e8m0, NVFP4's fp8) stay codes (``coded``), read through
+    a table of their 256 values (computed as
+    :func:`~npquant.quantize.scale_values` computes each); decoding them all
+    would cost more than the call.
     """
     scheme = qt.scheme
-    bo, bi = qt.block_shape
     has_zp = qt.zero_point is not None
     if scheme.dtype == "fp4_e2m1":
         values = _float_code_values("fp4_e2m1")
     else:
         values = _NIBBLES if has_zp else _INT4_OFFSET
     codes = np.ascontiguousarray(qt.codes).view(np.uint8)
-    if qt.scale.dtype.itemsize == 1:
-        kernel = _lut_kernels().gemv_lut_rows_coded
+    coded = qt.scale.dtype.itemsize == 1
+    if coded:
         scale = np.ascontiguousarray(qt.scale).view(np.uint8)
         scale_table = _scale_table(scheme, qt.global_scale)
     else:
-        kernel = _lut_kernels().gemv_lut_rows
         scale = _scale_values(qt)
         scale_table = _NO_SCALE_TABLE
     zp = qt.zero_point if has_zp else np.zeros((1, scale.shape[1]), np.uint8)
-    x_even, x_odd = _even_odd(x2)
-    _parallel(kernel, (x_even[0], x_odd[0], codes, scale, scale_table, zp, has_zp, values, bo, y),
-              -(-qt.shape[0] // 4), cost, threads)
+    return coded, codes, scale, scale_table, zp, has_zp, values, qt.block_shape[0]
 
 
 def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elements: int, threads: int | None) -> None:

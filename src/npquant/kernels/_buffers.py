@@ -42,3 +42,19 @@ def io_aligned(x, out_features, align_x):
         copy[:] = x
         x = copy
     return x, _empty_aligned(m, out_features)
+
+
+@njit(cache=True)
+def even_odd(x):
+    """x's even and odd columns, each a new C-contiguous float32 array: ``(M, ceil(I / 2))`` and ``(M, I // 2)``,
+    for float32 ``x (M, I)``. One compiled call where numpy took two strided copies."""
+    m, n = x.shape
+    even = np.empty((m, (n + 1) // 2), np.float32)
+    odd = np.empty((m, n // 2), np.float32)
+    for r in range(m):
+        for j in range(n // 2):
+            even[r, j] = x[r, 2 * j]
+            odd[r, j] = x[r, 2 * j + 1]
+        if n % 2:
+            even[r, n // 2] = x[r, n - 1]
+    return even, odd
