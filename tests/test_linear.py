@@ -384,7 +384,7 @@ def test_numba_e4m3_batch1_decodes_agree_bit_for_bit(kernels, amax):
     np.testing.assert_array_equal(ys[0], linear(x, qt, backend="numba"))
 
 
-@pytest.mark.parametrize("m", [1, 8])  # x of 4 KiB (left where it is) and 32 KiB (copied to a cache line)
+@pytest.mark.parametrize("m", [1, 8])  # batches up to SMALL_M: x copied to a cache line
 def test_numba_x_at_any_address(kernels, m):
     qt = quantize(weight((40, 1024)), "w8-channel")
     buf = np.random.default_rng(m).standard_normal(m * 1024 + 1).astype(np.float32)

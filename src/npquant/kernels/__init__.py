@@ -86,7 +86,6 @@ code alternating in one process after float32 matmuls: w8-channel 1.91 ->
 from __future__ import annotations
 
 import functools
-import math
 import os
 import weakref
 
@@ -137,21 +136,14 @@ _NO_E4M3 = np.array([1.0, 1.0, 1.0, 1.0, 2.0**-140, 2.0**100], np.float32)
 _BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
-# Arrays smaller than this are left as malloc places them: asking numpy for
-# an address costs about a microsecond, which a small layer's call notices
-# and its few cache lines do not repay.
-_ALIGN_FROM_BYTES = 1 << 14
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
-    """An uninitialised C-contiguous float32 ``(n,)`` or ``(m, n)`` array whose data starts on a cache line
-    (from 16 KiB).
+    """An uninitialised C-contiguous float32 ``(n,)`` or ``(m, n)`` array whose data starts on a cache line.
 
     malloc aligns large blocks to 16 bytes only; BLAS and the kernels read
     and write these tiles, outputs and copies of ``x`` by whole lines.
     """
-    if math.prod(shape) * 4 < _ALIGN_FROM_BYTES:
-        return np.empty(shape, np.float32)
     if len(shape) == 1:
         return _buffers.empty_aligned(1, shape[0])[0]
     return _buffers.empty_aligned(*shape)

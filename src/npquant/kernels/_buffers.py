@@ -20,16 +20,11 @@ _ALIGN = 64  # bytes: one cache line
 
 
 @njit(cache=True)
-def _empty_aligned(m, n):
+def empty_aligned(m, n):
+    """An uninitialised float32 ``(m, n)`` C-contiguous array whose data starts on a cache line."""
     raw = np.empty(m * n + _ALIGN // 4, np.float32)
     start = (_ALIGN - raw.ctypes.data % _ALIGN) % _ALIGN // 4
     return raw[start : start + m * n].reshape((m, n))
-
-
-@njit(cache=True)
-def empty_aligned(m, n):
-    """An uninitialised float32 ``(m, n)`` C-contiguous array whose data starts on a cache line."""
-    return _empty_aligned(m, n)
 
 
 @njit(cache=True)
@@ -38,10 +33,10 @@ def io_aligned(x, out_features, align_x):
     ``x`` float32 ``(M, I)`` C-contiguous, copied to a cache line when ``align_x`` and it starts elsewhere."""
     m = x.shape[0]
     if align_x and x.ctypes.data % _ALIGN:
-        copy = _empty_aligned(m, x.shape[1])
+        copy = empty_aligned(m, x.shape[1])
         copy[:] = x
         x = copy
-    return x, _empty_aligned(m, out_features)
+    return x, empty_aligned(m, out_features)
 
 
 @njit(cache=True)
