@@ -397,6 +397,35 @@ def test_numba_x_at_any_address(kernels, m):
     assert big.ctypes.data % 64 == 0
 
 
+WIDE_W8 = weight((1024, 4096))
+
+
+@pytest.mark.parametrize("m", [1, 8, 40])  # batch 1, small batch, tiles
+@pytest.mark.parametrize("layout", ["strided", "fortran", "float64", "float16", "3-d"])
+def test_numba_x_of_any_layout_and_dtype(kernels, m, layout):
+    # x is made C-contiguous float32 inside the call (numba_linear's compiled buffers): every
+    # layout and floating dtype gives the float32 C-contiguous result of numpy's backend.
+    # 1024 x 4096: large enough to run on several threads, whose job blocks take C-contiguous arrays only.
+    qt = quantize(WIDE_W8, "w8-channel")
+    base = np.random.default_rng(m).standard_normal((m, 8192)).astype(np.float32)
+    x = {"strided": base[:, ::2], "fortran": np.asfortranarray(base[:, :4096]), "float64": base[:, :4096].astype(np.float64),
+         "float16": base[:, :4096].astype(np.float16), "3-d": base[:, :4096].reshape(m, 1, 4096)}[layout]
+    ref = linear(x, qt, backend="numpy")
+    got = linear(x, qt, backend="numba")
+    assert got.shape == ref.shape == (*x.shape[:-1], 1024) and got.dtype == np.float32
+    x32 = x.reshape(-1, 4096).astype(np.float32)
+    assert np.all(np.abs(got - ref).reshape(-1, 1024) <= 2 * sum_bound(x32, qt.dequantize(), 4098))
+
+
+def test_numba_linear_reads_tensors_without_kernels_through_numpy(kernels):
+    # fp6 has no kernel (has_kernels False): numba_linear gives numpy's tiles, bit for bit.
+    qt = quantize(weight((64, 128)), "mxfp6")
+    assert not kernels.has_kernels(qt)
+    x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.numba_linear(x, qt), linear(x, qt, backend="numpy"))
+    np.testing.assert_array_equal(linear(x, qt, backend="numba"), linear(x, qt, backend="numpy"))
+
+
 def test_numba_bias_1d_and_auto(kernels):
     w = weight((13, 64))
     qt = quantize(w, "fp8-channel")

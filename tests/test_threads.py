@@ -207,6 +207,88 @@ def test_default_threads_env(monkeypatch):
             kernels.default_threads()
 
 
+def _python_reading(env: str | None, cpus: int) -> int | None:
+    """The threads NPQUANT_NUM_THREADS=env allows, read as the documentation says (written apart from the
+    code): the variable stripped, a whole number >= 1, unset or blank meaning every CPU; None when refused."""
+    if env is None or not env.strip():
+        return cpus
+    try:
+        n = int(env.strip())
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+ENV_VALUES = [None, "", "  ", "1", "3", " 4 ", "\t7\n", "007", "64", "999999", "1000000", "12345678",
+              "0", "-1", "+2", "1_0", "two", "2x", "3 4", "\u0663", "\u00a05", "5\u00a0"]
+
+
+@pytest.mark.parametrize("env", ENV_VALUES)
+def test_threads_allowed_reads_the_environment_as_python_does(env, monkeypatch):
+    # The compiled reading (kernels._env) gives Python's answer or 0 ("ask Python"), never another
+    # number; default_threads, which uses it, gives Python's answer or refuses the value.
+    from npquant.kernels._env import threads_allowed
+
+    if env is None:
+        monkeypatch.delenv("NPQUANT_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("NPQUANT_NUM_THREADS", env)
+    want = _python_reading(env, _pool.cpu_count())
+    got = threads_allowed()
+    assert got == want or got == 0
+    plain = None if env is None else env.strip(" \t\n\r\x0b\x0c")  # ASCII blanks only
+    if plain is not None and plain.isascii() and plain.isdigit() and 1 <= int(plain) < 10**6:
+        assert got == want  # a plain number: read in compiled code
+    if want is None:
+        with pytest.raises(NpquantError, match="NPQUANT_NUM_THREADS"):
+            kernels.default_threads()
+    else:
+        assert kernels.default_threads() == want
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_threads_allowed_follows_cpu_affinity(monkeypatch):
+    import os
+
+    from npquant.kernels._env import threads_allowed
+
+    monkeypatch.delenv("NPQUANT_NUM_THREADS", raising=False)
+    before = os.sched_getaffinity(0)
+    assert threads_allowed() == len(before)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert threads_allowed() == kernels.default_threads() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert threads_allowed() == len(before)
+
+
+def test_default_threads_where_only_python_reads_it(monkeypatch):
+    # A large call asks for the default inside the compiled launch (OpenBLAS's threads); a value
+    # only Python reads runs nothing there and is read (or refused) in Python.
+    from npquant.kernels import _blas_threads
+    from npquant.kernels._gemv import gemv_bytes
+
+    w = weight((2048, 2048))
+    qt = quantize(w, "w8-channel")
+    x = weight((1, 2048), seed=3)
+    want = linear(x, qt, backend="numpy")
+    monkeypatch.setenv("NPQUANT_NUM_THREADS", "two")
+    with pytest.raises(NpquantError, match="NPQUANT_NUM_THREADS='two'"):
+        linear(x, qt, backend="numba")
+    monkeypatch.setenv("NPQUANT_NUM_THREADS", "+1")  # int() reads it; the compiled reading leaves it to Python
+    np.testing.assert_allclose(linear(x, qt, backend="numba"), want, rtol=1e-4, atol=1e-3)
+    if _blas_threads.blas_threads() < 1:
+        return
+    y = np.full((1, 2048), np.nan, np.float32)
+    args = (x, qt.codes.view(np.uint8), qt.scale, 1, 2048, 0, kernels._NO_E4M3, y)
+    assert _blas_threads.run(gemv_bytes, args, 256, 0, 8) == 0
+    assert np.isnan(y).all()  # nothing ran
+    monkeypatch.setenv("NPQUANT_NUM_THREADS", "1")
+    assert _blas_threads.run(gemv_bytes, args, 256, 0, 8) == 1
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-3)
+
+
 # --- the pool itself ------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ from .quantize import QuantizedTensor
 __all__ = ["linear", "available_backends"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT32 = np.dtype(np.float32)
+_TENSORS = (QuantizedTensor, PreparedTensor)
 _TILE_ELEMENTS = 1 << 20
 
 
@@ -50,16 +52,18 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
     -------
     float32 (O,) or (..., O)
     """
-    if not isinstance(qt, (QuantizedTensor, PreparedTensor)):
+    if not isinstance(qt, _TENSORS):
         raise NpquantError(
             f"qt must be a QuantizedTensor (see npquant.quantize) or PreparedTensor (npquant.prepare), "
             f"got {type(qt).__name__}"
         )
     out_features, in_features = qt.shape
-    if not isinstance(x, np.ndarray) or dtype_name(x) not in _FLOAT_DTYPES:
+    # float32 by identity first: a model's calls meet this code out of cache, where a dtype's name costs ~10 us.
+    if not isinstance(x, np.ndarray) or (x.dtype is not _FLOAT32 and dtype_name(x) not in _FLOAT_DTYPES):
         got = dtype_name(x) if isinstance(x, np.ndarray) else type(x).__name__
         raise NpquantError(f"x must be a floating numpy array ({', '.join(_FLOAT_DTYPES)}), got {got}")
-    if x.ndim == 0 or x.shape[-1] != in_features:
+    ndim = x.ndim
+    if ndim == 0 or x.shape[-1] != in_features:
         raise NpquantError(
             f"x shape {x.shape} does not fit the weight shape {qt.shape}: "
             f"x's last dimension must be in_features={in_features}"
@@ -71,21 +75,17 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
             raise NpquantError(f"bias must have shape ({out_features},) for weight {qt.shape}, got {bias.shape}")
     backend = resolve_backend(backend)
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)  # (M, I)
+    x2 = x if ndim == 2 else x.reshape(-1, in_features)  # (M, I)
     if isinstance(qt, QuantizedTensor) and qt.perm is not None:  # act-order groups: the stored weight is W[:, perm]
         x2 = x2[:, qt.perm]
         qt = qt.in_stored_order()
     if backend == "numba":
-        kernels = _kernels()
-        backend = "numba" if kernels.has_kernels(qt, x2.shape[0]) else "numpy"
-    if backend == "numba":
-        y = kernels.numba_linear(x2, qt)  # converts x2 to float32 itself
+        y = _kernels().numba_linear(x2, qt)  # converts x2 to float32 itself; numpy's tiles where no kernel reads qt
     else:
         y = _numpy_linear(x2.astype(np.float32, copy=False), qt)
     if bias is not None:
         y += bias.astype(np.float32)
-    return y.reshape(*lead, out_features)
+    return y if ndim == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 @functools.cache

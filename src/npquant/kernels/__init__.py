@@ -97,6 +97,7 @@ from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, s
 from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
 from ._decode import e4m3_multipliers
+from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split
@@ -135,6 +136,7 @@ _NO_E4M3 = np.array([1.0, 1.0, 1.0, 1.0, 2.0**-140, 2.0**100], np.float32)
 # code_kind of the one-byte blocks kernels (int8: 0 symmetric, 3 asymmetric)
 _BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
 _NO_ZP = np.zeros((1, 1), np.uint8)
+_FLOAT32 = np.dtype(np.float32)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
 
 
@@ -289,6 +291,9 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
 
 def default_threads() -> int:
     """Threads a kernel call may use: ``NPQUANT_NUM_THREADS`` if set, else every core this process may run on."""
+    n = threads_allowed()  # compiled, for the common cases (see _env)
+    if n > 0:
+        return n
     env = os.environ.get("NPQUANT_NUM_THREADS", "").strip()
     if env:
         try:
@@ -301,26 +306,25 @@ def default_threads() -> int:
     return _pool.cpu_count()
 
 
-def _thread_count(n_units: int, cost: int, threads: int | None) -> int:
-    """Threads for a call of ``n_units`` chunks of work costing about ``cost`` (weights times rows of ``x``)."""
-    if threads is None:
-        threads = 1 if cost < _PARALLEL_FROM else default_threads()
-    return max(1, min(threads, n_units))
-
-
 def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None) -> None:
-    """``kernel(*args, work, per)`` on the threads the call deserves.
+    """``kernel(*args, work, per)`` on the threads the call deserves: ``threads``, or by default one below a cost
+    (weights times rows of ``x``) of ``_PARALLEL_FROM``, else :func:`default_threads`.
 
     On OpenBLAS's threads where it can (:mod:`npquant.kernels._blas_threads`:
-    as many as BLAS has now), else on npquant's pool
-    (:mod:`npquant.kernels._pool`). The kernel takes chunks of ``per`` of its
-    ``n_units`` units (blocks of rows) from the counter ``work`` until none
-    is left: about ``_CHUNKS_PER_THREAD`` chunks per thread, so a slowed
-    thread takes fewer.
+    as many as BLAS has now; the default read there, in compiled code), else
+    on npquant's pool (:mod:`npquant.kernels._pool`). The kernel takes
+    chunks of ``per`` of its ``n_units`` units (blocks of rows) from the
+    counter ``work`` until none is left: about ``_CHUNKS_PER_THREAD`` chunks
+    per thread, so a slowed thread takes fewer.
     """
-    n = _thread_count(n_units, cost, threads)
-    if n > 1 and USE_BLAS_THREADS and _blas_threads.usable():
-        _blas_threads.run(kernel, args, n_units, n, _CHUNKS_PER_THREAD)  # reads BLAS's thread count itself
+    if threads is None:
+        threads = 1 if cost < _PARALLEL_FROM else 0  # 0: default_threads()
+    blas = threads != 1 and n_units > 1 and USE_BLAS_THREADS and _blas_threads.usable()
+    if blas and _blas_threads.run(kernel, args, n_units, threads, _CHUNKS_PER_THREAD):
+        return  # 0 threads used: the default is one only Python reads (or refuses)
+    n = max(1, min(threads or default_threads(), n_units))
+    if blas and n > 1:
+        _blas_threads.run(kernel, args, n_units, n, _CHUNKS_PER_THREAD)
         return
     work = np.zeros(1, np.int64)
     if n == 1:
@@ -336,20 +340,27 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 
     ``tile_elements`` bounds each float32 tile of the tiled paths;
     ``threads`` is the number of threads (default: :func:`default_threads`,
-    one for small layers).
+    one for small layers). A tensor no kernel reads (:func:`has_kernels`)
+    goes through numpy's tiles (:func:`npquant.linear`'s ``"numpy"`` backend).
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
+    if x2.dtype is not _FLOAT32:
+        x2 = x2.astype(np.float32)
+    prepared = isinstance(qt, PreparedTensor)
+    if not prepared:
+        args, lut_shape, dequantizes = _plan(qt)[:3]
+        if not dequantizes:
+            from ..linear import _numpy_linear
+
+            return _numpy_linear(x2, qt, tile_elements)
     # The kernels read x by whole lines; BLAS (larger batches) does not care, and
     # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
-    if x2.dtype != np.float32 or not x2.flags.c_contiguous:
-        x2 = np.ascontiguousarray(x2, dtype=np.float32)
     x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
-    if isinstance(qt, PreparedTensor):
+    if prepared:
         _prepared_linear(x2, qt, y, tile_elements, threads)
         return y
     cost = out_features * in_features * m_rows
-    args, lut_shape = _plan(qt)[:2]
     if m_rows == 1 and lut_shape and _lut_kernels() is not None:
         _gemv_lut_rows(x2, qt, y, cost, threads)
         return y

@@ -30,7 +30,9 @@ def empty_aligned(m, n):
 @njit(cache=True)
 def io_aligned(x, out_features, align_x):
     """``(x or its copy, y)`` for a call: ``y`` float32 ``(M, out_features)`` uninitialised on a cache line;
-    ``x`` float32 ``(M, I)`` C-contiguous, copied to a cache line when ``align_x`` and it starts elsewhere."""
+    ``x`` float32 ``(M, I)``, copied if not C-contiguous, and to a cache line when ``align_x`` and it starts
+    elsewhere."""
+    x = np.ascontiguousarray(x)  # itself when C-contiguous
     m = x.shape[0]
     if align_x and x.ctypes.data % _ALIGN:
         copy = empty_aligned(m, x.shape[1])

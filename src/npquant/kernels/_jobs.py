@@ -16,6 +16,7 @@ import numpy as np
 from numba import carray, cfunc, literal_unroll, njit, types
 from numba.extending import overload
 
+from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._llvm import _address_as, _blas_level1_thread, _call_int_function, _i64_bits_to_f64, _stack_empty
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
@@ -73,7 +74,9 @@ def launch(fn, get_threads, mode, alpha, job, threads, n_units, chunks, *args):
     ``job``: of one of the ``*_job`` functions below. The kernel takes
     chunks of ``per`` of its ``n_units`` units, about ``chunks`` per thread
     (one chunk of all on one thread, which OpenBLAS runs in the caller).
-    Returns the threads used.
+    ``threads`` 0 (or less) means :func:`npquant.kernels.default_threads`, read here
+    (:func:`~npquant.kernels._env.threads_allowed`); where only Python can
+    read it, nothing runs and the call returns 0. Returns the threads used.
 
     All of it compiled, in one call from Python: a model calls a kernel right
     after numpy's own work has left the interpreter's memory out of cache,
@@ -83,6 +86,10 @@ def launch(fn, get_threads, mode, alpha, job, threads, n_units, chunks, *args):
     thread count, packed the block and called through ctypes, 40 us so. The
     block lives on this function's stack until the job returns.
     """
+    if threads <= 0:
+        threads = threads_allowed()
+        if threads <= 0:
+            return 0
     n = max(1, min(threads, _call_int_function(get_threads), n_units))
     per = n_units if n == 1 else max(1, -(-n_units // (n * chunks)))
     work = np.zeros(1, np.int64)

@@ -192,3 +192,39 @@ def _call_int_function(typingctx, fn):
         return builder.sext(builder.call(f, []), ir.IntType(64))
 
     return types.int64(fn), codegen
+
+
+@intrinsic
+def _getenv(typingctx, name):
+    """The address of the C environment's value for the NUL-terminated uint8 ``name`` (C ``getenv``), 0 if unset.
+
+    ``os.environ``'s changes reach the C environment (it calls ``putenv``
+    and ``unsetenv``), so this reads what Python sees.
+    """
+    if not (isinstance(name, types.Array) and name.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i8p, [i8p]), "getenv")
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(builder.call(fn, [builder.bitcast(data, i8p)]), ir.IntType(64))
+
+    return types.int64(name), codegen
+
+
+@intrinsic
+def _sched_getaffinity(typingctx, mask):
+    """Linux's ``sched_getaffinity(0, sizeof mask, mask)`` into the uint64 array ``mask``: 0 on success, else -1."""
+    if not (isinstance(mask, types.Array) and mask.dtype == types.uint64 and mask.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32, i64, i8p]),
+                                            "sched_getaffinity")
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        n_bytes = builder.mul(ary.nitems, ir.Constant(i64, 8))
+        return builder.sext(builder.call(fn, [ir.Constant(i32, 0), n_bytes, builder.bitcast(ary.data, i8p)]), i64)
+
+    return types.int64(mask), codegen
