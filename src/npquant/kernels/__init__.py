@@ -11,7 +11,8 @@ LayerNorm and softmax in one pass each), ``_gemv`` (batch 1), ``_small_m`` (batc
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
 counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
 threads), ``_pool`` (npquant's own threads where that is not possible),
-``_buffers`` (aligned outputs and copies of ``x``).
+``_buffers`` (aligned outputs and copies of ``x``), ``_env`` (the thread
+count the environment allows, read in compiled code).
 
 For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 
@@ -81,6 +82,14 @@ BLAS's thread count, the job block and the call into OpenBLAS in one
 (:func:`~npquant.kernels._jobs.launch`). Measured end to end, old and new
 code alternating in one process after float32 matmuls: w8-channel 1.91 ->
 1.78 ms, fp8-channel 2.14 -> 1.93, w4-g128 1.33 -> 1.21 (float32 4.8-6.0).
+Then npquant's own thread count (``NPQUANT_NUM_THREADS``, else the CPU
+affinity: ``os.environ.get`` alone took 31 us out of cache) read in
+compiled code, inside ``launch`` (:mod:`~npquant.kernels._env`), and
+:func:`npquant.linear` in fewer steps (float32 ``x`` known by identity,
+``x``'s layout fixed in the compiled buffers, one plan lookup): another
+35-70 us a call (w8-channel 1.80 -> 1.72 ms, fp8-channel 1.80 -> 1.76,
+w4-g128 1.23 -> 1.18, the same alternation). What is left around a
+batch-1 call is about 50 us; the rest is the kernel reading its codes.
 """
 
 from __future__ import annotations
