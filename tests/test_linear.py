@@ -401,7 +401,7 @@ WIDE_W8 = weight((1024, 4096))
 
 
 @pytest.mark.parametrize("m", [1, 8, 40])  # batch 1, small batch, tiles
-@pytest.mark.parametrize("layout", ["strided", "fortran", "float64", "float16", "3-d"])
+@pytest.mark.parametrize("layout", ["strided", "fortran", "float64", "float16", "big-endian", "3-d"])
 def test_numba_x_of_any_layout_and_dtype(kernels, m, layout):
     # x is made C-contiguous float32 inside the call (numba_linear's compiled buffers): every
     # layout and floating dtype gives the float32 C-contiguous result of numpy's backend.
@@ -409,7 +409,7 @@ def test_numba_x_of_any_layout_and_dtype(kernels, m, layout):
     qt = quantize(WIDE_W8, "w8-channel")
     base = np.random.default_rng(m).standard_normal((m, 8192)).astype(np.float32)
     x = {"strided": base[:, ::2], "fortran": np.asfortranarray(base[:, :4096]), "float64": base[:, :4096].astype(np.float64),
-         "float16": base[:, :4096].astype(np.float16), "3-d": base[:, :4096].reshape(m, 1, 4096)}[layout]
+         "float16": base[:, :4096].astype(np.float16), "big-endian": base[:, :4096].astype(">f4"), "3-d": base[:, :4096].reshape(m, 1, 4096)}[layout]
     ref = linear(x, qt, backend="numpy")
     got = linear(x, qt, backend="numba")
     assert got.shape == ref.shape == (*x.shape[:-1], 1024) and got.dtype == np.float32

@@ -354,7 +354,7 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
-    if x2.dtype is not _FLOAT32:
+    if x2.dtype is not _FLOAT32 and x2.dtype != _FLOAT32:  # identity first (cheap); arrays numba made hold equal copies
         x2 = x2.astype(np.float32)
     prepared = isinstance(qt, PreparedTensor)
     if not prepared:
