@@ -436,3 +436,98 @@ def test_numba_bias_1d_and_auto(kernels):
     ref = linear(x, qt, bias=bias, backend="numpy")
     assert fast.shape == (13,)
     assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x[None], qt.dequantize(), 66)[0] + 4 * U32 * np.abs(ref))
+
+
+# --- the exact int8 batch-1 kernel (AVX-512 VNNI) -----------------------------------------
+vnni_reason = "numba's target lacks AVX-512 VNNI: batch-1 int8 calls take the float32 kernel (tested above)"
+
+
+@pytest.fixture(scope="module")
+def vnni(kernels):
+    if not kernels.has_vnni():
+        pytest.skip(vnni_reason)
+    from npquant.kernels import _vnni
+
+    return _vnni
+
+
+def int8_exact_bound(x, codes, scale_rows):
+    """How far the exact int8 kernel may be from ``x . (c * scale)`` in float64, per output.
+
+    ``x`` moves to the integer grid ``unit = 2**(e - 30)`` (``2**(e - 1) <=
+    max|x| < 2**e``) by at most ``unit / 2`` each; the integer sums are
+    exact; float64 adds one rounding per block of columns (2**-52 of the
+    running sum: far below the rest, bounded by 2**-40 of |x| @ |W|); the
+    float32 output is rounded once (2**-24 of itself).
+    """
+    x64 = x.astype(np.float64)
+    e = math.frexp(float(np.abs(x64).max()))[1]
+    w_abs = np.abs(codes.astype(np.float64) * scale_rows)
+    exact = x64 @ (codes.astype(np.float64) * scale_rows).T
+    return exact, 2.0 ** (e - 31) * w_abs.sum(axis=1) + 2.0**-24 * np.abs(exact) + 2.0**-40 * (np.abs(x64) @ w_abs.T)
+
+
+@pytest.mark.parametrize("shape, scheme", [
+    ((37, 256), "w8-channel"),  # 37 rows: the last block of eight repeats row 36 and stores five
+    ((16, 8256), "w8-channel"),  # 129 chunks of 64 columns: the lane sums taken in two parts
+    ((67, 640), Scheme("int", 8, "group", 64)),
+    ((40, 512), Scheme("int", 8, "group", 128, scale_dtype="bfloat16")),
+    ((9, 384), Scheme("int", 8, "tensor")),
+], ids=str)
+def test_numba_int8_exact_kernel_is_within_its_derived_bound(kernels, vnni, shape, scheme):
+    qt = quantize(weight(shape), scheme)
+    rng = np.random.default_rng(shape[1])
+    x = (rng.standard_normal((1, shape[1])) * 2.0 ** rng.integers(-20, 4, shape[1])).astype(np.float32)  # 2**24 range
+    bo, bi = qt.block_shape
+    scale_rows = np.repeat(np.repeat(kernels._scale_values(qt).astype(np.float64), bo, 0), bi, 1)  # (O, I)
+    exact, bound = int8_exact_bound(x, qt.codes, scale_rows)
+    got = linear(x, qt, backend="numba")
+    assert got.dtype == np.float32 and got.shape == (1, shape[0])
+    assert np.all(np.abs(got - exact) <= bound)
+    direct = np.empty_like(got)
+    vnni.gemv_int8_exact(x, qt.codes.view(np.uint8), kernels._scale_values(qt), bo, bi, direct, *one_thread())
+    np.testing.assert_array_equal(got, direct)  # the call took this kernel
+    # ... and on any thread count the same bits: each output is one exact sum
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(kernels.numba_linear(x, qt, threads=threads), got)
+
+
+def test_numba_int8_exact_kernel_at_the_lanes_limit(kernels, vnni):
+    # Every product at its largest: code -128 against L = -2**15 (x = -(1 + 2**-14): X = -(2**29 + 2**15)).
+    # A lane then gains 2**24 per chunk of 64 columns: 127 chunks reach 2**31 - 2**24, one more would wrap.
+    out_features, in_features = 3, 64 * (2 * vnni._MAX_CHUNKS + 3)
+    codes = np.full((out_features, in_features), -128, np.int8)
+    codes[1, ::3] = 127
+    x = np.full((1, in_features), -(1 + 2.0**-14), np.float32)
+    scale = np.array([[2.0**-7], [2.0**-3], [1.0]], np.float32)
+    y = np.empty((1, out_features), np.float32)
+    vnni.gemv_int8_exact(x, codes.view(np.uint8), scale, 1, in_features, y, *one_thread())
+    exact = x.astype(np.float64) @ (codes.astype(np.float64) * scale).T  # exact: few bits in each term
+    np.testing.assert_array_equal(y, exact.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_numba_int8_exact_kernel_leaves_nan_and_inf_to_the_float32_one(kernels, vnni, monkeypatch, bad):
+    qt = quantize(weight((21, 128)), "w8-channel")
+    x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
+    x[0, 70] = bad
+    y = np.empty((1, 21), np.float32)
+    vnni.gemv_int8_exact(x, qt.codes.view(np.uint8), qt.scale, 1, 128, y, *one_thread())
+    assert np.isnan(y).all()  # the kernel's signal: no integers for x
+    got = linear(x, qt, backend="numba")
+    monkeypatch.setattr(kernels, "USE_VNNI", False)
+    want = linear(x, qt, backend="numba")
+    np.testing.assert_array_equal(got, want)  # the float32 kernel's NaN and Inf, bit for bit
+    assert np.isnan(want).all() if np.isnan(bad) else np.isinf(want).any()
+
+
+def test_numba_int8_float32_kernel_where_vnni_is_switched_off(kernels, monkeypatch):
+    # USE_VNNI off (and every machine without VNNI): the float32 batch-1 kernel, within float32's bound.
+    monkeypatch.setattr(kernels, "USE_VNNI", False)
+    qt = quantize(weight((37, 256)), "w8-channel")
+    x = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
+    y = np.empty((1, 37), np.float32)
+    kernels.gemv_bytes(x, qt.codes.view(np.uint8), qt.scale, 1, 256, 0, kernels._NO_E4M3, y, *one_thread())
+    np.testing.assert_array_equal(linear(x, qt, backend="numba"), y)
+    ref = linear(x, qt, backend="numpy")
+    assert np.all(np.abs(y - ref) <= 2 * sum_bound(x, qt.dequantize(), 258))

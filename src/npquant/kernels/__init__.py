@@ -129,6 +129,9 @@ USE_BLAS_THREADS = True
 #: Whether batch-1 4-bit calls take the table-lookup kernels where numba's target has AVX-512
 #: (:mod:`npquant.kernels._lut`; tests switch it off to reach the portable ones).
 USE_LUT = True
+#: Whether batch-1 int8 calls take the exact integer kernel where numba's target has AVX-512 VNNI
+#: (:mod:`npquant.kernels._vnni`; tests switch it off to reach the float32 one).
+USE_VNNI = True
 # Each nibble's value, for the table-lookup kernels: checkpoint-layout symmetric
 # int4 (stored q + 8), prepared symmetric int4 (two's complement q), stored q
 # (asymmetric), fp4 e2m1.
@@ -244,6 +247,31 @@ def has_avx512() -> bool:
     import llvmlite.binding as llvm
 
     return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 VNNI (``vpdpbusd``): the host's, or ``NUMBA_CPU_NAME``/
+    ``NUMBA_CPU_FEATURES``'s."""
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        features = (config.CPU_FEATURES or "").split(",")
+        return all(f"+{f}" in features for f in ("avx512f", "avx512bw", "avx512vnni"))
+    import llvmlite.binding as llvm
+
+    host = llvm.get_host_cpu_features()
+    return all(host.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+def _vnni_kernels():
+    """:mod:`npquant.kernels._vnni` where it can run (AVX-512 VNNI, ``USE_VNNI``), else None. Compiles it on first
+    use."""
+    if not (USE_VNNI and has_vnni()):
+        return None
+    from . import _vnni
+
+    return _vnni
 
 
 def _lut_kernels():
@@ -375,6 +403,11 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         return y
     args = args or _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
+    if m_rows == 1 and kind == 0 and bi % 64 == 0 and _vnni_kernels() is not None:
+        _parallel(_vnni_kernels().gemv_int8_exact, (x2, codes, scale, bo, bi, y), -(-out_features // 8), cost, threads)
+        if y[0, 0] == y[0, 0]:
+            return y
+        # NaN: x may hold NaN or Inf, which the exact kernel has no integers for; the float32 one gives them meaning
     if m_rows == 1 and kind in (0, 4):
         code_kind = 0 if kind == 0 else 1 if args[9] else 2  # int8, e4m3, e5m2 (its float16 decode is the value)
         mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
