@@ -7,7 +7,8 @@ loads them instead of compiling. The modules, one idea each: ``_decode``
 (code formats to float32), ``_nonlinear`` (a transformer's GELU,
 LayerNorm and softmax in one pass each), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
 ``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_lut`` (batch-1
-4-bit kernels decoding by table lookup, AVX-512), ``_quantizer`` (the
+4-bit kernels decoding by table lookup, AVX-512), ``_vnni`` (the batch-1
+int8 kernel as exact integer dot products, AVX-512 VNNI), ``_quantizer`` (the
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
 counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
 threads), ``_pool`` (npquant's own threads where that is not possible),
@@ -24,7 +25,13 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   take :mod:`~npquant.kernels._lut` instead: each row's block of
   dequantized weights is a 16-entry table in a register, four rows share
   each load of ``x``, and the next rows' lines are prefetched (short rows
-  are streams the hardware prefetcher ramps up on too late).
+  are streams the hardware prefetcher ramps up on too late). Where it has
+  AVX-512 VNNI, symmetric int8 in blocks of whole 64 columns takes
+  :mod:`~npquant.kernels._vnni`: ``x`` rounded to a grid of ``2**-30``
+  of its largest element (exact for every element within a factor 64 of
+  it) and the dot products summed exactly in integers, then scaled in
+  float64 (nearer the exact product than a float32 sum; NaN or Inf in
+  ``x`` go to the float32 kernel).
 - ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
   decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
   rows of ``x`` against it.

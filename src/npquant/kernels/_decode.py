@@ -42,7 +42,9 @@ Performance notes, measured on the kernels that use these decoders:
 Dot products accumulate in float32 with reassociation allowed (``fastmath``
 flags ``reassoc``/``contract``/``arcp`` only: nothing assumes away NaN or
 Inf), so linear results differ from the numpy reference by float32
-summation order only.
+summation order only. One kernel sums in integers instead:
+:mod:`~npquant.kernels._vnni` (batch-1 int8 where AVX-512 VNNI is), exact
+but for ``x`` rounded to ``2**-30`` of its largest element.
 """
 
 import math

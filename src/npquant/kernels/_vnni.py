@@ -30,17 +30,23 @@ Why. The float32 kernel widens every byte to a 32-bit lane
 (``vpmovsxbd``), converts it and multiplies it: three instructions per 16
 weights, and on Zen 4 that held one core to about 25 GB/s of codes in
 cache, so that two cores barely outran memory. Here one widening serves 32
-weights and two ``vpdpwssd`` take them, with nothing to convert. Eight rows
+weights and two ``vpdpwssd`` take them, with nothing to convert: with its
+codes in cache (512 x 4096, one thread) 42 GB/s against 27. Eight rows
 share each load of ``x``'s words (16 int32 accumulators): the codes come
 as eight streams, as in the float32 kernel. Measured for 11008 x 4096 on 2
-cores, each call alternating with a float32 matmul of another matrix
-(medians of 40, same process): 1.58 -> 1.49 ms, 2.01 -> 1.79, 1.92 ->
-1.76 ms against the float32 kernel. Also tried and slower or no better:
-``vpdpbusd`` on four signed base-256 digits of ``X`` (64 weights an
-instruction, but 16 accumulators for four rows: four streams, 1.72 against
-1.58 ms), the same with three digits and eight rows (x rounded to 22 bits;
-as fast as this), one or two rows at a time (1.9-2.2 ms: too few
-streams), and prefetching the next block of rows in address order.
+cores, each call alternating with a float32 matmul of another matrix, the
+two kernels alternating in one process through :func:`npquant.linear`
+(medians of 60): w8-channel 1.60 -> 1.47 ms and 1.90 -> 1.81 ms (two
+runs), int8 in groups of 128 2.29 -> 2.05 and 3.21 -> 2.80 ms, of 512
+1.81 -> 1.70 ms. Memory, not instructions, now bounds it: eight streams of
+one 4 KiB row each, where the prepared layout's single stream runs faster.
+Also tried and slower or no better: ``vpdpbusd`` on four signed base-256
+digits of ``X`` (64 weights an instruction, but 16 accumulators for four
+rows: four streams, 1.72 against 1.58 ms for the float32 kernel), the same
+with three digits and eight rows (``x`` rounded to 22 bits; as fast as
+this), one or two rows at a time (1.9-2.2 ms: too few streams),
+prefetching the next block of rows (in address order, or at the same
+columns one row or a block ahead) or 256 B-2 KiB ahead within the rows.
 
 Each thread turns ``x`` into its words itself (8 KiB for 4096 columns,
 microseconds): nothing extra to pass from Python. The int32 lanes stay
