@@ -73,7 +73,6 @@ from ._llvm import _claim, _stack_empty
 
 _LANES = 16  # int32 lanes of one 512-bit register
 _VI = ir.VectorType(ir.IntType(32), _LANES)
-_I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _CHUNK = 64  # columns of one step: two vpdpwssd of 32 per row and word
 _X_BITS = 30  # |X| <= 2**30: X = 2**16 H + L, L in [-2**15, 2**15), H in [-2**14, 2**14]
