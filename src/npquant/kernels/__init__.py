@@ -244,31 +244,30 @@ def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _buffers.even_odd(x2)
 
 
-@functools.cache
-def has_avx512() -> bool:
-    """Whether numba compiles for a CPU with AVX-512: the host's, or ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``'s."""
+def _target_has(*features: str) -> bool:
+    """Whether numba compiles for a CPU with every one of ``features`` (LLVM's names): the host's, or
+    ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``'s."""
     from numba.core import config
 
     if config.CPU_NAME or config.CPU_FEATURES:
-        return "+avx512f" in (config.CPU_FEATURES or "")
+        listed = (config.CPU_FEATURES or "").split(",")
+        return all(f"+{f}" in listed for f in features)
     import llvmlite.binding as llvm
 
-    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    host = llvm.get_host_cpu_features()
+    return all(host.get(f, False) for f in features)
+
+
+@functools.cache
+def has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (see :func:`_target_has`)."""
+    return _target_has("avx512f")
 
 
 @functools.cache
 def has_vnni() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI (``vpdpbusd``): the host's, or ``NUMBA_CPU_NAME``/
-    ``NUMBA_CPU_FEATURES``'s."""
-    from numba.core import config
-
-    if config.CPU_NAME or config.CPU_FEATURES:
-        features = (config.CPU_FEATURES or "").split(",")
-        return all(f"+{f}" in features for f in ("avx512f", "avx512bw", "avx512vnni"))
-    import llvmlite.binding as llvm
-
-    host = llvm.get_host_cpu_features()
-    return all(host.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+    """Whether numba compiles for a CPU with AVX-512 VNNI (``vpdpwssd``; see :func:`_target_has`)."""
+    return _target_has("avx512f", "avx512bw", "avx512vnni")
 
 
 def _vnni_kernels():
@@ -410,8 +409,10 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         return y
     args = args or _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
-    if m_rows == 1 and kind == 0 and bi % 64 == 0 and _vnni_kernels() is not None:
-        _parallel(_vnni_kernels().gemv_int8_exact, (x2, codes, scale, bo, bi, y), -(-out_features // 8), cost, threads)
+    vnni = _vnni_kernels() if m_rows == 1 and kind == 0 else None
+    if vnni is not None and bi % vnni._CHUNK == 0:
+        _parallel(vnni.gemv_int8_exact, (x2, codes, scale, bo, bi, y), -(-out_features // vnni.ROW_SET), cost,
+                  threads)
         if y[0, 0] == y[0, 0]:
             return y
         # NaN: x may hold NaN or Inf, which the exact kernel has no integers for; the float32 one gives them meaning
