@@ -128,29 +128,49 @@ def _i64_bits_to_f64(typingctx, v):
     return types.float64(types.int64), codegen
 
 
-@intrinsic
-def _prefetch(typingctx, ary, offset):
-    """Ask the CPU to fetch the cache line holding element ``offset`` of ``ary``'s data (C-contiguous, flat).
+#: Bytes ahead of the line a batch-1 kernel over the checkpoint layout reads at which it asks for the codes it will
+#: read next (:func:`_prefetch_l2`): one pass of eight 4 KiB rows (see :func:`npquant.kernels._gemv.gemv_bytes`).
+PREFETCH_AHEAD = 32 * 1024
+
+
+def prefetch_call(builder, address, locality: int) -> None:
+    """Emit ``llvm.prefetch`` (a read) of the line holding the ``i8*`` ``address``: ``locality`` 3 into L1, 2 into L2."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(address, i8p), ir.Constant(i32, 0), ir.Constant(i32, locality),
+                      ir.Constant(i32, 1)])
+
+
+def _prefetch_intrinsic(name: str, locality: int, doc: str):
+    def prefetch(typingctx, ary, offset):
+        if not (isinstance(ary, types.Array) and ary.layout == "C" and isinstance(offset, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            where = builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+            prefetch_call(builder, where, locality)
+            return context.get_dummy_value()
+
+        return types.void(ary, offset), codegen
+
+    prefetch.__name__ = prefetch.__qualname__ = name
+    prefetch.__doc__ = doc
+    return intrinsic(prefetch)
+
+
+_prefetch = _prefetch_intrinsic("_prefetch", 3, """Ask the CPU to fetch the cache line holding element ``offset`` of ``ary``'s data
+    (C-contiguous, flat) into L1.
 
     A hint: no bounds check and no fault (an offset past the end fetches a
     line never read, or nothing). For streams the hardware prefetcher
     ramps up on too late: many short rows, or two threads sharing memory.
-    """
-    if not (isinstance(ary, types.Array) and ary.layout == "C" and isinstance(offset, types.Integer)):
-        return None
+    """)
 
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        data = context.make_array(aryty)(context, builder, args[0]).data
-        where = builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(where, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(ary, offset), codegen
+_prefetch_l2 = _prefetch_intrinsic("_prefetch_l2", 2, """As :func:`_prefetch`, into L2 (``prefetcht1``): for lines read a while later,
+    which in L1 would push out what is read now (``x``).""")
 
 
 @intrinsic
