@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from ._decode import _FASTMATH, _ROWS
 from ._jobs import JOBS, SIGNATURE, _f32, _f32_1d, _f32_2d, _f32_3d, _i64_1d, _u8_2d, _u8_3d
-from ._llvm import _claim, _stack_empty
+from ._llvm import _claim, _stack_empty, prefetch_call
 
 _LANES = 16  # float32 lanes of one 512-bit register
 _VF = ir.VectorType(ir.FloatType(), _LANES)
@@ -156,9 +156,6 @@ def _lanes_block(typingctx, table, codes, scale, scale_codes, scale_kind, n_grou
         n = _length(context, builder, aty[6], args[6])
         per_group = builder.udiv(n, groups)
         tbl = builder.load(_vector_at(builder, tp, 0, _VF), align=4)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
-            "llvm.prefetch.p0i8")
         parts = _ROWS // _LANES  # bytes per word
         zero = ir.Constant(_VF, [0.0] * _LANES)
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(parts)]
@@ -173,9 +170,8 @@ def _lanes_block(typingctx, table, codes, scale, scale_codes, scale_kind, n_grou
             with cgutils.for_range(builder, per_group) as col:
                 j = builder.add(builder.mul(g, per_group), col.index)
                 at = _vector_at(builder, cp, j, _VI)
-                builder.call(prefetch, [builder.gep(builder.bitcast(at, ir.IntType(8).as_pointer()),
-                                                    [ir.Constant(_I64, _PREFETCH_AHEAD)]),
-                                        ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                prefetch_call(builder, builder.gep(builder.bitcast(at, ir.IntType(8).as_pointer()),
+                                                   [ir.Constant(_I64, _PREFETCH_AHEAD)]), 3)
                 words = builder.load(at, align=1)  # byte 4 d + b of word d
                 ev = _splat(builder, builder.load(builder.gep(ep, [j])))
                 ov = _splat(builder, builder.load(builder.gep(op, [j])))
@@ -250,9 +246,6 @@ def _rows_dot(typingctx, values, c0, c1, c2, c3, s0, s1, s2, s3, scale_table, ha
         n_bytes = _length(context, builder, aty[1], args[1])
         n_groups = _length(context, builder, aty[5], args[5])
         per_group = builder.udiv(n_bytes, n_groups)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
-            "llvm.prefetch.p0i8")
         lookup2 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VI, _VF]),
                                                  "llvm.x86.avx512.vpermi2var.ps.512")
         vals = builder.load(_vector_at(builder, vp, 0, _VF), align=4)
@@ -280,7 +273,7 @@ def _rows_dot(typingctx, values, c0, c1, c2, c3, s0, s1, s2, s3, scale_table, ha
             ov = builder.load(_vector_at(builder, op, k, _VF), align=4)
             at = _vector_at(builder, cps[i], k, _VB)
             line = builder.gep(builder.bitcast(at, ir.IntType(8).as_pointer()), [ahead_v])
-            builder.call(prefetch, [line, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            prefetch_call(builder, line, 3)
             index = builder.zext(builder.load(at, align=1), _VI)
             a = fma(low_of(index), ev, builder.load(slots[i]))
             builder.store(fma(high_of(builder.lshr(index, four)), ov, a), slots[i])

@@ -137,11 +137,12 @@ def _dot_words(typingctx, codes, rows, c0, n_chunks, words, out):
             return builder.load(builder.bitcast(builder.gep(start, [offset]), ty.as_pointer()), align=align)
 
         with cgutils.for_range(builder, context.cast(builder, args[3], n_t, types.int64)) as loop:
-            ahead = builder.add(builder.mul(loop.index, ir.Constant(_I64, _CHUNK)), ir.Constant(_I64, PREFETCH_AHEAD))
+            column = builder.mul(loop.index, ir.Constant(_I64, _CHUNK))
+            ahead = builder.add(column, ir.Constant(_I64, PREFETCH_AHEAD))
             for j in range(ROW_SET):  # the same line a pass later, into L2
                 prefetch_call(builder, builder.gep(row_starts[j], [ahead]), 2)
             for half in range(2):
-                offset = builder.add(builder.mul(loop.index, ir.Constant(_I64, _CHUNK)), ir.Constant(_I64, 32 * half))
+                offset = builder.add(column, ir.Constant(_I64, 32 * half))
                 xw = [load(word_starts[w], offset, _VI, 2) for w in range(2)]
                 for j in range(ROW_SET):
                     wide = builder.bitcast(builder.sext(load(row_starts[j], offset, bytes32, 1), words32), _VI)
