@@ -102,6 +102,55 @@ def test_tiles_in_threads_match_numpy(name, qt):
         assert np.all(np.abs(got - want) <= bound), threads
 
 
+def test_tile_is_the_calling_threads_own_and_kept():
+    from npquant.kernels import _buffers
+
+    first = _buffers.tile(1000)
+    assert first.dtype == np.float32 and first.shape == (1000,) and first.ctypes.data % 64 == 0
+    again = _buffers.tile(700)  # smaller: the same memory
+    assert again.ctypes.data == first.ctypes.data
+    other = []
+    t = threading.Thread(target=lambda: other.append(_buffers.tile(1000).ctypes.data))
+    t.start()
+    t.join(30)
+    assert other and other[0] != first.ctypes.data  # another thread: a tile of its own
+    big = _buffers.tile(_buffers.KEEP_UP_TO + 1)  # past the limit: made for this call only
+    assert _buffers.tile(1000).ctypes.data == first.ctypes.data != big.ctypes.data
+    grown = _buffers.tile(5000)  # larger, within the limit: kept from now on
+    assert _buffers.tile(5000).ctypes.data == grown.ctypes.data
+
+
+def test_user_threads_with_weights_of_their_own_run_tiles_at_once(where):
+    # Each thread's large-batch calls dequantize into that thread's tile: four
+    # threads with different weights, several tiles a call, all at once.
+    from test_linear import sum_bound
+
+    barrier = threading.Barrier(4, timeout=60)
+    errors = []
+
+    def user(k):
+        try:
+            w = weight((300 + 37 * k, 256), seed=20 + k)
+            x = weight((40, 256), seed=30 + k)
+            tensors = [quantize(w, "w8-channel"), prepare(quantize(w, "w4-g128"))]
+            bounds = [2 * sum_bound(x, t.dequantize(), 256) for t in tensors]
+            wants = [linear(x, t, backend="numpy") for t in tensors]
+            barrier.wait()
+            for _ in range(20):
+                for t, want, bound in zip(tensors, wants, bounds):
+                    got = kernels.numba_linear(x, t, tile_elements=256 * 64, threads=2)
+                    assert np.all(np.abs(got - want) <= bound), (k, type(t).__name__)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[0]
+
+
 def test_job_block_holds_each_argument():
     from npquant.kernels._jobs import _MAX_JOB, _pack_into
 

@@ -39,9 +39,11 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 - ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
   decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
   rows of ``x`` against it.
-- larger ``M`` (prefill): each tile of rows is dequantized into a reused
-  float32 buffer by all threads, then multiplied with one BLAS call (BLAS's
-  own threads); the full float32 weight never exists.
+- larger ``M`` (prefill): each tile of rows is dequantized into a float32
+  buffer by all threads, then multiplied with one BLAS call (BLAS's own
+  threads); the full float32 weight never exists. The buffer is the calling
+  thread's, kept for its next call (:func:`~npquant.kernels._buffers.tile`:
+  a fresh one cost a page fault per 4 KiB at every call).
 
 For a :class:`~npquant.PreparedTensor` (:func:`npquant.prepare`: 4-bit or
 one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
@@ -134,6 +136,10 @@ _TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes 
 # (one sentence, ~12 tokens): 384 x 384 layers alone, 1536 x 384 and the
 # fused 1152 x 384 QKV on both threads. Dequantizing a tile counts its bytes.
 _PARALLEL_FROM = 1 << 22
+# A tile of the large-batch path is dequantized on all threads from this
+# many bytes of float32: BLAS's workers, just used for the tile before it or
+# the model's own matmul, are still polling, so handing them work is cheap.
+_PARALLEL_TILE_FROM = 1 << 18
 _CHUNKS_PER_THREAD = 8
 #: Whether kernels run on OpenBLAS's threads where they can (tests switch it off to reach the pool).
 USE_BLAS_THREADS = True
@@ -353,9 +359,10 @@ def default_threads() -> int:
     return _pool.cpu_count()
 
 
-def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None) -> None:
+def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
+              parallel_from: int = _PARALLEL_FROM) -> None:
     """``kernel(*args, work, per)`` on the threads the call deserves: ``threads``, or by default one below a cost
-    (weights times rows of ``x``) of ``_PARALLEL_FROM``, else :func:`default_threads`.
+    (weights times rows of ``x``; a tile's bytes) of ``parallel_from``, else :func:`default_threads`.
 
     On OpenBLAS's threads where it can (:mod:`npquant.kernels._blas_threads`:
     as many as BLAS has now; the default read there, in compiled code), else
@@ -365,7 +372,7 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None)
     per thread, so a slowed thread takes fewer.
     """
     if threads is None:
-        threads = 1 if cost < _PARALLEL_FROM else 0  # 0: default_threads()
+        threads = 1 if cost < parallel_from else 0  # 0: default_threads()
     blas = threads != 1 and n_units > 1 and USE_BLAS_THREADS and _blas_threads.usable()
     if blas and _blas_threads.run(kernel, args, n_units, threads, _CHUNKS_PER_THREAD):
         return  # 0 threads used: the default is one only Python reads (or refuses)
@@ -442,14 +449,14 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 
         def dequantize(o0: int, w_tile: np.ndarray) -> None:
             _parallel(dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off, o0, w_tile),
-                      w_tile.shape[0], w_tile.nbytes, threads)
+                      w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
     else:
 
         def dequantize(o0: int, w_tile: np.ndarray) -> None:
-            _parallel(dequantize_rows, (*args, o0, w_tile), w_tile.shape[0], w_tile.nbytes, threads)
+            _parallel(dequantize_rows, (*args, o0, w_tile), w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
 
     tile = max(1, tile_elements // in_features)
-    buf = _aligned_empty((min(tile, out_features), in_features))
+    buf = _buffers.tile(min(tile, out_features) * in_features).reshape(-1, in_features)  # this thread's, reused
     for o0 in range(0, out_features, tile):
         w_tile = buf[: min(tile, out_features - o0)]  # (T, I)
         dequantize(o0, w_tile)
@@ -550,7 +557,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
             _parallel(dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, bi, b0, w_t),
-                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads)
+                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM)
     else:
         half_block = bi // 2
         if m_rows == 1:
@@ -569,11 +576,11 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
 
         def dequantize_t(b0: int, w_t: np.ndarray) -> None:
             _parallel(dequantize_int4_blocks_t, (p.codes, *scales, zp, has_zp, fp4, half_block, b0, w_t),
-                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads)
+                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM)
 
     # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
     per_tile = max(1, tile_elements // (ROWS * in_features))  # blocks
-    buf = _aligned_empty((in_features * ROWS * min(per_tile, n_blocks),))
+    buf = _buffers.tile(in_features * ROWS * min(per_tile, n_blocks))  # this thread's, reused
     for b0 in range(0, n_blocks, per_tile):
         o0 = b0 * ROWS
         n = min(per_tile * ROWS, out_features - o0)
