@@ -4,9 +4,13 @@ In this process: the float32 encoder and one quantized encoder per scheme
 (numba backend when installed), timed in interleaved rounds, as a user who
 keeps both sees them. In a separate process: the float32 encoder alone,
 the same way (no quantized layer in that process, no kernel threads: the
-baseline a float32-only user has). Every encoder, in both processes, runs
-its GELU, LayerNorm and softmax on numba's one-pass kernels where numba is
-installed, as a user's does: the ratios are what quantization changes. Ratios are to that float32-only process, and in
+baseline a float32-only user has). That process stays up and runs one
+round of its own before each of this process's rounds and one after the
+last (each waiting while the other runs): the machine's slow and fast
+phases, which last seconds, fall on both alike. Every encoder, in both
+processes, runs its GELU, LayerNorm and softmax on numba's one-pass
+kernels where numba is installed, as a user's does: the ratios are what
+quantization changes. Ratios are to that float32-only process, and in
 brackets to float32 in this process.
 
 - one sentence: ``encode([one short sentence])``, the median over rounds of
@@ -39,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach 
 
 ONE = ["The quick brown fox jumps over the lazy dog."]
 STEPS = 10  # one-sentence calls in a row per round (the first two untimed)
+IDLE = 0.3  # s: OpenBLAS's idle workers poll for about 0.1 s after a call; one process's must not slow the other's
 
 
 def _parse() -> argparse.Namespace:
@@ -47,7 +52,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--scheme", action="append",
                    help="quantized encoders to time (repeatable; default w8-channel, w4-g128, fp8-channel)")
-    p.add_argument("--float32-only", action="store_true", help=argparse.SUPPRESS)  # the child: prints JSON
+    p.add_argument("--float32-only", action="store_true", help=argparse.SUPPRESS)  # the child: rounds on request
     return p.parse_args()
 
 
@@ -58,49 +63,88 @@ def sixty_four() -> list[str]:
     return list(SENTENCES) + ["One more.", "And another sentence here.", "Sixty-three.", "Sixty-four!"]
 
 
-def time_encoders(encode: dict, repeats: int, batch_size: int) -> dict:
-    """``{name: (one-sentence seconds, 64-sentence seconds)}``: medians of ``repeats`` interleaved rounds."""
+def one_round(encode: dict, times: dict, batch_size: int) -> None:
+    """One round of each encoder: ``STEPS`` one-sentence calls (the first two untimed), then the 64 sentences.
+
+    Appends seconds to ``times[name]["one"]`` and ``times[name]["many"]``.
+    """
     many = sixty_four()
-    one, batch = {k: [] for k in encode}, {k: [] for k in encode}
-    for f in encode.values():  # warm-up: numba compiles or loads its cache, prepared layers are made
-        f(ONE)
-        f(many)
     clock = time.perf_counter
-    for _ in range(repeats):
-        for k, f in encode.items():
-            for i in range(STEPS):
-                t0 = clock()
-                f(ONE)
-                if i >= 2:
-                    one[k].append(clock() - t0)
+    for k, f in encode.items():
+        t = times.setdefault(k, {"one": [], "many": []})
+        for i in range(STEPS):
             t0 = clock()
-            f(many, batch_size=batch_size)
-            batch[k].append(clock() - t0)
-    return {k: (statistics.median(one[k]), statistics.median(batch[k])) for k in encode}
+            f(ONE)
+            if i >= 2:
+                t["one"].append(clock() - t0)
+        t0 = clock()
+        f(many, batch_size=batch_size)
+        t["many"].append(clock() - t0)
+
+
+def warm_up(encode: dict) -> None:
+    """numba compiles or loads its cache, prepared layers are made."""
+    for f in encode.values():
+        f(ONE)
+        f(sixty_four())
+
+
+def float32_only_server(batch_size: int) -> int:
+    """The float32-only process: after "ready", one round per line read ("round"), its times as a JSON line."""
+    from npquant.models import SentenceEncoder
+
+    encode = {"float32": SentenceEncoder.from_pretrained().encode}
+    warm_up(encode)
+    print(json.dumps({"ready": True, "numba_loaded": "numba" in sys.modules}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        times: dict = {}
+        one_round(encode, times, batch_size)
+        print(json.dumps(times["float32"]), flush=True)
+    return 0
+
+
+class Float32Only:
+    """The float32-only process, kept up: :meth:`round` runs one round there while this process waits."""
+
+    def __init__(self, batch_size: int):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--float32-only", "--batch-size", str(batch_size)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.times: dict = {"one": [], "many": []}
+        self.numba_loaded = self._reply()["numba_loaded"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the float32-only process ended (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def round(self) -> None:
+        time.sleep(IDLE)  # this process's BLAS workers stop polling first
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        for k, v in self._reply().items():
+            self.times[k] += v
+        time.sleep(IDLE)  # and that process's
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
 
 
 def main() -> int:
     args = _parse()
-    from npquant.models import SentenceEncoder
-
-    enc = SentenceEncoder.from_pretrained()  # GELU, LayerNorm and softmax on numba where installed, as a user's
     if args.float32_only:
-        t = time_encoders({"float32": enc.encode}, args.repeats, args.batch_size)["float32"]
-        print(json.dumps({"one": t[0], "many": t[1], "numba_loaded": "numba" in sys.modules}))
-        return 0
+        return float32_only_server(args.batch_size)
 
     import numpy as np
 
     import npquant
+    from npquant.models import SentenceEncoder
 
-    def float32_only() -> dict:
-        child = subprocess.run([sys.executable, __file__, "--float32-only", "--repeats", str(args.repeats),
-                                "--batch-size", str(args.batch_size)], capture_output=True, text=True)
-        if child.returncode:
-            raise SystemExit(child.stderr)
-        return json.loads(child.stdout)
-
-    runs = [float32_only()]  # once before and once after this process's rounds: the faster is the baseline
+    alone = Float32Only(args.batch_size)  # loads while this process does
+    enc = SentenceEncoder.from_pretrained()  # GELU, LayerNorm and softmax on numba where installed, as a user's
     encode = {"float32": enc.encode}
     for name in args.scheme or ["w8-channel", "w4-g128", "fp8-channel"]:
         encode[name] = enc.quantized(name).encode
@@ -116,18 +160,24 @@ def main() -> int:
         st_note = f"sentence-transformers on torch {torch.__version__} ({torch.get_num_threads()} threads)"
     except ImportError:
         pass
-    t = time_encoders(encode, args.repeats, args.batch_size)
-    runs.append(float32_only())
-    alone = {k: min(r[k] for r in runs) for k in ("one", "many")}
-    alone["numba_loaded"] = any(r["numba_loaded"] for r in runs)
+    warm_up(encode)
+    times: dict = {}
+    for _ in range(args.repeats):
+        alone.round()
+        one_round(encode, times, args.batch_size)
+    alone.round()
+    alone.close()
+    t = {k: (statistics.median(v["one"]), statistics.median(v["many"])) for k, v in times.items()}
+    base_alone = statistics.median(alone.times["one"]), statistics.median(alone.times["many"])
     print(f"{os.cpu_count()} cores; numpy {np.__version__}, npquant {npquant.__version__} "
           f"(quantized linears on {npquant.available_backends()[-1]}); {st_note}")
     print(f"one sentence: {ONE[0]!r}, median of {args.repeats} rounds x {STEPS - 2} calls; "
           f"64 sentences in batches of {args.batch_size}, median of {args.repeats} rounds")
-    print("float32-only process, run before and after (the faster is the baseline): one "
-          + " / ".join(f"{r['one'] * 1e3:.2f}" for r in runs) + " ms, 64 sentences "
-          + " / ".join(f"{r['many'] * 1e3:.1f}" for r in runs) + " ms"
-          + (" (no numba there)" if not alone["numba_loaded"] else " (numba's GELU, LayerNorm, softmax there too)"))
+    many = alone.times["many"]
+    print(f"float32-only process, a round before each of this process's and one after: one sentence "
+          f"{base_alone[0] * 1e3:.2f} ms, 64 sentences {base_alone[1] * 1e3:.1f} ms "
+          f"(rounds {min(many) * 1e3:.1f} to {max(many) * 1e3:.1f})"
+          + (" (no numba there)" if not alone.numba_loaded else " (numba's GELU, LayerNorm, softmax there too)"))
     print("ratios: to the float32-only process [to float32 in this process]")
     print()
     head = f"{'encoder':<22} {'one ms':>8} {'ratio':>15} {'64 ms':>9} {'ratio':>15}"
@@ -135,8 +185,8 @@ def main() -> int:
     print("-" * len(head))
     base = t["float32"]
     for k, (one, many) in t.items():
-        print(f"{k:<22} {one * 1e3:8.2f} {one / alone['one']:6.3f} [{one / base[0]:5.3f}] "
-              f"{many * 1e3:9.1f} {many / alone['many']:6.3f} [{many / base[1]:5.3f}]")
+        print(f"{k:<22} {one * 1e3:8.2f} {one / base_alone[0]:6.3f} [{one / base[0]:5.3f}] "
+              f"{many * 1e3:9.1f} {many / base_alone[1]:6.3f} [{many / base[1]:5.3f}]")
     return 0
 
 

@@ -47,7 +47,7 @@ def require_default_model():
 def test_bench_encoder_quick():
     require_default_model()
     out = run("bench_encoder.py", "--repeats", "1", "--scheme", "w8-channel")
-    assert "float32-only process, run before and after" in out
+    assert "float32-only process, a round before each of this process" in out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith(("float32 ", "w8-channel "))]
     assert rows == ["float32", "w8-channel"]
 
