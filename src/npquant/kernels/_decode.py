@@ -290,6 +290,55 @@ def _decode_lanes(code_kind, b, zi, fp8_mult, out):
             out[r] = np.float32(_I32(_I32(b[r]) - zi[r]))
 
 
+# One byte code's ``v - z`` as float32, exact, one function per code kind: a
+# kernel passed one of them is compiled for it alone, with no branch on the
+# kind in its inner loop (see :func:`npquant.kernels._tiles._bytes_block_t`).
+# ``z`` is the lane's zero point (int32), ``mult`` e4m3's 2**8.
+
+
+@njit(inline="always")
+def _int8_value(b, z, mult):
+    return np.float32(np.int8(b))
+
+
+@njit(inline="always")
+def _e4m3_value(b, z, mult):
+    return _e4m3_as_f16(b) * mult
+
+
+@njit(inline="always")
+def _e5m2_value(b, z, mult):
+    return _e5m2_as_f16(b)
+
+
+@njit(inline="always")
+def _offset_value(b, z, mult):
+    return np.float32(_I32(_I32(b) - z))
+
+
+# A byte of two 4-bit codes as its two values ``(low, high)``, float32 and
+# exact, one function per code kind, as the one-byte ones above: ``z`` the
+# lane's zero point (uint8). fp4's values are ``_FP4_UNSCALE`` times
+# float16's, exactly.
+
+
+@njit(inline="always")
+def _signed_nibbles(c, z):
+    return np.float32(_low_nibble_signed(c)), np.float32(_high_nibble_signed(c))
+
+
+@njit(inline="always")
+def _offset_nibbles(c, z):
+    ci = _I32(c)
+    zi = _I32(z)
+    return np.float32(_I32(_I32(ci & _I32(15)) - zi)), np.float32(_I32(_I32(ci >> _I32(4)) - zi))
+
+
+@njit(inline="always")
+def _fp4_nibbles(c, z):
+    return _fp4_low_as_f16(c) * _FP4_UNSCALE, _fp4_high_as_f16(c) * _FP4_UNSCALE
+
+
 # x * 2**8 is exact below this (and far below float32's 2**128)
 _FP8_X_LIMIT = 2.0**100
 
