@@ -102,6 +102,26 @@ def test_tiles_in_threads_match_numpy(name, qt):
         assert np.all(np.abs(got - want) <= bound), threads
 
 
+def run_users(user, n: int) -> None:
+    """``user(k)`` in ``n`` threads at once (``k`` = 0 .. n - 1); the first exception any raised, raised here."""
+    errors = []
+
+    def guarded(k):
+        try:
+            user(k)
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a user thread did not finish"
+    if errors:
+        raise errors[0]
+
+
 def test_tile_is_the_calling_threads_own_and_kept():
     from npquant.kernels import _buffers
 
@@ -126,29 +146,20 @@ def test_user_threads_with_weights_of_their_own_run_tiles_at_once(where):
     from test_linear import sum_bound
 
     barrier = threading.Barrier(4, timeout=60)
-    errors = []
 
     def user(k):
-        try:
-            w = weight((300 + 37 * k, 256), seed=20 + k)
-            x = weight((40, 256), seed=30 + k)
-            tensors = [quantize(w, "w8-channel"), prepare(quantize(w, "w4-g128"))]
-            bounds = [2 * sum_bound(x, t.dequantize(), 256) for t in tensors]
-            wants = [linear(x, t, backend="numpy") for t in tensors]
-            barrier.wait()
-            for _ in range(20):
-                for t, want, bound in zip(tensors, wants, bounds):
-                    got = kernels.numba_linear(x, t, tile_elements=256 * 64, threads=2)
-                    assert np.all(np.abs(got - want) <= bound), (k, type(t).__name__)
-        except BaseException as exc:
-            errors.append(exc)
+        w = weight((300 + 37 * k, 256), seed=20 + k)
+        x = weight((40, 256), seed=30 + k)
+        tensors = [quantize(w, "w8-channel"), prepare(quantize(w, "w4-g128"))]
+        bounds = [2 * sum_bound(x, t.dequantize(), 256) for t in tensors]
+        wants = [linear(x, t, backend="numpy") for t in tensors]
+        barrier.wait()
+        for _ in range(20):
+            for t, want, bound in zip(tensors, wants, bounds):
+                got = kernels.numba_linear(x, t, tile_elements=256 * 64, threads=2)
+                assert np.all(np.abs(got - want) <= bound), (k, type(t).__name__)
 
-    threads = [threading.Thread(target=user, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors[0]
+    run_users(user, 4)
 
 
 def test_job_block_holds_each_argument():
@@ -443,25 +454,17 @@ def test_spawned_child_runs_the_kernels(where):
 def test_eight_user_threads_at_once(where):
     want = child_results()
     barrier = threading.Barrier(8, timeout=60)
-    results, errors = {}, []
+    results = {}
 
     def user(k):
-        try:
-            barrier.wait()
-            for _ in range(2):
-                results[k] = child_results()
-            w = weight((64, 256), seed=k)
-            qt = quantize(w, "w4-g128")  # quantize too, in every thread at once
-            np.testing.assert_array_equal(qt.codes, quantize(w, "w4-g128", backend="numpy").codes)
-        except BaseException as exc:
-            errors.append(exc)
+        barrier.wait()
+        for _ in range(2):
+            results[k] = child_results()
+        w = weight((64, 256), seed=k)
+        qt = quantize(w, "w4-g128")  # quantize too, in every thread at once
+        np.testing.assert_array_equal(qt.codes, quantize(w, "w4-g128", backend="numpy").codes)
 
-    threads = [threading.Thread(target=user, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors[0]
+    run_users(user, 8)
     assert sorted(results) == list(range(8))
     for got in results.values():
         assert_same(got, want)
