@@ -264,35 +264,16 @@ def _block_scales(scale, scale_codes, scale_table, coded, blk, g, out):
         out[:] = scale[blk, g]
 
 
-# scale and zero point (B, G, R). ``code_kind``: 0 int8 (symmetric), 1 fp8
-# e4m3, 2 fp8 e5m2, 3 uint8 minus a zero point (asymmetric). As for 4-bit
-# blocks, a loop over r is a loop over SIMD lanes, one output row each.
-
-
-@njit(inline="always")
-def _decode_lanes(code_kind, b, zi, fp8_mult, out):
-    """``out[:R] = v - z`` for one byte position of a block (``b`` uint8 (R,)), exact in float32.
-
-    fp8 through float16 (:func:`_e4m3_as_f16` times ``fp8_mult`` = 2**8,
-    or :func:`_e5m2_as_f16`): exact whatever the FPU does with subnormals.
-    """
-    if code_kind == 0:
-        for r in range(_ROWS):
-            out[r] = np.float32(np.int8(b[r]))
-    elif code_kind == 1:
-        for r in range(_ROWS):
-            out[r] = _e4m3_as_f16(b[r]) * fp8_mult
-    elif code_kind == 2:
-        for r in range(_ROWS):
-            out[r] = _e5m2_as_f16(b[r])
-    else:
-        for r in range(_ROWS):
-            out[r] = np.float32(_I32(_I32(b[r]) - zi[r]))
-
-
+# --- one-byte codes in blocks of rows (npquant.prepared) ----------------------------
+# Codes uint8 (B, I, R), scale and zero point (B, G, R). ``code_kind``: 0
+# int8 (symmetric), 1 fp8 e4m3, 2 fp8 e5m2, 3 uint8 minus a zero point
+# (asymmetric). As for 4-bit blocks, a loop over r is a loop over SIMD
+# lanes, one output row each.
+#
 # One byte code's ``v - z`` as float32, exact, one function per code kind: a
 # kernel passed one of them is compiled for it alone, with no branch on the
-# kind in its inner loop (see :func:`npquant.kernels._tiles._bytes_block_t`).
+# kind in its inner loop (see :func:`npquant.kernels._tiles._bytes_block_t`;
+# :func:`_decode_lanes` branches to them).
 # ``z`` is the lane's zero point (int32), ``mult`` e4m3's 2**8.
 
 
@@ -314,6 +295,27 @@ def _e5m2_value(b, z, mult):
 @njit(inline="always")
 def _offset_value(b, z, mult):
     return np.float32(_I32(_I32(b) - z))
+
+
+@njit(inline="always")
+def _decode_lanes(code_kind, b, zi, fp8_mult, out):
+    """``out[:R] = v - z`` for one byte position of a block (``b`` uint8 (R,)), exact in float32.
+
+    fp8 through float16 (:func:`_e4m3_as_f16` times ``fp8_mult`` = 2**8,
+    or :func:`_e5m2_as_f16`): exact whatever the FPU does with subnormals.
+    """
+    if code_kind == 0:
+        for r in range(_ROWS):
+            out[r] = _int8_value(b[r], zi[r], fp8_mult)
+    elif code_kind == 1:
+        for r in range(_ROWS):
+            out[r] = _e4m3_value(b[r], zi[r], fp8_mult)
+    elif code_kind == 2:
+        for r in range(_ROWS):
+            out[r] = _e5m2_value(b[r], zi[r], fp8_mult)
+    else:
+        for r in range(_ROWS):
+            out[r] = _offset_value(b[r], zi[r], fp8_mult)
 
 
 # A byte of two 4-bit codes as its two values ``(low, high)``, float32 and
