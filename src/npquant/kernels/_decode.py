@@ -278,8 +278,14 @@ def _block_scales(scale, scale_codes, scale_table, coded, blk, g, out):
 
 
 @njit(inline="always")
-def _int8_value(b, z, mult):
+def _int8_as_f32(b):
+    """float32 of the uint8 ``b`` read as int8 (two's complement), exactly."""
     return np.float32(np.int8(b))
+
+
+@njit(inline="always")
+def _int8_value(b, z, mult):
+    return _int8_as_f32(b)
 
 
 @njit(inline="always")

@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit
 
-from ._decode import _FASTMATH, _block_scales, _FP4_UNSCALE, _I32, _ROWS, _SIXTEENTH, _U8_15, _U8_4, _U8_88, _e4m3_as_f16, _e4m3_as_f32_bits, _e5m2_as_f16, _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_x16, _low_nibble_x16
+from ._decode import _FASTMATH, _block_scales, _FP4_UNSCALE, _I32, _ROWS, _SIXTEENTH, _U8_15, _U8_4, _U8_88, _e4m3_as_f16, _e4m3_as_f32_bits, _e5m2_as_f16, _int8_as_f32, _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_x16, _low_nibble_x16
 from ._llvm import PREFETCH_AHEAD, _claim, _prefetch, _prefetch_l2, _stack_empty
 
 # Columns of a step of gemv_bytes: before each, its eight rows' lines a pass ahead are asked for into L2 (64
@@ -11,6 +11,43 @@ from ._llvm import PREFETCH_AHEAD, _claim, _prefetch, _prefetch_l2, _stack_empty
 _SUB_BLOCK = 512
 # Codes from this many bytes on take those steps; smaller ones read all columns of a block in one loop, unprefetched.
 _PREFETCH_FROM = 8 << 20
+
+
+_NO_SUMS = (np.float32(0.0),) * 8
+
+
+@njit(inline="always")
+def _x_as_is(xs, k, xm):
+    return xs[k]
+
+
+@njit(inline="always")
+def _x_scaled(xs, k, xm):
+    return xs[k] * xm
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _eight_dots(decode, x_at, xs, xm, a, t):
+    """``t[j] + sum_k x_at(xs, k, xm) * decode(a[j][k])`` for the eight rows ``a`` (uint8, each as long as ``xs``).
+
+    One loop per code kind and ``x`` multiplier (``decode`` and ``x_at``
+    passed in: each pair compiled on its own), eight independent float32
+    sums per load of ``x``.
+    """
+    t0, t1, t2, t3, t4, t5, t6, t7 = t
+    a0, a1, a2, a3, a4, a5, a6, a7 = a
+    for k in range(xs.shape[0]):
+        xv = x_at(xs, k, xm)
+        t0 += xv * decode(a0[k])
+        t1 += xv * decode(a1[k])
+        t2 += xv * decode(a2[k])
+        t3 += xv * decode(a3[k])
+        t4 += xv * decode(a4[k])
+        t5 += xv * decode(a5[k])
+        t6 += xv * decode(a6[k])
+        t7 += xv * decode(a7[k])
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
@@ -77,7 +114,7 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
             xm = e4m3_mults[0] if f32_bits else e4m3_mults[2]
             ym = e4m3_mults[1] if f32_bits else e4m3_mults[3]
             for g in range(n_col_blocks):
-                t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
+                t = _NO_SUMS
                 for k0 in range(g * bi, (g + 1) * bi, sub):
                     k1 = min(k0 + sub, (g + 1) * bi)
                     if far:
@@ -86,66 +123,18 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
                             for c in range(0, k1 - k0, 64):
                                 _prefetch_l2(flat, ahead + q + c)
                     xs = xs_all[k0:k1]
-                    a0 = codes[r[0], k0:k1]
-                    a1 = codes[r[1], k0:k1]
-                    a2 = codes[r[2], k0:k1]
-                    a3 = codes[r[3], k0:k1]
-                    a4 = codes[r[4], k0:k1]
-                    a5 = codes[r[5], k0:k1]
-                    a6 = codes[r[6], k0:k1]
-                    a7 = codes[r[7], k0:k1]
+                    a = (codes[r[0], k0:k1], codes[r[1], k0:k1], codes[r[2], k0:k1], codes[r[3], k0:k1],
+                         codes[r[4], k0:k1], codes[r[5], k0:k1], codes[r[6], k0:k1], codes[r[7], k0:k1])
                     if code_kind == 0:
-                        for k in range(k1 - k0):
-                            xv = xs[k]
-                            t0 += xv * np.float32(np.int8(a0[k]))
-                            t1 += xv * np.float32(np.int8(a1[k]))
-                            t2 += xv * np.float32(np.int8(a2[k]))
-                            t3 += xv * np.float32(np.int8(a3[k]))
-                            t4 += xv * np.float32(np.int8(a4[k]))
-                            t5 += xv * np.float32(np.int8(a5[k]))
-                            t6 += xv * np.float32(np.int8(a6[k]))
-                            t7 += xv * np.float32(np.int8(a7[k]))
+                        t = _eight_dots(_int8_as_f32, _x_as_is, xs, xm, a, t)
                     elif code_kind == 1 and f32_bits:
-                        for k in range(k1 - k0):
-                            xv = xs[k] * xm
-                            t0 += xv * _e4m3_as_f32_bits(a0[k])
-                            t1 += xv * _e4m3_as_f32_bits(a1[k])
-                            t2 += xv * _e4m3_as_f32_bits(a2[k])
-                            t3 += xv * _e4m3_as_f32_bits(a3[k])
-                            t4 += xv * _e4m3_as_f32_bits(a4[k])
-                            t5 += xv * _e4m3_as_f32_bits(a5[k])
-                            t6 += xv * _e4m3_as_f32_bits(a6[k])
-                            t7 += xv * _e4m3_as_f32_bits(a7[k])
+                        t = _eight_dots(_e4m3_as_f32_bits, _x_scaled, xs, xm, a, t)
                     elif code_kind == 1:
-                        for k in range(k1 - k0):
-                            xv = xs[k] * xm
-                            t0 += xv * _e4m3_as_f16(a0[k])
-                            t1 += xv * _e4m3_as_f16(a1[k])
-                            t2 += xv * _e4m3_as_f16(a2[k])
-                            t3 += xv * _e4m3_as_f16(a3[k])
-                            t4 += xv * _e4m3_as_f16(a4[k])
-                            t5 += xv * _e4m3_as_f16(a5[k])
-                            t6 += xv * _e4m3_as_f16(a6[k])
-                            t7 += xv * _e4m3_as_f16(a7[k])
+                        t = _eight_dots(_e4m3_as_f16, _x_scaled, xs, xm, a, t)
                     else:
-                        for k in range(k1 - k0):
-                            xv = xs[k]
-                            t0 += xv * _e5m2_as_f16(a0[k])
-                            t1 += xv * _e5m2_as_f16(a1[k])
-                            t2 += xv * _e5m2_as_f16(a2[k])
-                            t3 += xv * _e5m2_as_f16(a3[k])
-                            t4 += xv * _e5m2_as_f16(a4[k])
-                            t5 += xv * _e5m2_as_f16(a5[k])
-                            t6 += xv * _e5m2_as_f16(a6[k])
-                            t7 += xv * _e5m2_as_f16(a7[k])
-                acc[0] += scale[r[0] // bo, g] * t0
-                acc[1] += scale[r[1] // bo, g] * t1
-                acc[2] += scale[r[2] // bo, g] * t2
-                acc[3] += scale[r[3] // bo, g] * t3
-                acc[4] += scale[r[4] // bo, g] * t4
-                acc[5] += scale[r[5] // bo, g] * t5
-                acc[6] += scale[r[6] // bo, g] * t6
-                acc[7] += scale[r[7] // bo, g] * t7
+                        t = _eight_dots(_e5m2_as_f16, _x_as_is, xs, xm, a, t)
+                for j in range(8):
+                    acc[j] += scale[r[j] // bo, g] * t[j]
             if code_kind != 1:
                 ym = np.float32(1.0)
             for j in range(min(8, out_features - o)):
