@@ -172,6 +172,26 @@ def test_numba_dequantize_is_bit_equal(kernels, scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_numba_dequantize_columns_is_bit_equal(kernels, scheme):
+    """Tiles narrower than the weight (the large-batch path's): rows and columns starting and ending inside
+    column blocks, one column, all of them."""
+    from npquant.kernels._tiles import dequantize_rows
+
+    qt = quantize(weight(shape_for(scheme)), scheme)
+    if not kernels._dequantizes(qt):
+        pytest.skip(f"{scheme}: no kernel reads it (numpy's tiles do)")
+    args = kernels._kernel_args(qt)[:11]
+    ref = qt.dequantize()
+    o, i = qt.shape
+    even, half = i - i % 2, 2 * (i // 4)  # 4-bit codes in bytes (and fp4): tiles start on a byte
+    for o0, n, k0, k in ((0, o, 0, min(64, i)), (5, 9, 2, half), (3, 20, half, even - half - 2), (30, 7, 2, even - 2),
+                         (1, 1, 0, i), (8, 3, even - 2, 2)):
+        out = np.empty((n, k), np.float32)
+        dequantize_rows(*args, o0, k0, out, *one_thread())
+        np.testing.assert_array_equal(out, ref[o0 : o0 + n, k0 : k0 + k], err_msg=f"rows {o0}+{n}, columns {k0}+{k}")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_numba_matches_numpy(kernels, scheme, m):
     w = weight(shape_for(scheme), seed=m)
@@ -187,6 +207,18 @@ def test_numba_matches_numpy(kernels, scheme, m):
     # are within twice that of each other.
     bound = 2 * sum_bound(x, qt.dequantize(), w.shape[1] + 2)
     assert np.all(np.abs(fast - ref) <= bound + 1e-30)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_numba_large_m_tiles_of_columns(kernels, scheme):
+    """Tiles of 64 columns (the last one short where ``I`` is not a multiple of 64), each product added into y."""
+    w = weight(shape_for(scheme), seed=5)
+    qt = quantize(w, scheme)
+    x = np.random.default_rng(5).standard_normal((20, w.shape[1])).astype(np.float32)
+    fast = kernels.numba_linear(x, qt, tile_elements=64 * 16, threads=2, tile_k=64)
+    ref = linear(x, qt, backend="numpy")
+    # As in test_numba_matches_numpy: float32 sums of the same products in different orders.
+    assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), w.shape[1] + 2) + 1e-30)
 
 
 @pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", Scheme("int", 4, "group", 64, symmetric=False)], ids=str)
@@ -220,10 +252,13 @@ def test_numba_int4_split_dequantize_is_bit_equal_reordered(kernels, scheme):
     qt = quantize(weight((19, 256)), scheme)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = kernels._kernel_args(qt)[:9]
     assert kind == 2
-    out = np.empty((7, 256), np.float32)
-    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, 5, out, *one_thread())
     ref = qt.dequantize_rows(5, 12)
-    np.testing.assert_array_equal(out, np.concatenate([ref[:, 0::2], ref[:, 1::2]], axis=1))
+    for k0, k in ((0, 256), (0, 64), (96, 64), (30, 200), (254, 2)):  # whole rows, and tiles' columns
+        out = np.empty((7, k), np.float32)
+        dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, 5, k0, out, *one_thread())
+        piece = ref[:, k0 : k0 + k]
+        np.testing.assert_array_equal(out, np.concatenate([piece[:, 0::2], piece[:, 1::2]], axis=1),
+                                      err_msg=f"columns {k0}+{k}")
 
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3", "fp8_e5m2"])

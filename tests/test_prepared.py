@@ -208,17 +208,23 @@ def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
         scales = (np.zeros((1, 1, ROWS), np.float32), p.scale, np.ascontiguousarray(table, np.float32))
     else:
         scales = (p.scale, np.zeros((1, 1, ROWS), np.uint8), np.zeros(1, np.float32))
-    for blk0, n in ((0, 150), (1, 86), (2, 22), (0, 5)):
-        out_t = np.empty((qt.shape[1], n), np.float32)
+    i = qt.shape[1]
+    # whole rows, and tiles' columns starting and ending inside column blocks
+    half = 2 * (i // 4)  # even: 4-bit codes (and fp4) come two a byte
+    for blk0, n, k0, k in ((0, 150, 0, i), (1, 86, 0, i), (2, 22, 0, i), (0, 5, 0, i), (0, 150, 2, half),
+                           (1, 86, half, i - half - 2), (2, 22, i - 2, 2), (0, 150, 2, i - 2)):
+        out_t = np.empty((k, n), np.float32)
         if scheme.bits == 4:
-            dequantize_int4_blocks_t(p.codes, *scales, zp, has_zp, fp4, p.block_shape[1] // 2, blk0, out_t,
+            dequantize_int4_blocks_t(p.codes, *scales, zp, has_zp, fp4, p.block_shape[1] // 2, blk0, k0, out_t,
                                      *one_thread())
         else:
             kind = _BYTE_KIND.get(scheme.dtype, 3 if has_zp else 0)
             fp8_mult = np.float32(_FP8.get(scheme.dtype, (0, 1.0))[1])
-            dequantize_bytes_blocks_t(p.codes, p.scale, zp, kind, fp8_mult, p.block_shape[1], blk0, out_t, *one_thread())
+            dequantize_bytes_blocks_t(p.codes, p.scale, zp, kind, fp8_mult, p.block_shape[1], blk0, k0, out_t,
+                                      *one_thread())
         o0 = blk0 * ROWS
-        np.testing.assert_array_equal(out_t.T, qt.dequantize_rows(o0, o0 + n))
+        np.testing.assert_array_equal(out_t.T, qt.dequantize_rows(o0, o0 + n)[:, k0 : k0 + k],
+                                      err_msg=f"blocks from {blk0}, {n} rows, columns {k0}+{k}")
 
 
 @pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
@@ -238,11 +244,12 @@ def test_numba_matches_numpy(kernels, scheme, m, out_features):
 
 @pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", "fp8-channel"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_numba_tiles_and_threads(kernels, scheme, threads):
+@pytest.mark.parametrize("tile_k", [256, 64])
+def test_numba_tiles_and_threads(kernels, scheme, threads, tile_k):
     qt = quantize(weight((300, 256)), scheme)
     x = np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32)
-    # One block of 64 rows a tile: five blocks, the last one short.
-    fast = kernels.numba_linear(x, prepare(qt), tile_elements=ROWS * 256, threads=threads)
+    # One block of 64 rows a tile: five blocks, the last one short; whole rows or 64 columns a tile.
+    fast = kernels.numba_linear(x, prepare(qt), tile_elements=ROWS * tile_k, threads=threads, tile_k=tile_k)
     ref = linear(x, qt, backend="numpy")
     assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), 258))
 

@@ -116,7 +116,7 @@ import numpy as np
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
 from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
-from . import _blas_threads, _buffers, _pool
+from . import _blas_threads, _buffers, _pool, _sgemm
 from . import _nonlinear
 from ._decode import e4m3_multipliers
 from ._env import threads_allowed
@@ -129,7 +129,8 @@ __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads",
 
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
-_TILE_ELEMENTS = 1 << 20  # 4 MiB float32 tile for the large-M path (BLAS likes wide tiles)
+_TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
+_TILE_K = 256  # its columns, where tiles add into y (see _tiled)
 # Below this cost (weights times rows of x: the multiply-adds, whatever the
 # code width) a call runs in the caller's thread alone: handing work to
 # another thread costs more than it saves. Measured on the MiniLM encoder
@@ -338,7 +339,7 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
         return qt.dequantize_rows(start, stop)
     stop = qt.shape[0] if stop is None else stop
     out = np.empty((stop - start, qt.shape[1]), np.float32)
-    _parallel(dequantize_rows, (*_kernel_args(qt), start, out), out.shape[0], out.nbytes, None)
+    _parallel(dequantize_rows, (*_kernel_args(qt), start, 0, out), out.shape[0], out.nbytes, None)
     return out
 
 
@@ -389,7 +390,7 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
 
 
 def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
-                 threads: int | None = None) -> np.ndarray:
+                 threads: int | None = None, tile_k: int = _TILE_K) -> np.ndarray:
     """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``.
 
     ``tile_elements`` bounds each float32 tile of the tiled paths;
@@ -399,6 +400,8 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
+    if x2.ndim != 2 or x2.shape[1] != in_features:  # the kernels and BLAS read x by the weight's shape
+        raise NpquantError(f"x must be (M, {in_features}) for a weight of shape {qt.shape}, got {x2.shape}")
     if x2.dtype is not _FLOAT32 and x2.dtype != _FLOAT32:  # identity first (cheap); arrays numba made hold equal copies
         x2 = x2.astype(np.float32)
     prepared = isinstance(qt, PreparedTensor)
@@ -412,7 +415,7 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
     x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
     if prepared:
-        _prepared_linear(x2, qt, y, tile_elements, threads)
+        _prepared_linear(x2, qt, y, tile_elements, tile_k, threads)
         return y
     cost = out_features * in_features * m_rows
     if m_rows == 1 and lut_shape and _lut_kernels() is not None:
@@ -440,28 +443,76 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     if m_rows <= SMALL_M:
         _parallel(gemm_small_m, (x2, *args, y), -(-out_features // 4), cost, threads)
         return y
+    tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, 1)
     if kind == 2:
         # 4-bit codes dequantize faster into even|odd column order (unit-stride
-        # stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit.
-        x_split = _aligned_empty(x2.shape)  # (M, I): even columns, then odd ones
-        x_split[:, : in_features // 2], x_split[:, in_features // 2 :] = _even_odd(x2)
-        x2 = x_split
+        # stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit, in each tile's columns.
+        x2 = _split_columns(x2, tile_cols)
 
-        def dequantize(o0: int, w_tile: np.ndarray) -> None:
-            _parallel(dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off, o0, w_tile),
+        def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
+            _parallel(dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, w_tile),
                       w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
     else:
 
-        def dequantize(o0: int, w_tile: np.ndarray) -> None:
-            _parallel(dequantize_rows, (*args, o0, w_tile), w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
+        def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
+            _parallel(dequantize_rows, (*args, o0, k0, w_tile), w_tile.shape[0], w_tile.nbytes, threads,
+                      _PARALLEL_TILE_FROM)
 
-    tile = max(1, tile_elements // in_features)
-    buf = _buffers.tile(min(tile, out_features) * in_features).reshape(-1, in_features)  # this thread's, reused
-    for o0 in range(0, out_features, tile):
-        w_tile = buf[: min(tile, out_features - o0)]  # (T, I)
-        dequantize(o0, w_tile)
-        np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
+    _tiled(x2, y, tile_rows, tile_cols, dequantize, False)
     return y
+
+
+def _tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int) -> tuple:
+    """``(T, K)``: rows (a multiple of ``row_step``) and columns of the large-batch path's tiles.
+
+    Where tiles can be added into ``y`` (:mod:`~npquant.kernels._sgemm`),
+    ``in_features`` is cut into about equal parts of at most ``tile_k``
+    columns (whole 64s), else tiles are whole rows; as many rows as
+    ``tile_elements`` holds.
+    """
+    cols = in_features
+    if tile_k < in_features and _sgemm.usable():
+        parts = -(-in_features // tile_k)
+        cols = min(in_features, -(-in_features // (parts * 64)) * 64)
+    rows = max(row_step, tile_elements // cols // row_step * row_step)
+    return min(rows, -(-out_features // row_step) * row_step), cols
+
+
+def _split_columns(x2: np.ndarray, tile_cols: int) -> np.ndarray:
+    """float32 ``(M, I)``: in each ``tile_cols`` columns of ``x2 (M, I)``, the even ones, then the odd ones."""
+    in_features = x2.shape[1]
+    x_split = _aligned_empty(x2.shape)
+    for k0 in range(0, in_features, tile_cols):
+        k1 = min(k0 + tile_cols, in_features)
+        half = (k1 - k0) // 2
+        x_split[:, k0 : k0 + half], x_split[:, k0 + half : k1] = _even_odd(x2[:, k0:k1])
+    return x_split
+
+
+def _tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequantize, transposed: bool) -> None:
+    """``y (M, O) = x2 (M, I) @ W.T`` tile by tile: ``dequantize(o0, k0, tile)`` writes the weight's rows
+    ``[o0, o0 + T)``, columns ``[k0, k0 + K)`` into ``tile``, ``(T, K)`` or, ``transposed``, ``(K, T)``; BLAS
+    multiplies it and adds the product into ``y``.
+
+    The tile is the calling thread's (:func:`~npquant.kernels._buffers.tile`).
+    Tiles narrower than ``I`` only where :mod:`~npquant.kernels._sgemm` is usable.
+    """
+    m_rows, in_features = x2.shape
+    out_features = y.shape[1]
+    buf = _buffers.tile(tile_rows * tile_cols)  # this thread's, reused
+    whole_rows = tile_cols == in_features and not _sgemm.usable()
+    x_at, y_at = (0, 0) if whole_rows else (x2.ctypes.data, y.ctypes.data)
+    for o0 in range(0, out_features, tile_rows):
+        n = min(tile_rows, out_features - o0)
+        for k0 in range(0, in_features, tile_cols):
+            k = min(tile_cols, in_features - k0)
+            tile = buf[: n * k].reshape((k, n) if transposed else (n, k))
+            dequantize(o0, k0, tile)
+            if whole_rows:
+                np.matmul(x2, tile if transposed else tile.T, out=y[:, o0 : o0 + n])
+            else:
+                _sgemm.sgemm(x_at + 4 * k0, in_features, m_rows, tile, transposed, 0.0 if k0 == 0 else 1.0,
+                             y_at + 4 * o0, out_features)
 
 
 def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
@@ -518,7 +569,8 @@ def _lut_args(qt: QuantizedTensor) -> tuple:
     return coded, codes, scale, scale_table, zp, has_zp, values, qt.block_shape[0]
 
 
-def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elements: int, threads: int | None) -> None:
+def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elements: int, tile_k: int,
+                     threads: int | None) -> None:
     """``y (M, O) = x2 @ W.T`` for codes in blocks of rows."""
     m_rows, in_features = x2.shape
     out_features = p.shape[0]
@@ -555,8 +607,8 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
                       n_blocks, cost, threads)
             return
 
-        def dequantize_t(b0: int, w_t: np.ndarray) -> None:
-            _parallel(dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, bi, b0, w_t),
+        def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
+            _parallel(dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, bi, o0 // ROWS, k0, w_t),
                       -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM)
     else:
         half_block = bi // 2
@@ -574,19 +626,13 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
                       n_blocks, cost, threads)
             return
 
-        def dequantize_t(b0: int, w_t: np.ndarray) -> None:
-            _parallel(dequantize_int4_blocks_t, (p.codes, *scales, zp, has_zp, fp4, half_block, b0, w_t),
+        def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
+            _parallel(dequantize_int4_blocks_t, (p.codes, *scales, zp, has_zp, fp4, half_block, o0 // ROWS, k0, w_t),
                       -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM)
 
-    # Other batches: tiles of whole blocks dequantized transposed, (I, T), and BLAS.
-    per_tile = max(1, tile_elements // (ROWS * in_features))  # blocks
-    buf = _buffers.tile(in_features * ROWS * min(per_tile, n_blocks))  # this thread's, reused
-    for b0 in range(0, n_blocks, per_tile):
-        o0 = b0 * ROWS
-        n = min(per_tile * ROWS, out_features - o0)
-        w_t = buf[: in_features * n].reshape(in_features, n)  # (I, T), C-contiguous
-        dequantize_t(b0, w_t)
-        np.matmul(x2, w_t, out=y[:, o0 : o0 + n])
+    # Other batches: tiles of whole blocks dequantized transposed, (K, T), and BLAS.
+    tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, ROWS)
+    _tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
 
 
 def _rows_f32(a: np.ndarray, name: str) -> np.ndarray:

@@ -279,7 +279,7 @@ JOBS = {
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_rows` (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out, work, per)."""
+    """:func:`dequantize_rows` (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, k0, out, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_2d(blk, 0)
     scale, i = _f32_2d(blk, i)
@@ -287,58 +287,59 @@ def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     has_zp, bo, bi, kind, bits, base_off, fp8_e4m3 = (blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4],
                                                       blk[i + 5], blk[i + 6])
     fp8_mult, i = _f32(blk, i + 7)
-    o0 = blk[i]
-    out, i = _f32_2d(blk, i + 1)
+    o0, k0 = blk[i], blk[i + 1]
+    out, i = _f32_2d(blk, i + 2)
     work, i = _i64_1d(blk, i)
-    dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, out, work, blk[i])
+    dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, k0, out, work,
+                    blk[i])
     return 0
 
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_rows_int4_split` (codes, scale, zp, has_zp, bo, bi, base_off, o0, out, work, per)."""
+    """:func:`dequantize_rows_int4_split` (codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_2d(blk, 0)
     scale, i = _f32_2d(blk, i)
     zp, i = _u8_2d(blk, i)
-    has_zp, bo, bi, base_off, o0 = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4]
-    out, i = _f32_2d(blk, i + 5)
+    has_zp, bo, bi, base_off, o0, k0 = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4], blk[i + 5]
+    out, i = _f32_2d(blk, i + 6)
     work, i = _i64_1d(blk, i)
-    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, out, work, blk[i])
+    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, blk[i])
     return 0
 
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_int4_blocks_t` (codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0,
-    out_t, work, per)."""
+    k0, out_t, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_3d(blk, 0)
     scale, i = _f32_3d(blk, i)
     scale_codes, i = _u8_3d(blk, i)
     scale_table, i = _f32_1d(blk, i)
     zp, i = _u8_3d(blk, i)
-    has_zp, fp4, half_block, blk0 = blk[i] != 0, blk[i + 1] != 0, blk[i + 2], blk[i + 3]
-    out_t, i = _f32_2d(blk, i + 4)
+    has_zp, fp4, half_block, blk0, k0 = blk[i] != 0, blk[i + 1] != 0, blk[i + 2], blk[i + 3], blk[i + 4]
+    out_t, i = _f32_2d(blk, i + 5)
     work, i = _i64_1d(blk, i)
-    dequantize_int4_blocks_t(codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0, out_t, work,
-                             blk[i])
+    dequantize_int4_blocks_t(codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0, k0, out_t,
+                             work, blk[i])
     return 0
 
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_bytes_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_bytes_blocks_t` (codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t, work, per)."""
+    """:func:`dequantize_bytes_blocks_t` (codes, scale, zp, code_kind, fp8_mult, bi, blk0, k0, out_t, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_3d(blk, 0)
     scale, i = _f32_3d(blk, i)
     zp, i = _u8_3d(blk, i)
     code_kind = blk[i]
     fp8_mult, i = _f32(blk, i + 1)
-    bi, blk0 = blk[i], blk[i + 1]
-    out_t, i = _f32_2d(blk, i + 2)
+    bi, blk0, k0 = blk[i], blk[i + 1], blk[i + 2]
+    out_t, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, out_t, work, blk[i])
+    dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, k0, out_t, work, blk[i])
     return 0
 
 
