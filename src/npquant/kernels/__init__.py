@@ -12,7 +12,8 @@ int8 kernel as exact integer dot products, AVX-512 VNNI), ``_quantizer`` (the
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
 counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
 threads), ``_pool`` (npquant's own threads where that is not possible),
-``_buffers`` (aligned outputs and copies of ``x``), ``_env`` (the thread
+``_buffers`` (aligned outputs and copies of ``x``), ``_sgemm`` (OpenBLAS's
+GEMM adding into its output), ``_env`` (the thread
 count the environment allows, read in compiled code).
 
 For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
@@ -39,18 +40,29 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
 - ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
   decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
   rows of ``x`` against it.
-- larger ``M`` (prefill): each tile of rows is dequantized into a float32
-  buffer by all threads, then multiplied with one BLAS call (BLAS's own
-  threads); the full float32 weight never exists. The buffer is the calling
-  thread's, kept for its next call (:func:`~npquant.kernels._buffers.tile`:
-  a fresh one cost a page fault per 4 KiB at every call).
+- larger ``M`` (prefill): the weight goes through tiles of about
+  ``_TILE_K`` columns and as many rows as fit 2 MiB of float32
+  (:func:`_tiled`), each dequantized by all threads, then multiplied by
+  OpenBLAS's ``cblas_sgemm`` adding into ``y`` (``beta = 1``:
+  :mod:`~npquant.kernels._sgemm`; BLAS's own threads); the full float32
+  weight never exists. Whole-row tiles of 256 rows (4 MiB, numpy's
+  ``matmul``) made BLAS run 256 columns of output at a time, packing
+  ``x`` again for each: BLAS over such tiles, already made, took 1.28x the
+  float32 matmul of 11008 x 4096 at batch 128, over 2048 x 256 tiles
+  0.95-1.03x; and the tile stays in L2 between its dequantization and BLAS.
+  Narrow tiles read a few lines of each code row, so the next rows' lines
+  are prefetched. Where numpy's BLAS is not OpenBLAS, tiles are whole rows
+  through ``matmul``. The buffer is the calling thread's, kept for its
+  next call (:func:`~npquant.kernels._buffers.tile`: a fresh one cost a
+  page fault per 4 KiB at every call).
 
 For a :class:`~npquant.PreparedTensor` (:func:`npquant.prepare`: 4-bit or
 one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
 kernels whose SIMD lanes are output rows (no horizontal sums, one memory
 stream per block; 4-bit ones without a zero point, and fp4, by table
 lookup where AVX-512 is), and for larger ``M`` tiles dequantized
-transposed, ``(I, T)``, for BLAS.
+transposed, ``(K, T)``, for BLAS (no transposition in BLAS: faster than
+the float32 matmul of ``W.T`` itself).
 
 Threads. A model alternates numpy's BLAS calls (attention, other layers)
 with npquant's. The kernels are serial, GIL-free numba functions that take
