@@ -221,6 +221,22 @@ def test_numba_large_m_tiles_of_columns(kernels, scheme):
     assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), w.shape[1] + 2) + 1e-30)
 
 
+@pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", "fp8-channel"])
+def test_numba_large_m_where_blas_cannot_add_into_y(kernels, scheme, monkeypatch):
+    """A BLAS other than OpenBLAS (no cblas_sgemm of ours): tiles of whole rows through numpy's matmul,
+    asked for narrow ones or not, in both layouts."""
+    from npquant import prepare
+
+    monkeypatch.setattr(kernels._sgemm, "usable", lambda: False)
+    monkeypatch.setattr(kernels._sgemm, "sgemm", None)  # called, it would fail the test
+    qt = quantize(weight((150, 256), seed=3), scheme)
+    x = np.random.default_rng(3).standard_normal((20, 256)).astype(np.float32)
+    ref = linear(x, qt, backend="numpy")
+    for t in (qt, prepare(qt)):
+        fast = kernels.numba_linear(x, t, tile_elements=64 * 256, threads=2, tile_k=64)
+        assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), 258) + 1e-30)
+
+
 @pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", Scheme("int", 4, "group", 64, symmetric=False)], ids=str)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_numba_large_m_tiles_and_threads(kernels, scheme, threads):
