@@ -513,7 +513,7 @@ def _tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequan
     out_features = y.shape[1]
     buf = _buffers.tile(tile_rows * tile_cols)  # this thread's, reused
     whole_rows = tile_cols == in_features and not _sgemm.usable()
-    x_at, y_at = (0, 0) if whole_rows else (x2.ctypes.data, y.ctypes.data)
+    x_at, y_at, tile_at = (0, 0, 0) if whole_rows else (x2.ctypes.data, y.ctypes.data, buf.ctypes.data)
     for o0 in range(0, out_features, tile_rows):
         n = min(tile_rows, out_features - o0)
         for k0 in range(0, in_features, tile_cols):
@@ -523,8 +523,8 @@ def _tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequan
             if whole_rows:
                 np.matmul(x2, tile if transposed else tile.T, out=y[:, o0 : o0 + n])
             else:
-                _sgemm.sgemm(x_at + 4 * k0, in_features, m_rows, tile, transposed, 0.0 if k0 == 0 else 1.0,
-                             y_at + 4 * o0, out_features)
+                _sgemm.sgemm(x_at + 4 * k0, in_features, m_rows, tile_at, tile.shape, transposed,
+                             0.0 if k0 == 0 else 1.0, y_at + 4 * o0, out_features)
 
 
 def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
