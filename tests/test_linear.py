@@ -40,6 +40,9 @@ SCHEMES = list(npquant.schemes().values()) + [
     Scheme("fp8_e5m2", 8, "channel"),
     Scheme("fp8_e4m3", 8, "group", 32),
     Scheme("int", 4, "group", 32, scale_dtype="bfloat16"),
+    Scheme("int", 6, "group", 64),  # every width of the bit-stream kernels: 2, 3, 5, 6, 7
+    Scheme("int", 7, "channel"),
+    Scheme("int", 2, "group", 16, symmetric=False),
 ]
 
 
@@ -180,7 +183,7 @@ def test_numba_dequantize_columns_is_bit_equal(kernels, scheme):
     qt = quantize(weight(shape_for(scheme)), scheme)
     if not kernels._dequantizes(qt):
         pytest.skip(f"{scheme}: no kernel reads it (numpy's tiles do)")
-    args = kernels._kernel_args(qt)[:11]
+    args = kernels._kernel_args(qt)
     ref = qt.dequantize()
     o, i = qt.shape
     even, half = i - i % 2, 2 * (i // 4)  # 4-bit codes in bytes (and fp4): tiles start on a byte
@@ -275,6 +278,28 @@ def test_numba_int4_split_dequantize_is_bit_equal_reordered(kernels, scheme):
         piece = ref[:, k0 : k0 + k]
         np.testing.assert_array_equal(out, np.concatenate([piece[:, 0::2], piece[:, 1::2]], axis=1),
                                       err_msg=f"columns {k0}+{k}")
+
+
+def test_numba_fp6_decodes_every_code_exactly(kernels):
+    """All 64 fp6 e2m3 codes, against the reference's formula: dequantized, and as one-hot products at batch 1 (the
+    small-batch kernel) and 20 (the tiles), each output one product, exact."""
+    from reference import fp6_decode
+
+    from npquant.packing import pack_codes
+
+    values = np.array([fp6_decode(c) for c in range(64)], np.float32)
+    # row r: code r at column 3 (a bit offset of 2 inside a byte), code r + 1 elsewhere; 64 columns, scales 1
+    u = np.tile(((np.arange(64) + 1) % 64)[:, None], (1, 64)).astype(np.uint8)
+    u[:, 3] = np.arange(64)
+    qt = npquant.QuantizedTensor(pack_codes(u, 6), np.full((64, 2), 127, np.uint8), None, (64, 64),
+                                 npquant.get_scheme("mxfp6"))
+    assert kernels.has_kernels(qt)
+    np.testing.assert_array_equal(kernels.numba_dequantize(qt)[:, 3], values)
+    np.testing.assert_array_equal(kernels.numba_dequantize(qt)[:, 0], np.roll(values, -1))
+    for m in (1, 20):
+        x = np.zeros((m, 64), np.float32)
+        x[:, 3] = 1.0
+        np.testing.assert_array_equal(kernels.numba_linear(x, qt, threads=2), np.tile(values, (m, 1)))
 
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3", "fp8_e5m2"])
@@ -469,10 +494,10 @@ def test_numba_x_of_any_layout_and_dtype(kernels, m, layout):
 
 
 def test_numba_linear_reads_tensors_without_kernels_through_numpy(kernels):
-    # fp6 has no kernel (has_kernels False): numba_linear gives numpy's tiles, bit for bit.
-    qt = quantize(weight((64, 128)), "mxfp6")
+    # Blocks cut at the weight's edge have no kernel (has_kernels False): numba_linear gives numpy's tiles, bit for bit.
+    qt = quantize(weight((100, 200)), "fp8-block")  # blocks of 128 x 128
     assert not kernels.has_kernels(qt)
-    x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((3, 200)).astype(np.float32)
     np.testing.assert_array_equal(kernels.numba_linear(x, qt), linear(x, qt, backend="numpy"))
     np.testing.assert_array_equal(linear(x, qt, backend="numba"), linear(x, qt, backend="numpy"))
 

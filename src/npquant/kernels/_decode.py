@@ -12,6 +12,8 @@ kind  codes                  ``v`` of element ``i`` of a row
 1     uint8, unpacked        ``byte[i]``
 2     4-bit packed           ``(byte[i // 2] >> 4 * (i % 2)) & 15``
 3     2..7-bit packed        bits ``[i * bits, (i + 1) * bits)`` of the row stream
+6     fp6 e2m3, packed       kind 3's 6-bit stream, each code's value through
+                             float16 as fp4's (see :func:`_fp6_as_f16`)
 5     fp4 e2m1, packed       the float16 holding the nibble's fields (see
                              :func:`_fp4_low_as_f16`) times 2**14
 4     fp8 (e4m3 or e5m2)     the float16 whose sign, exponent and mantissa
@@ -130,7 +132,7 @@ def _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, buf):
             buf[2 * k + 1] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
         if n % 2:
             buf[n - 1] = (np.float32(np.uint8(src[half] & _U8_15)) - z) * s
-    elif kind == 3:
+    elif kind == 3 or kind == 6:
         mask = np.int32((1 << bits) - 1)
         last = row.shape[0] - 1
         for k in range(n):
@@ -139,7 +141,11 @@ def _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, buf):
             v = np.int32(row[j])
             if j < last:
                 v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
-            buf[k] = (np.float32(np.int32((v >> np.int32(bit & 7)) & mask)) - z) * s
+            u = np.int32((v >> np.int32(bit & 7)) & mask)
+            if kind == 6:
+                buf[k] = (_fp6_as_f16(u) * _FP4_UNSCALE) * s
+            else:
+                buf[k] = (np.float32(u) - z) * s
     elif kind == 5:
         # fp4 e2m1, two a byte; c0 and n are even (blocks of 16 or 32 columns).
         src = row[c0 // 2 : c0 // 2 + n // 2]
@@ -246,6 +252,33 @@ def _fp4_high_as_f16(c):
     """:func:`_fp4_low_as_f16` for the high nibble."""
     h = _I16(np.uint8(c))
     return _f16_bits_to_f32(_I16(_I16(_I16(h << _I16_8) >> _I16_3) & _I16_FP4_BITS))
+
+
+_I16_10 = np.int16(10)
+_I16_FP6_BITS = np.int16(-28800)  # 0x8F80: float16's sign, exponent bits 11..10, mantissa bits 9..7
+
+
+@njit(inline="always")
+def _fp6_as_f16(u):
+    """float32 of the float16 holding the fp6 e2m3 code ``u``'s fields (int, 0..63): the fp6 value times 2**-14.
+
+    As :func:`_fp4_low_as_f16`, with three mantissa bits: the code shifted
+    to the top (sign on bit 15), an arithmetic shift right by 3 (exponent to
+    bits 11..10, mantissa to 9..7) and a mask. An exponent e >= 1 is the
+    float16 2**(e-15) * (1 + m/8) and e = 0 the subnormal m/8 * 2**-14:
+    fp6's 2**(e-1) * (1 + m/8) and m/8, times 2**-14, exactly.
+    """
+    return _f16_bits_to_f32(_I16(_I16(_I16(_I16(u) << _I16_10) >> _I16_3) & _I16_FP6_BITS))
+
+
+@njit(cache=True)
+def table_values(table, codes):
+    """float32, ``codes``' shape: ``table[codes]`` for float32 ``table (256,)`` and uint8 ``codes (A, B)``."""
+    out = np.empty(codes.shape, np.float32)
+    flat, src = out.reshape(-1), codes.reshape(-1)
+    for i in range(src.shape[0]):
+        flat[i] = table[src[i]]
+    return out
 
 
 @njit(inline="always")
