@@ -252,8 +252,9 @@ def _plan(qt: QuantizedTensor) -> tuple:
 
 def _scale_values(qt: QuantizedTensor) -> np.ndarray:
     """float32 C-contiguous values of ``qt``'s scales; one-byte ones (e8m0, NVFP4's e4m3) looked up in a table of
-    their 256 values, compiled (numpy's ``table[codes]`` took 5.6 ms a call for an 11008 x 4096 NVFP4 weight's
-    scales, 2.2 for MXFP4's; this 0.4 and 0.2)."""
+    their 256 values, compiled (for an 11008 x 4096 weight, medians of 20 calls: NVFP4 4.2 -> 1.0 ms, its
+    table divided by the global scale included; MXFP4 and MXFP8 2.0 -> 0.4 ms, where numpy's ``table[codes]``
+    took the time)."""
     if qt.scale.dtype.itemsize == 1:
         return table_values(_scale_table(qt.scheme, qt.global_scale), np.ascontiguousarray(qt.scale).view(np.uint8))
     return np.ascontiguousarray(scale_values(qt.scale, qt.scheme, qt.global_scale))
