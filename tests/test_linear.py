@@ -178,7 +178,7 @@ def test_numba_dequantize_is_bit_equal(kernels, scheme):
 def test_numba_dequantize_columns_is_bit_equal(kernels, scheme):
     """Tiles narrower than the weight (the large-batch path's): rows and columns starting and ending inside
     column blocks, one column, all of them."""
-    from npquant.kernels._tiles import dequantize_rows
+    from npquant.kernels._tiles import dequantize_rows, dequantize_rows_stream
 
     qt = quantize(weight(shape_for(scheme)), scheme)
     if not kernels._dequantizes(qt):
@@ -188,10 +188,15 @@ def test_numba_dequantize_columns_is_bit_equal(kernels, scheme):
     o, i = qt.shape
     even, half = i - i % 2, 2 * (i // 4)  # 4-bit codes in bytes (and fp4): tiles start on a byte
     for o0, n, k0, k in ((0, o, 0, min(64, i)), (5, 9, 2, half), (3, 20, half, even - half - 2), (30, 7, 2, even - 2),
-                         (1, 1, 0, i), (8, 3, even - 2, 2)):
+                         (2, 10, 8, i - 16), (1, 1, 0, i), (8, 3, even - 2, 2)):
         out = np.empty((n, k), np.float32)
         dequantize_rows(*args, o0, k0, out, *one_thread())
         np.testing.assert_array_equal(out, ref[o0 : o0 + n, k0 : k0 + k], err_msg=f"rows {o0}+{n}, columns {k0}+{k}")
+        if args[6] in (3, 6):  # bit streams: the large-batch path's own kernel too
+            out[:] = np.nan
+            dequantize_rows_stream(*args[:9], o0, k0, out, *one_thread())
+            np.testing.assert_array_equal(out, ref[o0 : o0 + n, k0 : k0 + k],
+                                          err_msg=f"stream kernel: rows {o0}+{n}, columns {k0}+{k}")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)

@@ -134,7 +134,8 @@ from ._decode import e4m3_multipliers, table_values
 from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
-from ._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split
+from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split,
+                     dequantize_rows_stream)
 
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M", "gelu", "add_layer_norm",
            "softmax_scaled"]
@@ -467,6 +468,11 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 
         def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
             _parallel(dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, w_tile),
+                      w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
+    elif kind in (3, 6):  # a bit stream: its own kernel (see dequantize_rows_stream)
+
+        def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
+            _parallel(dequantize_rows_stream, (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, w_tile),
                       w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
     else:
 
