@@ -208,8 +208,10 @@ def dequantize_rows_stream(codes, scale, zp, has_zp, bo, bi, kind, bits, base_of
     Its own kernel, one loop per width: a branch on the kind or width in
     :func:`dequantize_rows`'s loop cost its one-byte kinds a third more
     (35 -> 46-55 ns a 256-column int8 piece, one thread). Measured on
-    11008 x 4096 in 256-column pieces, one thread: w3-g128 360-370 ->
-    150-160 ns a piece, w2-g64 430-490 -> 170-230, mxfp6 530 -> .
+    11008 x 4096 in 256-column pieces, one thread, codes from memory:
+    w3-g128 370-400 -> 170-190 ns a piece, w2-g64 420-470 -> 230-270,
+    mxfp6 (through :func:`~npquant.kernels._decode._decode`) 530-560 ->
+    350-380.
     """
     if kind == 6:
         _stream_rows(_fp6_code, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
