@@ -143,7 +143,7 @@ def _decode(kind, row, c0, n, z, s, bits, fp8_e4m3, fp8_mult, buf):
                 v = np.int32(v | (np.int32(row[j + 1]) << np.int32(8)))
             u = np.int32((v >> np.int32(bit & 7)) & mask)
             if kind == 6:
-                buf[k] = (_fp6_as_f16(u) * _FP4_UNSCALE) * s
+                buf[k] = _fp6_value(u, z) * s
             else:
                 buf[k] = (np.float32(u) - z) * s
     elif kind == 5:
@@ -269,6 +269,20 @@ def _fp6_as_f16(u):
     fp6's 2**(e-1) * (1 + m/8) and m/8, times 2**-14, exactly.
     """
     return _f16_bits_to_f32(_I16(_I16(_I16(_I16(u) << _I16_10) >> _I16_3) & _I16_FP6_BITS))
+
+
+# A code of a bit stream (kinds 3 and 6; ``u`` int32, the code's bits) as ``v - z``, float32 and exact, one
+# function per kind as the one-byte ones below (fp6: its value, exactly; ``z`` unused).
+
+
+@njit(inline="always")
+def _stream_int_value(u, z):
+    return np.float32(_I32(u - z))
+
+
+@njit(inline="always")
+def _fp6_value(u, z):
+    return _fp6_as_f16(u) * _FP4_UNSCALE
 
 
 @njit(cache=True)

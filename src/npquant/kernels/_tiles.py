@@ -3,8 +3,8 @@
 import numpy as np
 from numba import njit
 
-from ._decode import (_block_scales, _decode, _e4m3_value, _e5m2_value, _FASTMATH, _fp4_nibbles, _FP4_UNSCALE,
-                      _fp6_as_f16, _I32, _int8_value, _offset_nibbles, _offset_value, _ROWS, _signed_nibbles, _U8_15,
+from ._decode import (_block_scales, _decode, _e4m3_value, _e5m2_value, _FASTMATH, _fp4_nibbles, _fp6_value, _I32,
+                      _int8_value, _offset_nibbles, _offset_value, _ROWS, _signed_nibbles, _stream_int_value, _U8_15,
                       _U8_4)
 from ._llvm import _claim, _prefetch, _stack_empty
 
@@ -136,16 +136,6 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k
                 j = end
 
 
-@njit(inline="always")
-def _int_code(u, z):
-    return np.float32(_I32(u - z))
-
-
-@njit(inline="always")
-def _fp6_code(u, z):
-    return _fp6_as_f16(u) * _FP4_UNSCALE
-
-
 @njit(inline="always", fastmath=_FASTMATH)
 def _stream_piece(value, bits, kind, row, c, zi, s, dst):
     """``dst[:n]``: codes of ``bits`` bits (a row's LSB-first stream) from column ``c`` on, ``value(u, zi) * s``.
@@ -214,19 +204,19 @@ def dequantize_rows_stream(codes, scale, zp, has_zp, bo, bi, kind, bits, base_of
     350-380.
     """
     if kind == 6:
-        _stream_rows(_fp6_code, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_fp6_value, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     elif bits == 2:
-        _stream_rows(_int_code, 2, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_stream_int_value, 2, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     elif bits == 3:
-        _stream_rows(_int_code, 3, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_stream_int_value, 3, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     elif bits == 4:  # 4-bit codes in blocks that start inside a byte
-        _stream_rows(_int_code, 4, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_stream_int_value, 4, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     elif bits == 5:
-        _stream_rows(_int_code, 5, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_stream_int_value, 5, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     elif bits == 6:
-        _stream_rows(_int_code, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_stream_int_value, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     else:
-        _stream_rows(_int_code, 7, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
+        _stream_rows(_stream_int_value, 7, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
