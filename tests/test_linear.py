@@ -200,6 +200,70 @@ def test_numba_dequantize_columns_is_bit_equal(kernels, scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_numba_dequantize_16_is_bit_equal(kernels, scheme):
+    """The 16-lane row kernel on every scheme it reads (channel and tensor ones at 208 columns, whole 16s; blocks of
+    128 x 128 on 256 x 256): tiles whose rows and columns start and end inside column blocks, a block of 16, whole
+    rows."""
+    from npquant.kernels._tiles import dequantize_rows_16
+
+    shape = {"group": shape_for(scheme), "block": (256, 256)}.get(scheme.granularity, (37, 208))
+    qt = quantize(weight(shape), scheme)
+    if not kernels._dequantizes(qt):
+        pytest.skip(f"{scheme}: no kernel reads it (numpy's tiles do)")
+    args = kernels._kernel_args(qt)
+    kernel, kernel_args = kernels._dequantize_rows_args(args)
+    if kernels._vector_kind(args) is None:
+        assert scheme.bits not in (4, 8) or scheme.group_size % 16, f"{scheme} should have the 16-lane kernel"
+        pytest.skip(f"{scheme}: bit streams and blocks not whole 16s go through other kernels")
+    assert kernel is dequantize_rows_16
+    ref = qt.dequantize()
+    o, i = qt.shape
+    for o0, n, k0, k in ((0, o, 0, i), (5, 9, 16, i - 32), (3, 20, 32, 16), (1, 1, i - 16, 16), (30, 7, 48, i - 64)):
+        out = np.full((n, k), np.nan, np.float32)
+        dequantize_rows_16(*kernel_args, o0, k0, out, *one_thread())
+        np.testing.assert_array_equal(out, ref[o0 : o0 + n, k0 : k0 + k], err_msg=f"rows {o0}+{n}, columns {k0}+{k}")
+
+
+@pytest.mark.parametrize("vk", ["int8", "uint8", "e4m3", "e5m2", "fp4", "int4"])
+@pytest.mark.parametrize("s", [1.0, 0.1, 3e-41])
+def test_numba_dequantize_16_decodes_every_code_exactly(kernels, vk, s):
+    """Every code of each of the 16-lane kernel's formats (all 256 bytes; fp8's finite ones), against values
+    written from the formats' definitions, times a scale (1, one that rounds, a subnormal one): each weight
+    is the float64 product rounded once to float32, as the reference dequantizes."""
+    from reference import fp4_decode, fp8_decode
+
+    from npquant.kernels import _vector
+    from npquant.kernels._tiles import dequantize_rows_16
+
+    byte = np.arange(256)
+    z = {"uint8": 100, "int4": 8}.get(vk, 0)  # uint8 minus a zero point; int4 stored q + 8
+    if vk in ("fp4", "int4"):
+        lo, hi = byte & 15, byte >> 4
+        pairs = np.stack([lo, hi], axis=1).ravel()  # column 2j: byte j's low nibble, 2j + 1 its high one
+        values = np.array([fp4_decode(c) for c in pairs]) if vk == "fp4" else (pairs - z).astype(np.float64)
+        codes = byte.astype(np.uint8).reshape(32, 8)  # 32 rows of 16 columns
+    else:
+        if vk in ("e4m3", "e5m2"):
+            fmt = "fp8_" + vk
+            byte = np.array([c for c in range(256) if np.isfinite(fp8_decode(c, fmt))])
+            values = np.array([fp8_decode(c, fmt) for c in byte])
+        else:
+            values = (byte.astype(np.int8) if vk == "int8" else byte - z).astype(np.float64)
+        byte, values = np.resize(byte, 256), np.resize(values, 256)  # whole rows of 16
+        codes = byte.astype(np.uint8).reshape(16, 16)
+    rows = codes.shape[0]
+    scale = np.full((rows, 1), s, np.float32)
+    zp = np.full((rows, 1), z, np.uint8)
+    has_zp = vk == "uint8"
+    base_off = 8 if vk == "int4" else 0
+    kind = getattr(_vector, "VK_" + vk.upper())
+    out = np.full((rows, 16), np.nan, np.float32)
+    dequantize_rows_16(codes, scale, zp, has_zp, 1, 16, kind, base_off, np.float32(2.0**8), 0, 0, out, *one_thread())
+    want = (values * np.float64(np.float32(s))).astype(np.float32).reshape(rows, 16)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_numba_matches_numpy(kernels, scheme, m):
     w = weight(shape_for(scheme), seed=m)

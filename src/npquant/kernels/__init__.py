@@ -134,8 +134,9 @@ from ._decode import e4m3_multipliers, table_values
 from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
-from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split,
-                     dequantize_rows_stream)
+from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
+                     dequantize_rows_int4_split, dequantize_rows_stream)
+from ._vector import VK_E4M3, VK_E5M2, VK_FP4, VK_INT4, VK_INT8, VK_UINT8
 
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M", "gelu", "add_layer_norm",
            "softmax_scaled"]
@@ -332,6 +333,30 @@ def _lut_rows_shape(qt: QuantizedTensor) -> bool:
     return four_bit and fits
 
 
+def _vector_kind(args: tuple) -> int | None:
+    """The vector kind (``VK_*`` of :mod:`~npquant.kernels._vector`) in which :func:`dequantize_rows_16` reads the
+    codes of :func:`_kernel_args` ``args``, or None where it does not: bit streams, and blocks or rows whose
+    columns are not whole 16s."""
+    bi, kind, fp8_e4m3 = args[5], args[6], args[9]
+    codes_width = args[0].shape[1] * (2 if kind in (2, 5) else 1)
+    if bi % 16 or codes_width % 16 or kind in (3, 6):
+        return None
+    if kind == 4:
+        return VK_E4M3 if fp8_e4m3 else VK_E5M2
+    return (VK_INT8, VK_UINT8, VK_INT4, None, None, VK_FP4)[kind]
+
+
+def _dequantize_rows_args(args: tuple) -> tuple:
+    """``(kernel, its arguments before o0)`` of the fastest row kernel reading :func:`_kernel_args` ``args``."""
+    codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult = args
+    vk = _vector_kind(args)
+    if vk is not None:
+        return dequantize_rows_16, (codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult)
+    if kind in (3, 6):  # a bit stream: its own kernel (see dequantize_rows_stream)
+        return dequantize_rows_stream, args[:9]
+    return dequantize_rows, args
+
+
 def _dequantizes(qt: QuantizedTensor) -> bool:
     """Whether the dequantizing and portable kernels read ``qt``: not blocks cut at the weight's edge."""
     bo, bi = qt.block_shape
@@ -356,7 +381,8 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
         return qt.dequantize_rows(start, stop)
     stop = qt.shape[0] if stop is None else stop
     out = np.empty((stop - start, qt.shape[1]), np.float32)
-    _parallel(dequantize_rows, (*_kernel_args(qt), start, 0, out), out.shape[0], out.nbytes, None)
+    kernel, args = _dequantize_rows_args(_kernel_args(qt))
+    _parallel(kernel, (*args, start, 0, out), out.shape[0], out.nbytes, None)
     return out
 
 
@@ -461,24 +487,16 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         _parallel(gemm_small_m, (x2, *args, y), -(-out_features // 4), cost, threads)
         return y
     tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, 1)
-    if kind == 2:
-        # 4-bit codes dequantize faster into even|odd column order (unit-stride
-        # stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit, in each tile's columns.
+    kernel, kernel_args = _dequantize_rows_args(args)
+    if kind == 2 and kernel is dequantize_rows:
+        # 4-bit codes in blocks not whole 16s dequantize faster into even|odd column
+        # order (unit-stride stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit, in each tile's columns.
         x2 = _split_columns(x2, tile_cols)
+        kernel, kernel_args = dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off)
 
-        def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
-            _parallel(dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, w_tile),
-                      w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
-    elif kind in (3, 6):  # a bit stream: its own kernel (see dequantize_rows_stream)
-
-        def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
-            _parallel(dequantize_rows_stream, (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, w_tile),
-                      w_tile.shape[0], w_tile.nbytes, threads, _PARALLEL_TILE_FROM)
-    else:
-
-        def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
-            _parallel(dequantize_rows, (*args, o0, k0, w_tile), w_tile.shape[0], w_tile.nbytes, threads,
-                      _PARALLEL_TILE_FROM)
+    def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
+        _parallel(kernel, (*kernel_args, o0, k0, w_tile), w_tile.shape[0], w_tile.nbytes, threads,
+                  _PARALLEL_TILE_FROM)
 
     _tiled(x2, y, tile_rows, tile_cols, dequantize, False)
     return y

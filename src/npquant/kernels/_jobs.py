@@ -20,8 +20,8 @@ from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._llvm import _address_as, _blas_level1_thread, _call_int_function, _i64_bits_to_f64, _stack_empty
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
-from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_int4_split,
-                     dequantize_rows_stream)
+from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
+                     dequantize_rows_int4_split, dequantize_rows_stream)
 
 # int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb)
 SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, types.CPointer(types.int64),
@@ -311,6 +311,23 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 
 @cfunc(SIGNATURE, cache=True)
+def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`dequantize_rows_16` (codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work,
+    per)."""
+    blk = carray(a, (n,))
+    codes, i = _u8_2d(blk, 0)
+    scale, i = _f32_2d(blk, i)
+    zp, i = _u8_2d(blk, i)
+    has_zp, bo, bi, vk, base_off = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4]
+    fp8_mult, i = _f32(blk, i + 5)
+    o0, k0 = blk[i], blk[i + 1]
+    out, i = _f32_2d(blk, i + 2)
+    work, i = _i64_1d(blk, i)
+    dequantize_rows_16(codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
 def dequantize_rows_stream_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_rows_stream` (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, out, work,
     per)."""
@@ -364,6 +381,7 @@ JOBS.update({
     dequantize_rows: dequantize_rows_job,
     dequantize_rows_int4_split: dequantize_rows_int4_split_job,
     dequantize_rows_stream: dequantize_rows_stream_job,
+    dequantize_rows_16: dequantize_rows_16_job,
     dequantize_int4_blocks_t: dequantize_int4_blocks_t_job,
     dequantize_bytes_blocks_t: dequantize_bytes_blocks_t_job,
 })
