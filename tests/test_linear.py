@@ -224,25 +224,34 @@ def test_numba_dequantize_16_is_bit_equal(kernels, scheme):
         np.testing.assert_array_equal(out, ref[o0 : o0 + n, k0 : k0 + k], err_msg=f"rows {o0}+{n}, columns {k0}+{k}")
 
 
-@pytest.mark.parametrize("vk", ["int8", "uint8", "e4m3", "e5m2", "fp4", "int4"])
+@pytest.mark.parametrize("vk", ["int8", "uint8", "e4m3", "e5m2", "fp4", "int4", "fp6", "int2", "int3", "int5",
+                                "int6", "int7"])
 @pytest.mark.parametrize("s", [1.0, 0.1, 3e-41])
 def test_numba_dequantize_16_decodes_every_code_exactly(kernels, vk, s):
-    """Every code of each of the 16-lane kernel's formats (all 256 bytes; fp8's finite ones), against values
-    written from the formats' definitions, times a scale (1, one that rounds, a subnormal one): each weight
-    is the float64 product rounded once to float32, as the reference dequantizes."""
-    from reference import fp4_decode, fp8_decode
+    """Every code of each of the 16-lane kernel's formats (all 256 bytes, fp8's finite ones, every code of a bit
+    stream at each of its 16 lane positions), against values written from the formats' definitions, times a
+    scale (1, one that rounds, a subnormal one): each weight is the float64 product rounded once to float32, as
+    the reference dequantizes."""
+    from reference import fp4_decode, fp6_decode, fp8_decode, reference_pack
 
     from npquant.kernels import _vector
     from npquant.kernels._tiles import dequantize_rows_16
 
-    byte = np.arange(256)
-    z = {"uint8": 100, "int4": 8}.get(vk, 0)  # uint8 minus a zero point; int4 stored q + 8
+    z = {"uint8": 100, "int4": 8, "int2": 1, "int3": 3, "int5": 20, "int6": 5, "int7": 64}.get(vk, 0)
     if vk in ("fp4", "int4"):
-        lo, hi = byte & 15, byte >> 4
-        pairs = np.stack([lo, hi], axis=1).ravel()  # column 2j: byte j's low nibble, 2j + 1 its high one
+        byte = np.arange(256)
+        pairs = np.stack([byte & 15, byte >> 4], axis=1).ravel()  # column 2j: byte j's low nibble, 2j + 1 its high
         values = np.array([fp4_decode(c) for c in pairs]) if vk == "fp4" else (pairs - z).astype(np.float64)
         codes = byte.astype(np.uint8).reshape(32, 8)  # 32 rows of 16 columns
+    elif vk in ("fp6", "int2", "int3", "int5", "int6", "int7"):
+        bits = 6 if vk == "fp6" else int(vk[3:])
+        u = np.arange(1 << bits)
+        # row r: codes u + r, so that every code sits at every lane position once
+        rows_u = np.array([np.roll(np.resize(u, 16 * -(-len(u) // 16)), -r)[:16] for r in range(len(u))])
+        values = np.array([fp6_decode(int(c)) for c in rows_u.ravel()]) if vk == "fp6" else (rows_u - z).ravel()
+        codes = np.array([reference_pack(r, bits) for r in rows_u], np.uint8)
     else:
+        byte = np.arange(256)
         if vk in ("e4m3", "e5m2"):
             fmt = "fp8_" + vk
             byte = np.array([c for c in range(256) if np.isfinite(fp8_decode(c, fmt))])
@@ -254,12 +263,12 @@ def test_numba_dequantize_16_decodes_every_code_exactly(kernels, vk, s):
     rows = codes.shape[0]
     scale = np.full((rows, 1), s, np.float32)
     zp = np.full((rows, 1), z, np.uint8)
-    has_zp = vk == "uint8"
-    base_off = 8 if vk == "int4" else 0
+    has_zp = vk in ("uint8", "int5", "int7")  # the zero point from zp; else from base_off
+    base_off = 0 if has_zp else z
     kind = getattr(_vector, "VK_" + vk.upper())
     out = np.full((rows, 16), np.nan, np.float32)
     dequantize_rows_16(codes, scale, zp, has_zp, 1, 16, kind, base_off, np.float32(2.0**8), 0, 0, out, *one_thread())
-    want = (values * np.float64(np.float32(s))).astype(np.float32).reshape(rows, 16)
+    want = (np.asarray(values, np.float64) * np.float64(np.float32(s))).astype(np.float32).reshape(rows, 16)
     np.testing.assert_array_equal(out, want)
 
 

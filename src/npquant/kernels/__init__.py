@@ -136,7 +136,10 @@ from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
                      dequantize_rows_int4_split, dequantize_rows_stream)
-from ._vector import VK_E4M3, VK_E5M2, VK_FP4, VK_INT4, VK_INT8, VK_UINT8
+from ._vector import VK_BITS, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT4, VK_INT8, VK_UINT8
+
+# _kernel_args' code kind -> the vector kind of dequantize_rows_16 (4, fp8: by its format; 3: VK_BITS + bits)
+_VK_OF_KIND = {0: VK_INT8, 1: VK_UINT8, 2: VK_INT4, 5: VK_FP4, 6: VK_FP6}
 
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M", "gelu", "add_layer_norm",
            "softmax_scaled"]
@@ -335,15 +338,14 @@ def _lut_rows_shape(qt: QuantizedTensor) -> bool:
 
 def _vector_kind(args: tuple) -> int | None:
     """The vector kind (``VK_*`` of :mod:`~npquant.kernels._vector`) in which :func:`dequantize_rows_16` reads the
-    codes of :func:`_kernel_args` ``args``, or None where it does not: bit streams, and blocks or rows whose
-    columns are not whole 16s."""
-    bi, kind, fp8_e4m3 = args[5], args[6], args[9]
-    codes_width = args[0].shape[1] * (2 if kind in (2, 5) else 1)
-    if bi % 16 or codes_width % 16 or kind in (3, 6):
+    codes of :func:`_kernel_args` ``args`` (of a tensor :func:`_dequantizes`: its rows are whole blocks), or None
+    where it does not: blocks whose columns are not whole 16s."""
+    bi, kind, bits, fp8_e4m3 = args[5], args[6], args[7], args[9]
+    if bi % 16:
         return None
     if kind == 4:
         return VK_E4M3 if fp8_e4m3 else VK_E5M2
-    return (VK_INT8, VK_UINT8, VK_INT4, None, None, VK_FP4)[kind]
+    return _VK_OF_KIND.get(kind, VK_BITS + bits)
 
 
 def _dequantize_rows_args(args: tuple) -> tuple:
@@ -352,7 +354,7 @@ def _dequantize_rows_args(args: tuple) -> tuple:
     vk = _vector_kind(args)
     if vk is not None:
         return dequantize_rows_16, (codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult)
-    if kind in (3, 6):  # a bit stream: its own kernel (see dequantize_rows_stream)
+    if kind in (3, 6):  # a bit stream in blocks not whole 16s: its own kernel (see dequantize_rows_stream)
         return dequantize_rows_stream, args[:9]
     return dequantize_rows, args
 

@@ -7,7 +7,8 @@ from ._decode import (_block_scales, _decode, _e4m3_value, _e5m2_value, _FASTMAT
                       _int8_value, _offset_nibbles, _offset_value, _ROWS, _signed_nibbles, _stream_int_value, _U8_15,
                       _U8_4)
 from ._llvm import _claim, _prefetch, _stack_empty
-from ._vector import _dequantize16, VK_E4M3, VK_E5M2, VK_FP4, VK_INT4, VK_INT8, VK_UINT8
+from ._vector import (_dequantize16, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT2, VK_INT3, VK_INT4, VK_INT5, VK_INT6,
+                      VK_INT7, VK_INT8, VK_UINT8)
 
 # Rows ahead of the one being dequantized whose codes a tile narrower than the weight asks for (see _prefetch_piece).
 _AHEAD = 8
@@ -109,14 +110,12 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
 
 
 @njit(inline="always")
-def _rows16(vk, nibbles, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per):
-    """:func:`dequantize_rows_16` for one vector kind ``vk``; ``nibbles``: two codes a byte (constants where
-    compiled)."""
+def _rows16(vk, bits, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per):
+    """:func:`dequantize_rows_16` for one vector kind ``vk`` of ``bits``-bit codes (constants where compiled)."""
     rows, width = out.shape
     k1 = k0 + width
     g0, g1 = k0 // bi, (k1 - 1) // bi + 1
-    shift = 1 if nibbles else 0  # a column's byte is its index >> shift
-    p0, p1 = k0 >> shift, k1 >> shift
+    p0, p1 = k0 * bits >> 3, k1 * bits >> 3  # the bytes of a row the tile reads; column c's 16 start at c bits / 8
     stride = codes.shape[1]
     narrow = p1 - p0 < stride
     while True:
@@ -140,7 +139,7 @@ def _rows16(vk, nibbles, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o
                 s = scale_row[g]
                 for q in range((end - c) >> 4):
                     cc = c + 16 * q
-                    _dequantize16(vk, codes, base + (cc >> shift), out, dst + cc, s, zi, fp8_mult)
+                    _dequantize16(vk, codes, base + (cc * bits >> 3), out, dst + cc, s, zi, fp8_mult)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -150,21 +149,34 @@ def dequantize_rows_16(codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult,
     ``vk``: the codes' vector kind (``VK_*`` of :mod:`~npquant.kernels._vector`).
     Every block, however short, is whole vectors of 16 lanes, where
     :func:`dequantize_rows`'s loops left blocks of 16 or 32 columns to
-    scalar code (measured in :mod:`~npquant.kernels._vector`); 4-bit codes
-    come out in natural column order.
+    scalar code, and bit streams are decoded 16 codes at a time (measured in
+    :mod:`~npquant.kernels._vector`); 4-bit codes come out in natural
+    column order.
     """
     if vk == VK_INT8:
-        _rows16(VK_INT8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+        _rows16(VK_INT8, 8, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
     elif vk == VK_UINT8:
-        _rows16(VK_UINT8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+        _rows16(VK_UINT8, 8, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
     elif vk == VK_E4M3:
-        _rows16(VK_E4M3, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+        _rows16(VK_E4M3, 8, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
     elif vk == VK_E5M2:
-        _rows16(VK_E5M2, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+        _rows16(VK_E5M2, 8, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
     elif vk == VK_FP4:
-        _rows16(VK_FP4, True, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+        _rows16(VK_FP4, 4, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+    elif vk == VK_INT4:
+        _rows16(VK_INT4, 4, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+    elif vk == VK_FP6:
+        _rows16(VK_FP6, 6, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+    elif vk == VK_INT2:
+        _rows16(VK_INT2, 2, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+    elif vk == VK_INT3:
+        _rows16(VK_INT3, 3, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+    elif vk == VK_INT5:
+        _rows16(VK_INT5, 5, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+    elif vk == VK_INT6:
+        _rows16(VK_INT6, 6, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
     else:
-        _rows16(VK_INT4, True, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
+        _rows16(VK_INT7, 7, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, o0, k0, out, work, per)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)

@@ -26,14 +26,30 @@ vk  codes        ``v - z`` of lane ``i``                                bytes
 3   fp8 e5m2     the float16 whose top byte is the byte                 16
 4   fp4 e2m1     the nibble's float16 times 2**14, low nibble first     8
 5   4-bit ints   ``nibble - z``, low nibble first                       8
+6   fp6 e2m3     code ``i`` of the LSB-first 6-bit stream, its float16  12
+                 times 2**14 (see ``_decode._fp6_as_f16``)
+8+b b-bit ints   code ``i`` of the LSB-first b-bit stream minus ``z``   2b
 ==  ===========  =====================================================  =====
+
+A bit stream's 16 codes are ``2 b`` whole bytes: each lane takes the two
+bytes its code lies in (a shuffle at constant indices), shifts them right
+by its own constant count and masks ``b`` bits.
 """
 
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-VK_INT8, VK_UINT8, VK_E4M3, VK_E5M2, VK_FP4, VK_INT4 = range(6)
+VK_INT8, VK_UINT8, VK_E4M3, VK_E5M2, VK_FP4, VK_INT4, VK_FP6 = range(7)
+VK_BITS = 8  # VK_BITS + b: ints of b = 2..7 bits in a stream
+VK_INT2, VK_INT3, VK_INT5, VK_INT6, VK_INT7 = (VK_BITS + b for b in (2, 3, 5, 6, 7))
+
+
+def code_bits(vk: int) -> int:
+    """Bits a code of vector kind ``vk`` takes: 16 codes are ``2 * code_bits`` whole bytes."""
+    if vk >= VK_BITS:
+        return vk - VK_BITS
+    return {VK_FP4: 4, VK_INT4: 4, VK_FP6: 6}.get(vk, 8)
 
 _LANES = 16
 # Lane order of two 8-lane vectors (low nibbles, high nibbles) interleaved: column 2p is p's low, 2p + 1 its high.
@@ -58,10 +74,36 @@ def _half_to_float(builder, h16):
     return builder.fpext(builder.bitcast(h16, ir.VectorType(ir.HalfType(), n)), ir.VectorType(ir.FloatType(), n))
 
 
+def _stream_codes(builder, raw, bits: int):
+    """int16 ``<16>`` lanes: code ``i`` of the LSB-first stream of ``bits``-bit codes in the bytes ``raw``
+    (``<2 bits x i8>``), as an unsigned integer."""
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    n, n_bytes = _LANES, 2 * bits
+    first = [i * bits >> 3 for i in range(n)]
+    # the byte after each code's first, where the code reaches it; else a zero lane (index n_bytes: past raw)
+    second = [j + 1 if (i * bits & 7) + bits > 8 else n_bytes for i, j in enumerate(first)]
+    zeros = ir.Constant(ir.VectorType(i8, n_bytes), [ir.Constant(i8, 0)] * n_bytes)
+
+    def pick(order):
+        return builder.zext(builder.shuffle_vector(raw, zeros, ir.Constant(ir.VectorType(i32, n), order)),
+                            ir.VectorType(i16, n))
+
+    pair = builder.or_(pick(first), builder.shl(pick(second), _consts(i16, n, 8)))
+    shifts = ir.Constant(ir.VectorType(i16, n), [ir.Constant(i16, i * bits & 7) for i in range(n)])
+    return builder.and_(builder.lshr(pair, shifts), _consts(i16, n, (1 << bits) - 1))
+
+
 def _values(builder, vk: int, raw, z, mult):
-    """float32 ``<16>`` lanes ``v - z`` of the loaded bytes ``raw`` (``<16 x i8>``, or ``<8 x i8>`` for vk 4, 5)."""
+    """float32 ``<16>`` lanes ``v - z`` of the loaded bytes ``raw`` (``<2 code_bits(vk) x i8>``)."""
     f32, i16, i32 = ir.FloatType(), ir.IntType(16), ir.IntType(32)
     n = _LANES
+    if vk >= VK_BITS:
+        w = builder.sub(_stream_codes(builder, raw, vk - VK_BITS), _splat(builder, builder.trunc(z, i16), n))
+        return builder.sitofp(w, ir.VectorType(f32, n))
+    if vk == VK_FP6:  # the code's fields into a float16's: shifted to the top, arithmetic shift right 3, masked
+        h = builder.shl(_stream_codes(builder, raw, 6), _consts(i16, n, 10))
+        h = builder.and_(builder.ashr(h, _consts(i16, n, 3)), _consts(i16, n, -28800))  # 0x8F80
+        return builder.fmul(_half_to_float(builder, h), _consts(f32, n, 2.0**14))
     if vk == VK_INT8:
         return builder.sitofp(raw, ir.VectorType(f32, n))
     if vk == VK_UINT8:
@@ -73,7 +115,7 @@ def _values(builder, vk: int, raw, z, mult):
         return builder.fmul(_half_to_float(builder, h), _splat(builder, mult, n))
     if vk == VK_E5M2:
         return _half_to_float(builder, builder.shl(builder.zext(raw, ir.VectorType(i16, n)), _consts(i16, n, 8)))
-    half = n // 2
+    half = n // 2  # 4-bit codes: a byte's low nibble, then its high one
     h = builder.zext(raw, ir.VectorType(i16, half))
     order = ir.Constant(ir.VectorType(i32, n), _INTERLEAVE)
     if vk == VK_FP4:  # each nibble's fields into a float16's (see _decode._fp4_low_as_f16)
@@ -90,28 +132,30 @@ def _values(builder, vk: int, raw, z, mult):
 
 @intrinsic
 def _dequantize16(typingctx, vk, codes, i, out, j, s, z, mult):
-    """``out.flat[j : j + 16] = (v - z) * s`` for the 16 codes at byte ``i`` of ``codes.flat`` (8 bytes for vk 4, 5).
+    """``out.flat[j : j + 16] = (v - z) * s`` for the 16 codes in the ``2 code_bits(vk)`` bytes from byte ``i`` of
+    ``codes.flat``.
 
     ``vk`` a literal ``VK_*``; ``codes`` C-contiguous uint8, ``out``
     C-contiguous float32 (any number of dimensions); ``i`` and ``j`` flat
     offsets, unchecked: the caller keeps them in range. ``s`` float32,
-    ``z`` int32 (vk 1 and 5), ``mult`` float32 (vk 2).
+    ``z`` int32 (vk 1, 5 and the ints of bit streams), ``mult`` float32 (vk 2).
     """
     if not (isinstance(vk, types.IntegerLiteral) and isinstance(codes, types.Array) and codes.dtype == types.uint8
             and codes.layout == "C" and isinstance(out, types.Array) and out.dtype == types.float32
             and out.layout == "C" and isinstance(i, types.Integer) and isinstance(j, types.Integer)
             and s == types.float32 and z == types.int32 and mult == types.float32):
         return None
-    kind = vk.literal_value
-    n_bytes = _LANES // 2 if kind in (VK_FP4, VK_INT4) else _LANES
 
     def codegen(context, builder, signature, args):
+        # The kind from the call's own signature: numba may lower calls of several kinds with one of their codegens.
+        kind = signature.args[0].literal_value
         _, codes_v, i_v, out_v, j_v, s_v, z_v, mult_v = args
         data = context.make_array(signature.args[1])(context, builder, codes_v).data
         dest = context.make_array(signature.args[3])(context, builder, out_v).data
         src = builder.gep(data, [context.cast(builder, i_v, signature.args[2], types.intp)])
         dst = builder.gep(dest, [context.cast(builder, j_v, signature.args[4], types.intp)])
-        raw = builder.load(builder.bitcast(src, ir.VectorType(ir.IntType(8), n_bytes).as_pointer()), align=1)
+        raw_type = ir.VectorType(ir.IntType(8), 2 * code_bits(kind))
+        raw = builder.load(builder.bitcast(src, raw_type.as_pointer()), align=1)
         w = builder.fmul(_values(builder, kind, raw, z_v, mult_v), _splat(builder, s_v, _LANES))
         builder.store(w, builder.bitcast(dst, ir.VectorType(ir.FloatType(), _LANES).as_pointer()), align=4)
         return context.get_dummy_value()
