@@ -6,7 +6,8 @@ Kernels compile on first use and are cached on disk, so a second process
 loads them instead of compiling. The modules, one idea each: ``_decode``
 (code formats to float32), ``_nonlinear`` (a transformer's GELU,
 LayerNorm and softmax in one pass each), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
-``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_lut`` (batch-1
+``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_vector`` (16 codes
+decoded, scaled and stored as one LLVM vector, for ``_tiles``), ``_lut`` (batch-1
 4-bit kernels decoding by table lookup, AVX-512), ``_vnni`` (the batch-1
 int8 kernel as exact integer dot products, AVX-512 VNNI), ``_quantizer`` (the
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
@@ -42,7 +43,10 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   rows of ``x`` against it.
 - larger ``M`` (prefill): the weight goes through tiles of about
   ``_TILE_K`` columns and as many rows as fit 2 MiB of float32
-  (:func:`_tiled`), each dequantized by all threads, then multiplied by
+  (:func:`_tiled`), each dequantized by all threads (16 columns at a time
+  as one vector, :func:`dequantize_rows_16`, for every format in blocks of
+  whole 16 columns: a block of 16 or 32 went through the loop vectorizer's
+  scalar remainder before, and bit streams one code at a time), then multiplied by
   OpenBLAS's ``cblas_sgemm`` adding into ``y`` (``beta = 1``:
   :mod:`~npquant.kernels._sgemm`; BLAS's own threads); the full float32
   weight never exists. Whole-row tiles of 256 rows (4 MiB, numpy's

@@ -67,6 +67,7 @@ def _bytes_piece(value, row, c, zi, fp8_mult, s, dst):
 def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, k0, out, work, per):
     """``out (T, K)`` = float32 rows ``[o0, o0 + T)``, columns ``[k0, k0 + K)`` of the weight, ``(v - z) * scale``.
 
+    Any block length and column range (:func:`dequantize_rows_16` takes blocks of whole 16 columns, faster).
     ``k0`` is even where codes are 4-bit (kinds 2 and 5). Rows taken in chunks from
     ``work`` (see :func:`npquant.kernels._llvm._claim`): every thread of the
     tiled path runs it on the same tile.
@@ -181,7 +182,7 @@ def dequantize_rows_16(codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult,
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per):
-    """As :func:`dequantize_rows` for 4-bit codes in byte-aligned blocks, columns reordered.
+    """As :func:`dequantize_rows` for 4-bit codes in byte-aligned blocks not whole 16 columns, columns reordered.
 
     ``out (T, K)`` (``k0`` and ``K`` even) holds each row's even columns of
     ``[k0, k0 + K)`` in ``[0, K / 2)`` and its odd ones in ``[K / 2, K)``:
@@ -285,7 +286,8 @@ def _stream_rows(value, bits, kind, codes, scale, zp, has_zp, bo, bi, base_off, 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def dequantize_rows_stream(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, out, work, per):
-    """As :func:`dequantize_rows` for codes in a bit stream: ints of 2 to 7 bits (kind 3), fp6 (kind 6).
+    """As :func:`dequantize_rows` for codes in a bit stream: ints of 2 to 7 bits (kind 3), fp6 (kind 6), in blocks
+    that are not whole 16 columns (:func:`dequantize_rows_16` takes the others, 16 codes at a time).
 
     Its own kernel, one loop per width: a branch on the kind or width in
     :func:`dequantize_rows`'s loop cost its one-byte kinds a third more

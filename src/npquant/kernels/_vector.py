@@ -6,11 +6,14 @@ each an operation on a vector of 16 lanes (one or two instructions where
 the CPU has 512- or 256-bit registers). numba's loops reach the same
 instructions only through LLVM's loop vectorizer, whose main loop takes 64
 columns a step (16 lanes, unrolled four times): a block of 16 or 32 columns
-never enters it and went through the scalar remainder. Measured with
-:func:`~npquant.kernels._tiles.dequantize_rows_16` against the loops it
-replaced, one thread, 11008 x 4096 in 256-column pieces: NVFP4 200-300 ->
-50-55 ns a piece, MXFP4 110-165 -> 40-45, MXFP8 130-150 -> 45-60, w4-g32
-115-120 -> 45; the long blocks gain too (w8-channel 33-40 -> 27-35).
+never enters it and went through the scalar remainder; bit streams went
+eight codes at a time through scalar shifts. Measured with
+:func:`~npquant.kernels._tiles.dequantize_rows_16` against the kernels it
+replaced, one thread, 11008 x 4096 in 256-column pieces, codes from memory,
+ns a piece (two runs each, ``/tmp`` scripts): NVFP4 200-300 -> 50-90,
+MXFP4 110-165 -> 40-45, MXFP8 130-150 -> 45-60, w4-g32 115-120 -> 45,
+w3-g128 150-250 -> 44, w2-g64 160-190 -> 34, MXFP6 300-500 -> 71; the long
+blocks gain a little (w8-channel 33-47 -> 27-35).
 
 The decodes are the ones :mod:`~npquant.kernels._decode` documents, lane by
 lane, exact; the multiply has no fast-math flag, so each weight is
