@@ -211,11 +211,13 @@ def test_numba_dequantize_16_is_bit_equal(kernels, scheme):
     if not kernels._dequantizes(qt):
         pytest.skip(f"{scheme}: no kernel reads it (numpy's tiles do)")
     args = kernels._kernel_args(qt)
-    kernel, kernel_args = kernels._dequantize_rows_args(args)
+    kernel, kernel_args = kernels._dequantize_rows_args(qt, args)
     if kernels._vector_kind(args) is None:
         assert scheme.bits not in (4, 8) or scheme.group_size % 16, f"{scheme} should have the 16-lane kernel"
         pytest.skip(f"{scheme}: bit streams and blocks not whole 16s go through other kernels")
     assert kernel is dequantize_rows_16
+    # one-byte scales (NVFP4's e4m3 over its global scale, the MX formats' e8m0) read as stored, through their table
+    assert (kernel_args[2].shape[0] > 0) == (qt.scale.dtype.itemsize == 1)
     ref = qt.dequantize()
     o, i = qt.shape
     for o0, n, k0, k in ((0, o, 0, i), (5, 9, 16, i - 32), (3, 20, 32, 16), (1, 1, i - 16, 16), (30, 7, 48, i - 64)):
@@ -267,7 +269,8 @@ def test_numba_dequantize_16_decodes_every_code_exactly(kernels, vk, s):
     base_off = 0 if has_zp else z
     kind = getattr(_vector, "VK_" + vk.upper())
     out = np.full((rows, 16), np.nan, np.float32)
-    dequantize_rows_16(codes, scale, zp, has_zp, 1, 16, kind, base_off, np.float32(2.0**8), 0, 0, out, *one_thread())
+    dequantize_rows_16(codes, scale, kernels._NO_SCALE_CODES_2D, kernels._NO_SCALE_TABLE, zp, has_zp, 1, 16, kind,
+                       base_off, np.float32(2.0**8), 0, 0, out, *one_thread())
     want = (np.asarray(values, np.float64) * np.float64(np.float32(s))).astype(np.float32).reshape(rows, 16)
     np.testing.assert_array_equal(out, want)
 

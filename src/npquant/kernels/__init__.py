@@ -189,6 +189,8 @@ _BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
 _NO_ZP = np.zeros((1, 1), np.uint8)
 _FLOAT32 = np.dtype(np.float32)
 _NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
+_NO_SCALE_2D = np.zeros((0, 1), np.float32)  # float32 scales, where one-byte ones are read as stored
+_NO_SCALE_CODES_2D = np.zeros((0, 1), np.uint8)  # one-byte scales, where float32 ones are read
 
 
 def _aligned_empty(shape: tuple) -> np.ndarray:
@@ -202,12 +204,13 @@ def _aligned_empty(shape: tuple) -> np.ndarray:
     return _buffers.empty_aligned(*shape)
 
 
-def _kernel_args(qt: QuantizedTensor) -> tuple:
-    """The arrays and constants every kernel takes, in order."""
+def _kernel_args(qt: QuantizedTensor, convert_scales: bool = True) -> tuple:
+    """The arrays and constants every kernel takes, in order; one-byte scales left out (an empty float32 array in
+    their place) where not ``convert_scales``."""
     scheme = qt.scheme
     bo, bi = qt.block_shape
     codes = np.ascontiguousarray(qt.codes).view(np.uint8)
-    scale = _scale_values(qt)
+    scale = _scale_values(qt) if convert_scales or qt.scale.dtype.itemsize != 1 else _NO_SCALE_2D
     has_zp = qt.zero_point is not None
     zp = qt.zero_point if has_zp else _NO_ZP
     fp8_e4m3, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
@@ -352,13 +355,21 @@ def _vector_kind(args: tuple) -> int | None:
     return _VK_OF_KIND.get(kind, VK_BITS + bits)
 
 
-def _dequantize_rows_args(args: tuple) -> tuple:
-    """``(kernel, its arguments before o0)`` of the fastest row kernel reading :func:`_kernel_args` ``args``."""
-    codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult = args
-    vk = _vector_kind(args)
+def _dequantize_rows_args(qt: QuantizedTensor, args: tuple | None) -> tuple:
+    """``(kernel, its arguments before o0)`` of the fastest row kernel reading ``qt``, whose :func:`_kernel_args`
+    are ``args`` (None: worked out here, as needed)."""
+    vk = _vector_kind(args or _kernel_args(qt, convert_scales=False))
     if vk is not None:
-        return dequantize_rows_16, (codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult)
-    if kind in (3, 6):  # a bit stream in blocks not whole 16s: its own kernel (see dequantize_rows_stream)
+        coded = qt.scale.dtype.itemsize == 1 and vk in (VK_FP4, VK_FP6, VK_E4M3)
+        args = args or _kernel_args(qt, convert_scales=not coded)
+        codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult = args
+        if coded:  # read as stored: see dequantize_rows_16
+            scale_codes, table = np.ascontiguousarray(qt.scale).view(np.uint8), _scale_table(qt.scheme, qt.global_scale)
+        else:
+            scale_codes, table = _NO_SCALE_CODES_2D, _NO_SCALE_TABLE
+        return dequantize_rows_16, (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult)
+    args = args or _kernel_args(qt)
+    if args[6] in (3, 6):  # a bit stream in blocks not whole 16s: its own kernel (see dequantize_rows_stream)
         return dequantize_rows_stream, args[:9]
     return dequantize_rows, args
 
@@ -387,7 +398,7 @@ def numba_dequantize(qt: QuantizedTensor, start: int = 0, stop: int | None = Non
         return qt.dequantize_rows(start, stop)
     stop = qt.shape[0] if stop is None else stop
     out = np.empty((stop - start, qt.shape[1]), np.float32)
-    kernel, args = _dequantize_rows_args(_kernel_args(qt))
+    kernel, args = _dequantize_rows_args(qt, None)
     _parallel(kernel, (*args, start, 0, out), out.shape[0], out.nbytes, None)
     return out
 
@@ -470,6 +481,9 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     if m_rows == 1 and lut_shape and _lut_kernels() is not None:
         _gemv_lut_rows(x2, qt, y, cost, threads)
         return y
+    if m_rows > SMALL_M:
+        _rows_linear(x2, qt, args, y, tile_elements, tile_k, threads)
+        return y
     args = args or _kernel_args(qt)
     codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
     vnni = _vnni_kernels() if m_rows == 1 and kind == 0 else None
@@ -489,23 +503,28 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         _parallel(gemv_int4, (x_even[0], x_odd[0], codes, scale, zp, has_zp, bo, bi, base_off, y),
                   out_features, cost, threads)
         return y
-    if m_rows <= SMALL_M:
-        _parallel(gemm_small_m, (x2, *args, y), -(-out_features // 4), cost, threads)
-        return y
+    _parallel(gemm_small_m, (x2, *args, y), -(-out_features // 4), cost, threads)
+    return y
+
+
+def _rows_linear(x2: np.ndarray, qt: QuantizedTensor, args: tuple | None, y: np.ndarray, tile_elements: int,
+                 tile_k: int, threads: int | None) -> None:
+    """``y (M, O) = x2 (M, I) @ W.T`` for a larger batch: the weight dequantized tile by tile for BLAS
+    (:func:`_tiled`); ``args`` the plan's :func:`_kernel_args`, or None."""
+    out_features, in_features = qt.shape
     tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, 1)
-    kernel, kernel_args = _dequantize_rows_args(args)
-    if kind == 2 and kernel is dequantize_rows:
+    kernel, kernel_args = _dequantize_rows_args(qt, args)
+    if kernel is dequantize_rows and kernel_args[6] == 2:
         # 4-bit codes in blocks not whole 16s dequantize faster into even|odd column
         # order (unit-stride stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit, in each tile's columns.
         x2 = _split_columns(x2, tile_cols)
-        kernel, kernel_args = dequantize_rows_int4_split, (codes, scale, zp, has_zp, bo, bi, base_off)
+        kernel, kernel_args = dequantize_rows_int4_split, kernel_args[:6] + kernel_args[8:9]
 
     def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
         _parallel(kernel, (*kernel_args, o0, k0, w_tile), w_tile.shape[0], w_tile.nbytes, threads,
                   _PARALLEL_TILE_FROM)
 
     _tiled(x2, y, tile_rows, tile_cols, dequantize, False)
-    return y
 
 
 def _tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int) -> tuple:

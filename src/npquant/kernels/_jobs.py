@@ -312,18 +312,21 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_rows_16` (codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work,
-    per)."""
+    """:func:`dequantize_rows_16` (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0,
+    k0, out, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_2d(blk, 0)
     scale, i = _f32_2d(blk, i)
+    scale_codes, i = _u8_2d(blk, i)
+    table, i = _f32_1d(blk, i)
     zp, i = _u8_2d(blk, i)
     has_zp, bo, bi, vk, base_off = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4]
     fp8_mult, i = _f32(blk, i + 5)
     o0, k0 = blk[i], blk[i + 1]
     out, i = _f32_2d(blk, i + 2)
     work, i = _i64_1d(blk, i)
-    dequantize_rows_16(codes, scale, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work, blk[i])
+    dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work,
+                       blk[i])
     return 0
 
 
