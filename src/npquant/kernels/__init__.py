@@ -46,7 +46,8 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   (:func:`_tiled`), each dequantized by all threads (16 columns at a time
   as one vector, :func:`dequantize_rows_16`, for every format in blocks of
   whole 16 columns: a block of 16 or 32 went through the loop vectorizer's
-  scalar remainder before, and bit streams one code at a time), then multiplied by
+  scalar remainder before, and bit streams eight codes at a time through scalar
+  shifts), then multiplied by
   OpenBLAS's ``cblas_sgemm`` adding into ``y`` (``beta = 1``:
   :mod:`~npquant.kernels._sgemm`; BLAS's own threads); the full float32
   weight never exists. Whole-row tiles of 256 rows (4 MiB, numpy's
@@ -139,7 +140,7 @@ from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
-                     dequantize_rows_int4_split, dequantize_rows_stream)
+                     dequantize_rows_int4_split)
 from ._vector import VK_BITS, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT4, VK_INT8, VK_UINT8
 
 # _kernel_args' code kind -> the vector kind of dequantize_rows_16 (4, fp8: by its format; 3: VK_BITS + bits)
@@ -357,21 +358,18 @@ def _vector_kind(args: tuple) -> int | None:
 
 def _dequantize_rows_args(qt: QuantizedTensor, args: tuple | None) -> tuple:
     """``(kernel, its arguments before o0)`` of the fastest row kernel reading ``qt``, whose :func:`_kernel_args`
-    are ``args`` (None: worked out here, as needed)."""
-    vk = _vector_kind(args or _kernel_args(qt, convert_scales=False))
-    if vk is not None:
-        coded = qt.scale.dtype.itemsize == 1 and vk in (VK_FP4, VK_FP6, VK_E4M3)
-        args = args or _kernel_args(qt, convert_scales=not coded)
+    are ``args`` (None: worked out here, one-byte scales left as stored where the kernel reads them so)."""
+    args = args or _kernel_args(qt, convert_scales=False)
+    vk = _vector_kind(args)
+    coded = args[1] is _NO_SCALE_2D  # one-byte scales (the Scheme allows them for fp4, fp6 and e4m3 codes only)
+    if vk is not None and (not coded or vk in (VK_FP4, VK_FP6, VK_E4M3)):
         codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult = args
         if coded:  # read as stored: see dequantize_rows_16
             scale_codes, table = np.ascontiguousarray(qt.scale).view(np.uint8), _scale_table(qt.scheme, qt.global_scale)
         else:
             scale_codes, table = _NO_SCALE_CODES_2D, _NO_SCALE_TABLE
         return dequantize_rows_16, (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult)
-    args = args or _kernel_args(qt)
-    if args[6] in (3, 6):  # a bit stream in blocks not whole 16s: its own kernel (see dequantize_rows_stream)
-        return dequantize_rows_stream, args[:9]
-    return dequantize_rows, args
+    return dequantize_rows, _kernel_args(qt) if coded else args
 
 
 def _dequantizes(qt: QuantizedTensor) -> bool:

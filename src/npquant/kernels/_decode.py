@@ -271,17 +271,9 @@ def _fp6_as_f16(u):
     return _f16_bits_to_f32(_I16(_I16(_I16(_I16(u) << _I16_10) >> _I16_3) & _I16_FP6_BITS))
 
 
-# A code of a bit stream (kinds 3 and 6; ``u`` int32, the code's bits) as ``v - z``, float32 and exact, one
-# function per kind as the one-byte ones below (fp6: its value, exactly; ``z`` unused).
-
-
-@njit(inline="always")
-def _stream_int_value(u, z):
-    return np.float32(_I32(u - z))
-
-
 @njit(inline="always")
 def _fp6_value(u, z):
+    """The fp6 code ``u`` (int32, its six bits)'s value, float32 and exact (``z`` unused: fp6 has no zero point)."""
     return _fp6_as_f16(u) * _FP4_UNSCALE
 
 

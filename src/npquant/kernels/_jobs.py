@@ -21,7 +21,7 @@ from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._llvm import _address_as, _blas_level1_thread, _call_int_function, _i64_bits_to_f64, _stack_empty
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
-                     dequantize_rows_int4_split, dequantize_rows_stream)
+                     dequantize_rows_int4_split)
 
 # int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb)
 SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, types.CPointer(types.int64),
@@ -331,22 +331,6 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 
 @cfunc(SIGNATURE, cache=True)
-def dequantize_rows_stream_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_rows_stream` (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, out, work,
-    per)."""
-    blk = carray(a, (n,))
-    codes, i = _u8_2d(blk, 0)
-    scale, i = _f32_2d(blk, i)
-    zp, i = _u8_2d(blk, i)
-    has_zp, bo, bi, kind, bits, base_off = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4], blk[i + 5]
-    o0, k0 = blk[i + 6], blk[i + 7]
-    out, i = _f32_2d(blk, i + 8)
-    work, i = _i64_1d(blk, i)
-    dequantize_rows_stream(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, out, work, blk[i])
-    return 0
-
-
-@cfunc(SIGNATURE, cache=True)
 def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_int4_blocks_t` (codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0,
     k0, out_t, work, per)."""
@@ -383,7 +367,6 @@ def dequantize_bytes_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 JOBS.update({
     dequantize_rows: dequantize_rows_job,
     dequantize_rows_int4_split: dequantize_rows_int4_split_job,
-    dequantize_rows_stream: dequantize_rows_stream_job,
     dequantize_rows_16: dequantize_rows_16_job,
     dequantize_int4_blocks_t: dequantize_int4_blocks_t_job,
     dequantize_bytes_blocks_t: dequantize_bytes_blocks_t_job,

@@ -3,8 +3,8 @@
 import numpy as np
 from numba import njit
 
-from ._decode import (_block_scales, _decode, _e4m3_value, _e5m2_value, _FASTMATH, _fp4_nibbles, _fp6_value, _I32,
-                      _int8_value, _offset_nibbles, _offset_value, _ROWS, _signed_nibbles, _stream_int_value, _U8_15,
+from ._decode import (_block_scales, _decode, _e4m3_value, _e5m2_value, _FASTMATH, _fp4_nibbles, _I32,
+                      _int8_value, _offset_nibbles, _offset_value, _ROWS, _signed_nibbles, _U8_15,
                       _U8_4)
 from ._llvm import _claim, _prefetch, _stack_empty
 from ._vector import (_dequantize16, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT2, VK_INT3, VK_INT4, VK_INT5, VK_INT6,
@@ -246,90 +246,6 @@ def dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k
                     dlo[k] = (np.float32(np.uint8(b & _U8_15)) - z) * s
                     dhi[k] = (np.float32(np.uint8(b >> _U8_4)) - z) * s
                 j = end
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _stream_piece(value, bits, kind, row, c, zi, s, dst):
-    """``dst[:n]``: codes of ``bits`` bits (a row's LSB-first stream) from column ``c`` on, ``value(u, zi) * s``.
-
-    Eight codes at a time from ``bits`` whole bytes (where ``c`` is a
-    multiple of 8), each shifted and masked out of one 64-bit word at a
-    constant shift (``bits`` is a constant where this is compiled); the
-    rest, or a start inside a byte, through :func:`_decode`.
-    """
-    n = dst.shape[0]
-    q = 0
-    if c % 8 == 0:
-        mask = np.uint64((1 << bits) - 1)
-        src = row[c * bits // 8 :]
-        while q + 8 <= n:
-            a = src[q * bits // 8 : q * bits // 8 + bits]
-            v = np.uint64(0)
-            for t in range(bits):
-                v |= np.uint64(a[t]) << np.uint64(8 * t)
-            d = dst[q : q + 8]
-            for i in range(8):
-                d[i] = value(_I32((v >> np.uint64(bits * i)) & mask), zi) * s
-            q += 8
-    if q < n:
-        _decode(kind, row, c + q, n - q, np.float32(zi), s, bits, False, np.float32(1.0), dst[q:])
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _stream_rows(value, bits, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per):
-    """:func:`dequantize_rows_stream` for one width ``bits`` and decoder ``value`` (constants where compiled)."""
-    rows, width = out.shape
-    k1 = k0 + width
-    g0, g1 = k0 // bi, (k1 - 1) // bi + 1
-    p0, p1 = k0 * bits // 8, -(-k1 * bits // 8)
-    narrow = p1 - p0 < codes.shape[1]
-    while True:
-        u_lo, u_hi = _claim(work, per, rows)
-        if u_lo >= u_hi:
-            break
-        for t in range(u_lo, u_hi):
-            o = o0 + t
-            if narrow:
-                _prefetch_piece(codes, o + _AHEAD, p0, p1)
-            row = codes[o]
-            so = o // bo
-            dst = out[t]
-            for g in range(g0, g1):
-                c = max(g * bi, k0)
-                end = min((g + 1) * bi, k1)
-                zi = _I32(base_off)
-                if has_zp:
-                    zi += _I32(zp[so, g])
-                _stream_piece(value, bits, kind, row, c, zi, scale[so, g], dst[c - k0 : end - k0])
-
-
-@njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_rows_stream(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, o0, k0, out, work, per):
-    """As :func:`dequantize_rows` for codes in a bit stream: ints of 2 to 7 bits (kind 3), fp6 (kind 6), in blocks
-    that are not whole 16 columns (:func:`dequantize_rows_16` takes the others, 16 codes at a time).
-
-    Its own kernel, one loop per width: a branch on the kind or width in
-    :func:`dequantize_rows`'s loop cost its one-byte kinds a third more
-    (35 -> 46-55 ns a 256-column int8 piece, one thread). Measured on
-    11008 x 4096 in 256-column pieces, one thread, codes from memory:
-    w3-g128 370-400 -> 170-190 ns a piece, w2-g64 420-470 -> 230-270,
-    mxfp6 (through :func:`~npquant.kernels._decode._decode`) 530-560 ->
-    350-380.
-    """
-    if kind == 6:
-        _stream_rows(_fp6_value, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
-    elif bits == 2:
-        _stream_rows(_stream_int_value, 2, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
-    elif bits == 3:
-        _stream_rows(_stream_int_value, 3, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
-    elif bits == 4:  # 4-bit codes in blocks that start inside a byte
-        _stream_rows(_stream_int_value, 4, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
-    elif bits == 5:
-        _stream_rows(_stream_int_value, 5, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
-    elif bits == 6:
-        _stream_rows(_stream_int_value, 6, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
-    else:
-        _stream_rows(_stream_int_value, 7, kind, codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
