@@ -468,3 +468,60 @@ def test_eight_user_threads_at_once(where):
     assert sorted(results) == list(range(8))
     for got in results.values():
         assert_same(got, want)
+
+
+@pytest.mark.parametrize("scheme,kernel_name", [
+    ("w8-channel", "dequantize_rows_16"), ("nvfp4", "dequantize_rows_16"),
+    (Scheme("int", 4, "group", 40), "dequantize_rows_int4_split"), (Scheme("int", 3, "group", 40), "dequantize_rows"),
+], ids=["16-lane", "16-lane coded scales", "int4 split", "rows"])
+def test_tiles_split_as_blas_splits_its_gemm(scheme, kernel_name):
+    # The large-batch tiles are dequantized with each OpenBLAS thread taking the
+    # rows it packs in the GEMM that follows (chunks=0): every row of the tile
+    # written once, whatever the count of rows and threads, bit-equal to one
+    # thread taking all (tiles NaN-filled first: a row no thread took stays NaN).
+    from npquant.kernels import _blas_threads
+
+    if _blas_threads.blas_threads() < 2:
+        pytest.skip("BLAS here is not an OpenBLAS with two threads or more the kernels can run on")
+    assert _blas_threads._addresses()[3] > 0  # the probe saw each thread's position
+    qt = quantize(weight((301, 320)), scheme)
+    kernel, args = kernels._tile_kernel(qt, None)
+    assert kernel.__name__ == kernel_name
+    k0, cols = (96, 160) if kernel is kernels.dequantize_rows_16 else (80, 160)
+    for o0, rows in [(0, 301), (7, 1), (7, 2), (100, 3), (40, 65), (280, 21)]:
+        one = np.full((rows, cols), np.nan, np.float32)
+        kernel(*args, o0, k0, one, np.zeros(1, np.int64), rows)
+        assert not np.isnan(one).any()
+        for threads in (2, 3):
+            tile = np.full((rows, cols), np.nan, np.float32)
+            _blas_threads.run(kernel, (*args, o0, k0, tile), rows, threads, 0)
+            np.testing.assert_array_equal(tile, one, err_msg=f"rows {o0}+{rows}, {threads} threads")
+
+
+@pytest.mark.parametrize("rows,parts", [(2048, 2), (768, 2), (301, 2), (301, 3), (10, 3), (1, 2), (5, 4)])
+def test_own_rows_follow_openblas_split_of_n(rows, parts):
+    # OpenBLAS cuts a GEMM's N into parts of ceil(left / parts left), in its
+    # threads' order: the reference below, written from that rule.
+    from numba import njit
+
+    from npquant.kernels._jobs import _own_rows
+
+    @njit
+    def own(out, o0, work, parts, b, unit):
+        tile, first, counter, per = _own_rows(out, o0, work, 0, parts, b, unit)
+        return first, tile.shape[0], tile.ctypes.data, per, counter.ctypes.data
+
+    out = np.zeros((rows, 4), np.float32)
+    work = np.full(parts, 5, np.int64)
+    start = 0
+    for position in range(parts):
+        width = -(-(rows - start) // (parts - position))
+        first, n, at, per, counter = own(out, 1000, work, parts, position * 24, 24)
+        assert (first, n, per) == (1000 + start, width, max(1, width))
+        assert at == out.ctypes.data + 16 * start  # a view of the tile, not a copy
+        assert counter == work.ctypes.data + 8 * position and work[position] == 0  # its own counter, zeroed
+        start += width
+    assert start == rows
+    # parts 0: the threads share the tile out by chunks, all arguments as given
+    tile, first, counter, per = njit(lambda o, w: _own_rows(o, 3, w, 9, 0, 48, 24))(out, work)
+    assert (tile.shape[0], first, per, counter.shape[0]) == (rows, 3, 9, parts)

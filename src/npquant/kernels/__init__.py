@@ -419,7 +419,7 @@ def default_threads() -> int:
 
 
 def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
-              parallel_from: int = _PARALLEL_FROM) -> None:
+              parallel_from: int = _PARALLEL_FROM, as_gemm: bool = False) -> None:
     """``kernel(*args, work, per)`` on the threads the call deserves: ``threads``, or by default one below a cost
     (weights times rows of ``x``; a tile's bytes) of ``parallel_from``, else :func:`default_threads`.
 
@@ -428,16 +428,19 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
     on npquant's pool (:mod:`npquant.kernels._pool`). The kernel takes
     chunks of ``per`` of its ``n_units`` units (blocks of rows) from the
     counter ``work`` until none is left: about ``_CHUNKS_PER_THREAD`` chunks
-    per thread, so a slowed thread takes fewer.
+    per thread, so a slowed thread takes fewer. ``as_gemm``: a tile's rows
+    for BLAS, each of OpenBLAS's threads taking the rows it will pack for
+    the GEMM (:func:`~npquant.kernels._jobs.launch`).
     """
     if threads is None:
         threads = 1 if cost < parallel_from else 0  # 0: default_threads()
     blas = threads != 1 and n_units > 1 and USE_BLAS_THREADS and _blas_threads.usable()
-    if blas and _blas_threads.run(kernel, args, n_units, threads, _CHUNKS_PER_THREAD):
+    chunks = 0 if as_gemm else _CHUNKS_PER_THREAD
+    if blas and _blas_threads.run(kernel, args, n_units, threads, chunks):
         return  # 0 threads used: the default is one only Python reads (or refuses)
     n = max(1, min(threads or default_threads(), n_units))
     if blas and n > 1:
-        _blas_threads.run(kernel, args, n_units, n, _CHUNKS_PER_THREAD)
+        _blas_threads.run(kernel, args, n_units, n, chunks)
         return
     work = np.zeros(1, np.int64)
     if n == 1:
@@ -511,18 +514,26 @@ def _rows_linear(x2: np.ndarray, qt: QuantizedTensor, args: tuple | None, y: np.
     (:func:`_tiled`); ``args`` the plan's :func:`_kernel_args`, or None."""
     out_features, in_features = qt.shape
     tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, 1)
-    kernel, kernel_args = _dequantize_rows_args(qt, args)
-    if kernel is dequantize_rows and kernel_args[6] == 2:
-        # 4-bit codes in blocks not whole 16s dequantize faster into even|odd column
-        # order (unit-stride stores: 8.3 -> 4 ms for 11008 x 4096); x's columns follow suit, in each tile's columns.
+    kernel, kernel_args = _tile_kernel(qt, args)
+    if kernel is dequantize_rows_int4_split:
         x2 = _split_columns(x2, tile_cols)
-        kernel, kernel_args = dequantize_rows_int4_split, kernel_args[:6] + kernel_args[8:9]
 
     def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
         _parallel(kernel, (*kernel_args, o0, k0, w_tile), w_tile.shape[0], w_tile.nbytes, threads,
-                  _PARALLEL_TILE_FROM)
+                  _PARALLEL_TILE_FROM, as_gemm=True)
 
     _tiled(x2, y, tile_rows, tile_cols, dequantize, False)
+
+
+def _tile_kernel(qt: QuantizedTensor, args: tuple | None) -> tuple:
+    """``(kernel, its arguments before o0)``: the row kernel of :func:`_rows_linear`'s tiles (``args`` as for
+    :func:`_dequantize_rows_args`). 4-bit codes in blocks not whole 16s dequantize faster into even|odd column
+    order (unit-stride stores: 8.3 -> 4 ms for 11008 x 4096), and then x's columns follow suit in each tile's
+    columns (:func:`_split_columns`)."""
+    kernel, kernel_args = _dequantize_rows_args(qt, args)
+    if kernel is dequantize_rows and kernel_args[6] == 2:
+        return dequantize_rows_int4_split, kernel_args[:6] + kernel_args[8:9]
+    return kernel, kernel_args
 
 
 def _tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int) -> tuple:

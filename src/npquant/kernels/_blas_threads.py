@@ -44,8 +44,9 @@ _MODE = 3
 
 @functools.cache
 def _setup():
-    """``(blas_level1_thread, BLAS's thread-count function, OpenBLAS controller)`` when usable here, else None.
-    Probed once per process."""
+    """``(blas_level1_thread, BLAS's thread-count function, OpenBLAS controller, step between the threads' b)`` when
+    usable here, else None. Probed once per process (a step of 0, where BLAS had one thread then, leaves the
+    kernels unable to take OpenBLAS's own split: see :func:`npquant.kernels._jobs.launch`)."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
@@ -72,14 +73,17 @@ def _setup():
     fn.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
                    ctypes.c_void_p, ctypes.c_int]
-    return (fn, get_threads, ctl) if _probe(fn, max(1, ctl.num_threads)) else None
+    unit = _probe(fn, max(1, ctl.num_threads))
+    return None if unit is None else (fn, get_threads, ctl, unit)
 
 
 _ALPHA = np.array([1.0, 0.0, 0.0, 0.0])  # read as a float, a double, an extended double or a complex pair
 
 
-def _probe(fn, threads: int) -> bool:
-    """Whether ``fn`` runs a routine once per thread, each with ``m == 1`` and the block it was given."""
+def _probe(fn, threads: int) -> int | None:
+    """Whether ``fn`` runs a routine once per thread, each with ``m == 1`` and the block it was given: then the step
+    between the threads' ``b`` (``NULL`` with ``ldb`` 1: each thread's position times a width the build gives the
+    precision; 0 with one thread, where it cannot be seen), else None."""
     from numba import carray, cfunc
 
     from ._jobs import SIGNATURE
@@ -89,14 +93,21 @@ def _probe(fn, threads: int) -> bool:
     def count(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
         blk = carray(a, (n,))
         for _ in range(m):
-            _fetch_add(blk[0:1])
+            slot = _fetch_add(blk[0:1])
+            if slot < n - 2:
+                blk[2 + slot] = b
         if k == 7:
             _fetch_add(blk[1:2])
         return 0
 
-    block = np.zeros(2, np.int64)
-    fn(_MODE, threads, 2, 7, _ALPHA.ctypes.data, block.ctypes.data, 0, None, 0, None, 0, count.address, threads)
-    return int(block[0]) == threads and int(block[1]) == threads
+    block = np.zeros(2 + threads, np.int64)
+    fn(_MODE, threads, block.size, 7, _ALPHA.ctypes.data, block.ctypes.data, 0, None, 1, None, 0, count.address,
+       threads)
+    if int(block[0]) != threads or int(block[1]) != threads:
+        return None
+    steps = np.sort(block[2:])
+    unit = int(steps[1]) if threads > 1 else 0
+    return unit if np.array_equal(steps, unit * np.arange(threads)) and (unit > 0 or threads == 1) else None
 
 
 def usable() -> bool:
@@ -112,10 +123,11 @@ def blas_threads() -> int:
 
 @functools.cache
 def _addresses() -> tuple:
-    """``(blas_level1_thread, BLAS's thread-count function, alpha)`` as addresses, for
-    :func:`npquant.kernels._jobs.launch`."""
-    fn, get_threads = _setup()[:2]
-    return ctypes.cast(fn, ctypes.c_void_p).value, ctypes.cast(get_threads, ctypes.c_void_p).value, _ALPHA.ctypes.data
+    """``(blas_level1_thread, BLAS's thread-count function, alpha)`` as addresses and the step between the threads'
+    ``b`` (:func:`_probe`), for :func:`npquant.kernels._jobs.launch`."""
+    fn, get_threads, _, unit = _setup()
+    return (ctypes.cast(fn, ctypes.c_void_p).value, ctypes.cast(get_threads, ctypes.c_void_p).value,
+            _ALPHA.ctypes.data, unit)
 
 
 _JOB_ADDRESSES: dict = {}  # kernel -> the address of its job (jobs are compiled on first use, some later than others)
@@ -124,7 +136,8 @@ _JOB_ADDRESSES: dict = {}  # kernel -> the address of its job (jobs are compiled
 def run(kernel, args: tuple, n_units: int, threads: int, chunks: int) -> int:
     """``kernel(*args, work, per)`` on OpenBLAS's threads (:func:`blas_threads` > 0): ``threads`` at most (0:
     :func:`npquant.kernels.default_threads`), BLAS's count now at most; about ``chunks`` chunks of its ``n_units``
-    units per thread. Returns the threads used; 0, having run nothing, when ``threads`` is 0 and only Python can
+    units per thread (0: the part of them that each thread takes of a GEMM, see
+    :func:`npquant.kernels._jobs.launch`). Returns the threads used; 0, having run nothing, when ``threads`` is 0 and only Python can
     read the default (see :func:`npquant.kernels._jobs.launch`).
 
     The arrays in ``args`` must be C-contiguous; the caller keeps them alive.
@@ -134,5 +147,5 @@ def run(kernel, args: tuple, n_units: int, threads: int, chunks: int) -> int:
     job = _JOB_ADDRESSES.get(kernel)
     if job is None:
         job = _JOB_ADDRESSES[kernel] = JOBS[kernel].address
-    fn, get_threads, alpha = _addresses()
-    return launch(fn, get_threads, _MODE, alpha, job, threads, n_units, chunks, *args)
+    fn, get_threads, alpha, unit = _addresses()
+    return launch(fn, get_threads, _MODE, alpha, job, unit, threads, n_units, chunks, *args)

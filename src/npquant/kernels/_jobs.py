@@ -23,9 +23,10 @@ from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
                      dequantize_rows_int4_split)
 
-# int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb)
+# int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb); ``b`` read as the integer
+# its address is (see _own_rows)
 SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, types.CPointer(types.int64),
-                        types.int64, types.voidptr, types.int64, types.voidptr, types.int64, types.voidptr)
+                        types.int64, types.int64, types.int64, types.voidptr, types.int64, types.voidptr)
 
 
 _MAX_JOB = 64  # int64 entries of a job block: every kernel's arguments fit
@@ -67,15 +68,20 @@ def _put_typed(item, out, i):
 
 
 @njit(cache=True)
-def launch(fn, get_threads, mode, alpha, job, threads, n_units, chunks, *args):
+def launch(fn, get_threads, mode, alpha, job, unit, threads, n_units, chunks, *args):
     """Run ``job`` for ``kernel(*args, work, per)`` on OpenBLAS's threads: as many as BLAS has, ``threads`` at most.
 
     ``fn``: the address of ``blas_level1_thread``; ``get_threads``: of
     ``openblas_get_num_threads``; ``alpha``: of the routine's ``alpha``;
-    ``job``: of one of the ``*_job`` functions below. The kernel takes
-    chunks of ``per`` of its ``n_units`` units, about ``chunks`` per thread
-    (one chunk of all on one thread, which OpenBLAS runs in the caller).
-    ``threads`` 0 (or less) means :func:`npquant.kernels.default_threads`, read here
+    ``job``: of one of the ``*_job`` functions below; ``unit``: the step
+    between the threads' ``b`` that the probe measured (0 where unknown).
+    The kernel takes chunks of ``per`` of its ``n_units`` units, about
+    ``chunks`` per thread (one chunk of all on one thread, which OpenBLAS
+    runs in the caller). ``chunks`` 0 asks for OpenBLAS's own split: each
+    thread the part of the units that it takes of a GEMM's ``N``, in jobs
+    that know their position (:func:`_own_rows`; the others take chunks of
+    a thread's share). ``threads`` 0 (or less) means
+    :func:`npquant.kernels.default_threads`, read here
     (:func:`~npquant.kernels._env.threads_allowed`); where only Python can
     read it, nothing runs and the call returns 0. Returns the threads used.
 
@@ -92,12 +98,45 @@ def launch(fn, get_threads, mode, alpha, job, threads, n_units, chunks, *args):
         if threads <= 0:
             return 0
     n = max(1, min(threads, _call_int_function(get_threads), n_units))
-    per = n_units if n == 1 else max(1, -(-n_units // (n * chunks)))
-    work = np.zeros(1, np.int64)
+    if n == 1:
+        per = n_units
+    elif chunks <= 0:
+        per = -(-n_units // n)
+    else:
+        per = max(1, -(-n_units // (n * chunks)))
+    parts = n if chunks <= 0 and n > 1 and unit > 0 else 0
+    work = np.zeros(n, np.int64)  # one counter for all; with parts, one a thread
     block = _stack_empty(1, _MAX_JOB, np.int64)[0]
     k = _pack_into(block, *(args + (work, per)))
-    _blas_level1_thread(fn, mode, n, k, alpha, block.ctypes.data, job)
+    _blas_level1_thread(fn, mode, n, k, alpha, block.ctypes.data, job, parts, unit)
     return n
+
+
+@njit(inline="always")
+def _own_rows(out, o0, work, per, parts, b, unit):
+    """``(out, o0, work, per)`` for this thread: as given where ``parts`` is 0 (the threads share the units out),
+    else this thread's rows of the tile ``out (T, K)`` (whose first is row ``o0`` of the weight), its own counter and
+    all of them in one chunk.
+
+    With ``parts`` threads OpenBLAS's GEMM cuts a tile's ``N`` (its rows,
+    multiplied transposed) into ``parts`` parts as here, widths rounded up
+    from an even share, and each thread packs its own part for the
+    microkernels: given the same part to dequantize, each thread reads back
+    from its own L2 what it has just written. The position comes from ``b``
+    (``position * unit``, see :func:`~npquant.kernels._llvm._blas_level1_thread`):
+    OpenBLAS runs its parts in the same order of threads for both calls.
+    """
+    if parts <= 0:
+        return out, o0, work, per
+    position = b // unit
+    rows = out.shape[0]
+    r0 = 0
+    for j in range(position):
+        r0 += -(-(rows - r0) // (parts - j))
+    r1 = r0 + -(-(rows - r0) // (parts - position))
+    own = work[position : position + 1]
+    own[0] = 0
+    return out[r0:r1], o0 + r0, own, max(1, r1 - r0)
 
 
 @njit(cache=True)
@@ -291,8 +330,9 @@ def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     o0, k0 = blk[i], blk[i + 1]
     out, i = _f32_2d(blk, i + 2)
     work, i = _i64_1d(blk, i)
+    out, o0, work, per = _own_rows(out, o0, work, blk[i], k, b, ldc)
     dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, k0, out, work,
-                    blk[i])
+                    per)
     return 0
 
 
@@ -306,7 +346,8 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     has_zp, bo, bi, base_off, o0, k0 = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4], blk[i + 5]
     out, i = _f32_2d(blk, i + 6)
     work, i = _i64_1d(blk, i)
-    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, blk[i])
+    out, o0, work, per = _own_rows(out, o0, work, blk[i], k, b, ldc)
+    dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     return 0
 
 
@@ -325,8 +366,9 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     o0, k0 = blk[i], blk[i + 1]
     out, i = _f32_2d(blk, i + 2)
     work, i = _i64_1d(blk, i)
+    out, o0, work, per = _own_rows(out, o0, work, blk[i], k, b, ldc)
     dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work,
-                       blk[i])
+                       per)
     return 0
 
 

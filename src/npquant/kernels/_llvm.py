@@ -174,29 +174,34 @@ _prefetch_l2 = _prefetch_intrinsic("_prefetch_l2", 2, """As :func:`_prefetch`, i
 
 
 @intrinsic
-def _blas_level1_thread(typingctx, fn, mode, threads, n, alpha, block, job):
-    """``blas_level1_thread(mode, threads, n, 0, alpha, block, 0, NULL, 0, NULL, 0, job, threads)`` of OpenBLAS.
+def _blas_level1_thread(typingctx, fn, mode, threads, n, alpha, block, job, parts, unit):
+    """``blas_level1_thread(mode, threads, n, parts, alpha, block, 0, NULL, 1, NULL, unit, job, threads)`` of
+    OpenBLAS.
 
     Every argument an int64: ``fn``, ``alpha``, ``block`` and ``job`` are
-    addresses (see :mod:`npquant.kernels._blas_threads`). Called from
+    addresses (see :mod:`npquant.kernels._blas_threads`). Each thread's
+    routine gets ``k = parts`` and ``ldc = unit`` as given and, ``b`` being
+    NULL with ``ldb`` 1, ``b = position * unit``, when ``unit`` is the
+    stride the probe measured: how a job knows its place in OpenBLAS's order
+    of threads (the caller's thread first, as in its GEMM). Called from
     compiled code, where a call through ctypes costs tens of microseconds
     when a model's work has left the interpreter out of cache.
     """
-    if not all(isinstance(a, types.Integer) for a in (fn, mode, threads, n, alpha, block, job)):
+    if not all(isinstance(a, types.Integer) for a in (fn, mode, threads, n, alpha, block, job, parts, unit)):
         return None
 
     def codegen(context, builder, signature, args):
         i32, i64, ptr = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
         fnty = ir.FunctionType(i32, [i32, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ptr, i32])
-        f_addr, mode_, n_threads, n_entries, alpha_addr, block_addr, job_addr = (
+        f_addr, mode_, n_threads, n_entries, alpha_addr, block_addr, job_addr, parts_, unit_ = (
             context.cast(builder, a, t, types.int64) for a, t in zip(args, signature.args))
-        zero, null = ir.Constant(i64, 0), ir.Constant(ptr, None)
+        zero, one, null = ir.Constant(i64, 0), ir.Constant(i64, 1), ir.Constant(ptr, None)
         return builder.call(builder.inttoptr(f_addr, fnty.as_pointer()), [
-            builder.trunc(mode_, i32), n_threads, n_entries, zero, builder.inttoptr(alpha_addr, ptr),
-            builder.inttoptr(block_addr, ptr), zero, null, zero, null, zero, builder.inttoptr(job_addr, ptr),
+            builder.trunc(mode_, i32), n_threads, n_entries, parts_, builder.inttoptr(alpha_addr, ptr),
+            builder.inttoptr(block_addr, ptr), zero, null, one, null, unit_, builder.inttoptr(job_addr, ptr),
             builder.trunc(n_threads, i32)])
 
-    return types.int32(fn, mode, threads, n, alpha, block, job), codegen
+    return types.int32(fn, mode, threads, n, alpha, block, job, parts, unit), codegen
 
 
 @intrinsic
