@@ -134,14 +134,17 @@ def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mul
             zp_row = zp[so if has_zp else 0]
             base = o * stride
             dst = t * width - k0
-            for g in range(g0, g1):
-                c = max(g * bi, k0)
-                end = min((g + 1) * bi, k1)
-                zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
-                s = table[scale_row[g]] if coded else scale_row[g]
-                for q in range((end - c) >> 4):
-                    cc = c + 16 * q
-                    _dequantize16(vk, codes, base + (cc * bits >> 3), out, dst + cc, s, zi, fp8_mult)
+            g = g0
+            block_end = (g0 + 1) * bi  # the column where the next block starts
+            zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
+            s = table[scale_row[g]] if coded else scale_row[g]
+            for cc in range(k0, k1, 16):
+                if cc == block_end:
+                    g += 1
+                    block_end += bi
+                    zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
+                    s = table[scale_row[g]] if coded else scale_row[g]
+                _dequantize16(vk, codes, base + (cc * bits >> 3), out, dst + cc, s, zi, fp8_mult)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
