@@ -54,7 +54,14 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   ``matmul``) made BLAS run 256 columns of output at a time, packing
   ``x`` again for each: BLAS over such tiles, already made, took 1.28x the
   float32 matmul of 11008 x 4096 at batch 128, over 2048 x 256 tiles
-  0.95-1.03x; and the tile stays in L2 between its dequantization and BLAS.
+  0.95-1.03x. Each of OpenBLAS's threads dequantizes the rows of the tile
+  that it packs in the GEMM that follows (OpenBLAS cuts a GEMM's ``N``, the
+  tile's rows, into one part per thread), so it reads back from its own
+  L2 what it has just written: with chunks claimed by whichever thread
+  came first, half of each tile crossed between the cores: in a slow phase
+  of this machine (the README's Performance), every preset at batch 128
+  took 1.17-1.32x float32, 1.07-1.18x so (in one process, each call between
+  two float32 matmuls, the two splits alternating).
   Narrow tiles read a few lines of each code row, so the next rows' lines
   are prefetched. Where numpy's BLAS is not OpenBLAS, tiles are whole rows
   through ``matmul``. The buffer is the calling thread's, kept for its

@@ -21,6 +21,13 @@ the first, and returns when all are done. With ``m = nthreads`` and
 precision passes ``alpha`` in a floating-point register, so the integer and
 pointer arguments the jobs read land where they expect in all of them.
 
+The large-batch tiles want more: each thread dequantizing the rows that
+it packs in the GEMM after. OpenBLAS runs both calls' parts in the same
+order of threads (the caller's first), and with ``b`` NULL and ``ldb`` 1
+each part's ``b`` is its position times a width the build gives the
+precision (measured by the probe): :func:`npquant.kernels._jobs.launch`
+passes the thread count in ``k`` and that width in ``ldc``, untouched.
+
 Used only when the process's BLAS is an OpenBLAS exporting that function
 and a probe at first use runs a counting routine on exactly the threads
 asked for; otherwise (MKL, Accelerate, BLIS, a failed probe) the kernels

@@ -157,7 +157,10 @@ def dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk,
     :func:`dequantize_rows`'s loops left blocks of 16 or 32 columns to
     scalar code, and bit streams are decoded 16 codes at a time (measured in
     :mod:`~npquant.kernels._vector`); 4-bit codes come out in natural
-    column order. Scales are float32 ``scale (O / bo, G)``, or, where
+    column order. A row is walked 16 columns at a time, the next block's
+    scale taken where one starts: a loop per block cost about 3.5 ns a
+    block (one thread, 256-column pieces of 11008 x 4096: nvfp4 75 -> 35-53
+    ns, w4-g32 65 -> 34-48, mxfp4 59 -> 39). Scales are float32 ``scale (O / bo, G)``, or, where
     ``scale_codes`` has rows, one-byte codes ``(O / bo, G)`` whose values
     ``table`` float32 ``(256,)`` holds (fp4, fp6 and fp8 kinds): read as
     they are stored, where converting them to float32 before each call took
