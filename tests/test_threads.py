@@ -498,30 +498,68 @@ def test_tiles_split_as_blas_splits_its_gemm(scheme, kernel_name):
             np.testing.assert_array_equal(tile, one, err_msg=f"rows {o0}+{rows}, {threads} threads")
 
 
-@pytest.mark.parametrize("rows,parts", [(2048, 2), (768, 2), (301, 2), (301, 3), (10, 3), (1, 2), (5, 4)])
-def test_own_rows_follow_openblas_split_of_n(rows, parts):
+@pytest.mark.parametrize("scheme", ["w4-g128", "nvfp4", "w8-channel", "fp8-channel"])
+def test_prepared_tiles_split_as_blas_splits_its_gemm(scheme):
+    # The prepared layout's tiles, transposed (K, T): each thread takes the
+    # blocks of 64 columns it packs in the GEMM; every column written once.
+    from npquant.kernels import _blas_threads
+    from npquant.kernels._tiles import dequantize_bytes_blocks_t, dequantize_int4_blocks_t
+
+    if _blas_threads.blas_threads() < 2:
+        pytest.skip("BLAS here is not an OpenBLAS with two threads or more the kernels can run on")
+    p = prepare(quantize(weight((64 * 7, 256)), scheme))
+    captured = []
+    real = kernels._parallel
+
+    def capture(kernel, args, *rest, **kw):
+        captured.append((kernel, args[:-3]))  # the arguments before blk0, k0 and the tile
+        return real(kernel, args, *rest, **kw)
+
+    kernels._parallel = capture
+    try:
+        kernels.numba_linear(weight((40, 256), seed=3), p, tile_elements=64 * 7 * 128, tile_k=128)
+    finally:
+        kernels._parallel = real
+    kernel, args = captured[-1]
+    assert kernel in (dequantize_int4_blocks_t, dequantize_bytes_blocks_t)
+    for blk0, blocks in [(0, 7), (1, 1), (2, 3), (0, 5)]:
+        cols = 64 * blocks - (5 if blocks > 1 else 0)  # a last block cut short, as at the weight's end
+        one = np.full((128, cols), np.nan, np.float32)
+        kernel(*args, blk0, 128, one, np.zeros(1, np.int64), 1 << 20)
+        assert not np.isnan(one).any()
+        for threads in (2, 3):
+            tile = np.full((128, cols), np.nan, np.float32)
+            _blas_threads.run(kernel, (*args, blk0, 128, tile), -(-cols // 64), threads, 0)
+            np.testing.assert_array_equal(tile, one, err_msg=f"blocks {blk0}+{blocks}, {threads} threads")
+
+
+@pytest.mark.parametrize("n_units,parts", [(2048, 2), (768, 2), (301, 2), (301, 3), (10, 3), (1, 2), (5, 4)])
+def test_own_units_follow_openblas_split_of_n(n_units, parts):
     # OpenBLAS cuts a GEMM's N into parts of ceil(left / parts left), in its
-    # threads' order: the reference below, written from that rule.
+    # threads' order: the reference below, written from that rule. Each
+    # thread then claims its own part, in one chunk, and nothing more.
     from numba import njit
 
-    from npquant.kernels._jobs import _own_rows
+    from npquant.kernels._jobs import _own_units
+    from npquant.kernels._llvm import _claim
 
     @njit
-    def own(out, o0, work, parts, b, unit):
-        tile, first, counter, per = _own_rows(out, o0, work, 0, parts, b, unit)
-        return first, tile.shape[0], tile.ctypes.data, per, counter.ctypes.data
+    def own(work, n_units, parts, b, unit):
+        counter, per = _own_units(work, 0, n_units, parts, b, unit)
+        lo, hi = _claim(counter, per, n_units)
+        lo2, hi2 = _claim(counter, per, n_units)
+        return lo, hi, lo2 >= hi2, counter.ctypes.data
 
-    out = np.zeros((rows, 4), np.float32)
-    work = np.full(parts, 5, np.int64)
+    work = np.full(3 * parts, 5, np.int64)
     start = 0
     for position in range(parts):
-        width = -(-(rows - start) // (parts - position))
-        first, n, at, per, counter = own(out, 1000, work, parts, position * 24, 24)
-        assert (first, n, per) == (1000 + start, width, max(1, width))
-        assert at == out.ctypes.data + 16 * start  # a view of the tile, not a copy
-        assert counter == work.ctypes.data + 8 * position and work[position] == 0  # its own counter, zeroed
+        width = -(-(n_units - start) // (parts - position))
+        lo, hi, done, at = own(work, n_units, parts, position * 24, 24)
+        assert (lo, hi, done) == (start, start + width, True), position
+        assert at == work.ctypes.data + 24 * position  # its own three entries
         start += width
-    assert start == rows
-    # parts 0: the threads share the tile out by chunks, all arguments as given
-    tile, first, counter, per = njit(lambda o, w: _own_rows(o, 3, w, 9, 0, 48, 24))(out, work)
-    assert (tile.shape[0], first, per, counter.shape[0]) == (rows, 3, 9, parts)
+    assert start == n_units
+    # parts 0: the threads share the units out by chunks from the one counter, all arguments as given
+    work = np.zeros(1, np.int64)
+    counter, per = njit(lambda w: _own_units(w, 9, n_units, 0, 48, 24))(work)
+    assert per == 9 and counter.ctypes.data == work.ctypes.data

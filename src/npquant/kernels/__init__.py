@@ -435,9 +435,9 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
     on npquant's pool (:mod:`npquant.kernels._pool`). The kernel takes
     chunks of ``per`` of its ``n_units`` units (blocks of rows) from the
     counter ``work`` until none is left: about ``_CHUNKS_PER_THREAD`` chunks
-    per thread, so a slowed thread takes fewer. ``as_gemm``: a tile's rows
-    for BLAS, each of OpenBLAS's threads taking the rows it will pack for
-    the GEMM (:func:`~npquant.kernels._jobs.launch`).
+    per thread, so a slowed thread takes fewer. ``as_gemm``: a tile for
+    BLAS, each of OpenBLAS's threads taking the part it will pack for the
+    GEMM (:func:`~npquant.kernels._jobs.launch`).
     """
     if threads is None:
         threads = 1 if cost < parallel_from else 0  # 0: default_threads()
@@ -690,7 +690,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
 
         def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
             _parallel(dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, bi, o0 // ROWS, k0, w_t),
-                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM)
+                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM, as_gemm=True)
     else:
         half_block = bi // 2
         if m_rows == 1:
@@ -709,7 +709,7 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
 
         def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
             _parallel(dequantize_int4_blocks_t, (p.codes, *scales, zp, has_zp, fp4, half_block, o0 // ROWS, k0, w_t),
-                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM)
+                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM, as_gemm=True)
 
     # Other batches: tiles of whole blocks dequantized transposed, (K, T), and BLAS.
     tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, ROWS)

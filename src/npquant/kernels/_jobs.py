@@ -24,7 +24,7 @@ from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequan
                      dequantize_rows_int4_split)
 
 # int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb); ``b`` read as the integer
-# its address is (see _own_rows)
+# its address is (see _own_units)
 SIGNATURE = types.int32(types.int64, types.int64, types.int64, types.float64, types.CPointer(types.int64),
                         types.int64, types.int64, types.int64, types.voidptr, types.int64, types.voidptr)
 
@@ -79,7 +79,7 @@ def launch(fn, get_threads, mode, alpha, job, unit, threads, n_units, chunks, *a
     ``chunks`` per thread (one chunk of all on one thread, which OpenBLAS
     runs in the caller). ``chunks`` 0 asks for OpenBLAS's own split: each
     thread the part of the units that it takes of a GEMM's ``N``, in jobs
-    that know their position (:func:`_own_rows`; the others take chunks of
+    that know their position (:func:`_own_units`; the others take chunks of
     a thread's share). ``threads`` 0 (or less) means
     :func:`npquant.kernels.default_threads`, read here
     (:func:`~npquant.kernels._env.threads_allowed`); where only Python can
@@ -105,7 +105,7 @@ def launch(fn, get_threads, mode, alpha, job, unit, threads, n_units, chunks, *a
     else:
         per = max(1, -(-n_units // (n * chunks)))
     parts = n if chunks <= 0 and n > 1 and unit > 0 else 0
-    work = np.zeros(n, np.int64)  # one counter for all; with parts, one a thread
+    work = np.zeros(3 * parts if parts else 1, np.int64)  # one counter for all; with parts, three entries a thread
     block = _stack_empty(1, _MAX_JOB, np.int64)[0]
     k = _pack_into(block, *(args + (work, per)))
     _blas_level1_thread(fn, mode, n, k, alpha, block.ctypes.data, job, parts, unit)
@@ -113,30 +113,30 @@ def launch(fn, get_threads, mode, alpha, job, unit, threads, n_units, chunks, *a
 
 
 @njit(inline="always")
-def _own_rows(out, o0, work, per, parts, b, unit):
-    """``(out, o0, work, per)`` for this thread: as given where ``parts`` is 0 (the threads share the units out),
-    else this thread's rows of the tile ``out (T, K)`` (whose first is row ``o0`` of the weight), its own counter and
-    all of them in one chunk.
+def _own_units(work, per, n_units, parts, b, unit):
+    """``(work, per)`` for this thread: as given where ``parts`` is 0 (the threads share the units out by chunks),
+    else its own part of the ``n_units`` units in one chunk (a ``work`` of three entries, see
+    :func:`~npquant.kernels._llvm._claim`).
 
     With ``parts`` threads OpenBLAS's GEMM cuts a tile's ``N`` (its rows,
-    multiplied transposed) into ``parts`` parts as here, widths rounded up
-    from an even share, and each thread packs its own part for the
-    microkernels: given the same part to dequantize, each thread reads back
-    from its own L2 what it has just written. The position comes from ``b``
-    (``position * unit``, see :func:`~npquant.kernels._llvm._blas_level1_thread`):
-    OpenBLAS runs its parts in the same order of threads for both calls.
+    or the columns of a transposed tile) into ``parts`` parts as here,
+    widths rounded up from an even share, and each thread packs its own
+    part for the microkernels: given the same part to dequantize, each
+    thread reads back from its own L2 what it has just written. The
+    position comes from ``b`` (``position * unit``, see
+    :func:`~npquant.kernels._llvm._blas_level1_thread`): OpenBLAS runs its
+    parts in the same order of threads for both calls.
     """
     if parts <= 0:
-        return out, o0, work, per
+        return work, per
     position = b // unit
-    rows = out.shape[0]
-    r0 = 0
+    first = 0
     for j in range(position):
-        r0 += -(-(rows - r0) // (parts - j))
-    r1 = r0 + -(-(rows - r0) // (parts - position))
-    own = work[position : position + 1]
-    own[0] = 0
-    return out[r0:r1], o0 + r0, own, max(1, r1 - r0)
+        first += -(-(n_units - first) // (parts - j))
+    width = -(-(n_units - first) // (parts - position))
+    own = work[3 * position : 3 * position + 3]
+    own[0], own[1], own[2] = 0, first, first + width
+    return own, max(1, width)
 
 
 @njit(cache=True)
@@ -330,7 +330,7 @@ def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     o0, k0 = blk[i], blk[i + 1]
     out, i = _f32_2d(blk, i + 2)
     work, i = _i64_1d(blk, i)
-    out, o0, work, per = _own_rows(out, o0, work, blk[i], k, b, ldc)
+    work, per = _own_units(work, blk[i], out.shape[0], k, b, ldc)
     dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, k0, out, work,
                     per)
     return 0
@@ -346,7 +346,7 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     has_zp, bo, bi, base_off, o0, k0 = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4], blk[i + 5]
     out, i = _f32_2d(blk, i + 6)
     work, i = _i64_1d(blk, i)
-    out, o0, work, per = _own_rows(out, o0, work, blk[i], k, b, ldc)
+    work, per = _own_units(work, blk[i], out.shape[0], k, b, ldc)
     dequantize_rows_int4_split(codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)
     return 0
 
@@ -366,7 +366,7 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     o0, k0 = blk[i], blk[i + 1]
     out, i = _f32_2d(blk, i + 2)
     work, i = _i64_1d(blk, i)
-    out, o0, work, per = _own_rows(out, o0, work, blk[i], k, b, ldc)
+    work, per = _own_units(work, blk[i], out.shape[0], k, b, ldc)
     dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work,
                        per)
     return 0
@@ -385,8 +385,9 @@ def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     has_zp, fp4, half_block, blk0, k0 = blk[i] != 0, blk[i + 1] != 0, blk[i + 2], blk[i + 3], blk[i + 4]
     out_t, i = _f32_2d(blk, i + 5)
     work, i = _i64_1d(blk, i)
+    work, per = _own_units(work, blk[i], -(-out_t.shape[1] // codes.shape[2]), k, b, ldc)
     dequantize_int4_blocks_t(codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0, k0, out_t,
-                             work, blk[i])
+                             work, per)
     return 0
 
 
@@ -402,7 +403,8 @@ def dequantize_bytes_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     bi, blk0, k0 = blk[i], blk[i + 1], blk[i + 2]
     out_t, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, k0, out_t, work, blk[i])
+    work, per = _own_units(work, blk[i], -(-out_t.shape[1] // codes.shape[2]), k, b, ldc)
+    dequantize_bytes_blocks_t(codes, scale, zp, code_kind, fp8_mult, bi, blk0, k0, out_t, work, per)
     return 0
 
 

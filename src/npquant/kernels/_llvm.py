@@ -96,8 +96,13 @@ def _claim(work, per, n):
 
     Every thread of a call (:mod:`npquant.kernels._pool`) runs the same
     kernel and takes chunks from the shared counter ``work`` until none is
-    left, so a thread the OS runs slower takes fewer.
+    left, so a thread the OS runs slower takes fewer. A ``work`` of three
+    entries is one thread's own: its counter, then the units ``[first,
+    end)`` it takes alone (:func:`npquant.kernels._jobs._own_units`).
     """
+    if work.shape[0] == 3:
+        lo = work[1] + _fetch_add(work) * per
+        return lo, min(lo + per, work[2], n)
     lo = _fetch_add(work) * per
     return lo, min(lo + per, n)
 
