@@ -144,8 +144,8 @@ def run(kernel, args: tuple, n_units: int, threads: int, chunks: int) -> int:
     """``kernel(*args, work, per)`` on OpenBLAS's threads (:func:`blas_threads` > 0): ``threads`` at most (0:
     :func:`npquant.kernels.default_threads`), BLAS's count now at most; about ``chunks`` chunks of its ``n_units``
     units per thread (0: the part of them that each thread takes of a GEMM, see
-    :func:`npquant.kernels._jobs.launch`). Returns the threads used; 0, having run nothing, when ``threads`` is 0 and only Python can
-    read the default (see :func:`npquant.kernels._jobs.launch`).
+    :func:`npquant.kernels._jobs.launch`). Returns the threads used; 0, having run nothing, when ``threads`` is 0
+    and only Python can read the default (see :func:`npquant.kernels._jobs.launch`).
 
     The arrays in ``args`` must be C-contiguous; the caller keeps them alive.
     """
