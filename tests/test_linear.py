@@ -215,10 +215,21 @@ def test_numba_dequantize_16_is_bit_equal(kernels, scheme):
     assert (kernel_args[2].shape[0] > 0) == (qt.scale.dtype.itemsize == 1)
     ref = qt.dequantize()
     o, i = qt.shape
-    for o0, n, k0, k in ((0, o, 0, i), (5, 9, 16, i - 32), (3, 20, 32, 16), (1, 1, i - 16, 16), (30, 7, 48, i - 64)):
+    assert kernel_args[-1] is False  # rows as they are; transposed for the large-batch tiles (below)
+    tile_kernel, tile_args = kernels._tile_kernel(qt, None)
+    assert tile_kernel is dequantize_rows_16 and tile_args[-1] is True
+    for o0, n, k0, k in ((0, o, 0, i), (5, 9, 16, i - 32), (3, 20, 32, 16), (1, 1, i - 16, 16), (30, 7, 48, i - 64),
+                         (0, 32, 0, i), (4, 17, 16, 16)):
+        if o0 + n > o:
+            continue
         out = np.full((n, k), np.nan, np.float32)
         dequantize_rows_16(*kernel_args, o0, k0, out, *one_thread())
         np.testing.assert_array_equal(out, ref[o0 : o0 + n, k0 : k0 + k], err_msg=f"rows {o0}+{n}, columns {k0}+{k}")
+        # transposed, (K, T): whole groups of 16 rows and a last one cut short, 16 x 16 blocks moved in registers
+        out_t = np.full((k, n), np.nan, np.float32)
+        dequantize_rows_16(*tile_args, o0, k0, out_t, *one_thread())
+        np.testing.assert_array_equal(out_t, ref[o0 : o0 + n, k0 : k0 + k].T,
+                                      err_msg=f"transposed: rows {o0}+{n}, columns {k0}+{k}")
 
 
 @pytest.mark.parametrize("vk", ["int8", "uint8", "e4m3", "e5m2", "fp4", "int4", "fp6", "int2", "int3", "int5",
@@ -265,7 +276,7 @@ def test_numba_dequantize_16_decodes_every_code_exactly(kernels, vk, s):
     kind = getattr(_vector, "VK_" + vk.upper())
     out = np.full((rows, 16), np.nan, np.float32)
     dequantize_rows_16(codes, scale, kernels._NO_SCALE_CODES_2D, kernels._NO_SCALE_TABLE, zp, has_zp, 1, 16, kind,
-                       base_off, np.float32(2.0**8), 0, 0, out, *one_thread())
+                       base_off, np.float32(2.0**8), False, 0, 0, out, *one_thread())
     want = (np.asarray(values, np.float64) * np.float64(np.float32(s))).astype(np.float32).reshape(rows, 16)
     np.testing.assert_array_equal(out, want)
 

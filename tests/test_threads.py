@@ -487,14 +487,16 @@ def test_tiles_split_as_blas_splits_its_gemm(scheme, kernel_name):
     qt = quantize(weight((301, 320)), scheme)
     kernel, args = kernels._tile_kernel(qt, None)
     assert kernel.__name__ == kernel_name
-    k0, cols = (96, 160) if kernel is kernels.dequantize_rows_16 else (80, 160)
-    for o0, rows in [(0, 301), (7, 1), (7, 2), (100, 3), (40, 65), (280, 21)]:
-        one = np.full((rows, cols), np.nan, np.float32)
-        kernel(*args, o0, k0, one, np.zeros(1, np.int64), rows)
+    transposed = kernel is kernels.dequantize_rows_16  # (K, T) tiles, in groups of 16 rows
+    k0, cols = (96, 160) if transposed else (80, 160)
+    for o0, rows in [(0, 301), (7, 1), (7, 2), (100, 3), (40, 65), (280, 21), (16, 64)]:
+        shape, units = ((cols, rows), -(-rows // 16)) if transposed else ((rows, cols), rows)
+        one = np.full(shape, np.nan, np.float32)
+        kernel(*args, o0, k0, one, np.zeros(1, np.int64), units)
         assert not np.isnan(one).any()
         for threads in (2, 3):
-            tile = np.full((rows, cols), np.nan, np.float32)
-            _blas_threads.run(kernel, (*args, o0, k0, tile), rows, threads, 0)
+            tile = np.full(shape, np.nan, np.float32)
+            _blas_threads.run(kernel, (*args, o0, k0, tile), units, threads, 0)
             np.testing.assert_array_equal(tile, one, err_msg=f"rows {o0}+{rows}, {threads} threads")
 
 

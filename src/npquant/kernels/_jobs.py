@@ -353,8 +353,8 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 @cfunc(SIGNATURE, cache=True)
 def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`dequantize_rows_16` (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0,
-    k0, out, work, per)."""
+    """:func:`dequantize_rows_16` (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult,
+    transposed, o0, k0, out, work, per)."""
     blk = carray(a, (n,))
     codes, i = _u8_2d(blk, 0)
     scale, i = _f32_2d(blk, i)
@@ -363,12 +363,13 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     zp, i = _u8_2d(blk, i)
     has_zp, bo, bi, vk, base_off = blk[i] != 0, blk[i + 1], blk[i + 2], blk[i + 3], blk[i + 4]
     fp8_mult, i = _f32(blk, i + 5)
-    o0, k0 = blk[i], blk[i + 1]
-    out, i = _f32_2d(blk, i + 2)
+    transposed, o0, k0 = blk[i] != 0, blk[i + 1], blk[i + 2]
+    out, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    work, per = _own_units(work, blk[i], out.shape[0], k, b, ldc)
-    dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out, work,
-                       per)
+    n_units = -(-out.shape[1] // 16) if transposed else out.shape[0]  # groups of 16 rows, or rows
+    work, per = _own_units(work, blk[i], n_units, k, b, ldc)
+    dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, transposed, o0,
+                       k0, out, work, per)
     return 0
 
 

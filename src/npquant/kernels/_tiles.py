@@ -7,8 +7,8 @@ from ._decode import (_block_scales, _decode, _e4m3_value, _e5m2_value, _FASTMAT
                       _int8_value, _offset_nibbles, _offset_value, _ROWS, _signed_nibbles, _U8_15,
                       _U8_4)
 from ._llvm import _claim, _prefetch, _stack_empty
-from ._vector import (_dequantize16, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT2, VK_INT3, VK_INT4, VK_INT5, VK_INT6,
-                      VK_INT7, VK_INT8, VK_UINT8)
+from ._vector import (_dequantize16, _transpose16, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT2, VK_INT3, VK_INT4,
+                      VK_INT5, VK_INT6, VK_INT7, VK_INT8, VK_UINT8)
 
 # Rows ahead of the one being dequantized whose codes a tile narrower than the weight asks for (see _prefetch_piece).
 _AHEAD = 8
@@ -111,45 +111,84 @@ def dequantize_rows(codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
 
 
 @njit(inline="always")
-def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per):
+def _row16(vk, bits, coded, codes, scale_row, zp_row, has_zp, bi, base_off, fp8_mult, table, base, c0, c1, out, dst):
+    """Columns ``[c0, c1)`` (multiples of 16) of the code row whose first byte is ``codes.flat[base]``, dequantized
+    into ``out.flat[dst + c]``: walked 16 columns at a time, the next block's scale taken where one starts."""
+    g = c0 // bi
+    block_end = (g + 1) * bi  # the column where the next block starts
+    zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
+    s = table[scale_row[g]] if coded else scale_row[g]
+    for cc in range(c0, c1, 16):
+        if cc == block_end:
+            g += 1
+            block_end += bi
+            zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
+            s = table[scale_row[g]] if coded else scale_row[g]
+        _dequantize16(vk, codes, base + (cc * bits >> 3), out, dst + cc, s, zi, fp8_mult)
+
+
+_T_COLS = 256  # columns of 16 rows dequantized into a stack buffer before they are transposed (16 KiB)
+
+
+@njit(inline="always")
+def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed, o0, k0, out,
+            work, per):
     """:func:`dequantize_rows_16` for one vector kind ``vk`` of ``bits``-bit codes, its scales one-byte codes where
     ``coded`` (constants where compiled)."""
-    rows, width = out.shape
+    rows, width = (out.shape[1], out.shape[0]) if transposed else (out.shape[0], out.shape[1])
     k1 = k0 + width
     g0, g1 = k0 // bi, (k1 - 1) // bi + 1
     p0, p1 = k0 * bits >> 3, k1 * bits >> 3  # the bytes of a row the tile reads; column c's 16 start at c bits / 8
     stride = codes.shape[1]
     narrow = p1 - p0 < stride
+    if transposed:
+        buf = _stack_empty(16, _T_COLS, np.float32)
+        square = _stack_empty(16, 16, np.float32)
+        n_units = (rows + 15) // 16
+    else:
+        buf = _stack_empty(1, 16, np.float32)
+        square = buf
+        n_units = rows
     while True:
-        u_lo, u_hi = _claim(work, per, rows)
+        u_lo, u_hi = _claim(work, per, n_units)
         if u_lo >= u_hi:
             break
-        for t in range(u_lo, u_hi):
-            o = o0 + t
-            if narrow:
-                _prefetch_piece(codes, o + _AHEAD, p0, p1)
-                _prefetch_scales(scale, (o + _AHEAD) // bo, g0, g1)
-            so = o // bo
-            scale_row = scale[so]
-            zp_row = zp[so if has_zp else 0]
-            base = o * stride
-            dst = t * width - k0
-            g = g0
-            block_end = (g0 + 1) * bi  # the column where the next block starts
-            zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
-            s = table[scale_row[g]] if coded else scale_row[g]
-            for cc in range(k0, k1, 16):
-                if cc == block_end:
-                    g += 1
-                    block_end += bi
-                    zi = _I32(base_off + zp_row[g]) if has_zp else _I32(base_off)
-                    s = table[scale_row[g]] if coded else scale_row[g]
-                _dequantize16(vk, codes, base + (cc * bits >> 3), out, dst + cc, s, zi, fp8_mult)
+        for u in range(u_lo, u_hi):
+            if not transposed:
+                o = o0 + u
+                if narrow:
+                    _prefetch_piece(codes, o + _AHEAD, p0, p1)
+                    _prefetch_scales(scale, (o + _AHEAD) // bo, g0, g1)
+                so = o // bo
+                _row16(vk, bits, coded, codes, scale[so], zp[so if has_zp else 0], has_zp, bi, base_off, fp8_mult,
+                       table, o * stride, k0, k1, out, u * width - k0)
+                continue
+            # 16 rows into buf, column piece by piece, then each 16 x 16 block transposed into out (K, T)
+            t0 = 16 * u
+            n = min(16, rows - t0)
+            for c0 in range(k0, k1, _T_COLS):
+                c1 = min(c0 + _T_COLS, k1)
+                for r in range(n):
+                    o = o0 + t0 + r
+                    if narrow:
+                        _prefetch_piece(codes, o + _AHEAD, p0, p1)
+                        _prefetch_scales(scale, (o + _AHEAD) // bo, g0, g1)
+                    so = o // bo
+                    _row16(vk, bits, coded, codes, scale[so], zp[so if has_zp else 0], has_zp, bi, base_off,
+                           fp8_mult, table, o * stride, c0, c1, buf, r * _T_COLS - c0)
+                for cc in range(c0, c1, 16):
+                    if n == 16:
+                        _transpose16(buf, cc - c0, _T_COLS, out, (cc - k0) * rows + t0, rows)
+                    else:  # the tile's last rows: the valid lanes only
+                        _transpose16(buf, cc - c0, _T_COLS, square, 0, 16)
+                        for c in range(16):
+                            for r in range(n):
+                                out[cc - k0 + c, t0 + r] = square[c, r]
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, o0, k0, out,
-                       work, per):
+def dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, transposed, o0,
+                       k0, out, work, per):
     """As :func:`dequantize_rows`, 16 columns at a time: blocks, ``k0`` and the tile's width multiples of 16.
 
     ``vk``: the codes' vector kind (``VK_*`` of :mod:`~npquant.kernels._vector`).
@@ -160,7 +199,10 @@ def dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk,
     column order. A row is walked 16 columns at a time, the next block's
     scale taken where one starts: a loop per block cost about 3.5 ns a
     block (one thread, 256-column pieces of 11008 x 4096: nvfp4 75 -> 35-53
-    ns, w4-g32 65 -> 34-48, mxfp4 59 -> 39). Scales are float32 ``scale (O / bo, G)``, or, where
+    ns, w4-g32 65 -> 34-48, mxfp4 59 -> 39). ``transposed``: ``out`` is ``(K, T)``, the tile's rows
+    as columns, for BLAS to multiply as it is (see ``kernels._tile_kernel``): each unit of work is 16
+    rows, dequantized into a 16 KiB stack buffer and moved out in 16 x 16 blocks transposed in registers
+    (:func:`~npquant.kernels._vector._transpose16`). Scales are float32 ``scale (O / bo, G)``, or, where
     ``scale_codes`` has rows, one-byte codes ``(O / bo, G)`` whose values
     ``table`` float32 ``(256,)`` holds (fp4, fp6 and fp8 kinds): read as
     they are stored, where converting them to float32 before each call took
@@ -171,38 +213,50 @@ def dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk,
     """
     if scale_codes.shape[0] > 0:  # one-byte scales: the microscaled formats and NVFP4
         if vk == VK_FP4:
-            _rows16(VK_FP4, 4, True, codes, scale_codes, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out,
-                    work, per)
+            _rows16(VK_FP4, 4, True, codes, scale_codes, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                    o0, k0, out, work, per)
         elif vk == VK_FP6:
-            _rows16(VK_FP6, 6, True, codes, scale_codes, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out,
-                    work, per)
+            _rows16(VK_FP6, 6, True, codes, scale_codes, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                    o0, k0, out, work, per)
         else:
-            _rows16(VK_E4M3, 8, True, codes, scale_codes, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out,
-                    work, per)
+            _rows16(VK_E4M3, 8, True, codes, scale_codes, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                    o0, k0, out, work, per)
     elif vk == VK_INT8:
-        _rows16(VK_INT8, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT8, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_UINT8:
-        _rows16(VK_UINT8, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_UINT8, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_E4M3:
-        _rows16(VK_E4M3, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_E4M3, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_E5M2:
-        _rows16(VK_E5M2, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_E5M2, 8, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_FP4:
-        _rows16(VK_FP4, 4, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_FP4, 4, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_INT4:
-        _rows16(VK_INT4, 4, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT4, 4, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_FP6:
-        _rows16(VK_FP6, 6, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_FP6, 6, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_INT2:
-        _rows16(VK_INT2, 2, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT2, 2, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_INT3:
-        _rows16(VK_INT3, 3, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT3, 3, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_INT5:
-        _rows16(VK_INT5, 5, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT5, 5, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     elif vk == VK_INT6:
-        _rows16(VK_INT6, 6, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT6, 6, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
     else:
-        _rows16(VK_INT7, 7, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, o0, k0, out, work, per)
+        _rows16(VK_INT7, 7, False, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed,
+                o0, k0, out, work, per)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)

@@ -164,3 +164,50 @@ def _dequantize16(typingctx, vk, codes, i, out, j, s, z, mult):
         return context.get_dummy_value()
 
     return types.void(vk, codes, i, out, j, s, z, mult), codegen
+
+
+@intrinsic
+def _transpose16(typingctx, src, i, src_stride, dst, j, dst_stride):
+    """``dst.flat[j + c dst_stride + r] = src.flat[i + r src_stride + c]`` for ``r, c`` in ``0 .. 15``: a 16 x 16
+    block of float32 transposed in registers (16 loads, four rounds of 16 two-vector shuffles, 16 stores).
+
+    ``src`` and ``dst`` C-contiguous float32 (any number of dimensions);
+    offsets and strides in elements, unchecked. Round ``b`` (8, 4, 2, 1)
+    swaps the off-diagonal ``b x b`` blocks of each ``2b x 2b`` block: lane
+    ``l`` of row ``r`` (bit ``b`` of ``r`` clear) pairs with lane ``l + b``
+    of row ``r + b``. Moves only: every value comes out bit-equal.
+    """
+    if not (isinstance(src, types.Array) and src.dtype == types.float32 and src.layout == "C"
+            and isinstance(dst, types.Array) and dst.dtype == types.float32 and dst.layout == "C"
+            and all(isinstance(a, types.Integer) for a in (i, src_stride, j, dst_stride))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_v, i_v, ss_v, dst_v, j_v, ds_v = args
+        intp = context.get_value_type(types.intp)
+        i_v, ss_v, j_v, ds_v = (context.cast(builder, v, t, types.intp) for v, t in
+                                zip((i_v, ss_v, j_v, ds_v), (signature.args[k] for k in (1, 2, 4, 5))))
+        base_in = context.make_array(signature.args[0])(context, builder, src_v).data
+        base_out = context.make_array(signature.args[3])(context, builder, dst_v).data
+        vty = ir.VectorType(ir.FloatType(), _LANES)
+        rows = []
+        for r in range(_LANES):
+            at = builder.add(i_v, builder.mul(ss_v, ir.Constant(intp, r)))
+            rows.append(builder.load(builder.bitcast(builder.gep(base_in, [at]), vty.as_pointer()), align=4))
+        b = _LANES // 2
+        while b:
+            low = ir.Constant(ir.VectorType(ir.IntType(32), _LANES),
+                              [l if not l & b else l - b + _LANES for l in range(_LANES)])
+            high = ir.Constant(ir.VectorType(ir.IntType(32), _LANES),
+                               [l + b if not l & b else l + _LANES for l in range(_LANES)])
+            for r in range(_LANES):
+                if not r & b:
+                    rows[r], rows[r + b] = (builder.shuffle_vector(rows[r], rows[r + b], low),
+                                            builder.shuffle_vector(rows[r], rows[r + b], high))
+            b //= 2
+        for c in range(_LANES):
+            at = builder.add(j_v, builder.mul(ds_v, ir.Constant(intp, c)))
+            builder.store(rows[c], builder.bitcast(builder.gep(base_out, [at]), vty.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, i, src_stride, dst, j, dst_stride), codegen
