@@ -61,7 +61,9 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   came first, half of each tile crossed between the cores: in a slow phase
   of this machine (the README's Performance), every preset at batch 128
   took 1.17-1.32x float32, 1.07-1.18x so (in one process, each call between
-  two float32 matmuls, the two splits alternating).
+  two float32 matmuls, the two splits alternating). The tiles are written
+  transposed, ``(K, T)`` (:func:`_tile_kernel`), which BLAS multiplies as
+  they are.
   Narrow tiles read a few lines of each code row, so the next rows' lines
   are prefetched. Where numpy's BLAS is not OpenBLAS, tiles are whole rows
   through ``matmul``. The buffer is the calling thread's, kept for its
