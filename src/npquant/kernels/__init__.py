@@ -532,7 +532,7 @@ def _rows_linear(x2: np.ndarray, qt: QuantizedTensor, args: tuple | None, y: np.
         x2 = _split_columns(x2, tile_cols)
 
     def dequantize(o0: int, k0: int, w_tile: np.ndarray) -> None:
-        n_units = -(-w_tile.shape[1] // 16) if transposed else w_tile.shape[0]
+        n_units = -(-w_tile.shape[1] // 16) if transposed else w_tile.shape[0]  # as _tiles.units16
         _parallel(kernel, (*kernel_args, o0, k0, w_tile), n_units, w_tile.nbytes, threads, _PARALLEL_TILE_FROM,
                   as_gemm=True)
 

@@ -21,7 +21,7 @@ from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._llvm import _address_as, _blas_level1_thread, _call_int_function, _i64_bits_to_f64, _stack_empty
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
-                     dequantize_rows_int4_split)
+                     dequantize_rows_int4_split, units16)
 
 # int (m, n, k, double alpha, int64 *a, lda, void *b, ldb, void *c, ldc, void *sb); ``b`` read as the integer
 # its address is (see _own_units)
@@ -366,8 +366,7 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     transposed, o0, k0 = blk[i] != 0, blk[i + 1], blk[i + 2]
     out, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    n_units = -(-out.shape[1] // 16) if transposed else out.shape[0]  # groups of 16 rows, or rows
-    work, per = _own_units(work, blk[i], n_units, k, b, ldc)
+    work, per = _own_units(work, blk[i], units16(out, transposed), k, b, ldc)
     dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, transposed, o0,
                        k0, out, work, per)
     return 0

@@ -131,51 +131,50 @@ _T_COLS = 256  # columns of 16 rows dequantized into a stack buffer before they 
 
 
 @njit(inline="always")
+def units16(out, transposed):
+    """The units of work of :func:`dequantize_rows_16`'s tile ``out``: its groups of 16 rows where ``transposed``
+    (``out (K, T)``), else its rows."""
+    return (out.shape[1] + 15) // 16 if transposed else out.shape[0]
+
+
+@njit(inline="always")
 def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mult, table, transposed, o0, k0, out,
             work, per):
     """:func:`dequantize_rows_16` for one vector kind ``vk`` of ``bits``-bit codes, its scales one-byte codes where
-    ``coded`` (constants where compiled)."""
+    ``coded`` (constants where compiled).
+
+    A unit is one row written into ``out`` where it goes, or, ``transposed``,
+    16 rows written into a stack buffer ``_T_COLS`` columns at a time, each
+    16 x 16 block then moved into ``out (K, T)`` transposed."""
     rows, width = (out.shape[1], out.shape[0]) if transposed else (out.shape[0], out.shape[1])
     k1 = k0 + width
     g0, g1 = k0 // bi, (k1 - 1) // bi + 1
     p0, p1 = k0 * bits >> 3, k1 * bits >> 3  # the bytes of a row the tile reads; column c's 16 start at c bits / 8
     stride = codes.shape[1]
     narrow = p1 - p0 < stride
-    if transposed:
-        buf = _stack_empty(16, _T_COLS, np.float32)
-        square = _stack_empty(16, 16, np.float32)
-        n_units = (rows + 15) // 16
-    else:
-        buf = _stack_empty(1, 16, np.float32)
-        square = buf
-        n_units = rows
+    group, piece = (16, _T_COLS) if transposed else (1, max(width, 16))  # a row in one piece
+    buf = _stack_empty(16, _T_COLS, np.float32)  # stack memory: nothing to set up where unused
+    square = _stack_empty(16, 16, np.float32)
     while True:
-        u_lo, u_hi = _claim(work, per, n_units)
+        u_lo, u_hi = _claim(work, per, units16(out, transposed))
         if u_lo >= u_hi:
             break
         for u in range(u_lo, u_hi):
-            if not transposed:
-                o = o0 + u
-                if narrow:
-                    _prefetch_piece(codes, o + _AHEAD, p0, p1)
-                    _prefetch_scales(scale, (o + _AHEAD) // bo, g0, g1)
-                so = o // bo
-                _row16(vk, bits, coded, codes, scale[so], zp[so if has_zp else 0], has_zp, bi, base_off, fp8_mult,
-                       table, o * stride, k0, k1, out, u * width - k0)
-                continue
-            # 16 rows into buf, column piece by piece, then each 16 x 16 block transposed into out (K, T)
-            t0 = 16 * u
-            n = min(16, rows - t0)
-            for c0 in range(k0, k1, _T_COLS):
-                c1 = min(c0 + _T_COLS, k1)
+            t0 = group * u
+            n = min(group, rows - t0)
+            for c0 in range(k0, k1, piece):
+                c1 = min(c0 + piece, k1)
                 for r in range(n):
                     o = o0 + t0 + r
                     if narrow:
                         _prefetch_piece(codes, o + _AHEAD, p0, p1)
                         _prefetch_scales(scale, (o + _AHEAD) // bo, g0, g1)
                     so = o // bo
+                    dest, dst = (buf, r * _T_COLS - c0) if transposed else (out, t0 * width - k0)
                     _row16(vk, bits, coded, codes, scale[so], zp[so if has_zp else 0], has_zp, bi, base_off,
-                           fp8_mult, table, o * stride, c0, c1, buf, r * _T_COLS - c0)
+                           fp8_mult, table, o * stride, c0, c1, dest, dst)
+                if not transposed:
+                    continue
                 for cc in range(c0, c1, 16):
                     if n == 16:
                         _transpose16(buf, cc - c0, _T_COLS, out, (cc - k0) * rows + t0, rows)
