@@ -230,6 +230,13 @@ def test_numba_dequantize_16_is_bit_equal(kernels, scheme):
         dequantize_rows_16(*tile_args, o0, k0, out_t, *one_thread())
         np.testing.assert_array_equal(out_t, ref[o0 : o0 + n, k0 : k0 + k].T,
                                       err_msg=f"transposed: rows {o0}+{n}, columns {k0}+{k}")
+    # the weight's last rows in a transposed tile wider than them (kernels._tiled pads the last tile to an odd
+    # number of 64-byte lines): its first columns written, the rest left as they were
+    for n, width in ((7, 16), (16, 48), (21, 48), (5, 26)):
+        out_t = np.full((i - 16, width), np.nan, np.float32)
+        dequantize_rows_16(*tile_args, o - n, 16, out_t, *one_thread())
+        np.testing.assert_array_equal(out_t[:, :n], ref[o - n :, 16:].T, err_msg=f"last {n} rows in {width} columns")
+        assert np.isnan(out_t[:, n:]).all(), f"last {n} rows in {width} columns: a column past them written"
 
 
 @pytest.mark.parametrize("vk", ["int8", "uint8", "e4m3", "e5m2", "fp4", "int4", "fp6", "int2", "int3", "int5",
@@ -325,6 +332,27 @@ def test_numba_large_m_where_blas_cannot_add_into_y(kernels, scheme, monkeypatch
     for t in (qt, prepare(qt)):
         fast = kernels.numba_linear(x, t, tile_elements=64 * 256, threads=2, tile_k=64)
         assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), 258) + 1e-30)
+
+
+def test_transposed_tiles_are_an_odd_number_of_lines_wide(kernels):
+    """The 16-lane kernel's transposed tiles (K, L): every L 16 times an odd number (rows an odd number of
+    64-byte lines apart), the tiles about equal and covering the weight, each tile's L holding its rows and
+    fitting the buffer; written from the definitions, not from the code's formulas."""
+    for n in range(1, 400):
+        want = next(m for m in range(16, 10**6, 16) if m >= n and (m // 16) % 2 == 1)
+        assert kernels._odd_lines(n) == want, n
+    for out_features in (1, 15, 16, 17, 33, 100, 384, 1536, 2048, 4096, 11008, 14336, 32000):
+        for tile_elements, tile_k in ((1 << 19, 256), (1 << 16, 64), (256 * 10, 256), (256 * 32, 256)):
+            t, cols = kernels._tile_shape(out_features, 4096, tile_elements, tile_k, 16, odd_lines=True)
+            bound = max(16, tile_elements // cols // 16 * 16)  # rows the tile elements hold
+            assert t % 16 == 0 and (t // 16) % 2 == 1 and t <= bound + 16, (out_features, tile_elements, t)
+            starts = range(0, out_features, t)
+            assert len(starts) <= -(-out_features // bound), (out_features, tile_elements, t)
+            assert t <= -(-out_features // (16 * len(starts))) * 16 + 16  # about equal: none far longer
+            for o0 in starts:
+                n = min(t, out_features - o0)
+                width = kernels._odd_lines(n)
+                assert n <= width <= t and (width == t or o0 + t >= out_features)  # only the last one padded
 
 
 @pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", Scheme("int", 4, "group", 64, symmetric=False)], ids=str)

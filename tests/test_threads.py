@@ -489,11 +489,16 @@ def test_tiles_split_as_blas_splits_its_gemm(scheme, kernel_name):
     assert kernel.__name__ == kernel_name
     transposed = kernel is kernels.dequantize_rows_16  # (K, T) tiles, in groups of 16 rows
     k0, cols = (96, 160) if transposed else (80, 160)
-    for o0, rows in [(0, 301), (7, 1), (7, 2), (100, 3), (40, 65), (280, 21), (16, 64)]:
-        shape, units = ((cols, rows), -(-rows // 16)) if transposed else ((rows, cols), rows)
+    # (the weight's first row, its rows in the tile, the tile's width where transposed: the last tile padded)
+    for o0, rows, width in [(0, 301, 301), (7, 1, 1), (7, 2, 2), (100, 3, 3), (40, 65, 65), (280, 21, 21),
+                            (16, 64, 64), (280, 21, 48), (285, 16, 48)]:
+        if width > rows and not transposed:
+            continue
+        shape, units = ((cols, width), -(-rows // 16)) if transposed else ((rows, cols), rows)
         one = np.full(shape, np.nan, np.float32)
         kernel(*args, o0, k0, one, np.zeros(1, np.int64), units)
-        assert not np.isnan(one).any()
+        written, past = (one[:, :rows], one[:, rows:]) if transposed else (one, one[:0])
+        assert not np.isnan(written).any() and np.isnan(past).all()
         for threads in (2, 3):
             tile = np.full(shape, np.nan, np.float32)
             _blas_threads.run(kernel, (*args, o0, k0, tile), units, threads, 0)

@@ -366,7 +366,7 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     transposed, o0, k0 = blk[i] != 0, blk[i + 1], blk[i + 2]
     out, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    work, per = _own_units(work, blk[i], units16(out, transposed), k, b, ldc)
+    work, per = _own_units(work, blk[i], units16(out, transposed, codes.shape[0], o0), k, b, ldc)
     dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult, transposed, o0,
                        k0, out, work, per)
     return 0

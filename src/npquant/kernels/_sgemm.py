@@ -73,14 +73,14 @@ def usable() -> bool:
     return _function() is not None
 
 
-def sgemm(x_at: int, lda: int, m_rows: int, tile_at: int, tile_shape: tuple, transposed: bool, beta: float,
-          y_at: int, ldc: int) -> None:
+def sgemm(x_at: int, lda: int, m_rows: int, tile_at: int, tile_shape: tuple, ldb: int, transposed: bool,
+          beta: float, y_at: int, ldc: int) -> None:
     """``Y = beta * Y + X @ W`` for float32 row-major ``X (M, K)`` at address ``x_at`` (rows ``lda`` apart) and
-    ``Y (M, T)`` at ``y_at`` (rows ``ldc`` apart); ``W`` is the C-contiguous tile at ``tile_at``:
+    ``Y (M, T)`` at ``y_at`` (rows ``ldc`` apart); ``W`` is the tile at ``tile_at``, rows ``ldb`` apart:
     ``tile_shape`` ``(T, K)`` (``W`` its transpose) or, ``transposed``, ``(K, T)``. Only where :func:`usable`.
 
     Addresses, not arrays: the caller reads them once a call (``ndarray.ctypes`` costs microseconds).
     """
     k, n = tile_shape if transposed else tile_shape[::-1]
     _function()(_ROW_MAJOR, _NO_TRANS, _NO_TRANS if transposed else _TRANS, m_rows, n, k, 1.0, x_at, lda,
-                tile_at, tile_shape[1], beta, y_at, ldc)
+                tile_at, ldb, beta, y_at, ldc)

@@ -131,10 +131,18 @@ _T_COLS = 256  # columns of 16 rows dequantized into a stack buffer before they 
 
 
 @njit(inline="always")
-def units16(out, transposed):
-    """The units of work of :func:`dequantize_rows_16`'s tile ``out``: its groups of 16 rows where ``transposed``
-    (``out (K, T)``), else its rows."""
-    return (out.shape[1] + 15) // 16 if transposed else out.shape[0]
+def units16(out, transposed, weight_rows, o0):
+    """The units of work of :func:`dequantize_rows_16`'s tile ``out`` (at the weight's row ``o0`` of
+    ``weight_rows``): its groups of 16 rows where ``transposed`` (see :func:`tile_rows16`), else its rows."""
+    return (tile_rows16(out, transposed, weight_rows, o0) + 15) // 16 if transposed else out.shape[0]
+
+
+@njit(inline="always")
+def tile_rows16(out, transposed, weight_rows, o0):
+    """The weight's rows in :func:`dequantize_rows_16`'s tile ``out`` from row ``o0``: ``out (T, K)``'s rows, or,
+    ``transposed``, as many of ``out (K, L)``'s columns as the weight has rows left (the last tile's ``L``
+    is padded, see ``kernels._tiled``)."""
+    return min(out.shape[1], weight_rows - o0) if transposed else out.shape[0]
 
 
 @njit(inline="always")
@@ -145,8 +153,9 @@ def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mul
 
     A unit is one row written into ``out`` where it goes, or, ``transposed``,
     16 rows written into a stack buffer ``_T_COLS`` columns at a time, each
-    16 x 16 block then moved into ``out (K, T)`` transposed."""
-    rows, width = (out.shape[1], out.shape[0]) if transposed else (out.shape[0], out.shape[1])
+    16 x 16 block then moved into ``out (K, L)`` transposed."""
+    rows = tile_rows16(out, transposed, codes.shape[0], o0)
+    width, ld = (out.shape[0], out.shape[1]) if transposed else (out.shape[1], 0)  # ld: out's row stride
     k1 = k0 + width
     g0, g1 = k0 // bi, (k1 - 1) // bi + 1
     p0, p1 = k0 * bits >> 3, k1 * bits >> 3  # the bytes of a row the tile reads; column c's 16 start at c bits / 8
@@ -156,7 +165,7 @@ def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mul
     buf = _stack_empty(16, _T_COLS, np.float32)  # stack memory: nothing to set up where unused
     square = _stack_empty(16, 16, np.float32)
     while True:
-        u_lo, u_hi = _claim(work, per, units16(out, transposed))
+        u_lo, u_hi = _claim(work, per, units16(out, transposed, codes.shape[0], o0))
         if u_lo >= u_hi:
             break
         for u in range(u_lo, u_hi):
@@ -177,7 +186,7 @@ def _rows16(vk, bits, coded, codes, scale, zp, has_zp, bo, bi, base_off, fp8_mul
                     continue
                 for cc in range(c0, c1, 16):
                     if n == 16:
-                        _transpose16(buf, cc - c0, _T_COLS, out, (cc - k0) * rows + t0, rows)
+                        _transpose16(buf, cc - c0, _T_COLS, out, (cc - k0) * ld + t0, ld)
                     else:  # the tile's last rows: the valid lanes only
                         _transpose16(buf, cc - c0, _T_COLS, square, 0, 16)
                         for c in range(16):
@@ -198,8 +207,9 @@ def dequantize_rows_16(codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk,
     column order. A row is walked 16 columns at a time, the next block's
     scale taken where one starts: a loop per block cost about 3.5 ns a
     block (one thread, 256-column pieces of 11008 x 4096: nvfp4 75 -> 35-53
-    ns, w4-g32 65 -> 34-48, mxfp4 59 -> 39). ``transposed``: ``out`` is ``(K, T)``, the tile's rows
-    as columns, for BLAS to multiply as it is (see ``kernels._tile_kernel``): each unit of work is 16
+    ns, w4-g32 65 -> 34-48, mxfp4 59 -> 39). ``transposed``: ``out`` is ``(K, L)``, the tile's rows
+    as its first columns (as many as the weight has rows from ``o0``, :func:`tile_rows16`; the rest left
+    as they are), for BLAS to multiply as it is (see ``kernels._tile_kernel``): each unit of work is 16
     rows, dequantized into a 16 KiB stack buffer and moved out in 16 x 16 blocks transposed in registers
     (:func:`~npquant.kernels._vector._transpose16`). Scales are float32 ``scale (O / bo, G)``, or, where
     ``scale_codes`` has rows, one-byte codes ``(O / bo, G)`` whose values
