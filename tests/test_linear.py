@@ -230,7 +230,7 @@ def test_numba_dequantize_16_is_bit_equal(kernels, scheme):
         dequantize_rows_16(*tile_args, o0, k0, out_t, *one_thread())
         np.testing.assert_array_equal(out_t, ref[o0 : o0 + n, k0 : k0 + k].T,
                                       err_msg=f"transposed: rows {o0}+{n}, columns {k0}+{k}")
-    # the weight's last rows in a transposed tile wider than them (kernels._tiled pads the last tile to an odd
+    # the weight's last rows in a transposed tile wider than them (kernels._tiling.tiled pads the last tile to an odd
     # number of 64-byte lines): its first columns written, the rest left as they were
     for n, width in ((7, 16), (16, 48), (21, 48), (5, 26)):
         out_t = np.full((i - 16, width), np.nan, np.float32)
@@ -324,8 +324,10 @@ def test_numba_large_m_where_blas_cannot_add_into_y(kernels, scheme, monkeypatch
     asked for narrow ones or not, in both layouts."""
     from npquant import prepare
 
-    monkeypatch.setattr(kernels._sgemm, "usable", lambda: False)
-    monkeypatch.setattr(kernels._sgemm, "sgemm", None)  # called, it would fail the test
+    from npquant.kernels import _sgemm
+
+    monkeypatch.setattr(_sgemm, "usable", lambda: False)
+    monkeypatch.setattr(_sgemm, "sgemm", None)  # called, it would fail the test
     qt = quantize(weight((150, 256), seed=3), scheme)
     x = np.random.default_rng(3).standard_normal((20, 256)).astype(np.float32)
     ref = linear(x, qt, backend="numpy")
@@ -338,12 +340,14 @@ def test_transposed_tiles_are_an_odd_number_of_lines_wide(kernels):
     """The 16-lane kernel's transposed tiles (K, L): every L 16 times an odd number (rows an odd number of
     64-byte lines apart), the tiles about equal and covering the weight, each tile's L holding its rows and
     fitting the buffer; written from the definitions, not from the code's formulas."""
+    from npquant.kernels import _tiling
+
     for n in range(1, 400):
         want = next(m for m in range(16, 10**6, 16) if m >= n and (m // 16) % 2 == 1)
-        assert kernels._odd_lines(n) == want, n
+        assert _tiling.odd_lines(n) == want, n
     for out_features in (1, 15, 16, 17, 33, 100, 384, 1536, 2048, 4096, 11008, 14336, 32000):
         for tile_elements, tile_k in ((1 << 19, 256), (1 << 16, 64), (256 * 10, 256), (256 * 32, 256)):
-            t, cols = kernels._tile_shape(out_features, 4096, tile_elements, tile_k, 16, odd_lines=True)
+            t, cols = _tiling.tile_shape(out_features, 4096, tile_elements, tile_k, 16, padded=True)
             bound = max(16, tile_elements // cols // 16 * 16)  # rows the tile elements hold
             assert t % 16 == 0 and (t // 16) % 2 == 1 and t <= bound + 16, (out_features, tile_elements, t)
             starts = range(0, out_features, t)
@@ -351,7 +355,7 @@ def test_transposed_tiles_are_an_odd_number_of_lines_wide(kernels):
             assert t <= -(-out_features // (16 * len(starts))) * 16 + 16  # about equal: none far longer
             for o0 in starts:
                 n = min(t, out_features - o0)
-                width = kernels._odd_lines(n)
+                width = _tiling.odd_lines(n)
                 assert n <= width <= t and (width == t or o0 + t >= out_features)  # only the last one padded
 
 

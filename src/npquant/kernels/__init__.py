@@ -13,8 +13,9 @@ int8 kernel as exact integer dot products, AVX-512 VNNI), ``_quantizer`` (the
 fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
 counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
 threads), ``_pool`` (npquant's own threads where that is not possible),
-``_buffers`` (aligned outputs and copies of ``x``), ``_sgemm`` (OpenBLAS's
-GEMM adding into its output), ``_env`` (the thread
+``_buffers`` (aligned outputs and copies of ``x``), ``_tiling`` (the
+large-batch path's tiles and BLAS over them), ``_sgemm`` (OpenBLAS's GEMM
+adding into its output), ``_env`` (the thread
 count the environment allows, read in compiled code).
 
 For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
@@ -43,7 +44,7 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   rows of ``x`` against it.
 - larger ``M`` (prefill): the weight goes through tiles of about
   ``_TILE_K`` columns and as many rows as fit about 2 MiB of float32
-  (:func:`_tiled`), each dequantized by all threads (16 columns at a time
+  (:func:`~npquant.kernels._tiling.tiled`), each dequantized by all threads (16 columns at a time
   as one vector, :func:`dequantize_rows_16`, for every format in blocks of
   whole 16 columns: a block of 16 or 32 went through the loop vectorizer's
   scalar remainder before, and bit streams eight codes at a time through scalar
@@ -64,7 +65,7 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   two float32 matmuls, the two splits alternating). The tiles are written
   transposed, ``(K, T)`` (:func:`_tile_kernel`), which BLAS multiplies as
   they are, their rows an odd number of 64-byte lines apart
-  (:func:`_odd_lines`; 2048 rows, 8 KiB apart, filled the same cache sets:
+  (:func:`~npquant.kernels._tiling.odd_lines`; 2048 rows, 8 KiB apart, filled the same cache sets:
   nvfp4 1.10 -> 0.96x, fp8-channel 1.11 -> 1.00x float32).
   Narrow tiles read a few lines of each code row, so the next rows' lines
   are prefetched. Where numpy's BLAS is not OpenBLAS, tiles are whole rows
@@ -146,12 +147,13 @@ import numpy as np
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
 from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
-from . import _blas_threads, _buffers, _pool, _sgemm
+from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
 from ._decode import e4m3_multipliers, table_values
 from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
+from ._tiling import tile_shape, tiled
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
                      dequantize_rows_int4_split)
 from ._vector import VK_BITS, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT4, VK_INT8, VK_UINT8
@@ -165,7 +167,7 @@ __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads",
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
 _TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
-_TILE_K = 256  # its columns, where tiles add into y (see _tiled)
+_TILE_K = 256  # its columns, where tiles add into y (see _tiling.tiled)
 # Below this cost (weights times rows of x: the multiply-adds, whatever the
 # code width) a call runs in the caller's thread alone: handing work to
 # another thread costs more than it saves. Measured on the MiniLM encoder
@@ -525,12 +527,12 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 def _rows_linear(x2: np.ndarray, qt: QuantizedTensor, args: tuple | None, y: np.ndarray, tile_elements: int,
                  tile_k: int, threads: int | None) -> None:
     """``y (M, O) = x2 (M, I) @ W.T`` for a larger batch: the weight dequantized tile by tile for BLAS
-    (:func:`_tiled`); ``args`` the plan's :func:`_kernel_args`, or None."""
+    (:func:`~npquant.kernels._tiling.tiled`); ``args`` the plan's :func:`_kernel_args`, or None."""
     out_features, in_features = qt.shape
     kernel, kernel_args = _tile_kernel(qt, args)
     transposed = kernel is dequantize_rows_16 and kernel_args[-1]  # tiles (K, T), in groups of 16 rows
-    tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, 16 if transposed else 1,
-                                       odd_lines=transposed)
+    tile_rows, tile_cols = tile_shape(out_features, in_features, tile_elements, tile_k, 16 if transposed else 1,
+                                      padded=transposed)
     if kernel is dequantize_rows_int4_split:
         x2 = _split_columns(x2, tile_cols)
 
@@ -539,7 +541,7 @@ def _rows_linear(x2: np.ndarray, qt: QuantizedTensor, args: tuple | None, y: np.
         _parallel(kernel, (*kernel_args, o0, k0, w_tile), n_units, w_tile.nbytes, threads, _PARALLEL_TILE_FROM,
                   as_gemm=True)
 
-    _tiled(x2, y, tile_rows, tile_cols, dequantize, transposed, padded=transposed)
+    tiled(x2, y, tile_rows, tile_cols, dequantize, transposed, padded=transposed)
 
 
 def _tile_kernel(qt: QuantizedTensor, args: tuple | None) -> tuple:
@@ -557,46 +559,6 @@ def _tile_kernel(qt: QuantizedTensor, args: tuple | None) -> tuple:
     return kernel, kernel_args
 
 
-def _tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int,
-                odd_lines: bool = False) -> tuple:
-    """``(T, K)``: rows (a multiple of ``row_step``) and columns of the large-batch path's tiles.
-
-    Where tiles can be added into ``y`` (:mod:`~npquant.kernels._sgemm`),
-    ``in_features`` is cut into about equal parts of at most ``tile_k``
-    columns (whole 64s), else tiles are whole rows; as many rows as
-    ``tile_elements`` holds. ``odd_lines`` (transposed tiles, ``row_step``
-    16): ``out_features`` cut into about equal parts, each an odd number of
-    64-byte lines (:func:`_odd_lines`), a whole number of 16 rows, at most
-    16 more than ``tile_elements`` holds.
-    """
-    cols = in_features
-    if tile_k < in_features and _sgemm.usable():
-        parts = -(-in_features // tile_k)
-        cols = min(in_features, -(-in_features // (parts * 64)) * 64)
-    rows = max(row_step, tile_elements // cols // row_step * row_step)
-    if odd_lines:
-        n_tiles = -(-out_features // rows)
-        return _odd_lines(-(-out_features // (n_tiles * 16)) * 16), cols
-    return min(rows, -(-out_features // row_step) * row_step), cols
-
-
-def _odd_lines(n: int) -> int:
-    """The least multiple of 16 at least ``n`` whose float32 fill an odd number of 64-byte lines (16 times an odd
-    number): the row stride of a transposed tile.
-
-    A tile ``(K, T)`` with ``T`` 2048 puts its ``K`` rows 8 KiB apart: each
-    16 x 16 block the kernel moves out, and each panel BLAS packs from it,
-    falls into the same cache sets of L1 and a few of L2. An odd number of
-    lines apart they spread over all of them. 11008 x 4096 at batch 128,
-    each call between two float32 matmuls (6 rounds, one process; tiles of
-    2048 / 2032 / 1840 rows): w8-channel 1.06 / 0.94 / 0.98, fp8-channel
-    1.10 / 1.03 / 1.00, mxfp6 1.06 / 1.03 / 0.96, w3-g128 1.11 / 0.99 /
-    0.96 of the float32 matmul.
-    """
-    lines = -(-n // 16)
-    return 16 * (lines + 1 - lines % 2)
-
-
 def _split_columns(x2: np.ndarray, tile_cols: int) -> np.ndarray:
     """float32 ``(M, I)``: in each ``tile_cols`` columns of ``x2 (M, I)``, the even ones, then the odd ones."""
     in_features = x2.shape[1]
@@ -606,38 +568,6 @@ def _split_columns(x2: np.ndarray, tile_cols: int) -> np.ndarray:
         half = (k1 - k0) // 2
         x_split[:, k0 : k0 + half], x_split[:, k0 + half : k1] = _even_odd(x2[:, k0:k1])
     return x_split
-
-
-def _tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequantize, transposed: bool,
-           padded: bool = False) -> None:
-    """``y (M, O) = x2 (M, I) @ W.T`` tile by tile: ``dequantize(o0, k0, tile)`` writes the weight's rows
-    ``[o0, o0 + T)``, columns ``[k0, k0 + K)`` into ``tile``, ``(T, K)`` or, ``transposed``, ``(K, T)``; BLAS
-    multiplies it and adds the product into ``y``.
-
-    ``padded`` (transposed): each tile is ``(K, L)``, ``L`` the least odd
-    number of lines that holds its ``T`` (:func:`_odd_lines`), its first ``T``
-    columns the weight's rows; ``tile_rows`` should be such a number itself
-    (:func:`_tile_shape`), then only the last tile is wider than its rows.
-    The tile is the calling thread's (:func:`~npquant.kernels._buffers.tile`).
-    Tiles narrower than ``I`` only where :mod:`~npquant.kernels._sgemm` is usable.
-    """
-    m_rows, in_features = x2.shape
-    out_features = y.shape[1]
-    buf = _buffers.tile((_odd_lines(tile_rows) if padded else tile_rows) * tile_cols)  # this thread's, reused
-    whole_rows = tile_cols == in_features and not _sgemm.usable()
-    x_at, y_at, tile_at = (0, 0, 0) if whole_rows else (x2.ctypes.data, y.ctypes.data, buf.ctypes.data)
-    for o0 in range(0, out_features, tile_rows):
-        n = min(tile_rows, out_features - o0)
-        ld = _odd_lines(n) if padded else n
-        for k0 in range(0, in_features, tile_cols):
-            k = min(tile_cols, in_features - k0)
-            tile = buf[: ld * k].reshape((k, ld) if transposed else (n, k))
-            dequantize(o0, k0, tile)
-            if whole_rows:
-                np.matmul(x2, tile[:, :n] if transposed else tile.T, out=y[:, o0 : o0 + n])
-            else:
-                _sgemm.sgemm(x_at + 4 * k0, in_features, m_rows, tile_at, (k, n) if transposed else (n, k),
-                             tile.shape[1], transposed, 0.0 if k0 == 0 else 1.0, y_at + 4 * o0, out_features)
 
 
 def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
@@ -756,8 +686,8 @@ def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elem
                       -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM, as_gemm=True)
 
     # Other batches: tiles of whole blocks dequantized transposed, (K, T), and BLAS.
-    tile_rows, tile_cols = _tile_shape(out_features, in_features, tile_elements, tile_k, ROWS)
-    _tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
+    tile_rows, tile_cols = tile_shape(out_features, in_features, tile_elements, tile_k, ROWS)
+    tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
 
 
 def _rows_f32(a: np.ndarray, name: str) -> np.ndarray:

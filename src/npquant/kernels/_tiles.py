@@ -141,7 +141,7 @@ def units16(out, transposed, weight_rows, o0):
 def tile_rows16(out, transposed, weight_rows, o0):
     """The weight's rows in :func:`dequantize_rows_16`'s tile ``out`` from row ``o0``: ``out (T, K)``'s rows, or,
     ``transposed``, as many of ``out (K, L)``'s columns as the weight has rows left (the last tile's ``L``
-    is padded, see ``kernels._tiled``)."""
+    is padded, see ``kernels._tiling.tiled``)."""
     return min(out.shape[1], weight_rows - o0) if transposed else out.shape[0]
 
 
