@@ -44,7 +44,7 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   rows of ``x`` against it.
 - larger ``M`` (prefill): the weight goes through tiles of about
   ``_TILE_K`` columns and as many rows as fit about 2 MiB of float32
-  (:func:`~npquant.kernels._tiling.tiled`), each dequantized by all threads (16 columns at a time
+  (:mod:`~npquant.kernels._tiling`), each dequantized by all threads (16 columns at a time
   as one vector, :func:`dequantize_rows_16`, for every format in blocks of
   whole 16 columns: a block of 16 or 32 went through the loop vectorizer's
   scalar remainder before, and bit streams eight codes at a time through scalar
@@ -65,8 +65,9 @@ For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
   two float32 matmuls, the two splits alternating). The tiles are written
   transposed, ``(K, T)`` (:func:`_tile_kernel`), which BLAS multiplies as
   they are, their rows an odd number of 64-byte lines apart
-  (:func:`~npquant.kernels._tiling.odd_lines`; 2048 rows, 8 KiB apart, filled the same cache sets:
-  nvfp4 1.10 -> 0.96x, fp8-channel 1.11 -> 1.00x float32).
+  (:func:`~npquant.kernels._tiling.odd_lines`; 2048 rows, 8 KiB apart,
+  filled the same cache sets: nvfp4 1.10 -> 0.96x, fp8-channel 1.11 ->
+  1.00x float32).
   Narrow tiles read a few lines of each code row, so the next rows' lines
   are prefetched. Where numpy's BLAS is not OpenBLAS, tiles are whole rows
   through ``matmul``. The buffer is the calling thread's, kept for its

@@ -18,16 +18,16 @@ __all__ = ["tile_shape", "odd_lines", "tiled"]
 
 
 def tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int,
-                padded: bool = False) -> tuple:
+               padded: bool = False) -> tuple:
     """``(T, K)``: rows (a multiple of ``row_step``) and columns of the large-batch path's tiles.
 
     Where tiles can be added into ``y`` (:mod:`~npquant.kernels._sgemm`),
     ``in_features`` is cut into about equal parts of at most ``tile_k``
     columns (whole 64s), else tiles are whole rows; as many rows as
     ``tile_elements`` holds. ``padded`` (transposed tiles, ``row_step``
-    16, for :func:`tiled`): ``out_features`` cut into about equal parts, each an odd number of
-    64-byte lines (:func:`odd_lines`), a whole number of 16 rows, at most
-    16 more than ``tile_elements`` holds.
+    16, for :func:`tiled`): ``out_features`` cut into about equal parts,
+    each an odd number of 64-byte lines (:func:`odd_lines`), a whole number
+    of 16 rows, at most 16 more than ``tile_elements`` holds.
     """
     cols = in_features
     if tile_k < in_features and _sgemm.usable():
@@ -41,8 +41,8 @@ def tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: 
 
 
 def odd_lines(n: int) -> int:
-    """The least multiple of 16 at least ``n`` whose float32 fill an odd number of 64-byte lines (16 times an odd
-    number): the row stride of a transposed tile.
+    """The least 16 times an odd number that is at least ``n``: so many float32 fill an odd number of 64-byte
+    lines. The row stride of a transposed tile.
 
     A tile ``(K, T)`` with ``T`` 2048 puts its ``K`` rows 8 KiB apart: each
     16 x 16 block the kernel moves out, and each panel BLAS packs from it,
