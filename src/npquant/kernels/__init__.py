@@ -141,6 +141,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 
 import numpy as np
@@ -152,6 +153,7 @@ from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
 from ._decode import e4m3_multipliers, table_values
 from ._env import threads_allowed
+from ._target import has_avx512, has_vnni
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiling import tile_shape, tiled
@@ -300,32 +302,6 @@ def _even_odd(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _buffers.even_odd(x2)
 
 
-def _target_has(*features: str) -> bool:
-    """Whether numba compiles for a CPU with every one of ``features`` (LLVM's names): the host's, or
-    ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``'s."""
-    from numba.core import config
-
-    if config.CPU_NAME or config.CPU_FEATURES:
-        listed = (config.CPU_FEATURES or "").split(",")
-        return all(f"+{f}" in listed for f in features)
-    import llvmlite.binding as llvm
-
-    host = llvm.get_host_cpu_features()
-    return all(host.get(f, False) for f in features)
-
-
-@functools.cache
-def has_avx512() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 (see :func:`_target_has`)."""
-    return _target_has("avx512f")
-
-
-@functools.cache
-def has_vnni() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI (``vpdpwssd``; see :func:`_target_has`)."""
-    return _target_has("avx512f", "avx512bw", "avx512vnni")
-
-
 def _vnni_kernels():
     """:mod:`npquant.kernels._vnni` where it can run (AVX-512 VNNI, ``USE_VNNI``), else None. Compiles it on first
     use."""
@@ -333,7 +309,7 @@ def _vnni_kernels():
         return None
     from . import _vnni
 
-    return _vnni
+    return _vnni if _compiled(_vnni) else None
 
 
 def _lut_kernels():
@@ -342,7 +318,21 @@ def _lut_kernels():
         return None
     from . import _lut
 
-    return _lut
+    return _lut if _compiled(_lut) else None
+
+
+@functools.cache
+def _compiled(module) -> bool:
+    """Whether ``module``'s feature-specific jobs compiled (:func:`~npquant.kernels._lut.compile_jobs`); where they
+    did not, a warning says so once and the portable kernels serve. The feature check before it is exact
+    (:mod:`npquant.kernels._target`), so LLVM is never handed an instruction the target lacks."""
+    try:
+        module.compile_jobs()
+    except Exception as error:  # a compile error must cost speed, not the call
+        warnings.warn(f"npquant: {module.__name__} did not compile ({type(error).__name__}: {error}); "
+                      "the portable kernels serve instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _lut_rows_fit(qt: QuantizedTensor) -> bool:

@@ -14,12 +14,14 @@ matrix: nvfp4 prepared 1.64 -> 1.17 ms, w4-g128 prepared 1.22 -> 1.10 ms.
 LLVM has no instruction-independent table lookup, so the inner loops are
 written here as LLVM vector IR (numba intrinsics) calling
 ``llvm.x86.avx512.permvar.sf.512``. They compile only where numba's
-target has AVX-512 (:func:`npquant.kernels.has_avx512`); this module is imported only
-there, and the portable kernels serve every other machine. Tables hold
+target has AVX-512 (:func:`npquant.kernels.has_avx512`): nothing compiles at import,
+:func:`compile_jobs` refuses other targets, and the portable kernels serve there. Tables hold
 exact values, so each decoded weight is exact.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from llvmlite import ir
@@ -27,9 +29,11 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..errors import NpquantError
 from ._decode import _FASTMATH, _ROWS
 from ._jobs import JOBS, SIGNATURE, _f32, _f32_1d, _f32_2d, _f32_3d, _i64_1d, _u8_2d, _u8_3d
 from ._llvm import _claim, _stack_empty, prefetch_call
+from ._target import has_avx512, target_features
 
 _LANES = 16  # float32 lanes of one 512-bit register
 _VF = ir.VectorType(ir.FloatType(), _LANES)
@@ -383,8 +387,7 @@ def gemv_lut_rows(x_even, x_odd, codes, scale, scale_table, zp, has_zp, values, 
 gemv_lut_rows_coded = njit(nogil=True, cache=True, fastmath=_FASTMATH)(gemv_lut_rows.py_func)
 
 
-@cfunc(SIGNATURE, cache=True)
-def gemv_lut_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+def _gemv_lut_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_lut_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_kind, table, y_mult, y, work, per)."""
     blk = carray(a, (n,))
     x_even, i = _f32_1d(blk, 0)
@@ -423,8 +426,7 @@ def _lut_rows_job_rest(blk, i):
     return scale_table, zp, has_zp, values, bo, y, work, blk[i]
 
 
-@cfunc(SIGNATURE, cache=True)
-def gemv_lut_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+def _gemv_lut_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_lut_rows` (x_even, x_odd, codes, scale, scale_table, zp, has_zp, values, bo, y, work, per), float32 scales."""
     blk, x_even, x_odd, codes, i = _lut_rows_job_args(a, n)
     scale, i = _f32_2d(blk, i)
@@ -432,8 +434,7 @@ def gemv_lut_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
-def gemv_lut_rows_coded_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+def _gemv_lut_rows_coded_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_lut_rows_coded`: the same arguments, scales as one-byte codes."""
     blk, x_even, x_odd, codes, i = _lut_rows_job_args(a, n)
     scale, i = _u8_2d(blk, i)
@@ -441,5 +442,23 @@ def gemv_lut_rows_coded_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-JOBS.update({gemv_lut_blocks: gemv_lut_blocks_job, gemv_lut_rows: gemv_lut_rows_job,
-             gemv_lut_rows_coded: gemv_lut_rows_coded_job})
+@functools.cache
+def compile_jobs() -> None:
+    """Compile the jobs of this module's kernels for OpenBLAS's threads and enter them in ``JOBS``, once.
+
+    Nothing in this module compiles at import: its kernels and jobs name
+    AVX-512 intrinsics, which LLVM cannot lower for a target without them
+    (it aborts the process). This is the one place that compiles them, and
+    only where numba's target has AVX-512 (:func:`~npquant.kernels._target.has_avx512`).
+
+    Raises
+    ------
+    NpquantError
+        Where numba's target has no AVX-512.
+    """
+    if not has_avx512():
+        raise NpquantError("the table-lookup kernels need AVX-512, which numba's target CPU lacks "
+                           f"(features: {target_features()[:80]}...); the portable kernels serve there")
+    jobs = {gemv_lut_blocks: _gemv_lut_blocks_job, gemv_lut_rows: _gemv_lut_rows_job,
+            gemv_lut_rows_coded: _gemv_lut_rows_coded_job}
+    JOBS.update({kernel: cfunc(SIGNATURE, cache=True)(job) for kernel, job in jobs.items()})

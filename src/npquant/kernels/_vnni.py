@@ -68,11 +68,13 @@ exact while a block of columns is at most ``_MAX_CHUNKS`` chunks of 64
 chunk); longer blocks are summed in parts.
 
 Compiled only where numba's target has AVX-512 VNNI
-(:func:`npquant.kernels.has_vnni`); this module is imported only there.
+(:func:`npquant.kernels.has_vnni`): nothing compiles at import, and
+:func:`compile_jobs` refuses other targets.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -81,8 +83,10 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..errors import NpquantError
 from ._jobs import JOBS, SIGNATURE, _f32_2d, _i64_1d, _u8_2d
 from ._llvm import PREFETCH_AHEAD, _claim, _stack_empty, prefetch_call
+from ._target import has_vnni, target_features
 
 _LANES = 16  # int32 lanes of one 512-bit register
 _VI = ir.VectorType(ir.IntType(32), _LANES)
@@ -229,8 +233,7 @@ def gemv_int8_exact(x, codes, scale, bo, bi, y, work, per):
                 y[0, o + j] = np.float32(acc[j] * unit)
 
 
-@cfunc(SIGNATURE, cache=True)
-def gemv_int8_exact_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+def _gemv_int8_exact_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_int8_exact` (x, codes, scale, bo, bi, y, work, per)."""
     blk = carray(a, (n,))
     x, i = _f32_2d(blk, 0)
@@ -243,4 +246,21 @@ def gemv_int8_exact_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-JOBS.update({gemv_int8_exact: gemv_int8_exact_job})
+@functools.cache
+def compile_jobs() -> None:
+    """Compile :func:`gemv_int8_exact`'s job for OpenBLAS's threads and enter it in ``JOBS``, once.
+
+    Nothing in this module compiles at import: its kernel names AVX-512
+    VNNI's intrinsic, which LLVM cannot lower for a target without it (it
+    aborts the process). This is the one place that compiles it, and only
+    where numba's target has AVX-512 VNNI (:func:`~npquant.kernels._target.has_vnni`).
+
+    Raises
+    ------
+    NpquantError
+        Where numba's target has no AVX-512 VNNI.
+    """
+    if not has_vnni():
+        raise NpquantError("the exact int8 kernel needs AVX-512 VNNI, which numba's target CPU lacks "
+                           f"(features: {target_features()[:80]}...); the float32 kernel serves there")
+    JOBS[gemv_int8_exact] = cfunc(SIGNATURE, cache=True)(_gemv_int8_exact_job)
