@@ -18,6 +18,7 @@ from reference import FLOAT_MAX, fp8_finite_table, fp8_round
 from test_linear import gamma
 
 ENGINE = importlib.import_module("npquant.quantize")  # the module (npquant.quantize is the function)
+TENSOR = importlib.import_module("npquant.tensor")  # QuantizedTensor and its checks
 BACKENDS = npquant.available_backends()
 
 
@@ -183,11 +184,11 @@ def test_fp8_scan_reaches_past_its_first_step(dtype, bad):
     scheme = Scheme(dtype, 8, "channel")
     codes = np.zeros((4200, 4096), np.uint8)
     scale = np.ones((4200, 1), np.float32)
-    good = QuantizedTensor(codes.view(ENGINE.code_numpy_dtype(scheme)), scale, None, (4200, 4096), scheme)
+    good = QuantizedTensor(codes.view(TENSOR.code_numpy_dtype(scheme)), scale, None, (4200, 4096), scheme)
     prepared = prepare(good)
     codes[4199, 4095] = bad
     with pytest.raises(NpquantError, match=r"row 4199, column 4095"):
-        QuantizedTensor(codes.view(ENGINE.code_numpy_dtype(scheme)), scale, None, (4200, 4096), scheme)
+        QuantizedTensor(codes.view(TENSOR.code_numpy_dtype(scheme)), scale, None, (4200, 4096), scheme)
     p_codes = prepared.codes.copy()
     p_codes[-1, -1, 4199 % 64] = bad
     with pytest.raises(NpquantError, match=r"NaN or Inf"):
@@ -196,13 +197,13 @@ def test_fp8_scan_reaches_past_its_first_step(dtype, bad):
 
 @pytest.mark.parametrize("position", [0, 1000, 4095, 4096 * 3 + 5, 4096 * 10 - 1])
 def test_fp8_scan_in_small_steps_finds_the_first_bad_byte(monkeypatch, position):
-    monkeypatch.setattr(ENGINE, "_FP8_SCAN_BYTES", 4096)
+    monkeypatch.setattr(TENSOR, "_FP8_SCAN_BYTES", 4096)
     raw = np.zeros((10, 4096), np.uint8)
     raw.reshape(-1)[position] = 0x7F
     raw.reshape(-1)[-1] = 0xFF  # a later one
-    assert ENGINE.first_nonfinite_fp8(raw, "fp8_e4m3") == position
+    assert TENSOR.first_nonfinite_fp8(raw, "fp8_e4m3") == position
     raw[:] = 0x7E  # 448: finite
-    assert ENGINE.first_nonfinite_fp8(raw, "fp8_e4m3") is None
+    assert TENSOR.first_nonfinite_fp8(raw, "fp8_e4m3") is None
 
 
 def test_weight_error_in_row_chunks_equals_one_chunk():

@@ -9,7 +9,7 @@ import pytest
 
 import npquant
 from npquant import NpquantError, Scheme, linear, prepare, quantize
-from npquant.linear import _numpy_linear
+from npquant.linear_numpy import numpy_linear
 
 
 
@@ -78,8 +78,8 @@ def test_numpy_tiles_cover_every_row():
     w = weight((50, 40))
     qt = quantize(w, "w8-channel")
     x = np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32)
-    whole = _numpy_linear(x, qt, tile_elements=10**9)
-    tiled = _numpy_linear(x, qt, tile_elements=40 * 7)  # 7 rows a tile, last tile short
+    whole = numpy_linear(x, qt, tile_elements=10**9)
+    tiled = numpy_linear(x, qt, tile_elements=40 * 7)  # 7 rows a tile, last tile short
     exact = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
     bound = sum_bound(x, qt.dequantize(), 40)
     assert np.all(np.abs(tiled - exact) <= bound) and np.all(np.abs(whole - exact) <= bound)
@@ -92,7 +92,7 @@ def test_numpy_backend_never_holds_the_float32_weight():
     x = np.ones((4, in_features), np.float32)
     tile_elements = 1 << 16
     tracemalloc.start()
-    _numpy_linear(x, qt, tile_elements=tile_elements)
+    numpy_linear(x, qt, tile_elements=tile_elements)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     full = out_features * in_features * 4

@@ -26,15 +26,15 @@ import numpy as np
 from ._backends import available_backends, resolve_backend
 from ._checks import dtype_name
 from .errors import NpquantError
+from .linear_numpy import numpy_linear
 from .prepared import PreparedTensor
-from .quantize import QuantizedTensor
+from .tensor import QuantizedTensor
 
 __all__ = ["linear", "available_backends"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _FLOAT32 = np.dtype(np.float32)
 _TENSORS = (QuantizedTensor, PreparedTensor)
-_TILE_ELEMENTS = 1 << 20
 
 
 def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "auto") -> np.ndarray:
@@ -82,7 +82,7 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
     if backend == "numba":
         y = _kernels().numba_linear(x2, qt)  # converts x2 to float32 itself; numpy's tiles where no kernel reads qt
     else:
-        y = _numpy_linear(x2.astype(np.float32, copy=False), qt)
+        y = numpy_linear(x2.astype(np.float32, copy=False), qt)
     if bias is not None:
         y += bias.astype(np.float32)
     return y if ndim == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -95,15 +95,3 @@ def _kernels():
     from . import kernels
 
     return kernels
-
-
-def _numpy_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS) -> np.ndarray:
-    """float32 ``(M, O)`` from ``x2 (M, I)``, dequantizing ``tile`` rows at a time."""
-    out_features, in_features = qt.shape
-    y = np.empty((x2.shape[0], out_features), np.float32)
-    tile = max(1, tile_elements // in_features)
-    for o0 in range(0, out_features, tile):
-        w_tile = qt.dequantize_rows(o0, min(o0 + tile, out_features))  # (T, I)
-        np.matmul(x2, w_tile.T, out=y[:, o0 : o0 + w_tile.shape[0]])
-        del w_tile  # free this tile before the next one is made
-    return y

@@ -43,8 +43,8 @@ import numpy as np
 from ._checks import check_finite_rows, dtype_name, rows_per_chunk
 from .errors import NpquantError
 from .packing import pack_codes
-from .quantize import QuantizedTensor, code_numpy_dtype, code_value_dtype, scale_numpy_dtype, scale_values
 from .schemes import Scheme
+from .tensor import QuantizedTensor, code_numpy_dtype, code_value_dtype, scale_numpy_dtype, scale_values
 
 __all__ = ["quantize_microscaled", "compute_dtype", "fp4_codes", "e8m0_exponents", "nvfp4_global_scale"]
 

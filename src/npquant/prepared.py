@@ -56,9 +56,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NpquantError
-from .quantize import (QuantizedTensor, _check_small_scales, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype,
-                       scale_values)
 from .schemes import Scheme
+from .tensor import (QuantizedTensor, _check_small_scales, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype,
+                     scale_values)
 
 __all__ = ["PreparedTensor", "prepare", "preparable", "ROWS"]
 

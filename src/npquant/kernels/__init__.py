@@ -476,9 +476,9 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     if not prepared:
         args, lut_shape, dequantizes = _plan(qt)[:3]
         if not dequantizes:
-            from ..linear import _numpy_linear
+            from ..linear_numpy import numpy_linear
 
-            return _numpy_linear(x2, qt, tile_elements)
+            return numpy_linear(x2, qt, tile_elements)
     # The kernels read x by whole lines; BLAS (larger batches) does not care, and
     # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
     x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)

@@ -4,6 +4,6 @@
 imports ``tokenizers`` only when it is used.
 """
 
-from .bert import SentenceEncoder
+from .sentence_encoder import SentenceEncoder
 
 __all__ = ["SentenceEncoder"]

@@ -12,15 +12,17 @@ Pipeline (sentence-transformers' Transformer -> Pooling(mean) -> Normalize):
    attention scores, as in transformers.
 4. Mean over the tokens the mask keeps, then L2 normalisation.
 
-Every linear layer goes through :func:`npquant.linear` when quantized
-(:meth:`SentenceEncoder.quantized`), else ``x @ W.T + b`` in float32.
+Every linear layer goes through :func:`npquant.linear` when its weight is a
+:class:`~npquant.QuantizedTensor`, else ``x @ W.T + b`` in float32. This
+module is the forward alone: quantizing the encoder (round to nearest, or
+GPTQ run on calibration text) is :class:`~npquant.models.SentenceEncoder`'s,
+in :mod:`npquant.models.sentence_encoder`, above the calibration drivers.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +32,10 @@ from ..errors import NpquantError
 from .._backends import resolve_backend
 from ..linear import linear
 from ..prepared import prepare
-from ..quantize import QuantizedTensor, quantize
-from ..schemes import Scheme, get_scheme
+from ..schemes import Scheme
+from ..tensor import QuantizedTensor
 
-__all__ = ["SentenceEncoder", "BertConfig", "METHODS"]
-
-#: How :meth:`SentenceEncoder.quantized` chooses codes.
-METHODS = ("rtn", "gptq")
+__all__ = ["BertEncoder", "BertConfig"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +67,15 @@ class BertConfig:
             raise NpquantError(f"config.json lacks {exc.args[0]!r}: is this a BERT model?") from None
 
 
-class SentenceEncoder:
-    """Sentence embeddings from a BERT checkpoint, in numpy.
+class BertEncoder:
+    """Sentence embeddings from a BERT checkpoint, in numpy: the forward.
 
-    Example (needs the bundled model, so not run as a doctest)::
+    Linear weights may be float32 arrays or :class:`~npquant.QuantizedTensor` s;
+    :class:`~npquant.models.SentenceEncoder` adds ``quantized()``. Example
+    (needs the bundled model, so not run as a doctest)::
 
-        enc = SentenceEncoder.from_pretrained()         # all-MiniLM-L6-v2
+        enc = BertEncoder.from_pretrained()             # all-MiniLM-L6-v2
         enc.encode(["a sentence", "another"]).shape    # (2, 384), float32
-        enc.quantized("w4-g128").encode(["a sentence"])
     """
 
     def __init__(self, config: BertConfig, tensors: dict, tokenizer, max_seq_length: int = 256,
@@ -86,13 +86,13 @@ class SentenceEncoder:
         self.max_seq_length = max_seq_length
         self.backend = backend
         self.scheme = scheme
-        self.layer_report = None  # GPTQ's per-layer rows, when made by quantized(method="gptq")
+        self.layer_report = None  # per-layer rows of the method that quantized it, if it reports any
         self._prepared: dict = {}  # weight name -> (QuantizedTensor, what linear runs for it)
         self._nonlinear = None  # GELU, LayerNorm and softmax for the backend (see _ops)
 
     # --- loading -----------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path=None, backend: str = "auto") -> "SentenceEncoder":
+    def from_pretrained(cls, path=None, backend: str = "auto") -> "BertEncoder":
         """Load a model directory (``None``: the bundled all-MiniLM-L6-v2)."""
         from ..checkpoint import default_model_path
         from ..safetensors_io import Checkpoint
@@ -127,63 +127,10 @@ class SentenceEncoder:
             names += [p + s + ".weight" for s in _BLOCK_LINEARS]
         return names
 
-    def quantized(self, scheme, method: str = "rtn", calibration=None, *, observer: str = "minmax",
-                  progress=None) -> "SentenceEncoder":
-        """A copy whose linear layers are :class:`QuantizedTensor` s.
-
-        Parameters
-        ----------
-        scheme : Scheme, preset name, or a mapping ``{layer name: Scheme or preset}``
-            One scheme for every layer of :meth:`linear_names`, or one per
-            layer (a plan's; layers it leaves out stay float32).
-        method : {"rtn", "gptq"}
-            ``"rtn"``: round to nearest (:func:`npquant.quantize`). ``"gptq"``:
-            calibrated on ``calibration``, block after block, each block's
-            inputs computed with the earlier ones already quantized (see
-            :mod:`npquant.models.calibrated`); fp8 layers are rounded to
-            nearest. Its per-layer losses are in the copy's ``layer_report``.
-        calibration : list of str or None
-            GPTQ's calibration texts (default: the built-in set,
-            :func:`npquant.calibrate.calibration_texts`).
-        observer : {"minmax", "mse"}
-            How block ranges are chosen (see :mod:`npquant.quantize`).
-        progress : callable or None
-            GPTQ only: ``progress(module, done, total)`` after each layer.
-        """
-        schemes = self._layer_schemes(scheme)
-        if method not in METHODS:
-            raise NpquantError(f"method={method!r} is not known; expected one of {METHODS}")
-        if any(isinstance(self.tensors[n], QuantizedTensor) for n in self.linear_names()):
-            raise NpquantError("this encoder is quantized already; quantize the float32 one")
-        report = None
-        if method == "gptq":
-            from .calibrated import gptq_tensors
-
-            tensors, report = gptq_tensors(self, schemes, calibration, observer=observer, progress=progress)
-        else:
-            tensors = dict(self.tensors)
-            for name, sch in schemes.items():
-                tensors[name] = quantize(tensors[name], sch, name=f"tensor {name!r}:", observer=observer)
-        uniform = set(schemes.values())
-        out = SentenceEncoder(self.config, tensors, self.tokenizer, self.max_seq_length, self.backend,
-                              uniform.pop() if len(uniform) == 1 and len(schemes) == len(self.linear_names()) else None)
-        out.layer_report = report
-        return out
-
-    def _layer_schemes(self, scheme) -> dict:
-        """``{layer name: Scheme}`` from one scheme or a per-layer mapping (names checked)."""
-        names = self.linear_names()
-        if isinstance(scheme, Mapping):
-            out = {}
-            for name, sch in scheme.items():
-                if name not in names:
-                    raise NpquantError(f"layer {name!r} is not a linear layer of this encoder (e.g. {names[0]!r})")
-                out[name] = get_scheme(sch)
-            if not out:
-                raise NpquantError("the per-layer scheme mapping is empty")
-            return {n: out[n] for n in names if n in out}
-        sch = get_scheme(scheme)
-        return {n: sch for n in names}
+    def with_backend(self, backend: str) -> "BertEncoder":
+        """A copy of this encoder (same class) that runs on ``backend``, holding the same tensors in a dict of its
+        own: replacing a tensor of the copy leaves this encoder as it is."""
+        return type(self)(self.config, dict(self.tensors), self.tokenizer, self.max_seq_length, backend, self.scheme)
 
     @property
     def nbytes(self) -> int:

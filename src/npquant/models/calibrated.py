@@ -44,7 +44,7 @@ def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", prog
 
     Parameters
     ----------
-    encoder : SentenceEncoder (float32)
+    encoder : BertEncoder (float32), e.g. a SentenceEncoder: the model, taken as an argument
     schemes : Scheme, or ``{layer name: Scheme}`` (layers left out stay float32;
         fp8 layers are rounded to nearest, and have no row)
     texts : list of str or None (the built-in calibration set)
@@ -57,8 +57,6 @@ def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", prog
     rows : list of dict per layer: ``name``, ``shape``, ``rtn_loss``, ``gptq_loss``
         (both relative to ``tr(W H W.T)``), ``ratio`` (GPTQ / RTN), ``seconds``
     """
-    from .bert import SentenceEncoder
-
     if isinstance(schemes, Scheme):
         schemes = {name: schemes for name in encoder.linear_names()}
     if all(s.is_float for s in schemes.values()):
@@ -67,8 +65,7 @@ def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", prog
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise NpquantError("calibration texts must be a non-empty list of non-empty strings")
     # The numpy backend throughout: the Hessians (so the codes) do not depend on whether numba is installed.
-    work = SentenceEncoder(encoder.config, dict(encoder.tensors), encoder.tokenizer, encoder.max_seq_length,
-                           backend="numpy")
+    work = encoder.with_backend("numpy")
     batches = []
     for idx in work.batches(texts, CALIBRATION_BATCH):
         ids, mask = work.tokenize([texts[j] for j in idx])

@@ -30,7 +30,7 @@ def layer_costs(encoder, schemes: dict[str, Scheme], texts: list[str], *, method
 
     Parameters
     ----------
-    encoder : SentenceEncoder (float32)
+    encoder : BertEncoder (float32), e.g. a SentenceEncoder: the model, taken as an argument
     schemes : ``{label: Scheme}`` candidates
     texts : calibration texts (never the evaluation set)
     method : {"rtn", "gptq"}; with ``"gptq"``, int schemes are GPTQ'd on the
@@ -46,10 +46,7 @@ def layer_costs(encoder, schemes: dict[str, Scheme], texts: list[str], *, method
         raise NpquantError(f"method={method!r} is not known; expected 'rtn' or 'gptq'")
     if not texts:
         raise NpquantError("layer costs need at least one calibration text")
-    from .bert import SentenceEncoder
-
-    work = SentenceEncoder(encoder.config, dict(encoder.tensors), encoder.tokenizer, encoder.max_seq_length,
-                           backend="numpy")
+    work = encoder.with_backend("numpy")
     n_layers = work.config.num_layers
     batches = []  # (block inputs [x_0 .. x_{L-1}], bias, mask, float32 embeddings)
     hessians: dict[str, Hessian] = {}

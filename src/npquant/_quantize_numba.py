@@ -1,4 +1,9 @@
-"""The fused quantizer: symmetric int codes and scales of float32 rows in one pass."""
+"""The fused quantizer: symmetric int codes and scales of float32 rows in one pass.
+
+The numba twin of the engine's symmetric int path (:mod:`npquant.quantize`
+imports it for ``backend="numba"``, and only then: it imports numba). Beside
+the engine, not in :mod:`npquant.kernels`, whose package imports the engine.
+"""
 
 import numpy as np
 from numba import njit
