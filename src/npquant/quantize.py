@@ -46,7 +46,6 @@ from .microscaling import quantize_microscaled
 from .packing import pack_codes, packed_row_bytes
 from .schemes import Scheme, get_scheme
 from .tensor import QuantizedTensor, code_numpy_dtype, scale_numpy_dtype
-from .tensor import _float_code_values, scale_values  # noqa: F401 (npquant.kernels reads these from here)
 
 __all__ = ["QuantizedTensor", "quantize", "quantize_measured", "scale_numpy_dtype", "code_numpy_dtype", "OBSERVERS"]
 

@@ -9,8 +9,8 @@ LayerNorm and softmax in one pass each), ``_gemv`` (batch 1), ``_small_m`` (batc
 ``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_vector`` (16 codes
 decoded, scaled and stored as one LLVM vector, for ``_tiles``), ``_lut`` (batch-1
 4-bit kernels decoding by table lookup, AVX-512), ``_vnni`` (the batch-1
-int8 kernel as exact integer dot products, AVX-512 VNNI), ``_quantizer`` (the
-fused quantizer), ``_llvm`` (bit casts, stack arrays, the atomic work
+int8 kernel as exact integer dot products, AVX-512 VNNI), ``_target`` (the
+CPU features numba compiles for), ``_llvm`` (bit casts, stack arrays, the atomic work
 counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
 threads), ``_pool`` (npquant's own threads where that is not possible),
 ``_buffers`` (aligned outputs and copies of ``x``), ``_tiling`` (the
@@ -148,7 +148,7 @@ import numpy as np
 
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
-from ..quantize import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
+from ..tensor import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
 from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
 from ._decode import e4m3_multipliers, table_values
@@ -563,14 +563,14 @@ def _split_columns(x2: np.ndarray, tile_cols: int) -> np.ndarray:
 
 def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
     """float32 (256,): the value of each one-byte scale code (e8m0, fp8 e4m3 over ``global_scale`` if given),
-    computed as :func:`~npquant.quantize.scale_values` computes each (a float32 division by the global scale)."""
+    computed as :func:`~npquant.tensor.scale_values` computes each (a float32 division by the global scale)."""
     table = _code_scale_values(scheme)
     return table if global_scale is None else table / global_scale[0]
 
 
 @functools.cache
 def _code_scale_values(scheme) -> np.ndarray:
-    """float32 (256,): :func:`~npquant.quantize.scale_values` of every one-byte scale code of ``scheme``.
+    """float32 (256,): :func:`~npquant.tensor.scale_values` of every one-byte scale code of ``scheme``.
 
     Shared by every call: the kernels only read it (a read-only array would
     make numba compile each kernel once more for that type).
@@ -594,7 +594,7 @@ def _lut_args(qt: QuantizedTensor) -> tuple:
 
     One-byte scales (e8m0, NVFP4's fp8) stay codes (``coded``), read through
     a table of their 256 values (computed as
-    :func:`~npquant.quantize.scale_values` computes each); decoding them all
+    :func:`~npquant.tensor.scale_values` computes each); decoding them all
     would cost more than the call.
     """
     scheme = qt.scheme
