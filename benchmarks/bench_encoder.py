@@ -171,6 +171,10 @@ def main() -> int:
     base_alone = statistics.median(alone.times["one"]), statistics.median(alone.times["many"])
     print(f"{os.cpu_count()} cores; numpy {np.__version__}, npquant {npquant.__version__} "
           f"(quantized linears on {npquant.available_backends()[-1]}); {st_note}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _machine import instruction_set  # noqa: E402 (a module beside this script)
+
+    print(f"instruction set: {instruction_set()}")
     print(f"one sentence: {ONE[0]!r}, median of {args.repeats} rounds x {STEPS - 2} calls; "
           f"64 sentences in batches of {args.batch_size}, median of {args.repeats} rounds")
     many = alone.times["many"]

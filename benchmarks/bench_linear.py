@@ -72,6 +72,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NPQUA
 import numpy as np  # noqa: E402
 
 import npquant  # noqa: E402
+from _machine import instruction_set  # noqa: E402 (a module beside this script)
 
 
 BURST = 5  # timed calls of one function in a row within a round
@@ -235,6 +236,12 @@ def main() -> int:
     return _run_cases(shapes, batches, names, repeats, backend)
 
 
+def explain(qt, m: int) -> str:
+    from npquant.kernels import explain as kernel_choice
+
+    return kernel_choice(qt, m)
+
+
 def _read_bandwidth() -> float:
     return read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
 
@@ -242,6 +249,7 @@ def _read_bandwidth() -> float:
 def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
+    print(f"instruction set: {instruction_set()}")
     print(f"read bandwidth (measured, best round): {bw / 1e9:.1f} GB/s at the start; each case's limit uses "
           f"its own, measured just before it")
     if ARGS.bursts:
@@ -331,6 +339,9 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} "
                     f"{ratio_spread(rounds[name], rounds['f32']):>12}{loop} {limit:>8}"
                 )
+            if backend == "numba":
+                for name, qt in qts.items():
+                    print(f"{'':>13} {'':>4} {name:<16} kernel: {explain(qt, m)}")
         if not ARGS.child:
             print()
     return 0

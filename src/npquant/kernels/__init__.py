@@ -143,6 +143,7 @@ import functools
 import os
 import warnings
 import weakref
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -164,8 +165,8 @@ from ._vector import VK_BITS, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT4, VK_INT8
 # _kernel_args' code kind -> the vector kind of dequantize_rows_16 (4, fp8: by its format; 3: VK_BITS + bits)
 _VK_OF_KIND = {0: VK_INT8, 1: VK_UINT8, 2: VK_INT4, 5: VK_FP4, 6: VK_FP6}
 
-__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "default_threads", "SMALL_M", "gelu", "add_layer_norm",
-           "softmax_scaled"]
+__all__ = ["numba_linear", "numba_dequantize", "has_kernels", "explain", "ROUTES", "Route", "default_threads", "SMALL_M",
+           "gelu", "add_layer_norm", "softmax_scaled"]
 
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
@@ -223,6 +224,21 @@ def _aligned_empty(shape: tuple) -> np.ndarray:
     return _buffers.empty_aligned(*shape)
 
 
+def _code_kind(qt: QuantizedTensor) -> int:
+    """How the kernels read ``qt``'s codes: 0 symmetric int8, 1 uint8 with a zero point, 2 4-bit int in
+    byte-aligned blocks, 3 a bit stream (int2-7, 4-bit in odd blocks), 4 fp8, 5 fp4 e2m1, 6 fp6 e2m3."""
+    scheme = qt.scheme
+    if scheme.dtype == "fp4_e2m1":
+        return 5
+    if scheme.dtype == "fp6_e2m3":
+        return 6
+    if scheme.is_float:
+        return 4
+    if scheme.packed:  # the 4-bit fast path reads whole bytes: blocks must start on a byte
+        return 2 if scheme.bits == 4 and qt.block_shape[1] % 2 == 0 else 3
+    return 1 if qt.zero_point is not None else 0
+
+
 def _kernel_args(qt: QuantizedTensor, convert_scales: bool = True) -> tuple:
     """The arrays and constants every kernel takes, in order; one-byte scales left out (an empty float32 array in
     their place) where not ``convert_scales``."""
@@ -233,19 +249,8 @@ def _kernel_args(qt: QuantizedTensor, convert_scales: bool = True) -> tuple:
     has_zp = qt.zero_point is not None
     zp = qt.zero_point if has_zp else _NO_ZP
     fp8_e4m3, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
-    base_off = 0
-    if scheme.dtype == "fp4_e2m1":
-        kind = 5
-    elif scheme.dtype == "fp6_e2m3":
-        kind = 6
-    elif scheme.is_float:
-        kind = 4
-    elif scheme.packed:
-        # The 4-bit fast path reads whole bytes: blocks must start on a byte.
-        kind = 2 if scheme.bits == 4 and bi % 2 == 0 else 3
-        base_off = 0 if has_zp else 1 << (scheme.bits - 1)
-    else:
-        kind = 1 if has_zp else 0
+    kind = _code_kind(qt)
+    base_off = 1 << (scheme.bits - 1) if kind in (2, 3) and not has_zp else 0
     return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
 
 
@@ -459,7 +464,7 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
 
 def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
                  threads: int | None = None, tile_k: int = _TILE_K) -> np.ndarray:
-    """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``.
+    """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``, by the kernel :data:`ROUTES` names.
 
     ``tile_elements`` bounds each float32 tile of the tiled paths;
     ``threads`` is the number of threads (default: :func:`default_threads`,
@@ -472,47 +477,77 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         raise NpquantError(f"x must be (M, {in_features}) for a weight of shape {qt.shape}, got {x2.shape}")
     if x2.dtype is not _FLOAT32 and x2.dtype != _FLOAT32:  # identity first (cheap); arrays numba made hold equal copies
         x2 = x2.astype(np.float32)
-    prepared = isinstance(qt, PreparedTensor)
-    if not prepared:
-        args, lut_shape, dequantizes = _plan(qt)[:3]
-        if not dequantizes:
-            from ..linear_numpy import numpy_linear
+    route = _route(qt, m_rows)
+    if route.run is None:
+        from ..linear_numpy import numpy_linear
 
-            return numpy_linear(x2, qt, tile_elements)
+        return numpy_linear(x2, qt, tile_elements)
     # The kernels read x by whole lines; BLAS (larger batches) does not care, and
     # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
     x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
-    if prepared:
-        _prepared_linear(x2, qt, y, tile_elements, tile_k, threads)
-        return y
-    cost = out_features * in_features * m_rows
-    if m_rows == 1 and lut_shape and _lut_kernels() is not None:
-        _gemv_lut_rows(x2, qt, y, cost, threads)
-        return y
-    if m_rows > SMALL_M:
-        _rows_linear(x2, qt, args, y, tile_elements, tile_k, threads)
-        return y
-    args = args or _kernel_args(qt)
-    codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = args[:9]
-    vnni = _vnni_kernels() if m_rows == 1 and kind == 0 else None
-    if vnni is not None and bi % vnni._CHUNK == 0:
-        _parallel(vnni.gemv_int8_exact, (x2, codes, scale, bo, bi, y), -(-out_features // vnni.ROW_SET), cost,
-                  threads)
-        if y[0, 0] == y[0, 0]:
-            return y
-        # NaN: x may hold NaN or Inf, which the exact kernel has no integers for; the float32 one gives them meaning
-    if m_rows == 1 and kind in (0, 4):
-        code_kind = 0 if kind == 0 else 1 if args[9] else 2  # int8, e4m3, e5m2 (its float16 decode is the value)
-        mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
-        _parallel(gemv_bytes, (x2, codes, scale, bo, bi, code_kind, mults, y), -(-out_features // 8), cost, threads)
-        return y
-    if m_rows == 1 and kind == 2:
-        x_even, x_odd = _even_odd(x2)
-        _parallel(gemv_int4, (x_even[0], x_odd[0], codes, scale, zp, has_zp, bo, bi, base_off, y),
-                  out_features, cost, threads)
-        return y
-    _parallel(gemm_small_m, (x2, *args, y), -(-out_features // 4), cost, threads)
+    route.run(x2, qt, y, _Call(tile_elements, tile_k, threads))
     return y
+
+
+class _Call(NamedTuple):
+    """What a call asks of its kernel besides ``x`` and the weight."""
+
+    tile_elements: int
+    tile_k: int
+    threads: int | None
+
+
+def _cost(x2: np.ndarray, t) -> int:
+    """Weights times rows of ``x``: the multiply-adds of a call, whatever the code width."""
+    return t.shape[0] * t.shape[1] * x2.shape[0]
+
+
+def _run_lut_rows(x2, qt, y, call) -> None:
+    """:func:`~npquant.kernels._lut.gemv_lut_rows` (or its one-byte-scale twin), four rows per load of ``x``."""
+    coded, *args = _plan(qt)[3] or _lut_args(qt)
+    lut = _lut_kernels()
+    kernel = lut.gemv_lut_rows_coded if coded else lut.gemv_lut_rows
+    x_even, x_odd = _even_odd(x2)
+    _parallel(kernel, (x_even[0], x_odd[0], *args, y), -(-qt.shape[0] // 4), _cost(x2, qt), call.threads)
+
+
+def _run_tiles(x2, qt, y, call) -> None:
+    """Tiles dequantized by all threads, then BLAS (:func:`_rows_linear`)."""
+    _rows_linear(x2, qt, _plan(qt)[0], y, call.tile_elements, call.tile_k, call.threads)
+
+
+def _run_vnni(x2, qt, y, call) -> None:
+    """:func:`~npquant.kernels._vnni.gemv_int8_exact`; NaN or Inf in ``x`` (no integers for them) go on to
+    :func:`_run_gemv_bytes`, which gives them their float32 meaning."""
+    codes, scale, zp, has_zp, bo, bi = (_plan(qt)[0] or _kernel_args(qt))[:6]
+    vnni = _vnni_kernels()
+    _parallel(vnni.gemv_int8_exact, (x2, codes, scale, bo, bi, y), -(-qt.shape[0] // vnni.ROW_SET), _cost(x2, qt),
+              call.threads)
+    if y[0, 0] != y[0, 0]:
+        _run_gemv_bytes(x2, qt, y, call)
+
+
+def _run_gemv_bytes(x2, qt, y, call) -> None:
+    """:func:`~npquant.kernels._gemv.gemv_bytes`: eight rows per load of ``x``."""
+    codes, scale, zp, has_zp, bo, bi, kind = (_plan(qt)[0] or _kernel_args(qt))[:7]
+    code_kind = 0 if kind == 0 else 1 if _FP8[qt.scheme.dtype][0] else 2  # int8, e4m3, e5m2 (float16 decode)
+    mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
+    _parallel(gemv_bytes, (x2, codes, scale, bo, bi, code_kind, mults, y), -(-qt.shape[0] // 8), _cost(x2, qt),
+              call.threads)
+
+
+def _run_gemv_int4(x2, qt, y, call) -> None:
+    """:func:`~npquant.kernels._gemv.gemv_int4`: each byte's two nibbles against ``x``'s even and odd columns."""
+    codes, scale, zp, has_zp, bo, bi, kind, bits, base_off = (_plan(qt)[0] or _kernel_args(qt))[:9]
+    x_even, x_odd = _even_odd(x2)
+    _parallel(gemv_int4, (x_even[0], x_odd[0], codes, scale, zp, has_zp, bo, bi, base_off, y), qt.shape[0],
+              _cost(x2, qt), call.threads)
+
+
+def _run_small_m(x2, qt, y, call) -> None:
+    """:func:`~npquant.kernels._small_m.gemm_small_m`: each weight row decoded once, in L1, for every row of ``x``."""
+    _parallel(gemm_small_m, (x2, *(_plan(qt)[0] or _kernel_args(qt)), y), -(-qt.shape[0] // 4), _cost(x2, qt),
+              call.threads)
 
 
 def _rows_linear(x2: np.ndarray, qt: QuantizedTensor, args: tuple | None, y: np.ndarray, tile_elements: int,
@@ -580,17 +615,8 @@ def _code_scale_values(scheme) -> np.ndarray:
         return np.ascontiguousarray(scale_values(every, scheme), np.float32)
 
 
-def _gemv_lut_rows(x2: np.ndarray, qt: QuantizedTensor, y: np.ndarray, cost: int, threads: int | None) -> None:
-    """``y (1, O) = x2 @ W.T`` for 4-bit codes in the checkpoint layout, decoded by table lookup."""
-    coded, *args = _plan(qt)[3] or _lut_args(qt)
-    lut = _lut_kernels()
-    kernel = lut.gemv_lut_rows_coded if coded else lut.gemv_lut_rows
-    x_even, x_odd = _even_odd(x2)
-    _parallel(kernel, (x_even[0], x_odd[0], *args, y), -(-qt.shape[0] // 4), cost, threads)
-
-
 def _lut_args(qt: QuantizedTensor) -> tuple:
-    """``(coded, codes, scale, scale_table, zp, has_zp, values, bo)`` for :func:`_gemv_lut_rows`.
+    """``(coded, codes, scale, scale_table, zp, has_zp, values, bo)`` for :func:`_run_lut_rows`.
 
     One-byte scales (e8m0, NVFP4's fp8) stay codes (``coded``), read through
     a table of their 256 values (computed as
@@ -615,70 +641,203 @@ def _lut_args(qt: QuantizedTensor) -> tuple:
     return coded, codes, scale, scale_table, zp, has_zp, values, qt.block_shape[0]
 
 
-def _prepared_linear(x2: np.ndarray, p: PreparedTensor, y: np.ndarray, tile_elements: int, tile_k: int,
-                     threads: int | None) -> None:
-    """``y (M, O) = x2 @ W.T`` for codes in blocks of rows."""
-    m_rows, in_features = x2.shape
-    out_features = p.shape[0]
-    n_blocks = p.codes.shape[0]
-    cost = out_features * in_features * m_rows
+def _prepared_scales(p: PreparedTensor) -> tuple:
+    """``(scale, scale_codes, scale_table)`` of the prepared 4-bit kernels: fp4's one-byte scale codes with their
+    values in a table (NVFP4's over its global scale, as dequantize divides), int4's float32 scales."""
+    if p.scheme.dtype == "fp4_e2m1":
+        return _NO_SCALE_BLOCKS, p.scale, _scale_table(p.scheme, p.global_scale)
+    return p.scale, _NO_SCALE_CODES, _NO_SCALE_TABLE
+
+
+def _prepared_zp(p: PreparedTensor) -> tuple:
+    """``(zp, has_zp)`` of a prepared tensor, a placeholder where it has no zero point."""
     has_zp = p.zero_point is not None
-    zp = p.zero_point if has_zp else _NO_ZP_BLOCKS
-    bi = p.block_shape[1]
+    return (p.zero_point if has_zp else _NO_ZP_BLOCKS), has_zp
+
+
+def _y_mult(p: PreparedTensor) -> np.float32:
+    """What the batch-1 4-bit kernels multiply ``y`` by: one over NVFP4's global scale, else 1."""
+    return np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
+
+
+def _run_prepared_lut(x2, p, y, call) -> None:
+    """:func:`~npquant.kernels._lut.gemv_lut_blocks`: 16 rows' codes decoded by table lookup, lanes as rows."""
     fp4 = p.scheme.dtype == "fp4_e2m1"
-    lut = _lut_kernels()
-    if m_rows == 1 and (fp4 or (lut is not None and p.scheme.bits == 4 and not has_zp)):
-        # fp4 scales are one-byte codes (see npquant.prepared); int4 ones float32
-        scale, scale_codes = (_NO_SCALE_BLOCKS, p.scale) if fp4 else (p.scale, _NO_SCALE_CODES)
-        y_mult = np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
-        x_even, x_odd = _even_odd(x2)
-        if lut is not None:
-            kind = (1 if p.scheme.scale_dtype == "fp8_e4m3" else 2) if fp4 else 0
-            table = _float_code_values("fp4_e2m1") if fp4 else _INT4_TWOS
-            _parallel(lut.gemv_lut_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, kind, table, y_mult, y),
-                      n_blocks, cost, threads)
-        else:
-            _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, _scale_table(p.scheme),
-                                         _NO_ZP_BLOCKS, False, True, bi // 2, y_mult, y), n_blocks, cost, threads)
-        return
+    scale, scale_codes, _ = _prepared_scales(p)
+    kind = (1 if p.scheme.scale_dtype == "fp8_e4m3" else 2) if fp4 else 0
+    table = _float_code_values("fp4_e2m1") if fp4 else _INT4_TWOS
+    x_even, x_odd = _even_odd(x2)
+    _parallel(_lut_kernels().gemv_lut_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, kind, table,
+                                                _y_mult(p), y), p.codes.shape[0], _cost(x2, p), call.threads)
+
+
+def _run_prepared_gemv_int4(x2, p, y, call) -> None:
+    """:func:`~npquant.kernels._gemv.gemv_int4_blocks`: lanes as rows, nibbles against ``x``'s even and odd columns."""
+    fp4 = p.scheme.dtype == "fp4_e2m1"
+    scale, scale_codes, _ = _prepared_scales(p)
+    table = _scale_table(p.scheme) if fp4 else _NO_SCALE_TABLE  # NVFP4's global scale: y_mult, once per output
+    x_even, x_odd = _even_odd(x2)
+    _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, scale, scale_codes, table, *_prepared_zp(p), fp4,
+                                 p.block_shape[1] // 2, _y_mult(p), y), p.codes.shape[0], _cost(x2, p), call.threads)
+
+
+def _run_prepared_gemv_bytes(x2, p, y, call) -> None:
+    """:func:`~npquant.kernels._gemv.gemv_bytes_blocks`: one-byte codes, lanes as rows."""
+    zp, has_zp = _prepared_zp(p)
+    code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
+    mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
+    _parallel(gemv_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, p.block_shape[1], mults, y),
+              p.codes.shape[0], _cost(x2, p), call.threads)
+
+
+def _run_prepared_small_m(x2, p, y, call) -> None:
+    """:func:`~npquant.kernels._small_m.gemm_small_m_bytes_blocks` or ``_int4_blocks``: each block decoded once for
+    every row of ``x``."""
+    zp, has_zp = _prepared_zp(p)
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
-        if m_rows == 1:
-            mults = _e4m3_multipliers(x2) if code_kind == 1 else _NO_E4M3
-            _parallel(gemv_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, bi, mults, y), n_blocks, cost, threads)
-            return
-        if m_rows <= SMALL_M:
-            _parallel(gemm_small_m_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, fp8_mult, bi, y),
-                      n_blocks, cost, threads)
-            return
-
-        def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
-            _parallel(dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, bi, o0 // ROWS, k0, w_t),
-                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM, as_gemm=True)
+        kernel, args = gemm_small_m_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, fp8_mult, p.block_shape[1])
     else:
-        half_block = bi // 2
-        if m_rows == 1:
-            x_even, x_odd = _even_odd(x2)
-            _parallel(gemv_int4_blocks, (x_even[0], x_odd[0], p.codes, p.scale, _NO_SCALE_CODES, _NO_SCALE_TABLE, zp,
-                                         has_zp, False, half_block,
-                                         np.float32(1.0), y), n_blocks, cost, threads)
-            return
-        # fp4: one-byte scale codes, their values (NVFP4's over its global scale, as dequantize divides) in a table
-        scales = ((_NO_SCALE_BLOCKS, p.scale, _scale_table(p.scheme, p.global_scale)) if fp4
-                  else (p.scale, _NO_SCALE_CODES, _NO_SCALE_TABLE))
-        if m_rows <= SMALL_M:
-            _parallel(gemm_small_m_int4_blocks, (*_even_odd(x2), p.codes, *scales, zp, has_zp, fp4, half_block, y),
-                      n_blocks, cost, threads)
-            return
+        fp4 = p.scheme.dtype == "fp4_e2m1"
+        kernel, args = gemm_small_m_int4_blocks, (*_even_odd(x2), p.codes, *_prepared_scales(p), zp, has_zp, fp4,
+                                                  p.block_shape[1] // 2)
+    _parallel(kernel, (*args, y), p.codes.shape[0], _cost(x2, p), call.threads)
 
-        def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
-            _parallel(dequantize_int4_blocks_t, (p.codes, *scales, zp, has_zp, fp4, half_block, o0 // ROWS, k0, w_t),
-                      -(-w_t.shape[1] // ROWS), w_t.nbytes, threads, _PARALLEL_TILE_FROM, as_gemm=True)
 
-    # Other batches: tiles of whole blocks dequantized transposed, (K, T), and BLAS.
-    tile_rows, tile_cols = tile_shape(out_features, in_features, tile_elements, tile_k, ROWS)
+def _run_prepared_tiles(x2, p, y, call) -> None:
+    """Tiles of whole blocks dequantized transposed, ``(K, T)``, by all threads, then BLAS."""
+    zp, has_zp = _prepared_zp(p)
+    if p.scheme.bits == 8:
+        code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
+        fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
+        kernel, args = dequantize_bytes_blocks_t, (p.codes, p.scale, zp, code_kind, fp8_mult, p.block_shape[1])
+    else:
+        fp4 = p.scheme.dtype == "fp4_e2m1"
+        kernel, args = dequantize_int4_blocks_t, (p.codes, *_prepared_scales(p), zp, has_zp, fp4,
+                                                  p.block_shape[1] // 2)
+
+    def dequantize_t(o0: int, k0: int, w_t: np.ndarray) -> None:
+        _parallel(kernel, (*args, o0 // ROWS, k0, w_t), -(-w_t.shape[1] // ROWS), w_t.nbytes, call.threads,
+                  _PARALLEL_TILE_FROM, as_gemm=True)
+
+    tile_rows, tile_cols = tile_shape(p.shape[0], p.shape[1], call.tile_elements, call.tile_k, ROWS)
     tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
+
+
+# --- the kernel choice ----------------------------------------------------------------------------------------
+
+
+class Route(NamedTuple):
+    """One row of :data:`ROUTES`: which calls a kernel takes, what it needs of the CPU, and how it is run."""
+
+    layout: str  # "checkpoint" (QuantizedTensor) or "prepared" (PreparedTensor)
+    batch: tuple[int, int]  # rows of x, lo and hi inclusive
+    codes: str  # the codes it reads, in words
+    fits: Callable  # tensor -> bool: the codes, in code
+    needs: str  # CPU features, in words ("" for none)
+    available: Callable | None  # () -> bool: numba's target has them and the kernels compiled
+    kernel: str  # module.function
+    run: Callable | None  # (x2, tensor, y, _Call) -> None, writing y; None: the numpy backend's tiles
+    why: str
+
+
+def _always(t) -> bool:
+    return True
+
+
+def _has_lut() -> bool:
+    return _lut_kernels() is not None
+
+
+def _has_vnni() -> bool:
+    return _vnni_kernels() is not None
+
+
+_BIG = 1 << 62
+_ONE, _SMALL, _LARGE = (1, 1), (1, SMALL_M), (SMALL_M + 1, _BIG)
+_P4 = "4-bit codes (int4, fp4)"
+
+#: Every quantized-linear kernel, by layout, batch, codes and CPU features: the first row a call fits takes it.
+ROUTES = (
+    Route("checkpoint", (1, _BIG), "codes in blocks cut at the weight's edge", lambda qt: not _dequantizes(qt), "", None,
+          "npquant.linear_numpy.numpy_linear", None, "no kernel reads a block cut short"),
+    Route("checkpoint", _ONE, f"{_P4} in blocks of 32s or paired 16s", lambda qt: _plan(qt)[1], "AVX-512", _has_lut,
+          "_lut.gemv_lut_rows", _run_lut_rows, "each row's block is a 16-entry table in a register (vpermps)"),
+    Route("checkpoint", _LARGE, "any codes", _always, "", None, "_tiles (per format) + OpenBLAS", _run_tiles,
+          "compute-bound: tiles of about 2 MiB dequantized by all threads, multiplied by BLAS"),
+    Route("checkpoint", _ONE, "symmetric int8 codes in blocks of 64s", lambda qt: _code_kind(qt) == 0
+          and qt.block_shape[1] % _vnni_kernels()._CHUNK == 0, "AVX-512 VNNI", _has_vnni, "_vnni.gemv_int8_exact",
+          _run_vnni, "exact integer dot products (vpdpwssd), one widening per 32 codes"),
+    Route("checkpoint", _ONE, "int8 or fp8 codes", lambda qt: _code_kind(qt) in (0, 4), "", None, "_gemv.gemv_bytes",
+          _run_gemv_bytes, "eight rows per load of x, codes decoded in registers"),
+    Route("checkpoint", _ONE, "int4 codes in byte-aligned blocks", lambda qt: _code_kind(qt) == 2, "", None,
+          "_gemv.gemv_int4", _run_gemv_int4, "nibbles against x's even and odd columns"),
+    Route("checkpoint", _SMALL, "any codes", _always, "", None, "_small_m.gemm_small_m", _run_small_m,
+          "each weight row decoded once into L1 for every row of x"),
+    Route("prepared", _ONE, f"{_P4} without a zero point", lambda p: p.scheme.bits == 4 and p.zero_point is None,
+          "AVX-512", _has_lut, "_lut.gemv_lut_blocks", _run_prepared_lut,
+          "16 rows' codes decoded by table lookup, lanes as rows"),
+    Route("prepared", _ONE, _P4, lambda p: p.scheme.bits == 4, "", None, "_gemv.gemv_int4_blocks",
+          _run_prepared_gemv_int4, "lanes as rows: no horizontal sums, one stream per block"),
+    Route("prepared", _ONE, "one-byte codes", _always, "", None, "_gemv.gemv_bytes_blocks", _run_prepared_gemv_bytes,
+          "lanes as rows: no horizontal sums, one stream per block"),
+    Route("prepared", _SMALL, "any codes", _always, "", None, "_small_m.gemm_small_m_*_blocks", _run_prepared_small_m,
+          "each block decoded once for every row of x"),
+    Route("prepared", _LARGE, "any codes", _always, "", None, "_tiles.dequantize_*_blocks_t + OpenBLAS",
+          _run_prepared_tiles, "compute-bound: tiles dequantized transposed, (K, T), multiplied by BLAS as they are"),
+)
+
+
+# id(tensor) -> (weak reference to it, {(batch regime, USE_LUT, USE_VNNI): route}); an entry leaves with its tensor
+_CHOSEN: dict[int, tuple] = {}
+
+
+def _route(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
+    """The row of :data:`ROUTES` a call of ``m_rows`` rows on ``t`` takes; chosen once per tensor and batch regime."""
+    key = id(t)
+    entry = _CHOSEN.get(key)
+    if entry is None or entry[0]() is not t:
+        entry = _CHOSEN[key] = (weakref.ref(t, lambda _, key=key: _CHOSEN.pop(key, None)), {})
+    regime = (1 if m_rows == 1 else 2 if m_rows <= SMALL_M else 3, USE_LUT, USE_VNNI)
+    route = entry[1].get(regime)
+    if route is None:
+        route = entry[1][regime] = _choose(t, m_rows)
+    return route
+
+
+def _choose(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
+    layout = "prepared" if isinstance(t, PreparedTensor) else "checkpoint"
+    for route in ROUTES:
+        lo, hi = route.batch
+        if (route.layout == layout and lo <= m_rows <= hi and (route.available is None or route.available())
+                and route.fits(t)):
+            return route
+    raise NpquantError(f"no kernel reads a {layout} {t.scheme} tensor at batch {m_rows}")  # the table covers all
+
+
+def explain(t: QuantizedTensor | PreparedTensor, batch: int = 1) -> str:
+    """Which kernel :func:`numba_linear` runs for ``batch`` rows of ``x`` on ``t``, and why (one line).
+
+    Examples
+    --------
+    >>> import numpy as np, npquant
+    >>> qt = npquant.quantize(np.ones((64, 128), np.float32), "w8-channel")
+    >>> explain(qt, 4)
+    'checkpoint layout, batch 1-16, any codes: _small_m.gemm_small_m (each weight row decoded once into L1 for every row of x)'
+    """
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise NpquantError(f"batch must be a positive integer, got {batch!r}")
+    route = _route(t, int(batch))
+    lo, hi = route.batch
+    rows = str(lo) if lo == hi else f"{lo}+" if hi == _BIG else f"{lo}-{hi}"
+    kernel = route.kernel
+    if route.run is _run_tiles:
+        kernel = f"_tiles.{_tile_kernel(t, None)[0].__name__} + OpenBLAS"
+    needs = f"; needs {route.needs}, which numba's target has" if route.needs else ""
+    if "*" in kernel:
+        kernel = kernel.replace("*", "bytes" if t.scheme.bits == 8 else "int4")
+    return f"{route.layout} layout, batch {rows}, {route.codes}: {kernel} ({route.why}{needs})"
 
 
 def _rows_f32(a: np.ndarray, name: str) -> np.ndarray:

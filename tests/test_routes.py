@@ -1,0 +1,99 @@
+"""The kernel choice: one table (npquant.kernels.ROUTES), every row reached, every tensor and batch covered, and
+explain() saying what a call runs."""
+
+import numpy as np
+import pytest
+
+from npquant import NpquantError, Scheme, linear, prepare, quantize
+
+pytest.importorskip("numba", reason="numba is not installed (pip install 'npquant[fast]'); the kernels are optional")
+from npquant import kernels  # noqa: E402
+from npquant.kernels import _target  # noqa: E402
+
+PRESETS = ["w8-tensor", "w8-channel", "w8-g128", "w4-tensor", "w4-channel", "w4-g128", "w4-g64", "w4-g32",
+           "w4-g128-asym", "w3-g128", "w2-g64", "fp8-tensor", "fp8-channel", "fp8-block", "nvfp4", "mxfp4", "mxfp6",
+           "mxfp8"]
+
+
+def weight(shape=(128, 256)):
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def tensors():
+    """Every preset in the checkpoint layout and, where prepare takes it, the prepared one; int4 in blocks the
+    table lookup does not take; and a weight whose blocks are cut at its edge."""
+    out = []
+    for name in PRESETS:
+        qt = quantize(weight(), name)
+        out.append((name, qt))
+        p = prepare(qt)
+        if p is not qt:
+            out.append((f"{name} prepared", p))
+    out.append(("int4 in groups of 8", quantize(weight(), Scheme("int", 4, "group", 8))))  # no table lookup
+    out.append(("cut blocks", quantize(weight((200, 256)), "fp8-block")))
+    return out
+
+
+@pytest.fixture
+def avx2(monkeypatch):
+    """numba's target as Zen 2 (no AVX-512) for the choice; nothing is compiled for it here."""
+    monkeypatch.setattr(kernels._target, "target_features", lambda: _target.features_of("znver2"))
+    _target.has_avx512.cache_clear()
+    _target.has_vnni.cache_clear()
+    yield
+    monkeypatch.undo()
+    _target.has_avx512.cache_clear()
+    _target.has_vnni.cache_clear()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 16, 17, 128])
+def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
+    for name, t in tensors():
+        route = kernels._choose(t, batch)
+        lo, hi = route.batch
+        assert lo <= batch <= hi and route.layout == ("prepared" if "prepared" in name else "checkpoint")
+        assert route.available is None or route.available()
+        assert kernels._route(t, batch) is route  # the cached choice is the table's
+        x = np.random.default_rng(batch).standard_normal((batch, t.shape[1])).astype(np.float32)
+        ref = linear(x, t.quantized() if hasattr(t, "quantized") else t, backend="numpy")
+        got = kernels.numba_linear(x, t)
+        # Float32 sums of 256 products along either path (the kernels' block sums and scalings add fewer than 40
+        # roundings), so within 2 * 300 * 2**-24 of |x| @ |W_hat|.T of each other.
+        w_abs = np.abs((t.quantized() if hasattr(t, "quantized") else t).dequantize())
+        assert np.all(np.abs(got - ref) <= 2 * 300 * 2.0**-24 * (np.abs(x) @ w_abs.T)), (name, batch, route.kernel)
+
+
+def test_every_row_of_the_table_is_reached():
+    reached = {kernels._choose(t, b) for _, t in tensors() for b in (1, 8, 64)}
+    missing = [r.kernel for r in kernels.ROUTES if r not in reached and (r.available is None or r.available())]
+    assert not missing, f"rows no tensor reaches: {missing}"
+
+
+def test_rows_that_need_avx512_are_passed_over_without_it(avx2):
+    assert not kernels.has_avx512()
+    for _, t in tensors():
+        route = kernels._choose(t, 1)
+        assert not route.needs and "_lut" not in route.kernel and "_vnni" not in route.kernel
+        assert "needs" not in kernels.explain(t, 1)
+
+
+def test_the_choice_follows_the_switches(monkeypatch):
+    qt = quantize(weight(), "w4-g128")
+    if not kernels.has_avx512():
+        pytest.skip("numba's target has no AVX-512: the table-lookup row is never taken here")
+    assert kernels._route(qt, 1).kernel == "_lut.gemv_lut_rows"
+    monkeypatch.setattr(kernels, "USE_LUT", False)
+    assert kernels._route(qt, 1).kernel == "_gemv.gemv_int4"  # the same tensor, chosen again
+
+
+def test_explain_names_the_kernel_and_why():
+    qt = quantize(weight(), "w8-channel")
+    line = kernels.explain(qt, 128)
+    assert line.startswith("checkpoint layout, batch 17+, any codes: _tiles.dequantize_rows_16 + OpenBLAS")
+    assert "prepared layout, batch 1-16" in kernels.explain(prepare(qt), 3)
+    assert "_small_m.gemm_small_m_bytes_blocks" in kernels.explain(prepare(qt), 3)
+    cut = quantize(weight((200, 256)), "fp8-block")
+    assert "numpy_linear" in kernels.explain(cut, 1)
+    for bad in (0, -1, 1.5, True, "8"):
+        with pytest.raises(NpquantError, match="batch must be a positive integer"):
+            kernels.explain(qt, bad)
