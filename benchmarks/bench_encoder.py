@@ -153,7 +153,7 @@ def main() -> int:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from npquant.checkpoint import default_model_path
+        from npquant.checkpoints import default_model_path
 
         model = SentenceTransformer(str(default_model_path()), device="cpu")
         encode["sentence-transformers"] = lambda s, batch_size=32: model.encode(s, batch_size=batch_size)

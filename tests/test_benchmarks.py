@@ -36,7 +36,7 @@ def require_default_model():
     """Skip (saying why) unless tokenizers and the default model are installed."""
     pytest.importorskip("tokenizers", reason="the encoder needs tokenizers (npquant[models])")
     from npquant import NpquantError
-    from npquant.checkpoint import default_model_path
+    from npquant.checkpoints import default_model_path
 
     try:
         default_model_path()

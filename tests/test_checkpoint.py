@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 import npquant
 from npquant import NpquantError, quantize
-from npquant.checkpoint import load, quantize_checkpoint, select_layers
+from npquant.checkpoints import load, quantize_checkpoint, select_layers
 from npquant.cli import main
 from npquant.safetensors_io import Checkpoint
 from reference import reference_pack
@@ -183,7 +183,7 @@ def test_spec_check_value_int4():
     # int4 codes [1..7, 0] are stored as [9..15, 8] and pack to 0x8FEDCBA9.
     w = np.array([[1, 2, 3, 4, 5, 6, 7, 0]], np.float32)
     qt = quantize(w, npquant.Scheme(bits=4, granularity="channel"))
-    from npquant.checkpoint import _layer_arrays
+    from npquant.checkpoints.writer import _layer_arrays
 
     word = _layer_arrays("m", qt)["m.weight_packed"]
     assert word.dtype == np.int32 and word.shape == (1, 1)
@@ -441,7 +441,7 @@ def test_report_plot(model, tmp_path, capsys):
 @pytest.mark.slow
 def test_default_model_report_and_quantize(tmp_path, capsys):
     try:
-        from npquant.checkpoint import default_model_path
+        from npquant.checkpoints import default_model_path
 
         default_model_path()
     except NpquantError as exc:
@@ -484,7 +484,7 @@ def test_quantize_measured_matches_the_metrics():
 
 
 def test_interrupt_leaves_nothing(model, tmp_path, capsys, monkeypatch):
-    import npquant.checkpoint as ck
+    import npquant.checkpoints.writer as ck
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # as Ctrl-C (or SIGTERM, which the CLI maps to it) late in the run

@@ -240,7 +240,7 @@ def test_round_trip_error_is_at_most_half_a_grid_step(w, preset):
 @pytest.fixture(scope="module")
 def query():
     try:
-        from npquant.checkpoint import default_model_path
+        from npquant.checkpoints import default_model_path
 
         path = default_model_path()
     except NpquantError as exc:

@@ -18,7 +18,7 @@ REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 
 
 def default_model_or_skip():
-    from npquant.checkpoint import default_model_path
+    from npquant.checkpoints import default_model_path
 
     try:
         return default_model_path()

@@ -19,8 +19,8 @@ from . import metrics
 from .calibrate import Hessian
 from .calibrate import gptq
 from .calibrate import hessian_loss
-from .checkpoint import load
-from .checkpoint import quantize_checkpoint
+from .checkpoints import load
+from .checkpoints import quantize_checkpoint
 from .errors import NpquantError
 from .lab import dequantize
 from .lab import memory_bytes

@@ -293,7 +293,7 @@ def _schemes(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .checkpoint import load
+    from .checkpoints import load
 
     tensors = load(args.path)
     rows = []
@@ -320,7 +320,7 @@ def _inspect(args) -> int:
 def _model_path(args):
     if args.model:
         return args.model
-    from .checkpoint import default_model_path
+    from .checkpoints import default_model_path
 
     return default_model_path()
 
@@ -401,7 +401,7 @@ def _need_matplotlib():
 
 
 def _quantize(args) -> int:
-    from .checkpoint import check_loadable, quantize_checkpoint
+    from .checkpoints import check_loadable, quantize_checkpoint
     from .schemes import get_scheme
 
     model = _model_path(args)
@@ -625,7 +625,7 @@ def _eval(args) -> int:
 def _plan(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import check_loadable, select_layers
+    from .checkpoints import check_loadable, select_layers
     from .plan import PLAN_VERSION, solve_budget, write_plan
     from .safetensors_io import Checkpoint
     from .schemes import get_scheme

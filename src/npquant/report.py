@@ -130,7 +130,7 @@ def layer_report(model, names=None, include=None, exclude=None, progress=None) -
     ----------
     model : path of a .safetensors file or model directory
     names : preset names or Schemes (default: w8-channel, w4-g128, fp8-channel)
-    include, exclude : regexes, as for :func:`npquant.checkpoint.select_layers`
+    include, exclude : regexes, as for :func:`npquant.checkpoints.select_layers`
     progress : called as ``progress(name, nbytes)`` after each layer
 
     Returns
@@ -139,7 +139,7 @@ def layer_report(model, names=None, include=None, exclude=None, progress=None) -
         schemes in the order given
     skipped : list of ``(name, reason)`` for tensors left alone
     """
-    from .checkpoint import select_layers
+    from .checkpoints import select_layers
     from .quantize import quantize_measured
     from .safetensors_io import Checkpoint
 

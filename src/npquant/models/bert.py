@@ -94,7 +94,7 @@ class BertEncoder:
     @classmethod
     def from_pretrained(cls, path=None, backend: str = "auto") -> "BertEncoder":
         """Load a model directory (``None``: the bundled all-MiniLM-L6-v2)."""
-        from ..checkpoint import default_model_path
+        from ..checkpoints import default_model_path
         from ..safetensors_io import Checkpoint
 
         root = Path(path) if path is not None else default_model_path()

@@ -1,0 +1,362 @@
+"""The writer: :func:`quantize_checkpoint`, a safetensors checkpoint quantized into compressed-tensors.
+
+The output is a model directory that compressed-tensors and vLLM load
+(facts in ``shared/spec/compressed-tensors-format.md``):
+
+- int schemes, ``format: pack-quantized``: per linear layer ``<m>``,
+  ``<m>.weight_packed`` int32 ``(O, ceil(I * bits / 32))`` (stored value
+  ``q + 2**(bits-1)``, or the unsigned code when asymmetric; element ``i`` of
+  a row at bit ``i * bits`` of the row's little-endian stream),
+  ``<m>.weight_scale`` float32 ``(O, 1)`` per channel or ``(O, I / group_size)``
+  per group, ``<m>.weight_shape`` int64 ``[O, I]``, and for asymmetric
+  schemes ``<m>.weight_zero_point`` int32 ``(ceil(O * bits / 32), n_groups)``
+  (the zero points packed along the output dimension);
+- fp8 (e4m3), ``format: float-quantized``: ``<m>.weight`` float8_e4m3fn
+  ``(O, I)`` and ``<m>.weight_scale`` float32 ``(O, 1)`` per channel or
+  ``(1,)`` per tensor.
+
+Every other tensor is copied unchanged, shards and the index keep their
+names, ``config.json`` gains a ``quantization_config``, and every other file
+beside the weights (tokenizer, configs) is copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import NpquantError
+from ..metrics import weight_error
+from ..packing import pack_codes
+from ..quantize import QuantizedTensor, quantize_measured
+from ..safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, TensorPlan, TensorSource, write_safetensors
+from ..schemes import Scheme, get_scheme
+from .config import _quantization_config, check_loadable
+from .selection import _QUANTIZABLE, LayerChoice, select_layers
+
+__all__ = [
+    "quantize_checkpoint",
+]
+
+
+# --- compressed-tensors layout ------------------------------------------------------
+def _pack_words(u: np.ndarray, bits: int) -> np.ndarray:
+    """int32 ``(R, ceil(n * bits / 32))`` words from unsigned codes ``u (R, n)``."""
+    return _bytes_to_words(pack_codes(u, bits))
+
+
+def _bytes_to_words(packed: np.ndarray) -> np.ndarray:
+    """int32 words from rows of little-endian packed bytes, zero-padded to whole words."""
+    rows, nbytes = packed.shape
+    if nbytes % 4 == 0:
+        return np.ascontiguousarray(packed).view("<i4")
+    out = np.zeros((rows, -(-nbytes // 4) * 4), np.uint8)
+    out[:, :nbytes] = packed
+    return out.view("<i4")
+
+
+def _layer_plans(module: str, shape: tuple[int, int], scheme: Scheme) -> list[TensorPlan]:
+    out_features, in_features = shape
+    if scheme.microscaled:
+        from ..quantize import code_numpy_dtype, scale_numpy_dtype
+
+        codes_name = "weight_packed" if scheme.packed else "weight"
+        codes_shape = (out_features, in_features * scheme.bits // 8)
+        plans = [
+            TensorPlan(f"{module}.{codes_name}", code_numpy_dtype(scheme), codes_shape),
+            TensorPlan(f"{module}.weight_scale", scale_numpy_dtype(scheme), scheme.scale_shape(shape)),
+        ]
+        if scheme.global_scale:
+            plans.append(TensorPlan(f"{module}.weight_global_scale", np.dtype(np.float32), (1,)))
+        return plans
+    if scheme.is_float:
+        import ml_dtypes
+
+        scale_shape = (1,) if scheme.granularity == "tensor" else (out_features, 1)
+        return [
+            TensorPlan(f"{module}.weight", np.dtype(ml_dtypes.float8_e4m3fn), shape),
+            TensorPlan(f"{module}.weight_scale", np.dtype(np.float32), scale_shape),
+        ]
+    n_groups = 1 if scheme.granularity == "channel" else in_features // scheme.group_size
+    plans = [
+        TensorPlan(f"{module}.weight_packed", np.dtype(np.int32), (out_features, math.ceil(in_features * scheme.bits / 32))),
+        TensorPlan(f"{module}.weight_scale", np.dtype(np.float32), (out_features, n_groups)),
+        TensorPlan(f"{module}.weight_shape", np.dtype(np.int64), (2,)),
+    ]
+    if not scheme.symmetric:
+        plans.append(
+            TensorPlan(f"{module}.weight_zero_point", np.dtype(np.int32), (math.ceil(out_features * scheme.bits / 32), n_groups))
+        )
+    return plans
+
+
+def _layer_arrays(module: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
+    scheme = qt.scheme
+    if scheme.microscaled:
+        arrays = {f"{module}.{'weight_packed' if scheme.packed else 'weight'}": qt.codes,
+                  f"{module}.weight_scale": qt.scale}
+        if qt.global_scale is not None:
+            arrays[f"{module}.weight_global_scale"] = qt.global_scale
+        return arrays
+    if scheme.is_float:
+        scale = qt.scale.reshape(1) if scheme.granularity == "tensor" else qt.scale
+        return {f"{module}.weight": qt.codes, f"{module}.weight_scale": scale}
+    bits = scheme.bits
+    if scheme.packed or not scheme.symmetric:
+        stored = qt.codes  # packed bytes hold the stored values already; asymmetric int8 is unsigned
+    else:
+        stored = qt.codes.view(np.uint8) ^ np.uint8(0x80)  # int8 q -> q + 128
+    arrays = {
+        f"{module}.weight_packed": _bytes_to_words(stored),
+        f"{module}.weight_scale": qt.scale,
+        f"{module}.weight_shape": np.array(qt.shape, np.int64),
+    }
+    if qt.zero_point is not None:
+        arrays[f"{module}.weight_zero_point"] = np.ascontiguousarray(_pack_words(qt.zero_point.T.copy(), bits).T)
+    return arrays
+
+
+# --- the conversion ----------------------------------------------------------------
+@dataclass
+class LayerResult:
+    """What quantizing one layer saved and cost."""
+
+    name: str
+    shape: tuple[int, int]
+    bytes_before: int
+    bytes_after: int
+    rel_error: float
+    sqnr_db: float
+
+
+def quantize_checkpoint(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    scheme: Scheme | str | Mapping[str, Scheme | str],
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    force: bool = False,
+    workers: int = 2,
+    progress: Callable[[str, int], None] | None = None,
+    quantized: Mapping[str, QuantizedTensor] | None = None,
+    observer: str = "minmax",
+) -> dict:
+    """Write ``model`` quantized with ``scheme`` as a compressed-tensors directory ``out``.
+
+    Reads one tensor at a time (row slices of the memory-mapped file) and
+    writes each output tensor as soon as it is made, so memory stays at a
+    few tensors whatever the checkpoint's size; ``workers`` tensors are
+    quantized at once. The output is built under a temporary name beside
+    ``out`` and renamed when complete: a failed or interrupted run leaves no
+    ``out``, and an existing ``out`` is only replaced with ``force``.
+
+    Returns a summary: ``layers`` (list of :class:`LayerResult`),
+    ``skipped`` (list of :class:`LayerChoice`), ``warnings``, byte totals.
+    ``progress(name, nbytes)`` is called after each input tensor.
+
+    ``scheme`` is one scheme for every selected layer, or a mapping from
+    tensor names (``<m>.weight``) to schemes: a mixed-precision checkpoint
+    with one config group per scheme, each targeting its modules by exact
+    name; selected layers the mapping leaves out are left alone (listed in
+    ``ignore``), and a name the checkpoint lacks, or of a tensor that is not
+    a linear weight, is an error.
+
+    ``quantized`` maps tensor names to QuantizedTensors made elsewhere (by
+    GPTQ, say) with their layer's scheme: those are written as given, the
+    other selected layers are quantized here (with ``observer``, see
+    :func:`npquant.quantize`).
+    """
+    per_layer = None
+    if isinstance(scheme, Mapping):
+        per_layer = {name: get_scheme(s) for name, s in scheme.items()}
+        if not per_layer:
+            raise NpquantError("the per-layer scheme mapping is empty")
+        notes = sorted({n for s in set(per_layer.values()) for n in check_loadable(s)})
+    else:
+        scheme = get_scheme(scheme)
+        notes = check_loadable(scheme)
+    out = Path(out)
+    quantized = dict(quantized or {})
+    if out.exists() and not force:
+        raise NpquantError(f"output {out} already exists; pass --force to replace it")
+    with Checkpoint(model) as ckpt:
+        if per_layer is None:
+            choices = select_layers(ckpt, scheme, include, exclude)
+            layer_scheme = {c.name: scheme for c in choices if c.quantize}
+        else:
+            choices = _choices_for_mapping(ckpt, per_layer)
+            layer_scheme = per_layer
+        picked = {c.name: c for c in choices if c.quantize}
+        if not picked:
+            raise NpquantError(f"no tensor of {ckpt.path} was selected for quantization; see --include")
+        for name, qt in quantized.items():
+            if name not in picked:
+                raise NpquantError(f"quantized tensor {name!r} is not a layer selected for quantization in {ckpt.path}")
+            want = layer_scheme[name]
+            if not isinstance(qt, QuantizedTensor) or qt.scheme != want or qt.shape != picked[name].shape:
+                got = f"{qt.scheme} {qt.shape}" if isinstance(qt, QuantizedTensor) else type(qt).__name__
+                raise NpquantError(
+                    f"quantized tensor {name!r} must be a QuantizedTensor of {want} {picked[name].shape}, got {got}"
+                )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
+        results: list[LayerResult] = []
+        try:
+            shard_files = _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer)
+            _write_sidecars(ckpt, tmp, scheme if per_layer is None else {n: layer_scheme[n] for n in picked},
+                            choices, shard_files)
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    skipped = [c for c in choices if not c.quantize and c.reason != "not a .weight tensor"]
+    return {
+        "layers": results,
+        "skipped": skipped,
+        "warnings": notes,
+        "bytes_before": sum(r.bytes_before for r in results),
+        "bytes_after": sum(r.bytes_after for r in results),
+        "out": out,
+    }
+
+
+def _choices_for_mapping(ckpt, per_layer: dict[str, Scheme]) -> list[LayerChoice]:
+    """Layer choices for a per-layer mapping: exactly its names, each checked against the checkpoint."""
+    defaults = {c.name: c for c in select_layers(ckpt)}
+    for name, sch in per_layer.items():
+        if name not in ckpt.tensors:
+            raise NpquantError(f"the plan names layer {name!r}, which {ckpt.path} lacks: is the plan for another model?")
+        t = ckpt.tensors[name]
+        if t.ndim != 2 or t.code not in _QUANTIZABLE or not name.endswith(".weight"):
+            raise NpquantError(f"the plan names {name!r} ({t.code} {t.shape}), which is not a 2-D float linear weight")
+        if sch.granularity == "group" and t.shape[1] % sch.group_size:
+            raise NpquantError(f"the plan gives {name!r} group_size={sch.group_size}, which does not divide "
+                               f"in_features={t.shape[1]}")
+    out = []
+    for name, c in defaults.items():
+        if name in per_layer:
+            out.append(LayerChoice(name, c.shape, c.dtype, True))
+        elif c.quantize:
+            out.append(LayerChoice(name, c.shape, c.dtype, False, "not in the plan"))
+        else:
+            out.append(c)
+    return out
+
+
+def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer) -> dict[str, list[str]]:
+    """Write every shard into ``tmp``; return each output file's tensor names."""
+    def job(src: TensorSource) -> dict:
+        if src.name in quantized:
+            qt = quantized[src.name]
+            rel, sqnr = weight_error(src, qt)
+            results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
+            arrays = _layer_arrays(src.name[: -len(".weight")], qt)
+        elif src.name in picked:
+            qt, rel, sqnr = quantize_measured(src, _stored_scheme(layer_scheme[src.name], src),
+                                              name=f"tensor {src.name!r} in {src.file.name}:",
+                                              observer=observer)
+            results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
+            arrays = _layer_arrays(src.name[: -len(".weight")], qt)
+        else:
+            arrays = {src.name: src}  # copied in row chunks by the writer
+        if progress is not None:
+            progress(src.name, src.nbytes)
+        return arrays
+
+    shard_names: dict[str, list[str]] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for file in ckpt.files:
+            sources = [t for t in ckpt.tensors.values() if t.file == file]
+            plans = []
+            for src in sources:
+                if src.name in picked:
+                    plans += _layer_plans(src.name[: -len(".weight")], src.shape,
+                                          _stored_scheme(layer_scheme[src.name], src))
+                else:
+                    plans.append(TensorPlan(src.name, src.dtype, src.shape))
+            write_safetensors(tmp / file.name, plans, _ordered_map(pool, job, sources, workers),
+                              ckpt.metadata.get(file) or {"format": "pt"})
+            shard_names[file.name] = [p.name for p in plans]
+    results.sort(key=lambda r: list(picked).index(r.name))
+    return shard_names
+
+
+def _stored_scheme(scheme: Scheme, src: TensorSource) -> Scheme:
+    """fp8 blocks store their scales in the model's dtype, as compressed-tensors does (bfloat16 for bfloat16 models)."""
+    if scheme.granularity == "block" and src.code in ("BF16", "F16"):
+        return dataclasses.replace(scheme, scale_dtype="bfloat16" if src.code == "BF16" else "float16")
+    return scheme
+
+
+def _ordered_map(pool, fn, items, depth: int):
+    """``fn`` over ``items`` in ``pool``, yielded in order, at most ``depth`` ahead of the consumer."""
+    futures = []
+    it = iter(items)
+    for item in it:
+        futures.append(pool.submit(fn, item))
+        if len(futures) >= max(1, depth):
+            break
+    while futures:
+        done = futures.pop(0)
+        nxt = next(it, None)
+        if nxt is not None:
+            futures.append(pool.submit(fn, nxt))
+        yield done.result()
+
+
+def _write_sidecars(ckpt, tmp, scheme, choices, shard_files) -> None:
+    """config.json, the index, and every other file beside the weights."""
+    ignore = sorted({c.module for c in choices if not c.quantize and c.name.endswith(".weight") and len(c.shape) == 2})
+    if ckpt.path.is_dir():
+        for item in sorted(ckpt.root.iterdir()):
+            if item.suffix == ".safetensors" or item.suffix in PICKLE_SUFFIXES or item.name in (INDEX_NAME, "config.json"):
+                continue
+            if item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
+            else:
+                shutil.copy2(item, tmp / item.name)
+    config = ckpt.config or {}
+    config["quantization_config"] = _quantization_config(scheme, ignore, [c.module for c in choices if c.quantize])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if ckpt.index is not None:
+        weight_map = {name: file for file, names in shard_files.items() for name in names}
+        total = sum(_tensor_bytes(tmp / f) for f in shard_files)
+        index = {**ckpt.index, "metadata": {**ckpt.index.get("metadata", {}), "total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _tensor_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - n
+
+
+def _chmod_as_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an old ``out`` goes only once the new one is in place."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, trash / "old")
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
