@@ -21,10 +21,13 @@ def run(script, *args, timeout=300):
 
 def test_bench_linear_quick():
     out = run("bench_linear.py", "--quick", "--repeats", "1", "--batch", "1", "--batch", "17")
-    rows = [line for line in out.splitlines() if "channel" in line or "g128" in line]
+    lines = [line for line in out.splitlines() if "channel" in line or "g128" in line]
+    rows = [line for line in lines if "kernel:" not in line]
     assert len(rows) == 2 * 2 * 6  # shapes x batches x three schemes, each also prepared
     assert sum(" prep " in line for line in rows) == 2 * 2 * 3
-    assert "read bandwidth (measured, best round)" in out
+    kernels = [line for line in lines if "kernel:" in line]  # each case's kernel, as npquant.kernels.explain says
+    assert len(kernels) == 2 * 2 * 6 and sum("layout, batch 17+" in line for line in kernels) == 2 * 6
+    assert "read bandwidth (measured, best round)" in out and "instruction set:" in out
 
 
 def test_bench_checkpoint_quick():
