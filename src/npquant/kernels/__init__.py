@@ -3,138 +3,35 @@
 Importing this package imports numba; :func:`npquant.linear` imports it only
 when the ``"numba"`` backend is asked for (or ``"auto"`` finds numba).
 Kernels compile on first use and are cached on disk, so a second process
-loads them instead of compiling. The modules, one idea each: ``_decode``
-(code formats to float32), ``_nonlinear`` (a transformer's GELU,
-LayerNorm and softmax in one pass each), ``_gemv`` (batch 1), ``_small_m`` (batch 2 to
-``SMALL_M``), ``_tiles`` (dequantization for BLAS), ``_vector`` (16 codes
-decoded, scaled and stored as one LLVM vector, for ``_tiles``), ``_lut`` (batch-1
-4-bit kernels decoding by table lookup, AVX-512), ``_vnni`` (the batch-1
-int8 kernel as exact integer dot products, AVX-512 VNNI), ``_target`` (the
-CPU features numba compiles for), ``_llvm`` (bit casts, stack arrays, the atomic work
-counter), ``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's
-threads), ``_pool`` (npquant's own threads where that is not possible),
-``_buffers`` (aligned outputs and copies of ``x``), ``_tiling`` (the
-large-batch path's tiles and BLAS over them), ``_sgemm`` (OpenBLAS's GEMM
-adding into its output), ``_env`` (the thread
-count the environment allows, read in compiled code).
+loads them instead of compiling; nothing compiles for a CPU feature at
+import (:mod:`~npquant.kernels._target`).
 
-For a :class:`~npquant.QuantizedTensor` (the checkpoint layout):
+Which kernel a call runs is one table, :data:`ROUTES`: a row per kernel,
+by layout (:class:`~npquant.QuantizedTensor`, the checkpoint layout, or
+:class:`~npquant.PreparedTensor`), batch (1, 2 to ``SMALL_M``, larger),
+the codes it reads and the CPU features it needs; the first row a call
+fits takes it, and :func:`explain` says which and why. Batch 1 and small
+batches read each code once, decoded in registers (by table lookup where
+AVX-512 is, as exact integer dot products for int8 where AVX-512 VNNI is);
+larger batches dequantize tiles of about 2 MiB on all threads for
+OpenBLAS to multiply, so the float32 weight never exists whole. The
+kernels run on OpenBLAS's own threads where numpy's BLAS lets them
+(:mod:`~npquant.kernels._blas_threads`), else on npquant's pool.
 
-- ``M == 1``: kernels of their own for int8 (eight rows per pass over
-  ``x``), 4-bit codes in byte-aligned blocks (nibbles against ``x``'s even
-  and odd columns) and fp8 (decoded in registers: e4m3's fields shifted
-  into a float32's, e5m2 through float16). Where numba's target has
-  AVX-512, 4-bit codes (int4, and fp4 in blocks of 16 or 32 columns)
-  take :mod:`~npquant.kernels._lut` instead: each row's block of
-  dequantized weights is a 16-entry table in a register, four rows share
-  each load of ``x``, and the next rows' lines are prefetched (short rows
-  are streams the hardware prefetcher ramps up on too late). Where it has
-  AVX-512 VNNI, symmetric int8 in blocks of whole 64 columns takes
-  :mod:`~npquant.kernels._vnni`: ``x`` rounded to a grid of ``2**-30``
-  of its largest element (exact for every element within a factor 64 of
-  it) and the dot products summed exactly in integers, then scaled in
-  float64 (nearer the exact product than a float32 sum; NaN or Inf in
-  ``x`` go to the float32 kernel). The one-byte kernels ask for their rows'
-  lines a pass ahead (``PREFETCH_AHEAD``, 32 KiB) into L2: eight 4 KiB rows
-  are eight short streams the hardware prefetcher starts late (int8
-  11008 x 4096 1.97 -> 1.67 ms, fp8 2.24 -> 1.85 ms, each call after a
-  float32 matmul; into L1 it was slower).
-- ``M <= SMALL_M``: :func:`gemm_small_m` reads each weight row once,
-  decodes it chunk by chunk into float32 in L1, and accumulates all ``M``
-  rows of ``x`` against it.
-- larger ``M`` (prefill): the weight goes through tiles of about
-  ``_TILE_K`` columns and as many rows as fit about 2 MiB of float32
-  (:mod:`~npquant.kernels._tiling`), each dequantized by all threads (16 columns at a time
-  as one vector, :func:`dequantize_rows_16`, for every format in blocks of
-  whole 16 columns: a block of 16 or 32 went through the loop vectorizer's
-  scalar remainder before, and bit streams eight codes at a time through scalar
-  shifts), then multiplied by
-  OpenBLAS's ``cblas_sgemm`` adding into ``y`` (``beta = 1``:
-  :mod:`~npquant.kernels._sgemm`; BLAS's own threads); the full float32
-  weight never exists. Whole-row tiles of 256 rows (4 MiB, numpy's
-  ``matmul``) made BLAS run 256 columns of output at a time, packing
-  ``x`` again for each: BLAS over such tiles, already made, took 1.28x the
-  float32 matmul of 11008 x 4096 at batch 128, over 2048 x 256 tiles
-  0.95-1.03x. Each of OpenBLAS's threads dequantizes the rows of the tile
-  that it packs in the GEMM that follows (OpenBLAS cuts a GEMM's ``N``, the
-  tile's rows, into one part per thread), so it reads back from its own
-  L2 what it has just written: with chunks claimed by whichever thread
-  came first, half of each tile crossed between the cores: in a slow phase
-  of this machine (the README's Performance), every preset at batch 128
-  took 1.17-1.32x float32, 1.07-1.18x so (in one process, each call between
-  two float32 matmuls, the two splits alternating). The tiles are written
-  transposed, ``(K, T)`` (:func:`_tile_kernel`), which BLAS multiplies as
-  they are, their rows an odd number of 64-byte lines apart
-  (:func:`~npquant.kernels._tiling.odd_lines`; 2048 rows, 8 KiB apart,
-  filled the same cache sets: nvfp4 1.10 -> 0.96x, fp8-channel 1.11 ->
-  1.00x float32).
-  Narrow tiles read a few lines of each code row, so the next rows' lines
-  are prefetched. Where numpy's BLAS is not OpenBLAS, tiles are whole rows
-  through ``matmul``. The buffer is the calling thread's, kept for its
-  next call (:func:`~npquant.kernels._buffers.tile`: a fresh one cost a
-  page fault per 4 KiB at every call).
-
-For a :class:`~npquant.PreparedTensor` (:func:`npquant.prepare`: 4-bit or
-one-byte codes in blocks of 64 rows): ``M == 1`` and ``M <= SMALL_M``
-kernels whose SIMD lanes are output rows (no horizontal sums, one memory
-stream per block; 4-bit ones without a zero point, and fp4, by table
-lookup where AVX-512 is), and for larger ``M`` tiles dequantized
-transposed, ``(K, T)``, for BLAS (no transposition in BLAS: faster than
-the float32 matmul of ``W.T`` itself), each thread taking the blocks of
-64 columns that it packs in the GEMM (as above; in slow phases at batch
-128, 0.92-1.01x float32 where chunks claimed by any thread took 1.01-1.27x).
-
-Threads. A model alternates numpy's BLAS calls (attention, other layers)
-with npquant's. The kernels are serial, GIL-free numba functions that take
-chunks of output rows from a shared atomic counter; a call runs one on
-several threads at once:
-
-1. on OpenBLAS's own worker threads, where numpy's BLAS is an OpenBLAS
-   that lets us (:mod:`npquant.kernels._blas_threads`): one pool for both.
-   After each BLAS call those workers poll for new work for about 0.1 s;
-   any other thread the kernels woke would share a core with one of them.
-2. else on npquant's pool of sleeping threads (:mod:`npquant.kernels._pool`).
-
-numba's own ``parallel=True`` is not used: its OpenMP workers poll after
-each kernel and slowed the float32 BLAS call after it (3.5 -> 5.6-6.7 ms
-for 11008 x 4096), its GNU OpenMP layer kills a forked child that calls a
-kernel, and its workqueue layer aborts when two user threads call at once.
-Measured on 2 cores, 11008 x 4096 at batch 1, each call alternating with a
-float32 matmul of another matrix (``benchmarks/bench_linear.py``): with
-OpenMP, w8-channel 0.55-1.2x float32's time and the float32 calls 1.5-2x
-slower; with npquant's pool, the float32 calls as fast as alone but the
-kernels still about 2x slower than alone (OpenBLAS's polling workers);
-on OpenBLAS's threads, both close to their time alone (the README's table).
-Nothing in the process is changed: BLAS keeps its thread count, and
-limiting it (``threadpoolctl``, ``OPENBLAS_NUM_THREADS``) limits the
-kernels alike. Calls below ``_PARALLEL_FROM`` of work run in the caller's
-thread alone. A forked child, a spawned child and user threads calling at
-once all work (``tests/test_threads.py``).
-
-A call out of cache. In a model, each call comes right after numpy's own
-work has streamed its weights through the caches, so the interpreter's
-own memory (bytecode, objects, numpy's Python layers) comes from DRAM
-again and every line of Python a call runs costs microseconds, not
-nanoseconds: measured on 2 cores right after a float32 11008 x 4096
-matmul, the Python around a batch-1 kernel took about 260 us (``.ctypes``
-alone about 57 us, an aligned output about 100 us, BLAS's thread count
-through threadpoolctl 40 us, a call through ctypes 70 us), a seventh of a
-w8-channel call. So what a call needs of a tensor is worked out at its
-first call and kept beside it (:func:`_plan`, while those are the tensor's
-own arrays), and the rest runs compiled: aligned ``x`` and ``y`` in one
-call (:mod:`~npquant.kernels._buffers`), e4m3's multipliers in one, and
-BLAS's thread count, the job block and the call into OpenBLAS in one
-(:func:`~npquant.kernels._jobs.launch`). Measured end to end, old and new
-code alternating in one process after float32 matmuls: w8-channel 1.91 ->
-1.78 ms, fp8-channel 2.14 -> 1.93, w4-g128 1.33 -> 1.21 (float32 4.8-6.0).
-Then npquant's own thread count (``NPQUANT_NUM_THREADS``, else the CPU
-affinity: ``os.environ.get`` alone took 31 us out of cache) read in
-compiled code, inside ``launch`` (:mod:`~npquant.kernels._env`), and
-:func:`npquant.linear` in fewer steps (float32 ``x`` known by identity,
-``x``'s layout fixed in the compiled buffers, one plan lookup): another
-35-70 us a call (w8-channel 1.80 -> 1.72 ms, fp8-channel 1.80 -> 1.76,
-w4-g128 1.23 -> 1.18, the same alternation). What is left around a
-batch-1 call is about 50 us; the rest is the kernel reading its codes.
+The modules, one idea each: ``_decode`` (code formats to float32),
+``_gemv`` (batch 1), ``_small_m`` (batch 2 to ``SMALL_M``), ``_tiles``
+and ``_vector`` (dequantization for BLAS, 16 codes as one LLVM vector),
+``_tiling`` (the large-batch tiles and BLAS over them), ``_sgemm``
+(OpenBLAS's GEMM adding into its output), ``_lut`` (batch-1 4-bit kernels
+decoding by table lookup, AVX-512), ``_vnni`` (batch-1 int8 as exact
+integer dot products, AVX-512 VNNI), ``_target`` (the CPU features numba
+compiles for), ``_nonlinear`` (GELU, LayerNorm and softmax in one pass
+each), ``_llvm`` (bit casts, stack arrays, the atomic work counter),
+``_jobs`` and ``_blas_threads`` (the kernels on OpenBLAS's threads),
+``_pool`` (npquant's own threads), ``_buffers`` (aligned outputs and
+copies of ``x``), ``_env`` (the thread count the environment allows, read
+in compiled code). ``docs/kernels.md`` holds the design of each path and
+the measurements that chose it; ``docs/performance.md`` the figures.
 """
 
 from __future__ import annotations
@@ -149,10 +46,15 @@ import numpy as np
 
 from ..errors import NpquantError
 from ..prepared import ROWS, PreparedTensor
-from ..tensor import QuantizedTensor, _float_code_values, scale_numpy_dtype, scale_values
+from ..tensor import QuantizedTensor, _float_code_values
 from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
-from ._decode import e4m3_multipliers, table_values
+from ._args import (_BYTE_KIND, _FP8, _INT4_OFFSET, _INT4_TWOS, _NIBBLES, _NO_E4M3, _NO_SCALE_2D,  # noqa: F401
+                    _NO_SCALE_BLOCKS, _NO_SCALE_CODES, _NO_SCALE_CODES_2D, _NO_SCALE_TABLE, _NO_ZP, _NO_ZP_BLOCKS,
+                    _PLANS, _VK_OF_KIND, _code_kind, _code_scale_values, _dequantize_rows_args, _dequantizes,
+                    _kernel_args, _lut_args, _lut_rows_shape, _plan, _prepared_scales, _prepared_zp, _scale_table,
+                    _scale_values, _vector_kind, _y_mult)
+from ._decode import e4m3_multipliers
 from ._env import threads_allowed
 from ._target import has_avx512, has_vnni
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
@@ -160,16 +62,13 @@ from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4
 from ._tiling import tile_shape, tiled
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
                      dequantize_rows_int4_split)
-from ._vector import VK_BITS, VK_E4M3, VK_E5M2, VK_FP4, VK_FP6, VK_INT4, VK_INT8, VK_UINT8
-
-# _kernel_args' code kind -> the vector kind of dequantize_rows_16 (4, fp8: by its format; 3: VK_BITS + bits)
-_VK_OF_KIND = {0: VK_INT8, 1: VK_UINT8, 2: VK_INT4, 5: VK_FP4, 6: VK_FP6}
 
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "explain", "ROUTES", "Route", "default_threads", "SMALL_M",
            "gelu", "add_layer_norm", "softmax_scaled"]
 
 #: Largest batch handled by the fused small-M kernel.
 SMALL_M = 16
+_FLOAT32 = np.dtype(np.float32)
 _TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
 _TILE_K = 256  # its columns, where tiles add into y (see _tiling.tiled)
 # Below this cost (weights times rows of x: the multiply-adds, whatever the
@@ -191,28 +90,6 @@ USE_LUT = True
 #: Whether batch-1 int8 calls take the exact integer kernel where numba's target has AVX-512 VNNI
 #: (:mod:`npquant.kernels._vnni`; tests switch it off to reach the float32 one).
 USE_VNNI = True
-# Each nibble's value, for the table-lookup kernels: checkpoint-layout symmetric
-# int4 (stored q + 8), prepared symmetric int4 (two's complement q), stored q
-# (asymmetric), fp4 e2m1.
-_NIBBLES = np.arange(16, dtype=np.float32)
-_INT4_OFFSET = _NIBBLES - 8
-_INT4_TWOS = np.where(_NIBBLES < 8, _NIBBLES, _NIBBLES - 16).astype(np.float32)
-_NO_SCALE_TABLE = np.zeros(1, np.float32)
-_NO_SCALE_BLOCKS = np.zeros((1, 1, ROWS), np.float32)  # float32 scales of prepared blocks, where codes are read
-_NO_SCALE_CODES = np.zeros((1, 1, ROWS), np.uint8)  # scale codes of prepared blocks, where float32 scales are read
-# fp8: (e4m3?, power of two taking the float16 the fields make to the value)
-_FP8 = {"fp8_e4m3": (1, 2.0**8), "fp8_e5m2": (0, 1.0)}
-# e4m3_mults of the batch-1 kernels where no e4m3 is decoded
-_NO_E4M3 = np.array([1.0, 1.0, 1.0, 1.0, 2.0**-140, 2.0**100], np.float32)
-# code_kind of the one-byte blocks kernels (int8: 0 symmetric, 3 asymmetric)
-_BYTE_KIND = {"fp8_e4m3": 1, "fp8_e5m2": 2}
-_NO_ZP = np.zeros((1, 1), np.uint8)
-_FLOAT32 = np.dtype(np.float32)
-_NO_ZP_BLOCKS = np.zeros((1, 1, 1), np.uint8)
-_NO_SCALE_2D = np.zeros((0, 1), np.float32)  # float32 scales, where one-byte ones are read as stored
-_NO_SCALE_CODES_2D = np.zeros((0, 1), np.uint8)  # one-byte scales, where float32 ones are read
-
-
 def _aligned_empty(shape: tuple) -> np.ndarray:
     """An uninitialised C-contiguous float32 ``(n,)`` or ``(m, n)`` array whose data starts on a cache line.
 
@@ -222,78 +99,6 @@ def _aligned_empty(shape: tuple) -> np.ndarray:
     if len(shape) == 1:
         return _buffers.empty_aligned(1, shape[0])[0]
     return _buffers.empty_aligned(*shape)
-
-
-def _code_kind(qt: QuantizedTensor) -> int:
-    """How the kernels read ``qt``'s codes: 0 symmetric int8, 1 uint8 with a zero point, 2 4-bit int in
-    byte-aligned blocks, 3 a bit stream (int2-7, 4-bit in odd blocks), 4 fp8, 5 fp4 e2m1, 6 fp6 e2m3."""
-    scheme = qt.scheme
-    if scheme.dtype == "fp4_e2m1":
-        return 5
-    if scheme.dtype == "fp6_e2m3":
-        return 6
-    if scheme.is_float:
-        return 4
-    if scheme.packed:  # the 4-bit fast path reads whole bytes: blocks must start on a byte
-        return 2 if scheme.bits == 4 and qt.block_shape[1] % 2 == 0 else 3
-    return 1 if qt.zero_point is not None else 0
-
-
-def _kernel_args(qt: QuantizedTensor, convert_scales: bool = True) -> tuple:
-    """The arrays and constants every kernel takes, in order; one-byte scales left out (an empty float32 array in
-    their place) where not ``convert_scales``."""
-    scheme = qt.scheme
-    bo, bi = qt.block_shape
-    codes = np.ascontiguousarray(qt.codes).view(np.uint8)
-    scale = _scale_values(qt) if convert_scales or qt.scale.dtype.itemsize != 1 else _NO_SCALE_2D
-    has_zp = qt.zero_point is not None
-    zp = qt.zero_point if has_zp else _NO_ZP
-    fp8_e4m3, fp8_mult = _FP8.get(scheme.dtype, (0, 1.0))
-    kind = _code_kind(qt)
-    base_off = 1 << (scheme.bits - 1) if kind in (2, 3) and not has_zp else 0
-    return (codes, scale, zp, has_zp, bo, bi, kind, scheme.bits, base_off, fp8_e4m3, np.float32(fp8_mult))
-
-
-# id(tensor) -> (weak reference to it, its plan); an entry leaves when its tensor does
-_PLANS: dict[int, tuple] = {}
-
-
-def _plan(qt: QuantizedTensor) -> tuple:
-    """``(kernel args or None, whether its format suits the 4-bit table kernels, whether the kernels read it,
-    the table kernels' args or None)`` for ``qt``.
-
-    Worked out at a tensor's first call and kept beside it (not on it: a
-    pickled tensor stays the same): a model calls its layers right after
-    numpy's own work has left the interpreter's memory out of cache, where
-    each line of Python a call saves counts. The arguments are kept only
-    when they are the tensor's own arrays (float32 scales), not converted
-    copies (bfloat16 or one-byte scales, converted at each call as before),
-    which writing into the tensor's scales would leave stale.
-    """
-    key = id(qt)
-    entry = _PLANS.get(key)
-    if entry is not None and entry[0]() is qt:
-        return entry[1]
-    dequantizes = _dequantizes(qt)
-    args = _kernel_args(qt) if dequantizes else None
-    own = args is not None and np.may_share_memory(args[0], qt.codes) and np.may_share_memory(args[1], qt.scale)
-    lut_shape = dequantizes and _lut_rows_shape(qt)
-    lut = _lut_args(qt) if lut_shape else None
-    lut_own = (lut is not None and np.may_share_memory(lut[1], qt.codes) and np.may_share_memory(lut[2], qt.scale)
-               and qt.global_scale is None)  # NVFP4's table is divided by its global scale
-    plan = (args if own else None, lut_shape, dequantizes, lut if lut_own else None)
-    _PLANS[key] = (weakref.ref(qt, lambda _, key=key: _PLANS.pop(key, None)), plan)
-    return plan
-
-
-def _scale_values(qt: QuantizedTensor) -> np.ndarray:
-    """float32 C-contiguous values of ``qt``'s scales; one-byte ones (e8m0, NVFP4's e4m3) looked up in a table of
-    their 256 values, compiled (for an 11008 x 4096 weight, medians of 20 calls: NVFP4 4.2 -> 1.0 ms, its
-    table divided by the global scale included; MXFP4 and MXFP8 2.0 -> 0.4 ms, where numpy's ``table[codes]``
-    took the time)."""
-    if qt.scale.dtype.itemsize == 1:
-        return table_values(_scale_table(qt.scheme, qt.global_scale), np.ascontiguousarray(qt.scale).view(np.uint8))
-    return np.ascontiguousarray(scale_values(qt.scale, qt.scheme, qt.global_scale))
 
 
 def _e4m3_multipliers(x2: np.ndarray) -> np.ndarray:
@@ -344,50 +149,6 @@ def _lut_rows_fit(qt: QuantizedTensor) -> bool:
     """Whether :func:`~npquant.kernels._lut.gemv_lut_rows` reads ``qt``: 4-bit codes in whole blocks of 16 columns
     (in pairs) or a multiple of 32."""
     return _lut_rows_shape(qt) and _lut_kernels() is not None
-
-
-def _lut_rows_shape(qt: QuantizedTensor) -> bool:
-    """Whether ``qt``'s format and blocks are those :func:`_lut_rows_fit` asks for."""
-    scheme = qt.scheme
-    four_bit = scheme.dtype == "fp4_e2m1" or (scheme.packed and not scheme.is_float and scheme.bits == 4)
-    bo, bi = qt.block_shape
-    fits = (bi % 32 == 0 or (bi == 16 and qt.shape[1] % 32 == 0)) and qt.shape[1] % bi == 0 and qt.shape[0] % bo == 0
-    return four_bit and fits
-
-
-def _vector_kind(args: tuple) -> int | None:
-    """The vector kind (``VK_*`` of :mod:`~npquant.kernels._vector`) in which :func:`dequantize_rows_16` reads the
-    codes of :func:`_kernel_args` ``args`` (of a tensor :func:`_dequantizes`: its rows are whole blocks), or None
-    where it does not: blocks whose columns are not whole 16s."""
-    bi, kind, bits, fp8_e4m3 = args[5], args[6], args[7], args[9]
-    if bi % 16:
-        return None
-    if kind == 4:
-        return VK_E4M3 if fp8_e4m3 else VK_E5M2
-    return _VK_OF_KIND.get(kind, VK_BITS + bits)
-
-
-def _dequantize_rows_args(qt: QuantizedTensor, args: tuple | None) -> tuple:
-    """``(kernel, its arguments before o0)`` of the fastest row kernel reading ``qt``, whose :func:`_kernel_args`
-    are ``args`` (None: worked out here, one-byte scales left as stored where the kernel reads them so)."""
-    args = args or _kernel_args(qt, convert_scales=False)
-    vk = _vector_kind(args)
-    coded = args[1] is _NO_SCALE_2D  # one-byte scales (the Scheme allows them for fp4, fp6 and e4m3 codes only)
-    if vk is not None and (not coded or vk in (VK_FP4, VK_FP6, VK_E4M3)):
-        codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult = args
-        if coded:  # read as stored: see dequantize_rows_16
-            scale_codes, table = np.ascontiguousarray(qt.scale).view(np.uint8), _scale_table(qt.scheme, qt.global_scale)
-        else:
-            scale_codes, table = _NO_SCALE_CODES_2D, _NO_SCALE_TABLE
-        return dequantize_rows_16, (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult,
-                                    False)
-    return dequantize_rows, _kernel_args(qt) if coded else args
-
-
-def _dequantizes(qt: QuantizedTensor) -> bool:
-    """Whether the dequantizing and portable kernels read ``qt``: not blocks cut at the weight's edge."""
-    bo, bi = qt.block_shape
-    return qt.shape[0] % bo == 0 and qt.shape[1] % bi == 0
 
 
 def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
@@ -594,70 +355,6 @@ def _split_columns(x2: np.ndarray, tile_cols: int) -> np.ndarray:
         half = (k1 - k0) // 2
         x_split[:, k0 : k0 + half], x_split[:, k0 + half : k1] = _even_odd(x2[:, k0:k1])
     return x_split
-
-
-def _scale_table(scheme, global_scale: np.ndarray | None = None) -> np.ndarray:
-    """float32 (256,): the value of each one-byte scale code (e8m0, fp8 e4m3 over ``global_scale`` if given),
-    computed as :func:`~npquant.tensor.scale_values` computes each (a float32 division by the global scale)."""
-    table = _code_scale_values(scheme)
-    return table if global_scale is None else table / global_scale[0]
-
-
-@functools.cache
-def _code_scale_values(scheme) -> np.ndarray:
-    """float32 (256,): :func:`~npquant.tensor.scale_values` of every one-byte scale code of ``scheme``.
-
-    Shared by every call: the kernels only read it (a read-only array would
-    make numba compile each kernel once more for that type).
-    """
-    every = np.arange(256, dtype=np.uint8).view(scale_numpy_dtype(scheme))
-    with np.errstate(over="ignore", invalid="ignore"):  # the NaN codes: QuantizedTensor and PreparedTensor refuse them
-        return np.ascontiguousarray(scale_values(every, scheme), np.float32)
-
-
-def _lut_args(qt: QuantizedTensor) -> tuple:
-    """``(coded, codes, scale, scale_table, zp, has_zp, values, bo)`` for :func:`_run_lut_rows`.
-
-    One-byte scales (e8m0, NVFP4's fp8) stay codes (``coded``), read through
-    a table of their 256 values (computed as
-    :func:`~npquant.tensor.scale_values` computes each); decoding them all
-    would cost more than the call.
-    """
-    scheme = qt.scheme
-    has_zp = qt.zero_point is not None
-    if scheme.dtype == "fp4_e2m1":
-        values = _float_code_values("fp4_e2m1")
-    else:
-        values = _NIBBLES if has_zp else _INT4_OFFSET
-    codes = np.ascontiguousarray(qt.codes).view(np.uint8)
-    coded = qt.scale.dtype.itemsize == 1
-    if coded:
-        scale = np.ascontiguousarray(qt.scale).view(np.uint8)
-        scale_table = _scale_table(scheme, qt.global_scale)
-    else:
-        scale = _scale_values(qt)
-        scale_table = _NO_SCALE_TABLE
-    zp = qt.zero_point if has_zp else np.zeros((1, scale.shape[1]), np.uint8)
-    return coded, codes, scale, scale_table, zp, has_zp, values, qt.block_shape[0]
-
-
-def _prepared_scales(p: PreparedTensor) -> tuple:
-    """``(scale, scale_codes, scale_table)`` of the prepared 4-bit kernels: fp4's one-byte scale codes with their
-    values in a table (NVFP4's over its global scale, as dequantize divides), int4's float32 scales."""
-    if p.scheme.dtype == "fp4_e2m1":
-        return _NO_SCALE_BLOCKS, p.scale, _scale_table(p.scheme, p.global_scale)
-    return p.scale, _NO_SCALE_CODES, _NO_SCALE_TABLE
-
-
-def _prepared_zp(p: PreparedTensor) -> tuple:
-    """``(zp, has_zp)`` of a prepared tensor, a placeholder where it has no zero point."""
-    has_zp = p.zero_point is not None
-    return (p.zero_point if has_zp else _NO_ZP_BLOCKS), has_zp
-
-
-def _y_mult(p: PreparedTensor) -> np.float32:
-    """What the batch-1 4-bit kernels multiply ``y`` by: one over NVFP4's global scale, else 1."""
-    return np.float32(1.0) if p.global_scale is None else np.float32(1.0) / p.global_scale[0]
 
 
 def _run_prepared_lut(x2, p, y, call) -> None:
