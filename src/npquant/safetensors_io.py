@@ -135,6 +135,7 @@ class Checkpoint:
             raise NpquantError(f"MODEL {path} does not exist")
         if path.is_file():
             _refuse_pickle(path)
+            _refuse_gguf(path)
             if path.suffix != ".safetensors":
                 raise NpquantError(f"MODEL {path} is not a .safetensors file or a model directory")
             self.root = path.parent
@@ -158,6 +159,8 @@ class Checkpoint:
                     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
                     if pickles:
                         _refuse_pickle(path / pickles[0])
+                    for gguf in sorted(path.glob("*.gguf")):
+                        _refuse_gguf(gguf)
                     raise NpquantError(f"MODEL {path} holds no .safetensors files")
         self._handles = []
         self.tensors: dict[str, TensorSource] = {}
@@ -237,6 +240,12 @@ def _refuse_pickle(path: Path) -> None:
             f"{path} is a pickle checkpoint ({path.suffix}): npquant never unpickles files. "
             f"Convert it to safetensors first (safetensors.torch.save_file in a trusted environment)"
         )
+
+
+def _refuse_gguf(path: Path) -> None:
+    if path.suffix.lower() == ".gguf":
+        raise NpquantError(f"{path} is a GGUF file, which npquant does not read yet: give the model's safetensors "
+                           f"checkpoint (a .safetensors file, or the directory of its shards)")
 
 
 def _read_index(path: Path) -> dict:

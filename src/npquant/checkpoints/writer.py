@@ -42,7 +42,7 @@ from ..quantize import QuantizedTensor, quantize_measured
 from ..safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, TensorPlan, TensorSource, write_safetensors
 from ..schemes import Scheme, get_scheme
 from .config import _quantization_config, check_loadable
-from .selection import _QUANTIZABLE, LayerChoice, select_layers
+from .selection import _QUANTIZABLE, LayerChoice, left_alone_notes, select_layers
 
 __all__ = [
     "quantize_checkpoint",
@@ -198,8 +198,11 @@ def quantize_checkpoint(
             choices = _choices_for_mapping(ckpt, per_layer)
             layer_scheme = per_layer
         picked = {c.name: c for c in choices if c.quantize}
+        left_alone = left_alone_notes(choices)
         if not picked:
-            raise NpquantError(f"no tensor of {ckpt.path} was selected for quantization; see --include")
+            raise NpquantError(f"no tensor of {ckpt.path} was selected for quantization; see --include"
+                               + "".join(f"; {note}" for note in left_alone))
+        notes = [*notes, *left_alone]
         for name, qt in quantized.items():
             if name not in picked:
                 raise NpquantError(f"quantized tensor {name!r} is not a layer selected for quantization in {ckpt.path}")
@@ -241,6 +244,8 @@ def _choices_for_mapping(ckpt, per_layer: dict[str, Scheme]) -> list[LayerChoice
         t = ckpt.tensors[name]
         if t.ndim != 2 or t.code not in _QUANTIZABLE or not name.endswith(".weight"):
             raise NpquantError(f"the plan names {name!r} ({t.code} {t.shape}), which is not a 2-D float linear weight")
+        if not defaults[name].quantizable:
+            raise NpquantError(f"the plan names {name!r}, which npquant cannot quantize: {defaults[name].reason}")
         if sch.granularity == "group" and t.shape[1] % sch.group_size:
             raise NpquantError(f"the plan gives {name!r} group_size={sch.group_size}, which does not divide "
                                f"in_features={t.shape[1]}")
