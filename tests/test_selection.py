@@ -345,6 +345,17 @@ def test_already_quantized_input_is_refused_in_one_line(tmp_path, capsys, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_refuse_quantized_is_callable_before_other_work(tmp_path):
+    # The GPTQ path calibrates before it writes: it can refuse the input first with this.
+    from npquant.checkpoints.selection import refuse_quantized
+
+    with Checkpoint(compressed("w8-channel")(tmp_path / "ct")) as ckpt:
+        with pytest.raises(NpquantError, match=r"ct is already quantized: its config\.json has a quantization_config"):
+            refuse_quantized(ckpt)
+    with Checkpoint(float_model(tmp_path / "float")) as ckpt:
+        refuse_quantized(ckpt)
+
+
 # --- the round trip: every input kind is refused, or written so that load reads it ------------
 def float_model(root):
     return make_model(root, linear_model(), {"model_type": "llama"})

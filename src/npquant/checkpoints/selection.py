@@ -33,6 +33,7 @@ __all__ = [
     "LayerChoice",
     "select_layers",
     "left_alone_notes",
+    "refuse_quantized",
 ]
 
 _QUANTIZABLE = ("F32", "F16", "BF16")
@@ -90,7 +91,7 @@ def select_layers(
     error, and so is a checkpoint that is already quantized.
     """
     config = _config(ckpt)
-    _refuse_quantized(ckpt, config)
+    refuse_quantized(ckpt, config)
     inc = [_compile(p, "--include") for p in include or []]
     exc = [_compile(p, "--exclude") for p in exclude or []]
     conv1d = _is_conv1d_model(ckpt, config)
@@ -155,8 +156,19 @@ _QUANTIZED_NAMES = (
 _WHAT_TO_DO = "npquant quantizes float checkpoints: give the original float32/float16/bfloat16 model"
 
 
-def _refuse_quantized(ckpt: Checkpoint, config: dict) -> None:
-    """Raise when ``ckpt`` is already quantized: its output would be a checkpoint ``load`` refuses."""
+def refuse_quantized(ckpt: Checkpoint, config: dict | None = None) -> None:
+    """Raise :class:`NpquantError` when ``ckpt`` is already quantized, saying what it is and what to do.
+
+    Already quantized: config.json (``config``, read from ``ckpt`` when
+    None) has a ``quantization_config`` or ``compression_config``, a
+    ``.weight`` is int8, uint8 or fp8, or a tensor has a compressed-tensors
+    (``.weight_packed``, ``.weight_scale``, ...) or GPTQ/AWQ (``.qweight``)
+    name. Quantizing such a model again would write a checkpoint that
+    :func:`npquant.load` refuses; :func:`select_layers` calls this first, and
+    work that comes before it (calibration) should too.
+    """
+    if config is None:
+        config = _config(ckpt)
     for key in ("quantization_config", "compression_config"):
         qc = config.get(key)
         if qc is not None:
