@@ -15,9 +15,9 @@ is the one ``safetensors`` reads; the tests read our files back with it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -34,9 +34,15 @@ __all__ = [
     "numpy_dtype",
     "PICKLE_SUFFIXES",
     "INDEX_NAME",
+    "MAX_JSON_BYTES",
+    "read_json",
+    "check_regular_file",
+    "json_kind",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+#: The largest JSON file (``config.json``, the index) npquant reads; a larger one is refused before reading.
+MAX_JSON_BYTES = 64 << 20
 #: File types that hold pickles: refused, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -132,9 +138,13 @@ class Checkpoint:
         path = Path(path)
         self.path = path
         self.index = None
-        if not path.exists():
-            raise NpquantError(f"MODEL {path} does not exist")
-        if path.is_file():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise NpquantError(f"MODEL {path} does not exist") from None
+        except OSError as exc:
+            raise NpquantError(f"MODEL {path} cannot be read: {exc.strerror or exc}") from None
+        if stat.S_ISREG(mode):
             _refuse_pickle(path)
             _refuse_gguf(path)
             if path.suffix != ".safetensors":
@@ -142,27 +152,34 @@ class Checkpoint:
             self.root = path.parent
             self.files = [path]
             shard_of = None
-        else:
+        elif stat.S_ISDIR(mode):
             self.root = path
             index_path = path / INDEX_NAME
-            if index_path.exists():
-                self.index = _read_index(index_path)
-                shard_of = self.index["weight_map"]
-                names = list(dict.fromkeys(shard_of.values()))
-                for shard in names:
-                    if not (path / shard).is_file():
-                        raise NpquantError(f"{index_path} names shard {shard!r}, which is missing from {path}")
-                self.files = [path / shard for shard in names]
-            else:
-                self.files = sorted(path.glob("*.safetensors"))
-                shard_of = None
-                if not self.files:
-                    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-                    if pickles:
-                        _refuse_pickle(path / pickles[0])
-                    for gguf in sorted(path.glob("*.gguf")):
-                        _refuse_gguf(gguf)
-                    raise NpquantError(f"MODEL {path} holds no .safetensors files")
+            try:
+                if os.path.lexists(index_path):
+                    self.index = _read_index(index_path)
+                    shard_of = self.index["weight_map"]
+                    names = list(dict.fromkeys(shard_of.values()))
+                    for shard in names:
+                        if not os.path.lexists(path / shard):
+                            raise NpquantError(f"{index_path} names shard {shard!r}, which is missing from {path}")
+                    self.files = [path / shard for shard in names]
+                else:
+                    self.files = sorted(path.glob("*.safetensors"))
+                    shard_of = None
+                    if not self.files:
+                        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                        if pickles:
+                            _refuse_pickle(path / pickles[0])
+                        for gguf in sorted(path.glob("*.gguf")):
+                            _refuse_gguf(gguf)
+                        raise NpquantError(f"MODEL {path} holds no .safetensors files")
+                for file in self.files:  # before safe_open opens them: a FIFO would block it forever
+                    check_regular_file(file)
+            except OSError as exc:
+                raise NpquantError(f"MODEL {path} cannot be read: {exc.strerror or exc} ({exc.filename})") from None
+        else:
+            raise NpquantError(f"MODEL {path} is {_file_kind(mode)}, not a .safetensors file or a model directory")
         self._handles = []
         self.tensors: dict[str, TensorSource] = {}
         self.metadata: dict[Path, dict] = {}
@@ -176,7 +193,7 @@ class Checkpoint:
                     raise NpquantError(f"{file} cannot be read: {exc}") from None
                 self._handles.append(handle)
                 self.metadata[file] = handle.metadata() or {}
-                offsets = _data_offsets(file)
+                offsets = _data_offsets(file, handle.keys())
                 for name in handle.keys():
                     if name in self.tensors:
                         raise NpquantError(f"tensor {name!r} appears in both {self.tensors[name].file} and {file}")
@@ -213,26 +230,29 @@ class Checkpoint:
 
     @property
     def config(self) -> dict | None:
-        """``config.json`` beside the weights, or None."""
+        """``config.json`` beside the weights (a JSON object, read by :func:`read_json`), or None."""
         path = self.root / "config.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise NpquantError(f"{path} is not valid JSON: {exc}") from None
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise NpquantError(f"{path} must hold a JSON object, got {json_kind(config)}")
+        return config
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _data_offsets(file: Path) -> dict[str, int]:
+def _data_offsets(file: Path, names) -> dict[str, int]:
     """Absolute file offset of each tensor's data (the header was validated by safetensors)."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        return {k: 8 + n + int(header[k]["data_offsets"][0]) for k in names}
+    except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:
+        raise NpquantError(f"{file} has a safetensors header npquant cannot read: {exc!r}") from None
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -243,6 +263,62 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+def check_regular_file(path: Path) -> os.stat_result:
+    """``path``'s stat (symlinks followed), refusing anything but a regular file before it is opened.
+
+    A FIFO would block the open forever and a device can be endless: both
+    get a one-line NpquantError naming the path. OSError (a missing or
+    unreadable file) is left to the caller.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NpquantError(f"{path} is {_file_kind(st.st_mode)}, not a regular file: npquant reads regular files only")
+    return st
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES):
+    """The JSON value in the file ``path``, or a one-line NpquantError naming it.
+
+    Refused: a path that is not a regular file (checked before opening, so
+    a FIFO never blocks), a file over ``limit`` bytes (checked before
+    reading), one that cannot be read (permissions), is not UTF-8, is not
+    JSON or nests deeper than the parser follows. The caller checks the
+    value's type.
+    """
+    try:
+        check_regular_file(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())  # the file opened, should a rename have swapped it since the check
+            if not stat.S_ISREG(st.st_mode):
+                raise NpquantError(f"{path} is {_file_kind(st.st_mode)}, not a regular file")
+            if st.st_size > limit:
+                raise NpquantError(f"{path} is {st.st_size} bytes; npquant reads JSON files of at most {limit} bytes")
+            raw = f.read(limit + 1)  # bounded even if the file grows meanwhile
+    except FileNotFoundError:
+        raise NpquantError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise NpquantError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise NpquantError(f"{path} is over {limit} bytes; npquant reads JSON files of at most {limit} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NpquantError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise NpquantError(f"{path} nests JSON arrays or objects too deeply to read") from None
+    except ValueError as exc:  # json.JSONDecodeError, and integers too long to convert
+        raise NpquantError(f"{path} is not valid JSON: {exc}") from None
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, for messages: ``a list``, ``a string``, ``a number``..."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
 def _refuse_gguf(path: Path) -> None:
     if path.suffix.lower() == ".gguf":
         raise NpquantError(f"{path} is a GGUF file, which npquant does not read yet: give the model's safetensors "
@@ -250,13 +326,34 @@ def _refuse_gguf(path: Path) -> None:
 
 
 def _read_index(path: Path) -> dict:
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NpquantError(f"{path} is not valid JSON: {exc}") from None
+    """``model.safetensors.index.json``: a non-empty ``weight_map`` of tensor name -> shard file name."""
+    index = read_json(path)
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise NpquantError(f"{path} has no 'weight_map' object")
+    weight_map = index["weight_map"]
+    if not weight_map:
+        raise NpquantError(f"{path}: weight_map is empty; an index maps every tensor to its shard file")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise NpquantError(f"{path}: weight_map[{name!r}] must be a shard file name (a string), "
+                               f"got {json_kind(shard)}")
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+            raise NpquantError(f"{path}: weight_map[{name!r}] = {shard!r} is not a file name in {path.parent}")
+        _refuse_pickle(path.parent / shard)
+        if not shard.endswith(".safetensors"):
+            raise NpquantError(f"{path}: weight_map[{name!r}] = {shard!r} is not a .safetensors file")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise NpquantError(f"{path}: metadata must be an object, got {json_kind(index['metadata'])}")
     return index
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for messages."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 # --- writing -----------------------------------------------------------------------
@@ -291,21 +388,7 @@ def write_safetensors(
     Returns
     -------
     int : bytes of tensor data written
-
-    A failed write (disk full, file size limit, permissions) raises
-    :class:`NpquantError` naming ``path`` and the reason, from the OSError
-    (whose ``filename`` is ``path``); the partial file is left for the
-    caller, who writes into a temporary directory and removes it.
     """
-    try:
-        return _write_safetensors(path, plans, arrays, metadata)
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise NpquantError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def _write_safetensors(path: Path, plans: list[TensorPlan], arrays: Iterable[dict], metadata: dict | None) -> int:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -366,25 +449,15 @@ def _copy_range(src, dst, offset: int, count: int) -> None:
                 offset += n
                 count -= n
             return
-        except OSError as exc:
-            if exc.errno not in _NO_COPY_FILE_RANGE:
-                raise  # disk full, file too large, I/O error: the write failed, reading would not help
-            # not on this filesystem (or between these two): fall back to reading
+        except OSError:
+            pass  # not on this filesystem: fall back to reading
     src.seek(offset)
     while count:
-        try:
-            block = src.read(min(count, 16 << 20))
-        except OSError as exc:
-            raise NpquantError(f"cannot read {src.name}: {exc.strerror or exc}") from None
+        block = src.read(min(count, 16 << 20))
         if not block:
             raise NpquantError(f"{src.name} ended early: truncated while being read?")
         dst.write(block)
         count -= len(block)
-
-
-# copy_file_range's errors that mean "not here", where reading and writing still work.
-_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF,
-                       errno.EPERM, errno.ETXTBSY}
 
 
 _NUMPY_DTYPES = {

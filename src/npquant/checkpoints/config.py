@@ -10,9 +10,11 @@ build on it; it imports neither.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import NpquantError
+from ..safetensors_io import json_kind
 from ..schemes import Scheme
 
 __all__ = [
@@ -124,23 +126,106 @@ def _quantization_config(scheme: Scheme | Mapping[str, Scheme], ignore: list[str
 # The formats load reads.
 _READ_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
                  "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized")
+# The fields compressed-tensors 0.20 defines (its QuantizationArgs and QuantizationScheme forbid others).
+_WEIGHT_FIELDS = ("num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic", "actorder",
+                  "scale_dtype", "zp_dtype", "observer", "observer_kwargs")
+_GROUP_FIELDS = ("targets", "weights", "input_activations", "output_activations", "format")
+
+
+@dataclass(frozen=True)
+class _ReadGroup:
+    """One config group as load reads it."""
+
+    name: str  # its key in config_groups
+    scheme: Scheme  # what its weights decode as
+    act_order: bool  # codes in act-order groups (weight_g_idx)
+    format: str  # the group's own format, or the config's
+    targets: "_Targets"
+
+
+def _read_quantization_config(config: object, where: str) -> tuple[list[_ReadGroup], "_Targets"]:
+    """The groups and the ignore list of a ``config.json`` (parsed), every field's type and value checked.
+
+    ``where`` names the file in messages. Each ``re:`` pattern is compiled once, whatever the number of
+    groups naming it.
+    """
+    if not isinstance(config, dict):
+        raise NpquantError(f"{where} must hold a JSON object, got {json_kind(config)}")
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise NpquantError(f"{where} has no quantization_config object (got {json_kind(qc)}); "
+                           f"is it a compressed-tensors checkpoint?")
+    method = qc.get("quant_method", "compressed-tensors")
+    if method != "compressed-tensors":
+        raise NpquantError(f"{where}: quant_method {method!r} is not 'compressed-tensors', the format npquant reads")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise NpquantError(f"{where}: quantization_status {status!r}: npquant reads 'compressed' checkpoints only "
+                           f"(the other states store float weights)")
+    top_format = qc.get("format")
+    if not isinstance(top_format, str):
+        raise NpquantError(f"{where}: quantization_config.format must be a string, got {json_kind(top_format)}")
+    raw_groups = qc.get("config_groups")
+    if not isinstance(raw_groups, dict) or not raw_groups:
+        raise NpquantError(f"{where}: config_groups must be a non-empty object")
+    compiled: dict[str, re.Pattern] = {}
+    groups = []
+    for gname, g in raw_groups.items():
+        at = f"{where}: config_groups.{gname}"
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+            raise NpquantError(f"{at} has no 'weights' object")
+        unknown = sorted(set(g) - set(_GROUP_FIELDS))
+        if unknown:
+            raise NpquantError(f"{at} has field {unknown[0]!r}, which compressed-tensors does not define "
+                               f"({', '.join(_GROUP_FIELDS)})")
+        for field in ("input_activations", "output_activations"):
+            if not isinstance(g.get(field), (dict, type(None))):
+                raise NpquantError(f"{at}.{field} must be an object or null, got {json_kind(g[field])}")
+        fmt = g.get("format") or top_format
+        if fmt == "mixed-precision":
+            raise NpquantError(f"{at} has no format of its own under a mixed-precision config")
+        if not isinstance(fmt, str) or fmt not in _READ_FORMATS:
+            raise NpquantError(f"{at}: format {fmt!r} is not one npquant reads ({', '.join(_READ_FORMATS)})")
+        scheme, act_order = _scheme_from_weights(g["weights"], at)
+        targets = _compile_targets(g.get("targets"), f"{at}.targets", compiled)
+        groups.append(_ReadGroup(gname, scheme, act_order, fmt, targets))
+    ignore = _compile_targets(qc.get("ignore") or [], f"{where}: ignore", compiled)
+    return groups, ignore
 
 
 def _scheme_from_weights(weights: dict, where: str) -> tuple[Scheme, bool]:
     """The Scheme a group's ``weights`` describe, and whether it has act-order groups.
 
-    Wrong JSON types are errors, never coerced.
+    Every field compressed-tensors defines is checked, for every format;
+    wrong JSON types are errors, never coerced. Strings compressed-tensors
+    lower-cases (``type``, ``strategy``, ``actorder``) are read the same way.
     """
-    num_bits, kind = weights.get("num_bits"), weights.get("type", "int")
-    strategy, symmetric = weights.get("strategy"), weights.get("symmetric", True)
+    unknown = sorted(set(weights) - set(_WEIGHT_FIELDS))
+    if unknown:
+        raise NpquantError(f"{where}.weights has field {unknown[0]!r}, which compressed-tensors does not define")
+    lower = lambda v: v.lower() if isinstance(v, str) else v  # noqa: E731
+    num_bits, kind = weights.get("num_bits"), lower(weights.get("type", "int"))
+    strategy, symmetric = lower(weights.get("strategy")), weights.get("symmetric", True)
     group_size, scale_dtype = weights.get("group_size"), weights.get("scale_dtype")
-    actorder = weights.get("actorder")
+    actorder, dynamic = lower(weights.get("actorder")), lower(weights.get("dynamic", False))
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
         raise NpquantError(f"{where}.weights.num_bits must be an integer, got {num_bits!r}")
     if not isinstance(symmetric, bool):
         raise NpquantError(f"{where}.weights.symmetric must be true or false, got {symmetric!r}")
     if kind not in ("int", "float"):
         raise NpquantError(f"{where}.weights.type must be 'int' or 'float', got {kind!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise NpquantError(f"{where}.weights.group_size must be an integer or null, got {group_size!r}")
+    if dynamic not in (False, True, "local"):
+        raise NpquantError(f"{where}.weights.dynamic must be true, false or 'local', got {dynamic!r}")
+    if dynamic is not False:
+        raise NpquantError(f"{where}.weights.dynamic is {dynamic!r}: dynamic weights store no scales; "
+                           f"npquant reads static weights (dynamic: false)")
+    for field in ("zp_dtype", "observer"):
+        if not isinstance(weights.get(field), (str, type(None))):
+            raise NpquantError(f"{where}.weights.{field} must be a string or null, got {weights[field]!r}")
+    if not isinstance(weights.get("observer_kwargs"), (dict, type(None))):
+        raise NpquantError(f"{where}.weights.observer_kwargs must be an object, got {weights['observer_kwargs']!r}")
     if strategy is None:  # compressed-tensors infers it from group_size
         strategy = "tensor" if group_size is None else "channel" if group_size == -1 else "group"
     if strategy not in ("tensor", "channel", "group", "tensor_group", "block"):
@@ -151,25 +236,27 @@ def _scheme_from_weights(weights: dict, where: str) -> tuple[Scheme, bool]:
                            f"(null, 'torch.float8_e4m3fn', 'torch.uint8')")
     if actorder not in (None, "weight", "static", "group", "dynamic", True, False):
         raise NpquantError(f"{where}.weights.actorder {actorder!r} is not known (null, 'weight', 'static', 'group')")
+    if actorder not in (None, False) and strategy not in ("group", "tensor_group"):
+        raise NpquantError(f"{where}.weights: actorder {actorder!r} is for group scales, not strategy {strategy!r}")
     if strategy in ("group", "tensor_group"):
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        if group_size is None or group_size <= 0:
             raise NpquantError(f"{where}.weights.group_size must be a positive integer for strategy {strategy!r}, "
                                f"got {group_size!r}")
+    elif group_size is not None and group_size not in (-1,):
+        raise NpquantError(f"{where}.weights.group_size={group_size} is for strategy 'group' or 'tensor_group', "
+                           f"not {strategy!r} (null or -1 there)")
     else:
         group_size = None
-    block = None
-    if strategy == "block":
-        block = weights.get("block_structure")
-        if (not isinstance(block, list) or len(block) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block)):
-            raise NpquantError(f"{where}.weights.block_structure must be [rows, cols] of positive integers, got {block!r}")
-        block = tuple(block)
+    block = _block_structure(weights.get("block_structure"), strategy, where)
     try:
         if kind == "int":
             if strategy not in ("tensor", "channel", "group") or scale_dtype is not None:
                 raise NpquantError(f"int weights with strategy {strategy!r} and scale_dtype {scale_dtype!r} are not "
                                    f"a format npquant reads")
             scheme = Scheme("int", num_bits, strategy, group_size, symmetric)
+        elif not symmetric:
+            raise NpquantError(f"symmetric is false, but float weights (fp8, NVFP4, MX) are stored without zero "
+                               f"points; a {num_bits}-bit float group must say symmetric: true")
         elif num_bits in (4, 6):
             if strategy == "tensor_group" and num_bits == 4 and scale_dtype == "torch.float8_e4m3fn":
                 scheme = Scheme("fp4_e2m1", 4, "group", group_size, scale_dtype="fp8_e4m3")
@@ -198,25 +285,91 @@ def _scheme_from_weights(weights: dict, where: str) -> tuple[Scheme, bool]:
     return scheme, act_order
 
 
+def _block_structure(block, strategy: str, where: str) -> tuple[int, int] | None:
+    """``block_structure`` as (rows, cols): required for strategy block, absent (null) otherwise.
+
+    compressed-tensors also reads the older string form ``"128x128"``.
+    """
+    if block is None:
+        if strategy == "block":
+            raise NpquantError(f"{where}.weights.block_structure must be [rows, cols] of positive integers for "
+                               f"strategy 'block', got null")
+        return None
+    if strategy != "block":
+        raise NpquantError(f"{where}.weights.block_structure is for strategy 'block', not {strategy!r}")
+    if isinstance(block, str) and re.fullmatch(r"[0-9]{1,9}x[0-9]{1,9}", block):
+        block = [int(v) for v in block.split("x")]
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block)):
+        raise NpquantError(f"{where}.weights.block_structure must be [rows, cols] of positive integers, got {block!r}")
+    return tuple(block)
+
+
 # --- targets and ignore -------------------------------------------------------------
-def _matches(module: str, target: str) -> bool:
-    if target.startswith("re:"):
-        try:
-            return re.match(target[3:], module) is not None
-        except re.error as exc:
-            raise NpquantError(f"target {target!r} is not a valid regular expression: {exc}") from None
-    return target == module
+#: The one class name a target matches by: a checkpoint holds no modules, so every module whose weight is
+#: stored quantized (a 2-D weight, all the reader decodes) is taken for a ``Linear``.
+LINEAR_CLASS = "Linear"
+_TIERS = ("exact name", "re: pattern", "class name")
 
 
-def _matches_any(module: str, targets: list[str]) -> bool:
-    return any(_matches(module, x) for x in targets if x == module or x.startswith("re:"))
+@dataclass(frozen=True)
+class _Targets:
+    """A ``targets`` or ``ignore`` list as load matches it, its ``re:`` patterns compiled.
+
+    A module matches by exact name (tier 0), then a ``re:`` pattern
+    (``re.match``: anchored at the start only; tier 1), then the class name
+    ``Linear`` (tier 2), which every quantized module is. Any other class
+    name (no dot, a capital first letter) matches nothing.
+    """
+
+    names: frozenset[str]
+    patterns: tuple[tuple[str, re.Pattern], ...]
+    linear: bool
+
+    def match(self, module: str) -> tuple[int, str] | None:
+        """``(tier, target)`` of the most specific target matching ``module``, or None."""
+        if module in self.names:
+            return 0, module
+        for target, pattern in self.patterns:
+            if pattern.match(module) is not None:
+                return 1, target
+        return (2, LINEAR_CLASS) if self.linear else None
 
 
-def _group_for(module: str, groups: list):
-    """The group claiming ``module``: an exact name first, then a ``re:`` pattern, then a class name."""
-    for test in (lambda x: x == module, lambda x: x.startswith("re:") and _matches(module, x),
-                 lambda x: not x.startswith("re:") and "." not in x and x[:1].isupper()):
-        for group in groups:
-            if any(test(x) for x in group[3]):
-                return group
-    return None
+def _compile_targets(targets, where: str, compiled: dict[str, re.Pattern]) -> _Targets:
+    """``targets`` (a list of strings) with each ``re:`` pattern compiled once: ``compiled`` is shared by the
+    lists of one config."""
+    if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
+        raise NpquantError(f"{where} must be a list of strings, got {targets!r:.200}")
+    patterns = {}
+    for target in targets:
+        if target.startswith("re:") and target not in patterns:
+            if target not in compiled:
+                try:
+                    compiled[target] = re.compile(target[3:])
+                except (re.error, RecursionError, OverflowError) as exc:
+                    raise NpquantError(f"{where}: {target!r:.200} is not a valid regular expression: {exc}") from None
+            patterns[target] = compiled[target]
+    names = frozenset(x for x in targets if not x.startswith("re:"))
+    return _Targets(names, tuple(patterns.items()), LINEAR_CLASS in names)
+
+
+def _group_for(module: str, groups: list[_ReadGroup]) -> _ReadGroup | None:
+    """The group claiming ``module``: the one whose most specific matching target (exact name, then ``re:``,
+    then class) is more specific than every other group's; two groups claiming it alike are an error,
+    whatever their order."""
+    best, claim = None, []
+    for group in groups:
+        found = group.targets.match(module)
+        if found is None:
+            continue
+        if best is None or found[0] < best[0]:
+            best, claim = found, [(group, found[1])]
+        elif found[0] == best[0]:
+            claim.append((group, found[1]))
+    if len(claim) > 1:
+        (g1, t1), (g2, t2) = claim[:2]
+        raise NpquantError(f"module {module!r} is claimed alike by config groups {g1.name} ({t1!r}) and "
+                           f"{g2.name} ({t2!r}), both by {_TIERS[best[0]]}; tools pick between them "
+                           f"differently, so the checkpoint is ambiguous")
+    return claim[0][0] if claim else None
