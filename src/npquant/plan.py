@@ -10,6 +10,13 @@ the optimum is never dropped, and the frontier stays small because layers
 of the same shape share byte counts. Nothing here prints; :func:`read_plan`
 and :func:`write_plan` handle ``plan.json`` (schema in the README).
 
+Everything that can be refused without measuring is refused first, from
+shapes alone: :func:`layer_bytes` gives each option's exact bytes,
+:func:`budget_bytes` turns ``bits`` or ``size`` into bytes, and
+:func:`check_budget` refuses a budget below the smallest plan (every layer
+at its cheapest candidate) before any layer is measured;
+:func:`check_plan_path` refuses an output path that cannot be written.
+
 >>> solve_budget([[0.0, 1.0], [0.0, 5.0]], [[8, 4], [8, 4]], 12)
 [1, 0]
 """
@@ -27,7 +34,8 @@ import numpy as np
 from .errors import NpquantError
 from .schemes import Scheme, get_scheme
 
-__all__ = ["solve_budget", "PLAN_VERSION", "DEFAULT_CANDIDATES", "read_plan", "write_plan", "plan_schemes"]
+__all__ = ["solve_budget", "layer_bytes", "budget_bytes", "check_budget", "PLAN_VERSION", "DEFAULT_CANDIDATES",
+           "read_plan", "write_plan", "check_plan_path", "plan_schemes"]
 
 #: Candidate presets of ``npquant plan``: w4-g128, w4-g32, w8-channel and fp8-channel, plus the two
 #: 4-bit steps between them (w4-g128-asym at 4.31 bits, w4-g64 at 4.5). With them the 5-bit MiniLM
@@ -35,6 +43,8 @@ __all__ = ["solve_budget", "PLAN_VERSION", "DEFAULT_CANDIDATES", "read_plan", "w
 DEFAULT_CANDIDATES = ("w4-g128", "w4-g128-asym", "w4-g64", "w4-g32", "w8-channel", "fp8-channel")
 #: The ``version`` of the plan.json schema this module writes and reads.
 PLAN_VERSION = 1
+# A plan.json larger than this is not one of npquant's (a large model's is a few hundred KiB).
+_PLAN_MAX_BYTES = 64 << 20
 # Partial choices kept per layer at most: past this the frontier is thinned evenly (never the cheapest end).
 _MAX_FRONTIER = 1 << 20
 
@@ -105,17 +115,159 @@ def solve_budget(costs, sizes, budget: int) -> list[int]:
     return chosen[::-1]
 
 
+# --- before measuring: bytes from shapes ----------------------------------------------------
+def layer_bytes(shape: tuple[int, int], scheme: Scheme | str) -> int | None:
+    """Exact bytes of a ``shape (O, I)`` weight under ``scheme``, from the shape alone; None if it does not fit.
+
+    Codes ``O * ceil(I * bits / 8)``, scales ``n_blocks * scale bytes``, a
+    zero point byte per block when asymmetric, 4 for NVFP4's global scale:
+    what :attr:`QuantizedTensor.nbytes` counts (a test checks every preset).
+    None when the scheme's group size does not divide ``I``.
+
+    >>> layer_bytes((384, 1536), "w4-g128"), layer_bytes((384, 1536), "w8-channel"), layer_bytes((8, 96), "w4-g64")
+    (313344, 591360, None)
+    """
+    from .tensor import scale_numpy_dtype
+
+    scheme = get_scheme(scheme)
+    out_features, in_features = (int(d) for d in shape)
+    if scheme.granularity == "group" and in_features % scheme.group_size:
+        return None
+    n_blocks = math.prod(scheme.scale_shape((out_features, in_features)))
+    total = out_features * -(-in_features * scheme.bits // 8) + n_blocks * scale_numpy_dtype(scheme).itemsize
+    total += 0 if scheme.symmetric else n_blocks
+    total += 4 if scheme.global_scale else 0
+    return total
+
+
+def budget_bytes(layers, *, bits: float | None = None, size: int | None = None) -> int:
+    """A budget in bytes from ``bits`` per weight over ``layers`` (``{name: (O, I)}``) or ``size`` bytes.
+
+    Exactly one of ``bits`` (a positive finite number) or ``size`` (a
+    positive int) is given. ``bits`` gives ``floor(bits * weights / 8)``.
+
+    >>> budget_bytes({"a": (384, 1536)}, bits=4.5), budget_bytes({}, size=1000)
+    (331776, 1000)
+    """
+    if (bits is None) == (size is None):
+        raise NpquantError("give the budget as bits per weight or as a size in bytes, exactly one of them")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise NpquantError(f"size must be a positive number of bytes, got {size!r}")
+        return int(size)
+    if isinstance(bits, bool) or not isinstance(bits, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(bits) and bits > 0):
+        raise NpquantError(f"bits must be a positive number of bits per weight, got {bits!r}")
+    weights = sum(int(o) * int(i) for o, i in layers.values())
+    return int(math.floor(bits * weights / 8))
+
+
+def check_budget(layers, candidates, budget: int) -> dict[str, dict[str, int]]:
+    """Each layer's bytes per fitting candidate; refuses a budget no plan meets, before anything is measured.
+
+    Parameters
+    ----------
+    layers : ``{name: (O, I)}`` the layers to plan
+    candidates : ``{label: Scheme or preset name}``
+    budget : int, bytes (see :func:`budget_bytes`)
+
+    Returns
+    -------
+    ``{name: {label: bytes}}`` for the candidates that fit each layer.
+    Raises :class:`NpquantError` when a layer fits no candidate, or when
+    even the smallest plan (every layer at its cheapest candidate) exceeds
+    ``budget``, saying how small the budget may be.
+
+    >>> check_budget({"a": (384, 1536)}, {"w4-g128": "w4-g128"}, 1000)
+    Traceback (most recent call last):
+    ...
+    npquant.errors.NpquantError: the budget of 1,000 bytes (0.01 bits per weight) is below the smallest plan, 313,344 bytes (4.25 bits per weight, every layer at its smallest candidate): raise the budget to at least 4.25 bits per weight, or add smaller schemes to the candidates
+    """
+    if not candidates:
+        raise NpquantError("give at least one candidate scheme")
+    schemes = {label: get_scheme(s) for label, s in candidates.items()}
+    if not layers:
+        raise NpquantError("there are no layers to plan")
+    sizes: dict[str, dict[str, int]] = {}
+    for name, shape in layers.items():
+        fits = {label: layer_bytes(shape, sch) for label, sch in schemes.items()}
+        sizes[name] = {label: n for label, n in fits.items() if n is not None}
+        if not sizes[name]:
+            raise NpquantError(f"no candidate scheme fits layer {name!r} {tuple(shape)} (no group size divides "
+                               f"{shape[1]}); add a channel scheme to the candidates")
+    weights = sum(int(o) * int(i) for o, i in layers.values())
+    smallest = sum(min(opts.values()) for opts in sizes.values())
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise NpquantError(f"budget must be a non-negative int of bytes, got {budget!r}")
+    if smallest > budget:
+        need = math.ceil(8 * smallest / weights * 100) / 100  # rounded up, so that the figure given is enough
+        raise NpquantError(
+            f"the budget of {budget:,} bytes ({8 * budget / weights:.2f} bits per weight) is below the smallest plan, "
+            f"{smallest:,} bytes ({8 * smallest / weights:.2f} bits per weight, every layer at its smallest "
+            f"candidate): raise the budget to at least {need:.2f} bits per weight, or add smaller schemes to the "
+            f"candidates"
+        )
+    return sizes
+
+
 # --- plan.json ------------------------------------------------------------------------------
-def write_plan(path, plan: dict) -> None:
-    """Write ``plan`` as JSON to ``path`` atomically (a temporary name beside it, then a rename)."""
+def check_plan_path(path) -> Path:
+    """Refuse a plan output path that cannot be written, before any work: return it as a Path.
+
+    Refused: a parent folder that is missing, a file, or read-only; a path
+    that is a directory, a link or any other non-regular file; an existing
+    file that is not an npquant plan (only a plan is replaced).
+    """
+    import stat
+
+    from .checkpoints.output_dir import check_parent
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_parent(path, "plan")
     try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise NpquantError(f"cannot write plan {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode) else "not a file"
+        raise NpquantError(f"cannot write plan {path}: it is {what}; give a file name such as plan.json")
+    try:
+        if st.st_size > _PLAN_MAX_BYTES:
+            raise ValueError
+        old = json.loads(path.read_bytes().decode("utf-8"))
+        if not (isinstance(old, dict) and "version" in old and isinstance(old.get("layers"), dict)):
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        raise NpquantError(f"cannot write plan {path}: a file that is not an npquant plan is there; npquant "
+                           f"replaces only its own plans: remove it or choose another name") from None
+    return path
+
+
+def write_plan(path, plan: dict) -> None:
+    """Write ``plan`` as JSON to ``path`` atomically (a temporary name beside it, then a rename).
+
+    ``path`` is checked first (:func:`check_plan_path`); a failed write
+    raises :class:`NpquantError` naming ``path`` and leaves neither a
+    partial plan nor the temporary file.
+    """
+    path = check_plan_path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise NpquantError(f"cannot write plan {path}: {exc.strerror or exc}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a plan reads like any new file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(plan, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise NpquantError(f"cannot write plan {path}: {exc.strerror or exc}; nothing was written") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

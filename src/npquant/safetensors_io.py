@@ -15,6 +15,7 @@ is the one ``safetensors`` reads; the tests read our files back with it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -388,7 +389,21 @@ def write_safetensors(
     Returns
     -------
     int : bytes of tensor data written
+
+    A failed write (disk full, file size limit, permissions) raises
+    :class:`NpquantError` naming ``path`` and the reason, from the OSError
+    (whose ``filename`` is ``path``); the partial file is left for the
+    caller, who writes into a temporary directory and removes it.
     """
+    try:
+        return _write_safetensors(path, plans, arrays, metadata)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise NpquantError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_safetensors(path: Path, plans: list[TensorPlan], arrays: Iterable[dict], metadata: dict | None) -> int:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -449,15 +464,25 @@ def _copy_range(src, dst, offset: int, count: int) -> None:
                 offset += n
                 count -= n
             return
-        except OSError:
-            pass  # not on this filesystem: fall back to reading
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_FILE_RANGE:
+                raise  # disk full, file too large, I/O error: the write failed, reading would not help
+            # not on this filesystem (or between these two): fall back to reading
     src.seek(offset)
     while count:
-        block = src.read(min(count, 16 << 20))
+        try:
+            block = src.read(min(count, 16 << 20))
+        except OSError as exc:
+            raise NpquantError(f"cannot read {src.name}: {exc.strerror or exc}") from None
         if not block:
             raise NpquantError(f"{src.name} ended early: truncated while being read?")
         dst.write(block)
         count -= len(block)
+
+
+# copy_file_range's errors that mean "not here", where reading and writing still work.
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF,
+                       errno.EPERM, errno.ETXTBSY}
 
 
 _NUMPY_DTYPES = {

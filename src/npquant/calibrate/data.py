@@ -8,23 +8,55 @@ evaluation set (:data:`npquant.fidelity.SENTENCES`); a test checks it.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 from ..errors import NpquantError
 
-__all__ = ["calibration_texts", "read_text_lines"]
+__all__ = ["calibration_texts", "read_text_lines", "MAX_TEXT_BYTES"]
+
+#: Largest text file read whole: calibration takes hundreds of sentences, not gigabytes.
+MAX_TEXT_BYTES = 64 << 20
 
 
-def read_text_lines(path, what: str = "--calibration") -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped; a missing, unreadable or empty file is an error."""
+def read_text_lines(path, what: str = "--calibration", max_lines: int | None = None) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped (the first ``max_lines`` of them, if given).
+
+    Refused before opening: a missing path, a directory, and anything that is
+    not a regular file (a FIFO would block, a device never end). Refused
+    while reading: a file that is not UTF-8, one with no text, and one over
+    :data:`MAX_TEXT_BYTES` unless ``max_lines`` stops the reading first.
+    """
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise NpquantError(f"{what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device?)"
+        raise NpquantError(f"{what} {path} is {kind}; give a UTF-8 text file, one text per line")
+    too_big = NpquantError(f"{what} {path} holds over {MAX_TEXT_BYTES >> 20} MiB of text; a few hundred texts "
+                           f"are plenty: pass a smaller file, or fewer texts (max_samples, --max-samples)")
+    if max_lines is None and st.st_size > MAX_TEXT_BYTES:
+        raise too_big
+    texts: list[str] = []
+    read = 0  # characters read so far: bounds memory where a FIFO-like stream or a growing file has no size
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+            while max_lines is None or len(texts) < max_lines:
+                line = f.readline(MAX_TEXT_BYTES - read + 1)  # one huge line is never read whole
+                if not line:
+                    break
+                read += len(line)
+                if read > MAX_TEXT_BYTES:
+                    raise too_big
+                if line.strip():
+                    texts.append(line.strip())
     except OSError as exc:
         raise NpquantError(f"{what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise NpquantError(f"{what} {path} is not UTF-8 text: {exc.reason}") from None
-    texts = [s for s in lines if s]
     if not texts:
         raise NpquantError(f"{what} {path} holds no text (one text per line, blank lines skipped)")
     return texts
@@ -32,6 +64,9 @@ def read_text_lines(path, what: str = "--calibration") -> list[str]:
 
 def calibration_texts(path=None, max_samples: int | None = None) -> list[str]:
     """Calibration texts: ``path`` (UTF-8, one per line) or the built-in set; the first ``max_samples``.
+
+    A bad file (missing, not a regular file, not UTF-8, empty, too large) is
+    refused here, before any model is loaded or run.
 
     >>> len(calibration_texts()) >= 512, len(calibration_texts(max_samples=8))
     (True, 8)
@@ -42,5 +77,5 @@ def calibration_texts(path=None, max_samples: int | None = None) -> list[str]:
         text = resources.files("npquant").joinpath("data/calibration.txt").read_text(encoding="utf-8")
         texts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        texts = read_text_lines(path)
+        texts = read_text_lines(path, max_lines=max_samples)
     return texts[:max_samples] if max_samples is not None else texts

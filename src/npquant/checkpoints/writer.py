@@ -16,8 +16,15 @@ The output is a model directory that compressed-tensors and vLLM load
   ``(1,)`` per tensor.
 
 Every other tensor is copied unchanged, shards and the index keep their
-names, ``config.json`` gains a ``quantization_config``, and every other file
-beside the weights (tokenizer, configs) is copied.
+names, ``config.json`` gains a ``quantization_config``, every other file
+beside the weights (tokenizer, configs) is copied, and the model card
+(``README.md``) is copied with a short header saying what this copy is.
+
+Where the output goes, and what an existing OUT may be, is
+:mod:`.output_dir`'s business: the input is never written over, ``force``
+replaces only a directory npquant wrote (recognised by its
+``.npquant-output.json``), and a killed run's temporary directory is
+removed by the next run beside it.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +47,9 @@ from ..metrics import weight_error
 from ..packing import pack_codes
 from ..quantize import QuantizedTensor, quantize_measured
 from ..safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, TensorPlan, TensorSource, write_safetensors
-from ..schemes import Scheme, get_scheme
+from ..schemes import Scheme, get_scheme, schemes
 from .config import _quantization_config, check_loadable
+from .output_dir import OutputLock, check_output, clean_stale, existing_output_problem, npquant_version
 from .selection import _QUANTIZABLE, LayerChoice, left_alone_notes, select_layers
 
 __all__ = [
@@ -158,12 +166,24 @@ def quantize_checkpoint(
     writes each output tensor as soon as it is made, so memory stays at a
     few tensors whatever the checkpoint's size; ``workers`` tensors are
     quantized at once. The output is built under a temporary name beside
-    ``out`` and renamed when complete: a failed or interrupted run leaves no
-    ``out``, and an existing ``out`` is only replaced with ``force``.
+    ``out`` (``.<out>.tmp-<pid>-<random>``) and renamed when complete: a
+    run that fails or is interrupted leaves no ``out`` and no temporary
+    directory, and one that is killed leaves a temporary directory that the
+    next run beside it removes (see :mod:`npquant.checkpoints.output_dir`).
+
+    ``out`` is checked before anything is read (:func:`check_output`):
+    never the input model, inside it or containing it; an existing ``out``
+    is replaced only with ``force``, and only when it is a directory npquant
+    wrote (its ``.npquant-output.json`` lists what it holds, and it holds
+    nothing else), never a file or someone else's directory. A write that
+    fails part-way (disk full, file size limit) raises :class:`NpquantError`
+    naming ``out``, with nothing left behind and an old ``out`` untouched.
 
     Returns a summary: ``layers`` (list of :class:`LayerResult`),
-    ``skipped`` (list of :class:`LayerChoice`), ``warnings``, byte totals.
-    ``progress(name, nbytes)`` is called after each input tensor.
+    ``skipped`` (list of :class:`LayerChoice`), ``warnings`` (including a
+    line for each temporary directory of an earlier run removed or left
+    alone), byte totals. ``progress(name, nbytes)`` is called after each
+    input tensor.
 
     ``scheme`` is one scheme for every selected layer, or a mapping from
     tensor names (``<m>.weight``) to schemes: a mixed-precision checkpoint
@@ -186,10 +206,8 @@ def quantize_checkpoint(
     else:
         scheme = get_scheme(scheme)
         notes = check_loadable(scheme)
-    out = Path(out)
+    out = check_output(model, out, force=force)
     quantized = dict(quantized or {})
-    if out.exists() and not force:
-        raise NpquantError(f"output {out} already exists; pass --force to replace it")
     with Checkpoint(model) as ckpt:
         if per_layer is None:
             choices = select_layers(ckpt, scheme, include, exclude)
@@ -212,18 +230,29 @@ def quantize_checkpoint(
                 raise NpquantError(
                     f"quantized tensor {name!r} must be a QuantizedTensor of {want} {picked[name].shape}, got {got}"
                 )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
+        parent = Path(os.path.abspath(out)).parent
+        notes = notes + clean_stale(parent)
         results: list[LayerResult] = []
+        written = scheme if per_layer is None else {n: layer_scheme[n] for n in picked}
         try:
+            lock = OutputLock.create(parent, out.name)
+        except OSError as exc:
+            raise _write_failed(out, exc, None) from None
+        tmp = lock.directory
+        try:
+            _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
             shard_files = _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer)
-            _write_sidecars(ckpt, tmp, scheme if per_layer is None else {n: layer_scheme[n] for n in picked},
-                            choices, shard_files)
-            _replace(tmp, out)
-        except BaseException:
+            notes += _write_sidecars(ckpt, tmp, written, choices, shard_files)
+            lock.finish()
+            _replace(tmp, out, force)
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            lock.close()
+            cause = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc, NpquantError) else None
+            if isinstance(cause, OSError):  # disk full, file size limit, permissions: name OUT, not the temporary
+                raise _write_failed(out, cause, tmp) from None
             raise
+        lock.close()
     skipped = [c for c in choices if not c.quantize and c.reason != "not a .weight tensor"]
     return {
         "layers": results,
@@ -233,6 +262,18 @@ def quantize_checkpoint(
         "bytes_after": sum(r.bytes_after for r in results),
         "out": out,
     }
+
+
+def _write_failed(out: Path, exc: OSError, tmp: Path | None) -> NpquantError:
+    """One line for an OSError while writing: OUT, the file inside it, the reason, and that nothing was left."""
+    where = ""
+    name = getattr(exc, "filename", None)
+    if tmp is not None and isinstance(name, str) and name.startswith(str(tmp)):
+        where = f" (at {name[len(str(tmp)) + 1:] or '.'})"
+    elif isinstance(name, str):
+        where = f" ({name})"
+    kept = f"; the existing {out} is as it was" if os.path.lexists(out) else ""
+    return NpquantError(f"cannot write output {out}: {exc.strerror or exc}{where}; nothing was written{kept}")
 
 
 def _choices_for_mapping(ckpt, per_layer: dict[str, Scheme]) -> list[LayerChoice]:
@@ -321,27 +362,112 @@ def _ordered_map(pool, fn, items, depth: int):
         yield done.result()
 
 
-def _write_sidecars(ckpt, tmp, scheme, choices, shard_files) -> None:
-    """config.json, the index, and every other file beside the weights."""
+def _write_sidecars(ckpt, tmp, scheme, choices, shard_files) -> list[str]:
+    """config.json, the index, the model card with its header, and every other file beside the weights.
+
+    Returns a note for each entry left out because it is neither a file nor a
+    folder (a FIFO, a socket, a device, a broken link): copying one would
+    block or fail.
+    """
     ignore = sorted({c.module for c in choices if not c.quantize and c.name.endswith(".weight") and len(c.shape) == 2})
+    config = ckpt.config or {}
+    config["quantization_config"] = _quantization_config(scheme, ignore, [c.module for c in choices if c.quantize])
+    notes: list[str] = []
     if ckpt.path.is_dir():
         for item in sorted(ckpt.root.iterdir()):
             if item.suffix == ".safetensors" or item.suffix in PICKLE_SUFFIXES or item.name in (INDEX_NAME, "config.json"):
                 continue
             if item.name.startswith("."):
                 continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
+            kind = _entry_kind(item)
+            if kind is None:
+                notes.append(f"left out {item}: not a regular file or folder")
+            elif item.name == "README.md" and kind == "file":
+                card = _model_card(item.read_bytes(), scheme, config["quantization_config"]["format"], choices)
+                (tmp / item.name).write_bytes(card)
+                shutil.copystat(item, tmp / item.name)
+            elif kind == "dir":
+                shutil.copytree(item, tmp / item.name, ignore=_ignore_in_copy(notes))
             else:
                 shutil.copy2(item, tmp / item.name)
-    config = ckpt.config or {}
-    config["quantization_config"] = _quantization_config(scheme, ignore, [c.module for c in choices if c.quantize])
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if ckpt.index is not None:
         weight_map = {name: file for file, names in shard_files.items() for name in names}
         total = sum(_tensor_bytes(tmp / f) for f in shard_files)
         index = {**ckpt.index, "metadata": {**ckpt.index.get("metadata", {}), "total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return notes
+
+
+def _entry_kind(path: Path) -> str | None:
+    """``"file"`` or ``"dir"`` (symbolic links followed), or None for anything else and broken links."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else None
+
+
+def _ignore_in_copy(notes: list[str]):
+    """copytree's ``ignore``: pickles, and entries that are not files or folders (noted)."""
+    def ignore(folder, names):
+        skip = set()
+        for name in names:
+            if name.endswith(PICKLE_SUFFIXES):
+                skip.add(name)
+            elif _entry_kind(Path(folder) / name) is None:
+                notes.append(f"left out {Path(folder) / name}: not a regular file or folder")
+                skip.add(name)
+        return skip
+    return ignore
+
+
+# YAML front matter at the top of a model card: the hub reads its metadata only there, so the header goes after it.
+_FRONT_MATTER = re.compile(rb"\A---[ \t]*\r?\n(?:.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+
+
+def _model_card(original: bytes, scheme, fmt: str, choices) -> bytes:
+    """The source model card with a short header saying it is npquant's quantized copy, and with which schemes.
+
+    The original bytes follow unchanged (after its YAML front matter, if it
+    has one, which must stay first for the hub to read it).
+
+    >>> print(_model_card(b"---\\nlicense: mit\\n---\\n# A model\\n", schemes()["w8-channel"],
+    ...                   "pack-quantized", []).decode())  # doctest: +ELLIPSIS
+    ---
+    license: mit
+    ---
+    <!-- npquant: quantized copy -->
+    > **Quantized copy**, written by npquant...: linear layers quantized with w8-channel, ...
+    <BLANKLINE>
+    # A model
+    <BLANKLINE>
+    """
+    names = {sch: label for label, sch in schemes().items()}
+    if isinstance(scheme, Scheme):
+        what = f"linear layers quantized with {names.get(scheme, str(scheme))}"
+    else:
+        counts: dict[str, int] = {}
+        for sch in scheme.values():
+            label = names.get(sch, str(sch))
+            counts[label] = counts.get(label, 0) + 1
+        what = "a scheme per linear layer: " + ", ".join(f"{label} ({_layers(n)})" for label, n in counts.items())
+    kept = sum(1 for c in choices if not c.quantize and c.name.endswith(".weight") and len(c.shape) == 2)
+    left = f"; {_layers(kept)} left as they were" if kept else ""
+    version = npquant_version()
+    header = (f"<!-- npquant: quantized copy -->\n"
+              f"> **Quantized copy**, written by npquant{' ' + version if version else ''}: {what}, "
+              f"stored as compressed-tensors ({fmt}){left}. Every other tensor is unchanged. "
+              f"The original model card follows, unchanged.\n\n").encode()
+    m = _FRONT_MATTER.match(original)
+    cut = m.end() if m else 0
+    return original[:cut] + header + original[cut:]
+
+
+def _layers(n: int) -> str:
+    return f"{n} linear layer{'' if n == 1 else 's'}"
 
 
 def _tensor_bytes(path: Path) -> int:
@@ -356,12 +482,30 @@ def _chmod_as_umask(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an old ``out`` goes only once the new one is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
+def _replace(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``out``; an old ``out`` goes only once the new one is in place.
+
+    ``out`` is checked again here (the run may have taken minutes): what
+    appeared there meanwhile is replaced only by the same rules as before.
+    """
+    if not os.path.lexists(out):
+        os.rename(tmp, out)  # over a directory made meanwhile only if it is empty: never loses anything
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, trash / "old")
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
+    problem = existing_output_problem(out, force)
+    if problem:
+        raise NpquantError(problem)
+    trash = OutputLock.create(out.parent, out.name, "old")
+    old = trash.directory / "old"
+    done = False
+    try:
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # the old output back where it was
+            raise
+        done = True
+    finally:
+        if done or not os.path.lexists(old):
+            shutil.rmtree(trash.directory, ignore_errors=True)
+        trash.close()

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..calibrate import Hessian, gptq
 from ..errors import NpquantError
-from ..quantize import quantize
-from ..schemes import Scheme
+from ..plan import layer_bytes
+from ..quantize import OBSERVERS, quantize
+from ..schemes import Scheme, get_scheme
 
 __all__ = ["layer_costs"]
 
@@ -39,13 +40,32 @@ def layer_costs(encoder, schemes: dict[str, Scheme], texts: list[str], *, method
 
     Returns
     -------
-    costs : ``{layer: {label: mean(1 - cos)}}``
+    costs : ``{layer: {label: mean(1 - cos)}}``, the candidates that fit the
+        layer only (a group size must divide its ``in_features``)
     nbytes : ``{layer: {label: bytes}}`` (codes, scales, zero points)
+
+    Everything is checked before the first forward pass: ``method``,
+    ``observer``, the texts, the schemes, and that every layer fits at
+    least one candidate (:func:`npquant.plan.check_budget` refuses a budget
+    from the same shapes, also before measuring).
     """
     if method not in ("rtn", "gptq"):
         raise NpquantError(f"method={method!r} is not known; expected 'rtn' or 'gptq'")
-    if not texts:
-        raise NpquantError("layer costs need at least one calibration text")
+    if observer not in OBSERVERS:
+        raise NpquantError(f"observer={observer!r} is not known; expected one of {', '.join(OBSERVERS)}")
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise NpquantError("layer costs need a non-empty list of non-empty calibration texts")
+    if not schemes:
+        raise NpquantError("layer costs need at least one candidate scheme")
+    schemes = {label: get_scheme(s) for label, s in schemes.items()}
+    names = encoder.linear_names()
+    fits = {}
+    for name in names:
+        shape = encoder.tensors[name].shape
+        fits[name] = {label: s for label, s in schemes.items() if layer_bytes(shape, s) is not None}
+        if not fits[name]:
+            raise NpquantError(f"no candidate scheme fits layer {name!r} {tuple(shape)} (no group size divides "
+                               f"{shape[1]}); add a channel scheme to the candidates")
     work = encoder.with_backend("numpy")
     n_layers = work.config.num_layers
     batches = []  # (block inputs [x_0 .. x_{L-1}], bias, mask, float32 embeddings)
@@ -63,14 +83,13 @@ def layer_costs(encoder, schemes: dict[str, Scheme], texts: list[str], *, method
 
             x = work._block(i, x, bias, observe)
         batches.append((inputs, bias, mask, work._pool(x, mask)))
-    names = work.linear_names()
     costs, nbytes = {}, {}
     for done, name in enumerate(names, 1):
         module = name[: -len(".weight")]
         block = int(name.split(".")[2])
         w = encoder.tensors[name]
         costs[name], nbytes[name] = {}, {}
-        for label, scheme in schemes.items():
+        for label, scheme in fits[name].items():
             if method == "gptq" and not scheme.is_float:
                 qt = gptq(w, hessians[module].matrix(), scheme, observer=observer)
             else:
