@@ -4,6 +4,7 @@
 imports ``tokenizers`` only when it is used.
 """
 
+from .causal_lm import CausalLM
 from .sentence_encoder import SentenceEncoder
 
-__all__ = ["SentenceEncoder"]
+__all__ = ["SentenceEncoder", "CausalLM"]
