@@ -257,4 +257,4 @@ def test_plan_measures_output_costs_and_its_checkpoint_matches_eval(tiny_dir, en
     assert main(["eval", str(tiny_dir), "--sentences", str(sentences), "--calibration", str(calib),
                  "--plan", str(plan_path), "--scheme", "w4-g32", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "plan plan gptq"]
+    assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "plan.json gptq"]

@@ -68,6 +68,6 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_import_is_light():
-    code = "import sys, npquant; print(any(m in sys.modules for m in ('numba', 'rich', 'ml_dtypes')))"
+    code = "import sys, npquant; print(any(m in sys.modules for m in ('numba', 'rich', 'ml_dtypes', 'tokenizers')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

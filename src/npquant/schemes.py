@@ -217,7 +217,8 @@ class Scheme:
         """The rule in one line, e.g. for ``npquant schemes``."""
         if self.scale_dtype == "fp8_e4m3":
             return (f"NVFP4: fp4 e2m1 codes per group of {self.group_size} inputs, fp8 e4m3 scales "
-                    f"(group absmax / 6 x global) over one float32 global scale 2688 / absmax(w)")
+                    f"(global x (group absmax / 6)) over one float32 global scale (1 / absmax(w)) * 2688, "
+                    f"a reciprocal then a product")
         if self.scale_dtype == "e8m0":
             name = {"fp4_e2m1": "fp4 e2m1", "fp6_e2m3": "fp6 e2m3", "fp8_e4m3": "fp8 e4m3"}[self.dtype]
             return (f"MX: {name} codes per group of {self.group_size} inputs, power-of-two e8m0 scales "

