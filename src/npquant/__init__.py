@@ -21,6 +21,7 @@ from .calibrate import gptq
 from .calibrate import hessian_loss
 from .checkpoints import load
 from .checkpoints import quantize_checkpoint
+from .checkpoints.convert import convert_gguf
 from .errors import NpquantError
 from .lab import dequantize
 from .lab import memory_bytes
@@ -58,6 +59,7 @@ __all__ = [
     # checkpoints
     "quantize_checkpoint",
     "load",
+    "convert_gguf",
     # the lab-01 API
     "quantize_per_channel",
     "quantize_per_tensor",
