@@ -389,12 +389,12 @@ def test_an_index_with_an_empty_weight_map_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda wm: wm.update({"model.extra.weight": wm[next(iter(wm))]}), r"the index lists tensor 'model\.extra\.weight', "
-                                                                       r"found in no shard"),
+    (lambda wm: wm.update({"model.extra.weight": wm[next(iter(wm))]}),
+     r"the index lists tensor 'model\.extra\.weight', found in no shard"),
     (lambda wm: wm.update({k: "model-00009-of-00009.safetensors" for k in list(wm)[:1]}),
      r"names shard 'model-00009-of-00009\.safetensors', which is missing"),
-    (lambda wm: wm.update({k: 7 for k in list(wm)[:1]}), r"weight_map\['.*'\] must be a shard file name \(a string\), "
-                                                          r"got a number"),
+    (lambda wm: wm.update({k: 7 for k in list(wm)[:1]}),
+     r"weight_map\['.*'\] must be a shard file name \(a string\), got a number"),
     (lambda wm: wm.update({k: "../model.safetensors" for k in list(wm)[:1]}), r"is not a file name in"),
     (lambda wm: wm.update({k: "pytorch_model.bin" for k in list(wm)[:1]}), r"pytorch_model\.bin is a pickle checkpoint"),
 ])
@@ -507,13 +507,13 @@ def test_symmetric_false_is_refused_for_float_formats(written, preset):
 FIELD_EDITS = [
     (lambda qc: weights(qc).update(dynamic=True), r"weights\.dynamic is True: dynamic weights store no scales"),
     (lambda qc: weights(qc).update(dynamic="sometimes"), r"weights\.dynamic must be true, false or 'local'"),
-    (lambda qc: weights(qc).update(zero_point=0), r"weights has field 'zero_point', which compressed-tensors does not "
-                                                  r"define"),
+    (lambda qc: weights(qc).update(zero_point=0),
+     r"weights has field 'zero_point', which compressed-tensors does not define"),
     (lambda qc: qc["config_groups"]["group_0"].update(kv_cache=None), r"group_0 has field 'kv_cache'"),
     (lambda qc: qc["config_groups"]["group_0"].update(input_activations="int8"),
      r"input_activations must be an object or null, got a string"),
-    (lambda qc: weights(qc).update(strategy="channel"), r"group_size=32 is for strategy 'group' or 'tensor_group', "
-                                                        r"not 'channel'"),
+    (lambda qc: weights(qc).update(strategy="channel"),
+     r"group_size=32 is for strategy 'group' or 'tensor_group', not 'channel'"),
     (lambda qc: weights(qc).update(block_structure=[128, 128]), r"block_structure is for strategy 'block', not 'group'"),
     (lambda qc: weights(qc).update(group_size=32.0), r"group_size must be an integer or null, got 32\.0"),
     (lambda qc: weights(qc).update(observer=["minmax"]), r"observer must be a string or null"),

@@ -317,7 +317,7 @@ def _check_dequantizes_finite(qt: QuantizedTensor) -> None:
             code = qt.int_codes(r0 + r, r0 + r + 1)[0, c].item()
             zp = "" if qt.zero_point is None else f" less zero point {int(qt.zero_point[(r0 + r) // bo, c // bi])}"
             raise NpquantError(f"{_describe_scale(qt, values, (r0 + r) // bo, c // bi)} times code {code!r}{zp} "
-                               f"makes weight [{r0 + r}, {c}] {str(w[r, c])} in float32, past its largest finite "
+                               f"makes weight [{r0 + r}, {c}] {w[r, c]!s} in float32, past its largest finite "
                                f"value {float(np.finfo(np.float32).max):.8g}: scales must keep every weight finite")
 
 
@@ -326,9 +326,9 @@ def _describe_scale(qt: QuantizedTensor, values: np.ndarray, i: int, j: int) -> 
     raw = qt.scale[i, j]
     if qt.scheme.scale_dtype == "e8m0":
         return f"weight_scale[{i}, {j}] = e8m0 byte 0x{int(raw):02X} (2**{int(raw) - 127})"
-    text = f"weight_scale[{i}, {j}] = {str(np.float32(raw))}"  # float32's shortest form: 1e+38, not 9.99...e+37
+    text = f"weight_scale[{i}, {j}] = {np.float32(raw)!s}"  # float32's shortest form: 1e+38, not 9.99...e+37
     if qt.global_scale is not None:
-        text += f" over weight_global_scale {str(qt.global_scale[0])} = {str(values[i, j])}"
+        text += f" over weight_global_scale {qt.global_scale[0]!s} = {values[i, j]!s}"
     return text
 
 
