@@ -32,6 +32,10 @@ each), ``_llvm`` (bit casts, stack arrays, the atomic work counter),
 copies of ``x``), ``_env`` (the thread count the environment allows, read
 in compiled code). ``docs/kernels.md`` holds the design of each path and
 the measurements that chose it; ``docs/performance.md`` the figures.
+
+This module is longer than the others because it holds one idea whole: the
+table and the runners it names (each a few lines that turn a tensor into
+one kernel's arguments), which read best beside each other.
 """
 
 from __future__ import annotations
