@@ -207,7 +207,7 @@ def test_plan_bad_input(tmp_path, capsys):
     write_model(model)
     out = tmp_path / "plan.json"
     cases = [
-        (["--bits", "1.0"], "below the smallest choice for every layer"),
+        (["--bits", "1.0"], "below the smallest plan"),  # check_budget's line, from shapes, before measuring
         (["--bits", "5", "--schemes", "w4-g128,nope"], "scheme='nope' is not a preset"),
         (["--bits", "-1"], "--bits must be a positive number"),
         (["--size", "0"], "--size must be a positive number of bytes"),

@@ -317,9 +317,12 @@ ALREADY_QUANTIZED = {
                     r"npquant quantizes float checkpoints: give the original"),
     "compression-config": (with_config({"format": "pack-quantized"}), r"has a quantization_config \(format "),
     "gptq-names": (gptq_names, r"'model\.layers\.0\.mlp\.down_proj\.qweight' .* is a GPTQ/AWQ packed tensor"),
-    "gguf-file": (gguf_file, r"model\.gguf is a GGUF file, which npquant does not read yet: give the model's "
-                             r"safetensors checkpoint"),
-    "gguf-dir": (gguf_dir, r"model\.gguf is a GGUF file, which npquant does not read yet"),
+    # quantize and report convert a .gguf file (this one has no metadata); plan points at npquant convert
+    "gguf-file": (gguf_file, r"model\.gguf(: the GGUF metadata has no general\.architecture| is a GGUF file "
+                             r"\(llama\.cpp's format\), not a safetensors checkpoint: convert it first with "
+                             r"'npquant convert )"),
+    "gguf-dir": (gguf_dir, r"model\.gguf is a GGUF file \(llama\.cpp's format\), not a safetensors checkpoint: "
+                           r"convert it first with 'npquant convert "),
 }
 PRESETS = ["w8-channel", "w4-g128", "w4-g128-asym", "w3-g128", "fp8-tensor", "fp8-channel", "fp8-block",
            "nvfp4", "mxfp4", "mxfp6", "mxfp8"]

@@ -133,9 +133,6 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import ml_dtypes  # noqa: F401  (registers bfloat16 and fp8 with numpy: safetensors looks them up by name)
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         self.path = path
         self.index = None
@@ -181,6 +178,10 @@ class Checkpoint:
                 raise NpquantError(f"MODEL {path} cannot be read: {exc.strerror or exc} ({exc.filename})") from None
         else:
             raise NpquantError(f"MODEL {path} is {_file_kind(mode)}, not a .safetensors file or a model directory")
+        # Imported only now: a wrong path is refused without waiting for them (ml_dtypes takes ~0.5 s).
+        import ml_dtypes  # noqa: F401  (registers bfloat16 and fp8 with numpy: safetensors looks them up by name)
+        from safetensors import SafetensorError, safe_open
+
         self._handles = []
         self.tensors: dict[str, TensorSource] = {}
         self.metadata: dict[Path, dict] = {}
@@ -322,8 +323,9 @@ def json_kind(value) -> str:
 
 def _refuse_gguf(path: Path) -> None:
     if path.suffix.lower() == ".gguf":
-        raise NpquantError(f"{path} is a GGUF file, which npquant does not read yet: give the model's safetensors "
-                           f"checkpoint (a .safetensors file, or the directory of its shards)")
+        raise NpquantError(f"{path} is a GGUF file (llama.cpp's format), not a safetensors checkpoint: convert it "
+                           f"first with 'npquant convert {path} -o DIR' (or npquant.checkpoints.convert.convert_gguf) "
+                           f"and give DIR")
 
 
 def _read_index(path: Path) -> dict:

@@ -1,13 +1,15 @@
 """The ``npquant`` command line: one module per command, each with its arguments and its work.
 
 ``npquant COMMAND``: :mod:`.demo`, :mod:`.schemes`, :mod:`.report`,
-:mod:`.quantize`, :mod:`.inspect`, :mod:`.eval`, :mod:`.plan`. Each command
-module has ``add_parser(sub)`` (its options) and ``run(args)`` (the work,
-returning the exit code); what it prints as tables and plots is in
-:mod:`npquant.render`. :mod:`._common` runs a command with its errors turned
-into one line on stderr (exit 2) and holds what the commands share. Command
-modules import the library inside ``run``, so ``--help`` and the first
-error line come without numpy's heavier imports or ml_dtypes.
+:mod:`.quantize`, :mod:`.inspect`, :mod:`.eval`, :mod:`.plan`,
+:mod:`.convert`. Each command module has ``add_parser(sub)`` (its options)
+and ``run(args)`` (the work, returning the exit code); what it prints as
+tables and plots is in :mod:`npquant.render`. :mod:`._common` runs a command
+with its errors turned into one line on stderr (exit 2) and holds what the
+commands share; :mod:`._gguf` converts a ``.gguf`` MODEL for report and
+quantize; :mod:`._gptq` runs GPTQ for quantize. Command modules import the
+library inside ``run``, so ``--help`` and the first error line come without
+numpy's heavier imports or ml_dtypes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from . import convert
 from . import demo
 from . import eval as eval_command
 from . import inspect as inspect_command
@@ -28,7 +31,7 @@ from ._common import terminate_as_interrupt as _terminate_as_interrupt  # noqa: 
 __all__ = ["main"]
 
 #: The commands in the order ``npquant --help`` lists them.
-_COMMANDS = (demo, schemes, report, quantize, inspect_command, eval_command, plan)
+_COMMANDS = (demo, schemes, report, quantize, inspect_command, eval_command, plan, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

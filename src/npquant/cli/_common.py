@@ -100,11 +100,13 @@ class Progress:
     """A rich progress bar on stderr, or nothing when stderr is not a terminal.
 
     ``unit="bytes"`` counts bytes with the time remaining; ``unit="steps"``
-    counts steps (layers, encoders) with the time elapsed. ``prefix`` stands
-    before every description. Called as ``progress(name, amount)``.
+    counts steps (layers, encoders) with the time elapsed. ``total=None``
+    (not known ahead, as in a GGUF conversion) counts with the time elapsed
+    under a pulsing bar. ``prefix`` stands before every description. Called
+    as ``progress(name, amount)``.
     """
 
-    def __init__(self, total: int, what: str, unit: str = "bytes", prefix: str = ""):
+    def __init__(self, total: int | None, what: str, unit: str = "bytes", prefix: str = ""):
         self.bar = None
         self.prefix = prefix
         if sys.stderr.isatty():
@@ -112,8 +114,8 @@ class Progress:
             from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            counts = (DownloadColumn(), TimeRemainingColumn()) if unit == "bytes" else (MofNCompleteColumn(),
-                                                                                        TimeElapsedColumn())
+            counts = ((DownloadColumn(), TimeRemainingColumn() if total is not None else TimeElapsedColumn())
+                      if unit == "bytes" else (MofNCompleteColumn(), TimeElapsedColumn()))
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), *counts,
                                 console=Console(stderr=True), transient=True)
             self.task = self.bar.add_task(prefix + what, total=total)

@@ -45,7 +45,7 @@ def run(args) -> int:
 
     from .. import render
     from ..checkpoints import check_loadable, select_layers
-    from ..plan import PLAN_VERSION, check_plan_path, solve_budget, write_plan
+    from ..plan import PLAN_VERSION, budget_bytes, check_budget, check_plan_path, solve_budget, write_plan
     from ..safetensors_io import Checkpoint
     from ..schemes import get_scheme
 
@@ -68,6 +68,9 @@ def run(args) -> int:
         config = ckpt.config or {}
     if not layers:
         raise NpquantError(f"{model} has no linear layer to plan")
+    # From the shapes alone, before any layer is measured: a budget no plan meets is refused here.
+    budget = budget_bytes(layers, bits=args.bits, size=args.size)
+    sizes = check_budget(layers, candidates, budget)
     runnable = config.get("model_type") == "bert" and Path(model).is_dir()
     if method == "gptq" and not runnable:
         raise NpquantError(f"--method gptq runs the model, and npquant runs BERT sentence encoders only; {model} "
@@ -75,14 +78,13 @@ def run(args) -> int:
     texts = None
     if runnable:
         texts = calibration_texts(args)
-        costs, nbytes, cost_kind = _encoder_costs(model, layers, candidates, texts, method, args.observer)
+        costs, nbytes, cost_kind = _encoder_costs(model, layers, candidates, sizes, texts, method, args.observer)
     else:
         if args.calibration:
             raise NpquantError("--calibration is for models npquant runs (BERT sentence encoders)")
-        costs, nbytes, cost_kind = _proxy_costs(model, layers, candidates, args.observer)
+        costs, nbytes, cost_kind = _proxy_costs(model, layers, candidates, sizes, args.observer)
     names = list(layers)
     weights = sum(layers[n][0] * layers[n][1] for n in names)
-    budget = args.size if args.size is not None else int(math.floor(args.bits * weights / 8))
     options = [[label for label in labels if label in costs[n]] for n in names]
     chosen = solve_budget([[costs[n][label] for label in opts] for n, opts in zip(names, options)],
                           [[nbytes[n][label] for label in opts] for n, opts in zip(names, options)], budget)
@@ -114,8 +116,11 @@ def run(args) -> int:
     return 0
 
 
-def _encoder_costs(model, layers, candidates, texts, method, observer):
-    """Output costs of a BERT encoder's layers (others, like the pooler, cost 0: not on the output path)."""
+def _encoder_costs(model, layers, candidates, sizes, texts, method, observer):
+    """Output costs of a BERT encoder's layers (others, like the pooler, cost 0: not on the output path).
+
+    ``sizes``: each layer's bytes per fitting candidate, from :func:`npquant.plan.check_budget`.
+    """
     from ..models import SentenceEncoder
     from ..models.sensitivity import layer_costs
 
@@ -125,33 +130,19 @@ def _encoder_costs(model, layers, candidates, texts, method, observer):
         costs, nbytes = layer_costs(encoder, candidates, texts, method=method, observer=observer,
                                     progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
     out_costs, out_bytes = {}, {}
-    for name, shape in layers.items():
+    for name in layers:
         if name in on_path:
             out_costs[name], out_bytes[name] = costs[on_path[name]], nbytes[on_path[name]]
         else:
-            out_bytes[name] = _option_bytes(shape, candidates)
+            out_bytes[name] = dict(sizes[name])
             out_costs[name] = {label: 0.0 for label in out_bytes[name]}
     kind = (f"output: mean(1 - cosine) of the embeddings of {len(texts)} calibration texts with only that layer "
             f"quantized ({method}); layers off the embedding path (e.g. the pooler) cost 0")
     return out_costs, out_bytes, kind
 
 
-def _option_bytes(shape, candidates) -> dict:
-    """Exact bytes of each candidate that fits ``shape`` (codes, scales, zero points), without quantizing."""
-    import numpy as np
-
-    from ..quantize import quantize
-
-    out = {}
-    for label, sch in candidates.items():
-        if sch.granularity == "group" and shape[1] % sch.group_size:
-            continue
-        out[label] = quantize(np.zeros(shape, np.float32), sch).nbytes
-    return out
-
-
-def _proxy_costs(model, layers, candidates, observer):
-    """Weight-only proxy costs: each layer's relative squared weight error under each candidate."""
+def _proxy_costs(model, layers, candidates, sizes, observer):
+    """Weight-only proxy costs: each layer's relative squared weight error under each candidate that fits it."""
     from ..quantize import quantize_measured
     from ..safetensors_io import Checkpoint
 
@@ -160,14 +151,10 @@ def _proxy_costs(model, layers, candidates, observer):
         for name in layers:
             src = ckpt.tensors[name]
             costs[name], nbytes[name] = {}, {}
-            for label, sch in candidates.items():
-                if sch.granularity == "group" and src.shape[1] % sch.group_size:
-                    continue
-                qt, rel, _ = quantize_measured(src, sch, name=f"tensor {name!r}:", observer=observer)
+            for label in sizes[name]:
+                qt, rel, _ = quantize_measured(src, candidates[label], name=f"tensor {name!r}:", observer=observer)
                 costs[name][label] = rel * rel if math.isfinite(rel) else 0.0
                 nbytes[name][label] = qt.nbytes
-            if not costs[name]:
-                raise NpquantError(f"no candidate scheme fits layer {name!r} {src.shape}; add a channel scheme to --schemes")
             progress(name, src.nbytes)
     kind = ("weight-only proxy: the layer's relative squared weight error ||W - W_hat||^2 / ||W||^2 "
             "(npquant cannot run this model, so its output error is not measured)")

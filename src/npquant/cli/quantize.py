@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 from ..errors import NpquantError
-from ._common import MODEL_HELP, Progress, add_method_arguments, json_value, model_path
+from ._common import Progress, add_method_arguments, json_value, model_path
+from ._gguf import GGUF_MODEL_HELP, converted_gguf, is_gguf, lossy_note, own_notes_removed
 
 __all__ = ["add_parser", "run", "presets_help", "fallback_presets", "kept_in_float_note"]
 
@@ -47,18 +50,22 @@ def add_parser(sub) -> None:
             "nvfp4-pack-quantized, mxfp4/6-pack-quantized and mxfp8-quantized for NVFP4 and MX) that vLLM "
             "loads: other tensors, shards, the index, config.json (with its quantization_config) and the "
             "tokenizer files come along. Memory stays at a few tensors whatever the checkpoint's size. "
-            "OUT is written under a temporary name and renamed when complete."
+            "OUT is written under a temporary name and renamed when complete. A llama.cpp .gguf file is "
+            "converted first (float32, in a temporary directory beside OUT, removed afterwards; the GGML "
+            "types llama.cpp had quantized already are named)."
         ),
         epilog=presets_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    qz.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    qz.add_argument("model", nargs="?", metavar="MODEL", help=GGUF_MODEL_HELP)
     qz.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (must not exist unless --force)")
     qz.add_argument("--scheme", default="w4-g128", metavar="PRESET",
                     help="preset (default w4-g128; every preset is listed below)")
     qz.add_argument("--include", action="append", metavar="REGEX", help="also quantize tensors whose name matches")
     qz.add_argument("--exclude", action="append", metavar="REGEX", help="leave tensors whose name matches")
-    qz.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    qz.add_argument("--force", action="store_true",
+                    help="replace an existing OUT once the new one is complete; replaces only a directory npquant "
+                         "wrote (it holds .npquant-output.json), never the input, a file or another folder")
     qz.add_argument("--workers", type=int, default=2, help="tensors quantized at once (default 2)")
     qz.add_argument("--json", action="store_true", help="print the per-layer results as JSON")
     qz.add_argument("--plan", metavar="plan.json",
@@ -133,10 +140,8 @@ def kept_in_float_note(scheme, label: str, skipped) -> str | None:
 
 
 def run(args) -> int:
-    from .. import render
-    from ..checkpoints import check_loadable, quantize_checkpoint
+    from ..checkpoints import check_loadable, check_output
     from ..schemes import get_scheme
-    from ._gptq import calibrate_checkpoint, check_plan_fits
 
     model = model_path(args)
     if args.workers < 1:
@@ -149,7 +154,6 @@ def run(args) -> int:
         args.method = args.method or plan.get("method", "rtn")
         args.observer = args.observer or plan.get("observer", "minmax")
         scheme = plan_schemes(plan)
-        check_plan_fits(plan, model, args.plan)
         args.scheme = f"plan {args.plan}"
         for sch in set(scheme.values()):
             check_loadable(sch)
@@ -158,20 +162,48 @@ def run(args) -> int:
         check_loadable(scheme)  # refuse before any calibration work
     args.method = args.method or "rtn"
     args.observer = args.observer or "minmax"
+    if args.method != "gptq" and (args.calibration or args.max_samples):
+        raise NpquantError("--calibration and --max-samples are for --method gptq")
+    # OUT is checked before any work (a GGUF conversion, GPTQ's calibration): a bad OUT fails at once;
+    # quantize_checkpoint checks it again when it writes.
+    check_output(model, args.out, force=args.force)
+    if not is_gguf(model):
+        return _quantize(args, model, scheme, plan)
+    if args.method == "gptq":
+        raise NpquantError(f"--method gptq runs the model on calibration text, and npquant runs BERT sentence "
+                           f"encoders only; {model} is a GGUF decoder: use --method rtn")
+    notes: list[str] = []
+    with converted_gguf(model, Path(os.path.abspath(args.out)).parent, notes) as conversion:
+        lossy = lossy_note(conversion.lossy)
+        notes += [f"{model}: {lossy}"] if lossy else []
+        notes.append(f"tensors left in float (the embedding, the norms) are written in float32, as converted; for "
+                     f"bfloat16 ones convert first, 'npquant convert {model} -o DIR --dtype bfloat16', and "
+                     f"quantize DIR")
+        for note in notes:
+            print(f"npquant quantize: note: {note}", file=sys.stderr)
+        return _quantize(args, conversion.out, scheme, plan, conversion)
+
+
+def _quantize(args, model, scheme, plan, conversion=None) -> int:
+    """Quantize the safetensors checkpoint ``model`` (``conversion``: the GGUF conversion it came from, or None)."""
+    from .. import render
+    from ..checkpoints import quantize_checkpoint, refuse_quantized
+    from ..safetensors_io import Checkpoint
+    from ._gptq import calibrate_checkpoint, check_plan_fits
+
+    if plan is not None:
+        check_plan_fits(plan, model, args.plan)
+    with Checkpoint(model) as ckpt:  # an already-quantized model is refused before GPTQ's calibration
+        refuse_quantized(ckpt)
+        total = ckpt.nbytes
     calibrated, gptq_rows = {}, None
     if args.method == "gptq":
         calibrated, gptq_rows = calibrate_checkpoint(model, scheme, args)
-    elif args.calibration or args.max_samples:
-        raise NpquantError("--calibration and --max-samples are for --method gptq")
-    from ..safetensors_io import Checkpoint
-
-    with Checkpoint(model) as ckpt:
-        total = ckpt.nbytes
     with Progress(total, "writing" if calibrated else "quantizing") as progress:
         summary = quantize_checkpoint(model, args.out, scheme, include=args.include, exclude=args.exclude,
                                       force=args.force, workers=args.workers, progress=progress,
                                       quantized=calibrated, observer=args.observer)
-    notes = list(summary["warnings"])
+    notes = own_notes_removed(summary["warnings"], conversion)
     if plan is None:
         note = kept_in_float_note(scheme, args.scheme, summary["skipped"])
         notes += [note] if note else []

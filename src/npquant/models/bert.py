@@ -94,7 +94,7 @@ class BertEncoder:
     @classmethod
     def from_pretrained(cls, path=None, backend: str = "auto") -> "BertEncoder":
         """Load a model directory (``None``: the bundled all-MiniLM-L6-v2)."""
-        from ..checkpoints import default_model_path
+        from ..checkpoints import default_model_path, refuse_quantized
         from ..safetensors_io import Checkpoint
 
         root = Path(path) if path is not None else default_model_path()
@@ -109,6 +109,7 @@ class BertEncoder:
         if st_config.is_file():
             max_len = int(json.loads(st_config.read_text()).get("max_seq_length", max_len))
         with Checkpoint(root) as ckpt:
+            refuse_quantized(ckpt)  # fp8 or packed codes read as float weights would run, silently wrong
             tensors = {}
             for name, src in ckpt.tensors.items():
                 arr = src.read()
