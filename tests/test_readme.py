@@ -31,7 +31,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 
 #: The subcommands the README must show with an example.
-DOCUMENTED = ("demo", "schemes", "report", "quantize", "eval", "plan")
+DOCUMENTED = ("demo", "schemes", "report", "quantize", "eval", "plan", "convert")
 #: Subcommands cheap enough to run in the fast suite (under a second each).
 CHEAP = ("schemes", "demo")
 #: Calibration texts for the slow run of GPTQ and planning commands (the README's use 616 and 128).

