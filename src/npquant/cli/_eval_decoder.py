@@ -1,0 +1,198 @@
+"""``npquant eval MODEL`` on a decoder: perplexity, mean KL and top-1 agreement per scheme (RTN).
+
+:mod:`.eval` sends a ``.gguf`` file or a Llama-family directory here. The
+model is read as :class:`~npquant.models.CausalLM` reads it (a GGUF file
+through :func:`~npquant.checkpoints.gguf.read_gguf`, one tensor dequantized
+at a time; a directory through its safetensors), the text tokenized by the
+model's own tokenizer and cut into windows, and the measures taken by
+:func:`npquant.fidelity_lm.evaluate_lm`; the table is printed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import NpquantError
+from ._common import Progress, need_matplotlib
+from ._gguf import lossy_note
+
+__all__ = ["run_decoder"]
+
+
+def run_decoder(args) -> int:
+    """The decoder path of ``npquant eval`` (its options checked before the model is read)."""
+    from ..fidelity_lm import DEFAULT_CONTEXT, DEFAULT_LM_SCHEMES, eval_text, evaluate_lm, read_text, token_windows
+    from ..schemes import get_scheme
+
+    # Everything the user can get wrong is refused before the model is read.
+    encoder_only = [(flag, value) for flag, value in (
+        ("--sentences", args.sentences), ("--plan", args.plan), ("--batch-size", args.batch_size),
+        ("--calibration", args.calibration), ("--max-samples", args.max_samples), ("--observer", args.observer),
+    ) if value is not None]
+    if args.method == "gptq":
+        raise NpquantError("--method gptq is not yet available for decoders: npquant eval measures them rounded "
+                           "to nearest (RTN); drop --method")
+    if encoder_only:
+        flag = encoder_only[0][0]
+        hint = "; a decoder reads --text FILE" if flag == "--sentences" else ""
+        raise NpquantError(f"{flag} is not available for decoders yet (npquant eval runs them with RTN and the "
+                           f"minmax observer){hint}")
+    labels = args.scheme or list(DEFAULT_LM_SCHEMES)
+    for label in labels:
+        get_scheme(label)  # unknown presets, before the model is read
+    if args.context is not None and args.context < 2:
+        raise NpquantError(f"--context must be at least 2 tokens (one to condition on, one to predict), "
+                           f"got {args.context}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise NpquantError(f"--max-tokens must be at least 2 (one token to condition on, one to predict), "
+                           f"got {args.max_tokens}")
+    if args.plot:
+        need_matplotlib()
+    text = read_text(args.text) if args.text else eval_text()
+
+    with _open_decoder(args.model) as (config, weights, tokenizer, facts):
+        limit = config.get("max_position_embeddings")
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2 else None
+        context = args.context or (DEFAULT_CONTEXT if limit is None else min(DEFAULT_CONTEXT, limit))
+        if limit is not None and context > limit:
+            raise NpquantError(f"--context {context} is longer than the model's max_position_embeddings={limit}")
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        where = f"--text {args.text}" if args.text else "the built-in evaluation text"
+        if len(ids) < 2:
+            raise NpquantError(f"{where} is {len(ids)} token{'s' if len(ids) != 1 else ''} long; scoring needs "
+                               f"at least 2 (one to condition on, one to predict)")
+        batches = token_windows(ids, context, args.max_tokens)
+        n_windows = sum(b.shape[0] for b in batches)
+        n_scored = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        header = (f"{Path(args.model).name}: {config['architectures'][0]}, {facts['layers']} decoder layers; "
+                  f"{where}, {sum(b.size for b in batches):,} of its {len(ids):,} tokens in {n_windows} "
+                  f"window{'s' if n_windows != 1 else ''} of up to {context}, {n_scored:,} tokens scored")
+        start = time.monotonic()
+        with Progress((1 + len(labels)) * n_scored, "scoring", unit="steps") as bar:
+            rows = evaluate_lm(config, weights, batches, labels, backend=args.backend,
+                               progress=lambda label, n: bar(label, n))
+        seconds = time.monotonic() - start
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        _print_decoder(rows, header, facts, seconds)
+    if args.plot:
+        _plot_decoder(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+class _open_decoder:
+    """``with _open_decoder(path) as (config, weights, tokenizer, facts)``: a GGUF file or a model directory.
+
+    ``facts``: ``{"layers": int, "gguf_types": {type: count} or None, "lossy": {type: count}}``.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._close = None
+
+    def __enter__(self):
+        if self.path.suffix.lower() == ".gguf":
+            from ..checkpoints.gguf import read_gguf
+
+            model = read_gguf(self.path)
+            self._close = model.close
+            facts = {"gguf_types": model.types, "lossy": model.lossy}
+            config, weights, tokenizer = model.config, model, model.tokenizer()
+        else:
+            config, weights, tokenizer = self._directory()
+            facts = {"gguf_types": None, "lossy": {}}
+        facts["layers"] = config.get("num_hidden_layers")
+        return config, weights, tokenizer, facts
+
+    def _directory(self):
+        from ..models.causal_lm_config import CausalLMConfig
+        from ..safetensors_io import Checkpoint
+
+        ckpt = Checkpoint(self.path)
+        self._close = ckpt.close
+        config = ckpt.config
+        if "quantization_config" in config:
+            raise NpquantError(f"MODEL {self.path} is quantized already (config.json has a quantization_config): "
+                               f"eval compares a float model with its quantized forms; give the float model")
+        CausalLMConfig.from_json(config)  # an unsupported architecture: one line naming the supported ones
+        tokenizer_path = self.path / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise NpquantError(f"MODEL {self.path} has no tokenizer.json: eval tokenizes the text with the "
+                               f"model's own tokenizer")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise NpquantError("evaluating a decoder needs the tokenizers package: pip install 'npquant[models]'") \
+                from None
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # the tokenizers library raises its own exception type
+            raise NpquantError(f"{tokenizer_path} is not a tokenizers tokenizer: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return config, ckpt.tensors, tokenizer
+
+    def __exit__(self, *exc):
+        if self._close is not None:
+            self._close()
+
+
+def _print_decoder(rows, header: str, facts: dict, seconds: float) -> None:
+    """The decoder table: float32 first, then each scheme (RTN), and what the figures rest on."""
+    from .. import render
+
+    out = render.console()
+    out.print(header, highlight=False)
+    out.print(f"float32 perplexity: {rows[0]['perplexity']:.4f}", highlight=False)
+    columns = [(h, "left" if h in ("scheme", "method") else "right")
+               for h in ("scheme", "method", "bits/w", "perplexity", "vs float32", "mean KL", "top-1 agreement")]
+    cells = [[r["scheme"], (r["method"] or "-").upper(), f"{r['bits_per_weight']:.3g}", f"{r['perplexity']:.4f}",
+              f"{r['perplexity_ratio']:.4f}", "0" if r["mean_kl"] == 0 else f"{r['mean_kl']:.4g}",
+              f"{100 * r['top1_agreement']:.2f}%"] for r in rows]
+    render.print_rows(out, f"next-token predictions, {rows[0]['tokens']:,} tokens: quantized (RTN) vs float32",
+                      columns, cells, long=0)
+    for r in rows[1:]:
+        if r["left_float"]:
+            reasons = sorted(set(r["left_float"].values()))
+            out.print(f"{r['scheme']}: {len(r['left_float'])} of {r['layers']} linear weights stay float32 "
+                      f"({'; '.join(reasons)}), as npquant quantize leaves them", highlight=False)
+    out.print("mean KL: KL(float32 || quantized) of the next-token distributions, in nats; top-1 agreement: "
+              "positions whose most likely next token is unchanged", highlight=False)
+    if facts["lossy"]:
+        line = f"note: float32 is this GGUF's weights, {lossy_note(facts['lossy'])}"
+        if "Q4_1" in facts["lossy"]:
+            # Measured on SmolLM2 (docs/calibration.md): a 4-bit asymmetric group-32 scheme is not lossless here.
+            line += ("; Q4_1's own grid (4-bit codes in blocks of 32, an fp16 scale and minimum) would be lossless, "
+                     "but npquant's asymmetric int4 rounds the minimum to an integer zero point, off that grid")
+        out.print(line, highlight=False)
+    out.print(f"took {seconds:.0f} s", highlight=False)
+
+
+def _plot_decoder(rows, path: str) -> None:
+    """Mean KL per scheme (log scale), each bar labelled with its bits/weight and perplexity ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = rows[1:]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(q) + 2), 4))
+    xs = range(len(q))
+    ax.bar(list(xs), [max(r["mean_kl"], 1e-12) for r in q], width=0.6, label="mean KL (nats)")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['scheme']}\n{r['bits_per_weight']:.2f} b/w\nppl x{r['perplexity_ratio']:.3f}"
+                        for r in q])
+    ax.set_ylabel("KL(float32 || quantized), lower is better")
+    ax.set_title(f"Quantized (RTN) vs float32 next-token distributions, {rows[0]['tokens']:,} tokens")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
