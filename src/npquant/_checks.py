@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import stat
 
 import numpy as np
 
@@ -57,3 +59,17 @@ def check_finite_rows(chunk: np.ndarray, row0: int, name: str) -> None:
 def rows_per_chunk(in_features: int, elements: int = 1 << 21) -> int:
     """Rows per work chunk so that a float32 chunk holds about ``elements`` values (8 MiB)."""
     return max(1, elements // max(1, in_features))
+
+
+def stat_text_file(path, what: str, hint: str) -> os.stat_result:
+    """``os.stat(path)`` of a text file about to be read, refused (one line naming ``what`` and ``path``) when it is
+    missing, a directory or anything but a regular file: a FIFO would block the read, a device never end it.
+    ``hint`` ends the refusal (what to give instead)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise NpquantError(f"{what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device?)"
+        raise NpquantError(f"{what} {path} is {kind}; {hint}")
+    return st

@@ -26,12 +26,11 @@ compare figures at one context only. Nothing here prints.
 from __future__ import annotations
 
 import math
-import os
-import stat
 from importlib import resources
 
 import numpy as np
 
+from ._checks import stat_text_file
 from .errors import NpquantError
 from .models.causal_lm import CausalLM
 from .models.causal_lm_config import CausalLMConfig
@@ -85,13 +84,7 @@ def read_text(path, what: str = "--text") -> str:
     (a FIFO would block), a file over :data:`MAX_TEXT_BYTES`, one that is not
     UTF-8, one that holds only whitespace.
     """
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise NpquantError(f"{what} {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device?)"
-        raise NpquantError(f"{what} {path} is {kind}; give a UTF-8 text file")
+    st = stat_text_file(path, what, "give a UTF-8 text file")
     if st.st_size > MAX_TEXT_BYTES:
         raise NpquantError(f"{what} {path} holds {st.st_size:,} bytes, over {MAX_TEXT_BYTES >> 20} MiB; "
                            f"a few thousand tokens are plenty: pass a smaller file")

@@ -8,9 +8,9 @@ evaluation set (:data:`npquant.fidelity.SENTENCES`); a test checks it.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 
+from .._checks import stat_text_file
 from ..errors import NpquantError
 
 __all__ = ["calibration_texts", "read_text_lines", "MAX_TEXT_BYTES"]
@@ -27,15 +27,7 @@ def read_text_lines(path, what: str = "--calibration", max_lines: int | None = N
     while reading: a file that is not UTF-8, one with no text, and one over
     :data:`MAX_TEXT_BYTES` unless ``max_lines`` stops the reading first.
     """
-    import stat
-
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise NpquantError(f"{what} {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device?)"
-        raise NpquantError(f"{what} {path} is {kind}; give a UTF-8 text file, one text per line")
+    st = stat_text_file(path, what, "give a UTF-8 text file, one text per line")
     too_big = NpquantError(f"{what} {path} holds over {MAX_TEXT_BYTES >> 20} MiB of text; a few hundred texts "
                            f"are plenty: pass a smaller file, or fewer texts (max_samples, --max-samples)")
     if max_lines is None and st.st_size > MAX_TEXT_BYTES:
