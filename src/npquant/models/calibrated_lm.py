@@ -1,0 +1,228 @@
+"""Sequential GPTQ for a decoder: each layer calibrated on the outputs of the quantized layers before it.
+
+The calibration windows run through the embedding once. Then, decoder layer
+after decoder layer and, inside a layer, in forward order, the layer runs on
+every window with everything before already quantized until the next group
+of linears has seen its input, that input's second moment is gathered in
+one :class:`~npquant.calibrate.Hessian`, and the group is quantized with
+:func:`~npquant.calibrate.gptq` against it:
+
+1. ``q_proj``, ``k_proj``, ``v_proj``: one Hessian, of ``input_layernorm``'s output;
+2. ``o_proj``: the attention output, computed with the quantized q/k/v;
+3. ``gate_proj``, ``up_proj``: one Hessian, of ``post_attention_layernorm``'s output;
+4. ``down_proj``: the SwiGLU output, from the quantized gate/up.
+
+The layer's quantized output is the next layer's input. The forward is
+:class:`~npquant.models.CausalLM`'s, its quantized linears on the numpy
+backend (so the Hessians, and the codes, do not depend on numba).
+
+**Memory.** The model is read one tensor at a time (CausalLM streams it);
+held are the hidden states of the windows (``4 N C`` bytes for ``N``
+calibration tokens), one Hessian (``8 I**2``: it is handed to the group's
+last GPTQ call as its workspace, :meth:`~npquant.calibrate.Hessian.take`),
+the weight being quantized (float32 ``4 O I``, int16 codes ``2 O I``, GPTQ's
+row blocks ``2 x 32 MiB``) and the quantized tensors made so far (packed). The
+peak is at the widest input, ``down_proj``'s ``F``:
+``8 F**2 + 6 C F + 4 N C + Q + forward`` bytes, ``Q`` the packed tensors so
+far and ``forward`` one window batch's activations (``4 B T (C + 2 F)``, see
+:mod:`npquant.models.causal_lm`).
+
+Each quantized layer's row reports the loss ``tr(dW H dW.T)`` (the mean
+squared output error on the calibration tokens) of round-to-nearest and of
+GPTQ, relative to ``tr(W H W.T)``, and the seconds GPTQ took.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..calibrate import Hessian, hessian_loss
+from ..calibrate.gptq import gptq_with_loss
+from ..errors import NpquantError
+from ..quantize import quantize
+from ..schemes import Scheme, get_scheme
+from .causal_lm import CausalLM
+from .causal_lm_config import CausalLMConfig
+
+__all__ = ["gptq_decoder", "calibration_windows", "GROUPS", "DEFAULT_SEQ_LEN", "BATCH_TOKENS"]
+
+#: Tokens per calibration window (each run from position 0).
+DEFAULT_SEQ_LEN = 512
+#: Tokens per calibration forward call: full windows are grouped this many tokens at a time.
+BATCH_TOKENS = 2048
+
+#: The linears of a decoder layer that share an input, in forward order.
+GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def calibration_windows(token_ids, seq_len: int = DEFAULT_SEQ_LEN, batch_tokens: int = BATCH_TOKENS) -> list:
+    """Cut calibration token ids into windows of ``seq_len``, full ones grouped into batches.
+
+    Returns a list of int64 ``(B, seq_len)`` batches of full windows
+    (``max(1, batch_tokens // seq_len)`` to a batch), then the remainder as
+    ``(1, r)``, ``0 < r < seq_len``.
+
+    >>> [b.shape for b in calibration_windows(range(10), seq_len=4, batch_tokens=8)]
+    [(2, 4), (1, 2)]
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise NpquantError(f"seq_len must be a positive int (tokens per calibration window), got {seq_len!r}")
+    ids = np.asarray(list(token_ids), dtype=np.int64)  # (N,)
+    if ids.size == 0:
+        raise NpquantError("the calibration text has no tokens: give text the model's tokenizer reads")
+    n_full = ids.size // seq_len
+    full = ids[: n_full * seq_len].reshape(n_full, seq_len)  # (n_full, seq_len)
+    per_batch = max(1, batch_tokens // seq_len)
+    batches = [full[i:i + per_batch] for i in range(0, n_full, per_batch)]
+    if ids.size > n_full * seq_len:
+        batches.append(ids[n_full * seq_len:][None, :])  # (1, r)
+    return batches
+
+
+def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax", act_order: bool = True,
+                 damp: float = 0.01, progress=None, inspect=None):
+    """A decoder's linear layers quantized by sequential GPTQ on calibration ``windows``.
+
+    Parameters
+    ----------
+    config : dict (``config.json``) or CausalLMConfig
+    weights : the float model's tensors, as :class:`CausalLM` reads them (a
+        mapping such as ``Checkpoint(path).tensors`` or a GGUF model, or a
+        callable), read one tensor at a time
+    schemes : Scheme or preset name (every decoder-layer linear), or ``{weight
+        name: Scheme}`` (weights left out stay float). A weight whose
+        ``in_features`` the scheme's group size does not divide stays float
+        (listed in ``left``); fp8/fp4 layers are rounded to nearest (no row).
+    windows : list of int ``(B, T)`` token arrays (:func:`calibration_windows`)
+    observer : {"minmax", "mse"}; act_order, damp : as :func:`~npquant.calibrate.gptq`
+    progress : ``progress(name, done, total)`` after each weight, or None
+    inspect : ``inspect(names, hessian)`` with each group's float64 ``(I, I)``
+        Hessian (the mean ``X.T X``) before it is used, or None; it must not
+        change it (tests read the Hessians with it)
+
+    Returns
+    -------
+    quantized : dict, weight name -> QuantizedTensor
+    rows : list of dict per GPTQ'd weight: ``name``, ``shape``, ``scheme``,
+        ``tokens``, ``rtn_loss``, ``gptq_loss`` (both relative to
+        ``tr(W H W.T)``), ``ratio`` (GPTQ / RTN), ``seconds``
+    left : dict, weight name -> why it stays float
+    """
+    cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
+    names = cfg.linear_names()
+    if isinstance(schemes, (Scheme, str)):
+        scheme = get_scheme(schemes)
+        schemes = {name: scheme for name in names}
+    else:
+        schemes = {name: get_scheme(s) for name, s in schemes.items()}
+        unknown = [n for n in schemes if n not in names]
+        if unknown:
+            raise NpquantError(f"schemes names {unknown[0]!r}, which is not a decoder-layer linear weight of this "
+                               f"{cfg.architecture} (e.g. {names[0]!r})")
+    if not schemes or all(s.is_float for s in schemes.values()):
+        raise NpquantError("GPTQ takes int schemes; fp8 and fp4 are rounded to nearest (method='rtn')")
+    windows = _check_windows(windows, cfg.vocab_size)
+    shapes = cfg.tensor_shapes()
+    quantized: dict = {}
+    left: dict[str, str] = {}
+    model = CausalLM(cfg, weights, quantized=quantized, backend="numpy")
+    xs = [model.embed(ids) for ids in windows]  # (B, T, C) per batch: the next layer's inputs
+    tokens = sum(ids.size for ids in windows)
+    total = sum(1 for n in names if n in schemes)
+    rows: list[dict] = []
+    done = 0
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        for group in GROUPS:
+            group = [prefix + m for m in group if prefix + m + ".weight" in schemes]
+            work = []  # the group's weights that GPTQ quantizes (int schemes whose group size fits)
+            for module in group:
+                name = module + ".weight"
+                scheme = schemes[name]
+                in_features = shapes[name][1]
+                if scheme.granularity == "group" and in_features % scheme.group_size:
+                    left[name] = f"group_size={scheme.group_size} does not divide in_features={in_features}"
+                elif scheme.is_float:  # GPTQ's feedback is for integer grids: rounded to nearest
+                    quantized[name] = quantize(model._tensor(name), scheme, name=name, observer=observer,
+                                               backend="numpy")
+                else:
+                    work.append(module)
+                    continue
+                done += 1
+                if progress is not None:
+                    progress(name, done, total)
+            if not work:
+                continue
+            h = _hessian(model, i, xs, work[0])  # (I, I), the mean X.T X of the group's input
+            if inspect is not None:
+                inspect(tuple(m + ".weight" for m in work), h)
+            for k, module in enumerate(work):
+                name = module + ".weight"
+                scheme = schemes[name]
+                w = model._tensor(name)  # float32 (O, I)
+                start = time.perf_counter()
+                ref = hessian_loss(w, None, h)
+                rtn = hessian_loss(w, quantize(w, scheme, observer=observer, backend="numpy"), h)
+                last = k == len(work) - 1  # the group's last use of h: GPTQ may factorise it in place
+                qt, loss = gptq_with_loss(w, h, scheme, act_order=act_order, damp=damp, observer=observer,
+                                          overwrite_hessian=last)
+                seconds = time.perf_counter() - start
+                del w
+                quantized[name] = qt
+                rel_rtn = rtn / ref if ref > 0 else 0.0
+                rel = loss / ref if ref > 0 else 0.0
+                rows.append({"name": name, "shape": tuple(qt.shape), "scheme": scheme, "tokens": tokens,
+                             "rtn_loss": rel_rtn, "gptq_loss": rel, "ratio": rel / rel_rtn if rel_rtn > 0 else 1.0,
+                             "seconds": seconds})
+                done += 1
+                if progress is not None:
+                    progress(name, done, total)
+            del h
+        for b in range(len(xs)):  # the quantized layer's output feeds the next layer
+            xs[b] = model.layer(i, xs[b])
+    return quantized, rows, left
+
+
+class _Stop(Exception):
+    """Raised once the wanted linear has seen its input: the rest of the layer is not needed."""
+
+
+def _hessian(model: CausalLM, i: int, xs: list, module: str) -> np.ndarray:
+    """float64 ``(I, I)``: the mean ``X.T X`` of ``module``'s input, layer ``i`` run on every batch of ``xs``."""
+    hess = None
+
+    def watch(name, x):
+        nonlocal hess
+        if name == module:
+            if hess is None:
+                hess = Hessian(x.shape[-1])
+            hess.add(x)
+            raise _Stop
+
+    for x in xs:
+        try:
+            model.layer(i, x, observe=watch)
+        except _Stop:
+            pass
+    return hess.take()
+
+
+def _check_windows(windows, vocab_size: int) -> list:
+    if isinstance(windows, np.ndarray):
+        windows = [windows]
+    out = []
+    for k, ids in enumerate(windows):
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1 or ids.dtype.kind not in "iu":
+            raise NpquantError(f"windows[{k}] must be token ids of shape (B, T), got {ids.dtype} {ids.shape}")
+        out.append(ids)
+    if not out:
+        raise NpquantError("windows is empty: GPTQ needs calibration tokens")
+    return out

@@ -1,0 +1,209 @@
+"""Sequential GPTQ over a decoder's layers (npquant.models.calibrated_lm), against a forward written here.
+
+The reference is an independent float64 numpy forward of a Llama layer
+(RMSNorm, rotate-half RoPE, grouped-query causal attention, SwiGLU, biases)
+run with the quantized weights that the calibration returns: the input of
+each group of linears depends only on the linears before it in forward order,
+which were all quantized when that group's Hessian was taken. So every
+Hessian the calibration used must equal ``X.T X / N`` of the inputs this
+fully quantized reference model sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from npquant import NpquantError, quantize
+from npquant.calibrate import hessian_loss
+from npquant.models.calibrated_lm import GROUPS, calibration_windows, gptq_decoder
+from npquant.models.causal_lm_config import CausalLMConfig
+
+U32 = 2.0**-24  # float32's unit roundoff
+
+# A tiny Llama with every bias: q/k/v/o and gate/up read 64 inputs, down_proj 96 (w4-g32 divides both).
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 40, "hidden_size": 64, "intermediate_size": 96,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64, "attention_bias": True,
+}
+# Our forward is float32, the reference float64. As in test_causal_lm: 26 rounding stages of at most 7 u
+# each (dot products of <= 128 terms) bound an activation's relative error by 182 u; a Hessian entry, a sum
+# of products of two such activations, then errs by at most 2 * 182 u of sum |x_i x_j| <= max diag(H).
+H_TOL = 2 * 26 * 7 * U32
+
+
+def tiny_weights(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in CausalLMConfig.from_json(CONFIG).tensor_shapes().items():
+        if name.endswith("norm.weight"):
+            out[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif name.endswith(".bias"):
+            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            # Correlated input columns (a shared low-rank part) so that GPTQ has something to exploit.
+            w = rng.standard_normal(shape) + 2 * rng.standard_normal((shape[0], 1)) * rng.standard_normal(shape[1])
+            out[name] = (w / math.sqrt(shape[-1])).astype(np.float32)
+    return out
+
+
+def windows(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CONFIG["vocab_size"], (2, 16)), rng.integers(0, CONFIG["vocab_size"], (1, 7))]
+
+
+# --- the reference forward, float64 ----------------------------------------------------------------------
+def rms(x, w, eps=1e-5):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x, theta=10000.0):
+    """x (B, T, H, D), rotate-half pairs (j, j + D/2), angle t / theta**(2j/D)."""
+    T, D = x.shape[1], x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, D, 2) / D)
+    ang = np.arange(T)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+    rot = np.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def reference_inputs(weights: dict, linear: dict, ids) -> dict:
+    """Each linear's input (N, I) in float64 when every linear weight is ``linear[name]`` (float64)."""
+    H, K, C = CONFIG["num_attention_heads"], CONFIG["num_key_value_heads"], CONFIG["hidden_size"]
+    D = C // H
+    f64 = {n: w.astype(np.float64) for n, w in weights.items()}
+    x = f64["model.embed_tokens.weight"][ids]  # (B, T, C)
+    B, T, _ = x.shape
+    seen = {}
+
+    def lin(v, module):
+        seen[module] = v.reshape(-1, v.shape[-1])
+        return v @ linear[module + ".weight"].T + f64.get(module + ".bias", 0.0)
+
+    for i in range(CONFIG["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, f64[p + "input_layernorm.weight"])
+        q = rope(lin(h, p + "self_attn.q_proj").reshape(B, T, H, D))
+        k = rope(lin(h, p + "self_attn.k_proj").reshape(B, T, K, D))
+        v = lin(h, p + "self_attn.v_proj").reshape(B, T, K, D)
+        ctx = np.empty((B, T, H, D))
+        for head in range(H):
+            kv = head // (H // K)
+            s = np.einsum("btd,bsd->bts", q[:, :, head], k[:, :, kv]) / math.sqrt(D)
+            s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            ctx[:, :, head] = np.einsum("bts,bsd->btd", a / a.sum(-1, keepdims=True), v[:, :, kv])
+        x = x + lin(ctx.reshape(B, T, C), p + "self_attn.o_proj")
+        h = rms(x, f64[p + "post_attention_layernorm.weight"])
+        g, u = lin(h, p + "mlp.gate_proj"), lin(h, p + "mlp.up_proj")
+        x = x + lin(g / (1 + np.exp(-g)) * u, p + "mlp.down_proj")
+    return seen
+
+
+def reference_hessians(weights, linear, batches) -> dict:
+    inputs = [reference_inputs(weights, linear, ids) for ids in batches]
+    return {m: sum(s[m].T @ s[m] for s in inputs) / sum(len(s[m]) for s in inputs) for m in inputs[0]}
+
+
+# --- the tests -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calibrated():
+    weights = tiny_weights()
+    seen = []
+    quantized, rows, left = gptq_decoder(CONFIG, weights, "w4-g32", windows(),
+                                         inspect=lambda names, h: seen.append((names, h.copy())))
+    return weights, quantized, rows, left, seen
+
+
+def test_groups_share_one_hessian_each_in_forward_order(calibrated):
+    _, quantized, rows, left, seen = calibrated
+    expected = [tuple(f"model.layers.{i}.{m}.weight" for m in group) for i in range(2) for group in GROUPS]
+    assert [names for names, _ in seen] == expected
+    assert left == {} and len(quantized) == len(rows) == 14
+    assert [r["name"] for r in rows] == [n for names in expected for n in names]
+
+
+def test_hessians_equal_a_hand_built_forward_of_the_quantized_model(calibrated):
+    weights, quantized, _, _, seen = calibrated
+    deq = {n: qt.dequantize().astype(np.float64) for n, qt in quantized.items()}
+    ref = reference_hessians(weights, deq, windows())
+    for names, h in seen:
+        want = ref[names[0].removesuffix(".weight")]
+        assert np.abs(h - want).max() <= H_TOL * np.diag(want).max(), names[0]
+
+
+def test_each_hessian_reads_the_quantized_layers_before_it(calibrated):
+    # With float weights anywhere before a group, its Hessian moves by far more than the tolerance: the
+    # test above can tell which weights the calibration ran (the first group reads the embedding only).
+    weights, quantized, _, _, seen = calibrated
+    deq = {n: qt.dequantize().astype(np.float64) for n, qt in quantized.items()}
+    float_ref = reference_hessians(weights, {n: w.astype(np.float64) for n, w in weights.items()}, windows())
+    first = "model.layers.0.self_attn.q_proj.weight"
+    for names, h in seen:
+        module = names[0].removesuffix(".weight")
+        gap = np.abs(h - float_ref[module]).max() / np.diag(float_ref[module]).max()
+        assert (gap <= H_TOL) == (names[0] == first), names[0]
+    # Layer 1 from layer 0's quantized output, everything in layer 1 before it float: not what was used.
+    mixed = dict(deq)
+    for name in deq:
+        if name.startswith("model.layers.1."):
+            mixed[name] = weights[name].astype(np.float64)
+    h_o = dict(seen)[("model.layers.1.self_attn.o_proj.weight",)]
+    want = reference_hessians(weights, mixed, windows())["model.layers.1.self_attn.o_proj"]
+    assert np.abs(h_o - want).max() > 100 * H_TOL * np.diag(want).max()  # o_proj read the quantized q/k/v
+
+
+def test_gptq_loses_less_than_rtn_on_every_layer(calibrated):
+    weights, quantized, rows, _, seen = calibrated
+    hessians = {n: h for names, h in seen for n in names}
+    for row in rows:
+        name = row["name"]
+        w, h = weights[name], hessians[name]
+        ref = hessian_loss(w, None, h)
+        rtn = hessian_loss(w, quantize(w, "w4-g32"), h) / ref
+        ours = hessian_loss(w, quantized[name], h) / ref
+        # The rows' losses come from GPTQ's own errors (no H kept): the same figures to float64 rounding.
+        assert row["rtn_loss"] == pytest.approx(rtn, rel=1e-9) and row["gptq_loss"] == pytest.approx(ours, rel=1e-7)
+        assert ours <= rtn and row["ratio"] <= 1.0, name
+    assert np.mean([r["ratio"] for r in rows]) < 0.9
+
+
+def test_left_float_fp8_and_plans():
+    weights = tiny_weights()
+    # w4-g64 divides 64 (q/k/v/o/gate/up) but not 96 (down_proj): those stay float, named.
+    quantized, rows, left = gptq_decoder(CONFIG, weights, "w4-g64", windows())
+    assert sorted(left) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
+    assert set(left.values()) == {"group_size=64 does not divide in_features=96"}
+    assert len(quantized) == len(rows) == 12
+    # A plan: one fp8 layer (rounded to nearest, no row), one int layer (GPTQ), the rest float.
+    plan = {"model.layers.0.mlp.up_proj.weight": "fp8-channel", "model.layers.1.self_attn.k_proj.weight": "w8-channel"}
+    quantized, rows, left = gptq_decoder(CONFIG, weights, plan, windows())
+    assert sorted(quantized) == sorted(plan) and [r["name"] for r in rows] == ["model.layers.1.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(quantized["model.layers.0.mlp.up_proj.weight"].codes,
+                                  quantize(weights["model.layers.0.mlp.up_proj.weight"], "fp8-channel").codes)
+
+
+@pytest.mark.parametrize("schemes, batches, message", [
+    ("fp8-channel", None, r"GPTQ takes int schemes"),
+    ({"lm_head.weight": "w4-g32"}, None, r"'lm_head.weight', which is not a decoder-layer linear weight"),
+    ("w4-g32", [], r"windows is empty"),
+    ("w4-g32", [np.zeros(5, np.int64)], r"windows\[0\] must be token ids of shape \(B, T\)"),
+    ("w4-g32", [np.full((1, 3), 40)], r"token_ids must lie in \[0, vocab_size=40\)"),
+])
+def test_bad_input(schemes, batches, message):
+    with pytest.raises(NpquantError, match=message):
+        gptq_decoder(CONFIG, tiny_weights(), schemes, windows() if batches is None else batches)
+
+
+def test_calibration_windows():
+    got = calibration_windows(range(11), seq_len=4, batch_tokens=8)
+    assert [b.tolist() for b in got] == [[[0, 1, 2, 3], [4, 5, 6, 7]], [[8, 9, 10]]]
+    assert [b.shape for b in calibration_windows(range(8), seq_len=4, batch_tokens=4)] == [(1, 4), (1, 4)]
+    for seq_len in (0, -1, 2.5, True):
+        with pytest.raises(NpquantError, match="seq_len must be a positive int"):
+            calibration_windows(range(5), seq_len=seq_len)
+    with pytest.raises(NpquantError, match="the calibration text has no tokens"):
+        calibration_windows([], seq_len=4)
