@@ -1,17 +1,43 @@
-"""Sequential GPTQ for the sentence encoder: each layer calibrated on the inputs it will really see.
+"""Sequential calibration of the sentence encoder: each layer quantized on the inputs it will really see.
 
 The calibration texts run through the model once to the first block. Then,
 block after block and, inside a block, in forward order (query/key/value
 together, since they read the same input; then the attention output; the
 feed-forward input; its output), the block runs on every calibration batch
 with everything before already quantized, the inputs of the next layers are
-gathered into a :class:`~npquant.calibrate.Hessian` (padding tokens left
-out), and those layers are quantized with :func:`~npquant.calibrate.gptq`.
-The block's quantized output is the next block's input.
+gathered (``X.T X`` and ``mean |x|``, padding tokens left out), and those
+layers are quantized. The block's quantized output is the next block's input.
 
-Each layer's row reports the loss ``tr(dW H dW.T)`` (the mean squared
-output error on the calibration tokens) of round-to-nearest and of GPTQ,
-relative to ``tr(W H W.T)``, and the seconds GPTQ took.
+Methods (``method=``):
+
+- ``"gptq"``: :func:`~npquant.calibrate.gptq` on each layer's Hessian.
+- ``"awq"``: AWQ's per-input-channel scales (:mod:`npquant.calibrate.awq`)
+  where ``1 / s`` folds into the model, then round to nearest; elsewhere
+  round to nearest.
+- ``"awq+gptq"``: the same scales, then GPTQ on the scaled weights with the
+  Hessian of the scaled inputs; elsewhere GPTQ.
+
+**Where AWQ folds in a BERT encoder.** The model is post-LayerNorm: each
+LayerNorm's output is both the next linears' input *and* the residual added
+back before the next LayerNorm, so dividing it by ``s`` (folding into the
+LayerNorm's weight and bias) changes the residual stream and the model, not
+just the linears' input (:func:`~npquant.models.awq_bert.fold_scale` refuses
+it; a test measures how much it changes). Query/key/value (the embeddings'
+or previous block's output LayerNorm) and ``intermediate.dense``
+(``attention.output.LayerNorm``) are therefore left unscaled, and so is
+``output.dense``, whose input is GELU's output. ``attention.output.dense``
+reads the attention context ``softmax(q k.T) v``, linear in ``v`` per
+channel: its scale folds into the value projection's output rows and bias.
+Value is quantized before the context can be observed, so once the scale is
+chosen it is quantized again from its float weight divided by ``s`` (the
+same method; row scaling commutes with symmetric per-row-block rounding up
+to float rounding), and for GPTQ the context is gathered again from the
+folded model before the attention output is quantized.
+
+Each layer's row reports its loss ``tr(dW H dW.T)`` (the mean squared output
+error on the calibration tokens) for round to nearest and for the method,
+relative to ``tr(W H W.T)``, AWQ's exponent ``a`` where it scaled, and the
+seconds it took.
 """
 
 from __future__ import annotations
@@ -20,15 +46,20 @@ import time
 
 import numpy as np
 
-from ..calibrate import Hessian, calibration_texts, gptq, hessian_loss
+from ..calibrate import calibration_texts, gptq, hessian_loss
+from ..calibrate.awq import DEFAULT_GRID, InputStats, scale_hessian, search_scale
 from ..errors import NpquantError
 from ..quantize import quantize
 from ..schemes import Scheme
+from .awq_bert import SCALED_GROUPS, fold_scale
 
-__all__ = ["gptq_tensors", "CALIBRATION_BATCH"]
+__all__ = ["CALIBRATED_METHODS", "CALIBRATION_BATCH", "calibrated_tensors", "gptq_tensors"]
 
 #: Sentences per calibration forward pass.
 CALIBRATION_BATCH = 32
+
+#: The methods :func:`calibrated_tensors` runs.
+CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
 
 # Linear layers of a block that share an input, in forward order.
 _GROUPS = (
@@ -57,13 +88,42 @@ def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", prog
     rows : list of dict per layer: ``name``, ``shape``, ``rtn_loss``, ``gptq_loss``
         (both relative to ``tr(W H W.T)``), ``ratio`` (GPTQ / RTN), ``seconds``
     """
+    return calibrated_tensors(encoder, schemes, texts, method="gptq", observer=observer, progress=progress)
+
+
+def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", observer: str = "minmax",
+                       grid: int = DEFAULT_GRID, progress=None):
+    """The encoder's tensors with its linear layers quantized by a calibrated method, block after block.
+
+    Parameters
+    ----------
+    encoder : BertEncoder (float32), e.g. a SentenceEncoder: the model, taken as an argument
+    schemes : Scheme, or ``{layer name: Scheme}`` (layers left out stay float32;
+        fp8 layers are rounded to nearest (scaled first with AWQ), and have no row)
+    texts : list of str or None (the built-in calibration set)
+    method : {"gptq", "awq", "awq+gptq"} (see the module docstring)
+    observer : {"minmax", "mse"}
+    grid : int, AWQ's points of ``a`` (``a = j / grid``, ``j < grid``)
+    progress : ``progress(module, done, total)`` after each layer, or None
+
+    Returns
+    -------
+    tensors : dict, the encoder's tensors: QuantizedTensors for its linear weights, and (AWQ) the value
+        projections' float32 weights and biases with ``1 / s`` folded in where a scale was applied
+    rows : list of dict per layer: ``name``, ``shape``, ``scheme``, ``tokens``, ``method``, ``rtn_loss``,
+        ``loss`` (the method's; GPTQ methods also as ``gptq_loss``), both relative to ``tr(W H W.T)``,
+        ``ratio`` (method / RTN), ``alpha`` (AWQ's exponent, None where unscaled), ``seconds``
+    """
+    if method not in CALIBRATED_METHODS:
+        raise NpquantError(f"method={method!r} is not a calibrated method; expected one of {CALIBRATED_METHODS}")
     if isinstance(schemes, Scheme):
         schemes = {name: schemes for name in encoder.linear_names()}
-    if all(s.is_float for s in schemes.values()):
+    if method == "gptq" and all(s.is_float for s in schemes.values()):
         raise NpquantError("GPTQ takes int schemes; fp8 is rounded to nearest (method='rtn')")
     texts = calibration_texts() if texts is None else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise NpquantError("calibration texts must be a non-empty list of non-empty strings")
+    use_gptq = method in ("gptq", "awq+gptq")
     # The numpy backend throughout: the Hessians (so the codes) do not depend on whether numba is installed.
     work = encoder.with_backend("numpy")
     batches = []
@@ -71,54 +131,83 @@ def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", prog
         ids, mask = work.tokenize([texts[j] for j in idx])
         x, bias = work._embed(ids, mask)
         batches.append([x, bias, mask])  # block input, attention bias, token mask
-    names = [n for n in work.linear_names() if n in schemes]
+    total = sum(n in schemes for n in work.linear_names())
     rows = []
     done = 0
+
+    def quantize_layer(w, h, scheme):
+        if use_gptq and not scheme.is_float:  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest
+            return gptq(w, h, scheme, observer=observer)
+        return quantize(w, scheme, observer=observer)
+
     for i in range(work.config.num_layers):
         prefix = f"encoder.layer.{i}."
+        qkv_hessian = None  # value's, for quantizing it again once the attention output's scale folds into it
         for group in _GROUPS:
             group = tuple(m for m in group if prefix + m + ".weight" in schemes)
             if not group:
                 continue
-            wanted = prefix + group[0]
-            hess = None
-            for x, bias, mask in batches:
-
-                def observe(module, inp, mask=mask):
-                    nonlocal hess
-                    if module == wanted:
-                        if hess is None:
-                            hess = Hessian(inp.shape[-1])
-                        hess.add(inp, mask)
-
-                _run_until(work, i, x, bias, observe, wanted)
-            h = hess.matrix()
-            tokens = hess.tokens
-            for module in group:
-                name = prefix + module + ".weight"
-                w = work.tensors[name]
+            stats = _gather(work, i, batches, prefix + group[0])
+            h = stats.hessian()
+            if group[0] == "attention.self.query" or "attention.self.value" in group:
+                qkv_hessian = h
+            start = time.perf_counter()
+            names = [prefix + m + ".weight" for m in group]
+            ws = [work.tensors[n] for n in names]
+            found = None
+            if method != "gptq" and group[0] in SCALED_GROUPS:
+                found = search_scale(ws, stats.abs_mean(), h, schemes[names[0]], grid=grid, observer=observer) \
+                    if len({schemes[n] for n in names}) == 1 else None
+            h_q = h
+            if found is not None:
+                value = prefix + SCALED_GROUPS[group[0]] + ".weight"  # the producer: value
+                folded = fold_scale({**work.tensors, value: encoder.tensors[value]}, i, group[0], found.scale)
+                work.tensors.update(folded)  # value's float rows / s and bias / s (and our scaled weight)
+                if value in schemes:  # value was quantized already: again, from its folded float weight
+                    work.tensors[value] = quantize_layer(folded[value], qkv_hessian, schemes[value])
+                ws_q = [folded[n] for n in names]
+                if use_gptq:  # the context as the folded, quantized value makes it
+                    h_q = _gather(work, i, batches, prefix + group[0]).hessian()
+                else:
+                    h_q = scale_hessian(h, found.scale)
+            else:
+                ws_q = ws
+            for name, w, w_q in zip(names, ws, ws_q):
                 scheme = schemes[name]
-                start = time.perf_counter()
-                if scheme.is_float:  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest
-                    work.tensors[name] = quantize(w, scheme, observer=observer)
-                    done += 1
-                    if progress is not None:
-                        progress(name, done, len(names))
-                    continue
-                qt = gptq(w, h, scheme, observer=observer)
-                seconds = time.perf_counter() - start
-                ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h, w.astype(np.float64)))
-                rtn = hessian_loss(w, quantize(w, scheme, observer=observer), h) / ref
-                ours = hessian_loss(w, qt, h) / ref
-                rows.append({"name": name, "shape": tuple(w.shape), "scheme": scheme, "tokens": tokens, "rtn_loss": rtn,
-                             "gptq_loss": ours, "ratio": ours / rtn if rtn > 0 else 1.0, "seconds": seconds})
+                qt = quantize_layer(w_q, h_q, scheme)
                 work.tensors[name] = qt
                 done += 1
+                if not scheme.is_float:
+                    ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h, w.astype(np.float64)))
+                    rtn = hessian_loss(w, quantize(w, scheme, observer=observer), h) / ref
+                    ours = hessian_loss(w_q, qt, h_q) / ref  # in the scaled space: the same output error
+                    row = {"name": name, "shape": tuple(w.shape), "scheme": scheme, "tokens": stats.tokens,
+                           "method": method, "rtn_loss": rtn, "loss": ours, "ratio": ours / rtn if rtn > 0 else 1.0,
+                           "alpha": None if found is None else found.alpha, "seconds": time.perf_counter() - start}
+                    if use_gptq:
+                        row["gptq_loss"] = ours
+                    rows.append(row)
                 if progress is not None:
-                    progress(name, done, len(names))
+                    progress(name, done, total)
         for batch in batches:  # the quantized block's output feeds the next block
             batch[0] = work._block(i, batch[0], batch[1])
     return work.tensors, rows
+
+
+def _gather(work, i: int, batches, wanted: str) -> InputStats:
+    """``X.T X`` and ``sum |x|`` of ``wanted``'s inputs in block ``i`` over every calibration batch."""
+    stats = None
+    for x, bias, mask in batches:
+
+        def observe(module, inp, mask=mask):
+            nonlocal stats
+            if module == wanted:
+                if stats is None:
+                    stats = InputStats(inp.shape[-1])
+                stats.add(inp, mask)
+
+        _run_until(work, i, x, bias, observe, wanted)
+    return stats
 
 
 class _Stop(Exception):

@@ -1,6 +1,6 @@
 """The sentence encoder users hold: the BERT forward, and :meth:`SentenceEncoder.quantized`.
 
-Quantizing by GPTQ runs the model on calibration text through the
+Quantizing by GPTQ or AWQ runs the model on calibration text through the
 sequential driver (:mod:`npquant.models.calibrated`), which takes the model
 as an argument. So the method that offers it lives here, above both the
 forward (:mod:`npquant.models.bert`, which knows nothing of calibration) and
@@ -16,12 +16,12 @@ from ..quantize import quantize
 from ..schemes import get_scheme
 from ..tensor import QuantizedTensor
 from .bert import BertEncoder
-from .calibrated import gptq_tensors
+from .calibrated import calibrated_tensors
 
 __all__ = ["SentenceEncoder", "METHODS"]
 
 #: How :meth:`SentenceEncoder.quantized` chooses codes.
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 class SentenceEncoder(BertEncoder):
@@ -44,19 +44,23 @@ class SentenceEncoder(BertEncoder):
         scheme : Scheme, preset name, or a mapping ``{layer name: Scheme or preset}``
             One scheme for every layer of :meth:`linear_names`, or one per
             layer (a plan's; layers it leaves out stay float32).
-        method : {"rtn", "gptq"}
-            ``"rtn"``: round to nearest (:func:`npquant.quantize`). ``"gptq"``:
-            calibrated on ``calibration``, block after block, each block's
+        method : {"rtn", "gptq", "awq", "awq+gptq"}
+            ``"rtn"``: round to nearest (:func:`npquant.quantize`). The others
+            are calibrated on ``calibration``, block after block, each block's
             inputs computed with the earlier ones already quantized (see
-            :mod:`npquant.models.calibrated`); fp8 layers are rounded to
-            nearest. Its per-layer losses are in the copy's ``layer_report``.
+            :mod:`npquant.models.calibrated`): ``"gptq"``; ``"awq"``, AWQ's
+            input scales where they fold into the model, then round to
+            nearest; ``"awq+gptq"``, the scales then GPTQ. fp8 layers are
+            rounded to nearest. The per-layer losses are in the copy's
+            ``layer_report``; with AWQ the copy's float tensors include the
+            folded ones (value's weight and bias).
         calibration : list of str or None
-            GPTQ's calibration texts (default: the built-in set,
+            The calibration texts (default: the built-in set,
             :func:`npquant.calibrate.calibration_texts`).
         observer : {"minmax", "mse"}
             How block ranges are chosen (see :mod:`npquant.quantize`).
         progress : callable or None
-            GPTQ only: ``progress(module, done, total)`` after each layer.
+            Calibrated methods only: ``progress(module, done, total)`` after each layer.
         """
         schemes = self._layer_schemes(scheme)
         if method not in METHODS:
@@ -64,8 +68,9 @@ class SentenceEncoder(BertEncoder):
         if any(isinstance(self.tensors[n], QuantizedTensor) for n in self.linear_names()):
             raise NpquantError("this encoder is quantized already; quantize the float32 one")
         report = None
-        if method == "gptq":
-            tensors, report = gptq_tensors(self, schemes, calibration, observer=observer, progress=progress)
+        if method != "rtn":
+            tensors, report = calibrated_tensors(self, schemes, calibration, method=method, observer=observer,
+                                                 progress=progress)
         else:
             tensors = dict(self.tensors)
             for name, sch in schemes.items():
