@@ -32,10 +32,8 @@ FOLD_ATOL = 3e-5
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
+def tiny_dir(tmp_path_factory):
     from safetensors.numpy import save_file
-
-    from npquant.models import SentenceEncoder
 
     root = tmp_path_factory.mktemp("tiny-bert-awq")
     tensors = tiny_tensors()
@@ -47,7 +45,14 @@ def encoder(tmp_path_factory):
               str(root / "model.safetensors"), metadata={"format": "pt"})
     (root / "config.json").write_text(json.dumps(CONFIG))
     tiny_tokenizer().save(str(root / "tokenizer.json"))
-    return SentenceEncoder.from_pretrained(root, backend="numpy")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir):
+    from npquant.models import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained(tiny_dir, backend="numpy")
 
 
 def folded_copy(enc, scales):
@@ -170,3 +175,52 @@ def test_minilm_folded_float_model_gives_the_same_embeddings():
     sentences = list(SENTENCES[:20])
     diff = np.abs(folded_copy(enc, scales).encode(sentences) - enc.encode(sentences)).max()
     assert diff <= FOLD_ATOL  # see FOLD_ATOL: a few float32 roundings per fold, amplified at most ~100x
+
+
+# --- npquant eval ---------------------------------------------------------------------------------
+def test_eval_shows_rtn_and_awq_side_by_side(tiny_dir, encoder, tmp_path, capsys):
+    from npquant.cli import main
+
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(texts(12, seed=6)))
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(texts(40, seed=7)))
+    for method in ("awq", "awq+gptq"):
+        code = main(["eval", str(tiny_dir), "--sentences", str(sentences), "--method", method, "--calibration",
+                     str(calib), "--scheme", "w4-g32", "--scheme", "fp8-channel", "--json"])
+        rows = json.loads(capsys.readouterr().out)
+        assert code == 0
+        assert [r["scheme"] for r in rows] == ["float32", "w4-g32", f"w4-g32 {method}", "fp8-channel"]
+    q = encoder.quantized("w4-g32", method="awq+gptq", calibration=texts(40, seed=7))
+    base = encoder.encode(texts(12, seed=6))
+    cos = np.sum(q.encode(texts(12, seed=6)) * base, axis=1)
+    # The same numpy computation in both: only the order of float32 sums can differ.
+    assert rows[2]["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "awq", "--calibration", "SENTENCES"], "also calibration texts"),
+    (["--calibration", "SENTENCES"], "--calibration and --max-samples are for a calibrated --method"),
+    (["--method", "AWQ"], "invalid choice: 'AWQ'"),
+])
+def test_eval_awq_bad_input_is_one_line(tiny_dir, tmp_path, capsys, argv, message):
+    from npquant.cli import main
+
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(texts(10, seed=5)))
+    argv = [str(sentences) if a == "SENTENCES" else a for a in argv]
+    try:
+        code = main(["eval", str(tiny_dir), "--sentences", str(sentences), *argv])
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+
+
+def test_eval_refuses_awq_on_a_decoder(tmp_path, capsys):
+    from npquant.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert main(["eval", str(tmp_path), "--method", "awq"]) == 2
+    err = capsys.readouterr().err
+    assert "--method awq is not yet available for decoders" in err and err.count("\n") == 1

@@ -14,9 +14,12 @@ import numpy as np
 from .errors import NpquantError
 from .schemes import get_scheme
 
-__all__ = ["SENTENCES", "evaluate", "read_sentences", "DEFAULT_EVAL_SCHEMES"]
+__all__ = ["SENTENCES", "evaluate", "read_sentences", "DEFAULT_EVAL_SCHEMES", "EVAL_METHODS"]
 
 DEFAULT_EVAL_SCHEMES = ("w8-channel", "fp8-channel", "w4-g128", "w4-g32", "w3-g128")
+
+#: The methods :func:`evaluate` compares with round to nearest (as :data:`npquant.models.METHODS`).
+EVAL_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def read_sentences(path) -> list[str]:
@@ -39,10 +42,12 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     schemes : preset names or Schemes (default :data:`DEFAULT_EVAL_SCHEMES`)
     sentences : list of str (default :data:`SENTENCES`)
     progress : called as ``progress(label)`` after each encoder has run
-    method : {"rtn", "gptq"}
-        ``"gptq"``: each int scheme twice, rounded to nearest (label ``"<scheme>"``)
-        and with GPTQ (``"<scheme> gptq"``), calibrated on ``calibration``
-        (default: the built-in calibration texts, disjoint from :data:`SENTENCES`).
+    method : {"rtn", "gptq", "awq", "awq+gptq"}
+        A calibrated method: each int scheme twice, rounded to nearest (label
+        ``"<scheme>"``) and with the method (``"<scheme> gptq"``, ``"<scheme> awq"``,
+        ``"<scheme> awq+gptq"``; see :meth:`SentenceEncoder.quantized`), calibrated on
+        ``calibration`` (default: the built-in calibration texts, disjoint from
+        :data:`SENTENCES`).
     observer : {"minmax", "mse"}, for every quantized encoder
     plans : list of ``(label, {layer: scheme}, method, observer)``, or None
         Per-layer schemes (a size plan's) evaluated after the presets.
@@ -55,6 +60,8 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
         (the 3 lowest-cosine sentences as ``{"sentence", "cosine"}``)
     base : ``{"sentences": [...], "embeddings": float32 (n, C)}``
     """
+    if method not in EVAL_METHODS:
+        raise NpquantError(f"method={method!r} is not known; expected one of {EVAL_METHODS}")
     sentences = list(SENTENCES if sentences is None else sentences)
     if len(sentences) < 2:
         raise NpquantError("evaluation needs at least 2 sentences")
@@ -68,8 +75,8 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     runs = []
     for label, scheme in resolved:
         runs.append((label, scheme, "rtn", observer))
-        if method == "gptq" and not scheme.is_float:
-            runs.append((f"{label} gptq", scheme, "gptq", observer))
+        if method != "rtn" and not scheme.is_float:
+            runs.append((f"{label} {method}", scheme, method, observer))
     runs += list(plans or [])
     for label, scheme, how, obs in runs:
         q = encoder.quantized(scheme, method=how, calibration=calibration, observer=obs)

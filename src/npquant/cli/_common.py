@@ -162,13 +162,18 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
         method_help = ("how each candidate is measured and later quantized: rtn (round to nearest) or gptq "
                        "(each layer GPTQ'd on its Hessian; 'npquant quantize --plan' then runs sequential GPTQ)")
     elif eval_mode:
-        method_help = ("rtn: round to nearest; gptq: also run GPTQ for each int scheme and show it beside RTN "
-                       "(calibrated on --calibration, never on the evaluation sentences)")
+        method_help = ("rtn: round to nearest; gptq, awq or awq+gptq: also run that method for each int scheme and "
+                       "show it beside RTN (calibrated on --calibration, never on the evaluation sentences; awq: "
+                       "activation-aware input scales where they fold into the model, then round to nearest; "
+                       "awq+gptq: the scales, then GPTQ; encoders only)")
     else:
         method_help = ("rtn: round to nearest (any checkpoint); gptq: calibrate each layer on text run through "
                        "the model, block by block (BERT sentence encoders, which npquant can run)")
-    parser.add_argument("--method", choices=["rtn", "gptq"], default=None, help=f"{method_help} (default rtn)")
-    what = "calibration text for the layer costs and GPTQ" if plan_mode else "GPTQ calibration text"
+    # AWQ is evaluated on encoders; quantize and plan take it once they can write and cost it.
+    methods = ["rtn", "gptq", "awq", "awq+gptq"] if eval_mode else ["rtn", "gptq"]
+    parser.add_argument("--method", choices=methods, default=None, help=f"{method_help} (default rtn)")
+    what = ("calibration text for the layer costs and GPTQ" if plan_mode
+            else "calibration text (GPTQ, AWQ)" if eval_mode else "GPTQ calibration text")
     parser.add_argument("--calibration", metavar="FILE",
                         help=f"{what}: UTF-8, one text per line, blank lines skipped "
                              "(default: npquant's built-in set of 616 English sentences)")
