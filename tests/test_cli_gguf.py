@@ -184,7 +184,7 @@ def test_quantize_reads_a_gguf_and_leaves_only_out(tiny_gguf, tmp_path, capsys):
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
 
 
-def test_quantize_refuses_gptq_and_a_bad_out_before_converting(tiny_gguf, tmp_path, capsys, monkeypatch):
+def test_quantize_refuses_bad_gptq_options_and_a_bad_out_before_converting(tiny_gguf, tmp_path, capsys, monkeypatch):
     import npquant.checkpoints.convert
 
     def converted(*args, **kwargs):
@@ -192,7 +192,8 @@ def test_quantize_refuses_gptq_and_a_bad_out_before_converting(tiny_gguf, tmp_pa
 
     monkeypatch.setattr(npquant.checkpoints.convert, "convert_gguf", converted)
     (tmp_path / "file").write_text("x")
-    cases = [(["-o", str(tmp_path / "q"), "--method", "gptq"], "is a GGUF decoder: use --method rtn"),
+    cases = [(["-o", str(tmp_path / "q"), "--method", "gptq", "--seq-len", "0"], "--seq-len must be at least 1"),
+             (["-o", str(tmp_path / "q"), "--method", "gptq", "--scheme", "fp8-channel"], "takes int schemes"),
              (["-o", str(tmp_path / "file"), "--force"], "is a file, not a directory npquant wrote"),
              (["-o", str(tiny_gguf)], "is the input model"),
              (["-o", str(tmp_path / "nowhere" / "q")], "does not exist; create it first")]
@@ -233,8 +234,6 @@ def test_checkpoint_points_a_gguf_at_npquant_convert(tiny_gguf, capsys):
         Checkpoint(tiny_gguf)
     assert str(e.value).startswith(f"{tiny_gguf} is a GGUF file (llama.cpp's format), not a safetensors checkpoint: "
                                    f"convert it first with 'npquant convert {tiny_gguf} -o DIR'")
-    assert main(["plan", str(tiny_gguf), "--bits", "5", "-o", str(tiny_gguf.parent / "plan.json")]) == 2
-    assert "npquant convert" in one_line(capsys.readouterr().err)
 
 
 def test_checkpoint_refuses_a_missing_path_before_importing_ml_dtypes(tmp_path):

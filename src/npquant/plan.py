@@ -34,17 +34,27 @@ import numpy as np
 from .errors import NpquantError
 from .schemes import Scheme, get_scheme
 
-__all__ = ["solve_budget", "layer_bytes", "budget_bytes", "check_budget", "PLAN_VERSION", "DEFAULT_CANDIDATES",
-           "read_plan", "write_plan", "check_plan_path", "plan_schemes"]
+__all__ = ["solve_budget", "layer_bytes", "budget_bytes", "check_budget", "fused_units", "PLAN_VERSION",
+           "DEFAULT_CANDIDATES", "DECODER_CANDIDATES", "DEFAULT_COST_TOKENS", "read_plan", "write_plan", "check_plan_path", "plan_schemes"]
 
 #: Candidate presets of ``npquant plan``: w4-g128, w4-g32, w8-channel and fp8-channel, plus the two
 #: 4-bit steps between them (w4-g128-asym at 4.31 bits, w4-g64 at 4.5). With them the 5-bit MiniLM
 #: plan keeps 0.9947 mean cosine on held-out text, 0.9929 without.
 DEFAULT_CANDIDATES = ("w4-g128", "w4-g128-asym", "w4-g64", "w4-g32", "w8-channel", "fp8-channel")
+#: Candidate presets of ``npquant plan`` on a decoder, from 4.06 to 8.06 bits per weight (w4-g128 only where
+#: 128 divides ``in_features``; SmolLM2's 576 does not).
+DECODER_CANDIDATES = ("w4-channel", "mxfp4", "w4-g128", "w4-g64", "nvfp4", "w4-g32", "fp8-channel", "w8-channel")
+#: Calibration tokens a decoder's costs are measured on, by default (:mod:`npquant.models.sensitivity_lm`).
+DEFAULT_COST_TOKENS = 256
 #: The ``version`` of the plan.json schema this module writes and reads.
 PLAN_VERSION = 1
 # A plan.json larger than this is not one of npquant's (a large model's is a few hundred KiB).
 _PLAN_MAX_BYTES = 64 << 20
+# Shards vLLM fuses into one module (a leaf module name -> the fused module's name): Llama-family q/k/v and
+# gate/up, BERT's query/key/value. vLLM requires the shards of one fused module to share one scheme.
+_FUSED_SHARDS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                 "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                 "query": "qkv_proj", "key": "qkv_proj", "value": "qkv_proj"}
 # Partial choices kept per layer at most: past this the frontier is thinned evenly (never the cheapest end).
 _MAX_FRONTIER = 1 << 20
 
@@ -115,6 +125,27 @@ def solve_budget(costs, sizes, budget: int) -> list[int]:
     return chosen[::-1]
 
 
+def fused_units(names) -> dict[str, list[str]]:
+    """``{unit: [weight names]}``: the weights that must share one scheme, as vLLM fuses them; others alone.
+
+    vLLM runs a Llama-family layer's ``q_proj``, ``k_proj``, ``v_proj`` as one
+    ``qkv_proj`` and ``gate_proj``, ``up_proj`` as one ``gate_up_proj`` (BERT's
+    ``query``, ``key``, ``value`` as one ``qkv_proj``), and refuses a
+    checkpoint whose fused shards carry different schemes. A plan therefore
+    chooses one scheme per unit. Units keep the order of their first weight.
+
+    >>> fused_units(["l.0.self_attn.q_proj.weight", "l.0.self_attn.k_proj.weight", "l.0.self_attn.o_proj.weight"])
+    {'l.0.self_attn.qkv_proj': ['l.0.self_attn.q_proj.weight', 'l.0.self_attn.k_proj.weight'], 'l.0.self_attn.o_proj': ['l.0.self_attn.o_proj.weight']}
+    """
+    units: dict[str, list[str]] = {}
+    for name in names:
+        module = name.removesuffix(".weight")
+        parent, _, leaf = module.rpartition(".")
+        fused = _FUSED_SHARDS.get(leaf)
+        units.setdefault(f"{parent}.{fused}" if fused and parent else module, []).append(name)
+    return units
+
+
 # --- before measuring: bytes from shapes ----------------------------------------------------
 def layer_bytes(shape: tuple[int, int], scheme: Scheme | str) -> int | None:
     """Exact bytes of a ``shape (O, I)`` weight under ``scheme``, from the shape alone; None if it does not fit.
@@ -162,7 +193,7 @@ def budget_bytes(layers, *, bits: float | None = None, size: int | None = None) 
     return int(math.floor(bits * weights / 8))
 
 
-def check_budget(layers, candidates, budget: int) -> dict[str, dict[str, int]]:
+def check_budget(layers, candidates, budget: int, units=None) -> dict[str, dict[str, int]]:
     """Each layer's bytes per fitting candidate; refuses a budget no plan meets, before anything is measured.
 
     Parameters
@@ -170,10 +201,12 @@ def check_budget(layers, candidates, budget: int) -> dict[str, dict[str, int]]:
     layers : ``{name: (O, I)}`` the layers to plan
     candidates : ``{label: Scheme or preset name}``
     budget : int, bytes (see :func:`budget_bytes`)
+    units : ``{unit: [names]}`` (e.g. :func:`fused_units`) whose layers share one scheme, or None (each alone)
 
     Returns
     -------
-    ``{name: {label: bytes}}`` for the candidates that fit each layer.
+    ``{name: {label: bytes}}`` for the candidates that fit each layer (with
+    ``units``, that fit every layer of its unit).
     Raises :class:`NpquantError` when a layer fits no candidate, or when
     even the smallest plan (every layer at its cheapest candidate) exceeds
     ``budget``, saying how small the budget may be.
@@ -195,8 +228,24 @@ def check_budget(layers, candidates, budget: int) -> dict[str, dict[str, int]]:
         if not sizes[name]:
             raise NpquantError(f"no candidate scheme fits layer {name!r} {tuple(shape)} (no group size divides "
                                f"{shape[1]}); add a channel scheme to the candidates")
+    grouped = {unit: list(members) for unit, members in (units or {}).items()}
+    covered = [n for members in grouped.values() for n in members]
+    stray = [n for n in covered if n not in layers]
+    if stray or len(covered) != len(set(covered)) or any(not m for m in grouped.values()):
+        what = f"names {stray[0]!r}, not a layer to plan" if stray else "lists a layer twice, or a unit with none"
+        raise NpquantError(f"units {what}: each layer belongs to one unit at most")
+    covered = set(covered)
+    grouped.update({n: [n] for n in layers if n not in covered})
+    for unit, members in grouped.items():
+        common = set.intersection(*(set(sizes[n]) for n in members))
+        if not common:
+            raise NpquantError(f"no candidate scheme fits every layer of {unit!r} ({', '.join(members)}), which "
+                               f"share one scheme; add a channel scheme to the candidates")
+        for n in members:
+            sizes[n] = {label: b for label, b in sizes[n].items() if label in common}
     weights = sum(int(o) * int(i) for o, i in layers.values())
-    smallest = sum(min(opts.values()) for opts in sizes.values())
+    smallest = sum(min(sum(sizes[n][label] for n in members) for label in sizes[members[0]])
+                   for members in grouped.values())
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
         raise NpquantError(f"budget must be a non-negative int of bytes, got {budget!r}")
     if smallest > budget:
