@@ -1,0 +1,97 @@
+"""AWQ's folds in a Llama-family decoder (npquant.models.awq_lm) on tiny random CausalLMs: the float model with
+every group's scale folded in gives the same logits; o_proj's scale is tied across grouped-query heads."""
+
+import numpy as np
+import pytest
+
+from npquant import NpquantError
+from npquant.models.awq_lm import DECODER_GROUPS, fold_scale, tie_heads
+from npquant.models.causal_lm import CausalLM, CausalLMConfig
+
+O_PROJ = ("self_attn.o_proj",)
+
+
+def tiny(arch="LlamaForCausalLM", seed=0, **extra):
+    config = {"architectures": [arch], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4,
+              "tie_word_embeddings": False, **extra}
+    rng = np.random.default_rng(seed)
+    shapes = CausalLMConfig.from_json(config).tensor_shapes()
+    weights = {n: (0.3 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
+    for n, shape in shapes.items():
+        if n.endswith("norm.weight"):
+            weights[n] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return config, weights
+
+
+def random_scales(config, rng):
+    cfg = CausalLMConfig.from_json(config)
+    width = {"self_attn.q_proj": cfg.hidden_size, "self_attn.o_proj": cfg.num_heads * cfg.head_dim,
+             "mlp.gate_proj": cfg.hidden_size, "mlp.down_proj": cfg.intermediate_size}
+    out = {}
+    for group in DECODER_GROUPS:
+        s = rng.lognormal(0, 1.0, width[group[0]])
+        if group == O_PROJ:
+            s = tie_heads(s, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        out[group] = s.astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("LlamaForCausalLM", {}),
+    ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),  # value's and up's biases fold too
+    ("Qwen2ForCausalLM", {}),  # q/k/v biases
+    ("Qwen3ForCausalLM", {}),  # per-head q/k RMSNorm
+    ("MistralForCausalLM", {"num_key_value_heads": 1}),  # every query head shares one value head
+])
+def test_folding_every_group_keeps_the_float_model(arch, extra):
+    config, weights = tiny(arch, **extra)
+    rng = np.random.default_rng(1)
+    before = {k: v.copy() for k, v in weights.items()}
+    folded = dict(weights)
+    for i in range(config["num_hidden_layers"]):
+        for group, s in random_scales(config, rng).items():
+            folded.update(fold_scale(folded, config, i, group, s))
+    ids = rng.integers(0, 32, (2, 9))
+    base = CausalLM(config, weights).logits(ids)
+    got = CausalLM(config, folded).logits(ids)
+    # Each fold rounds the folded tensors once more in float32 (2**-24 relative); through two layers of
+    # dot products of 16-24 terms, RMSNorms and softmax, that moves logits of size ~4 by a few 1e-6
+    # (measured 1.4e-6 to 3.7e-6 over these five models); 1e-4 of the largest logit is ~100x that and far
+    # below what a wrong fold does (1e-2 of it and more: the last assertion).
+    assert np.abs(got - base).max() <= 1e-4 * np.abs(base).max()
+    for k, v in before.items():
+        np.testing.assert_array_equal(weights[k], v)  # the input mapping is left alone
+    # A fold that forgot the producer changes the logits by order 1.
+    broken = dict(weights)
+    broken.update({k: v for k, v in fold_scale(weights, config, 0, ("mlp.down_proj",),
+                                                random_scales(config, rng)[("mlp.down_proj",)]).items()
+                   if k.endswith("down_proj.weight")})
+    assert np.abs(CausalLM(config, broken).logits(ids) - base).max() > 1e-2 * np.abs(base).max()
+
+
+def test_o_proj_scale_must_be_tied_across_the_heads_sharing_a_value_head():
+    config, weights = tiny()
+    s = np.random.default_rng(2).lognormal(0, 1, 16).astype(np.float32)  # H * D = 16, not tied
+    with pytest.raises(NpquantError, match=r"equal across the 2 query heads") as err:
+        fold_scale(weights, config, 0, O_PROJ, s)
+    assert "\n" not in str(err.value)
+    tied = tie_heads(s, 4, 2, 4)
+    assert np.array_equal(tied.reshape(2, 2, 4)[:, 0], tied.reshape(2, 2, 4)[:, 1])
+    np.testing.assert_allclose(tied.reshape(2, 2, 4)[:, 0], s.astype(np.float64).reshape(2, 2, 4).mean(axis=1), rtol=1e-15)
+    out = fold_scale(weights, config, 0, O_PROJ, tied.astype(np.float32))
+    assert out["model.layers.0.self_attn.v_proj.weight"].shape == (8, 16)  # K * D rows
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda w, c: fold_scale(w, c, 0, ("mlp.up_proj",), np.ones(16, np.float32)), "is not a group of a decoder"),
+    (lambda w, c: fold_scale(w, c, 5, ("mlp.down_proj",), np.ones(24, np.float32)), "layer must be an int in [0, 2)"),
+    (lambda w, c: fold_scale(w, c, 0, ("mlp.down_proj",), np.ones(16, np.float32)), "scale must be a float array (24,)"),
+    (lambda w, c: fold_scale({}, c, 0, ("mlp.down_proj",), np.ones(24, np.float32)), "tensors lack"),
+    (lambda w, c: tie_heads(np.ones(10), 4, 2, 4), "abs_mean must have num_heads * head_dim = 16"),
+])
+def test_bad_inputs_are_one_line(call, message):
+    config, weights = tiny()
+    with pytest.raises(NpquantError) as err:
+        call(weights, config)
+    assert message in str(err.value) and "\n" not in str(err.value)
