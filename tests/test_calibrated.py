@@ -189,10 +189,11 @@ def test_gptq_on_a_model_npquant_cannot_run(tmp_path, capsys):
     root = tmp_path / "llama"
     root.mkdir()
     save_file({"model.layers.0.mlp.up_proj.weight": np.ones((64, 64), np.float32)}, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (root / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     assert main(["quantize", str(root), "-o", str(tmp_path / "out"), "--method", "gptq", "--scheme", "w4-g32"]) == 2
     err = capsys.readouterr().err
-    assert "npquant runs BERT sentence encoders only" in err and "'llama'" in err and "--method rtn" in err
+    assert "npquant runs BERT sentence encoders" in err and "'gpt_neox'" in err and "--method rtn" in err
+    assert "LlamaForCausalLM" in err
     assert main(["quantize", str(root), "-o", str(tmp_path / "out"), "--scheme", "w4-g32"]) == 0  # RTN works
 
 

@@ -11,13 +11,17 @@ fully quantized reference model sees.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
 
+import npquant
 from npquant import NpquantError, quantize
 from npquant.calibrate import hessian_loss
+from npquant.cli import main
 from npquant.models.calibrated_lm import GROUPS, calibration_windows, gptq_decoder
 from npquant.models.causal_lm_config import CausalLMConfig
 
@@ -207,3 +211,113 @@ def test_calibration_windows():
             calibration_windows(range(5), seq_len=seq_len)
     with pytest.raises(NpquantError, match="the calibration text has no tokens"):
         calibration_windows([], seq_len=4)
+
+
+# --- npquant quantize --method gptq on decoders -----------------------------------------------------------
+WORDS = ["[UNK]"] + [f"w{i}" for i in range(CONFIG["vocab_size"] - 1)]
+
+
+@pytest.fixture
+def decoder_dir(tmp_path):
+    """The tiny Llama as a directory: config.json, model.safetensors, a word-level tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from safetensors.numpy import save_file
+
+    root = tmp_path / "tiny-llama"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    save_file(tiny_weights(), str(root / "model.safetensors"))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(root / "tokenizer.json"))
+    return root
+
+
+def word_lines(n_lines: int, seed: int = 8) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(WORDS[i] for i in rng.integers(1, len(WORDS), rng.integers(3, 12))) for _ in range(n_lines)]
+
+
+def test_quantize_gptq_writes_a_checkpoint_that_loads_with_its_config_and_tokenizer(decoder_dir, tmp_path, capsys):
+    lines = word_lines(40)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(lines) + "\n\n")
+    out = tmp_path / "out"
+    code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w4-g32", "--method", "gptq",
+                 "--calibration", str(calib), "--max-samples", "30", "--seq-len", "16", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = json.loads(captured.out)
+    assert len(rows) == 14 and all(r["method"] == "gptq" and r["gptq_loss"] <= r["rtn_loss"] for r in rows)
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" in config
+    # The same calibration by hand: the first 30 lines, joined by newlines, in windows of 16 of the tokenizer's ids.
+    index = {w: i for i, w in enumerate(WORDS)}
+    ids = [index[w] for w in "\n".join(lines[:30]).split()]
+    want, _, _ = gptq_decoder(CONFIG, tiny_weights(), "w4-g32", calibration_windows(ids, 16))
+    loaded = npquant.load(out)
+    for name, qt in want.items():
+        np.testing.assert_array_equal(loaded[name].codes, qt.codes)
+        np.testing.assert_array_equal(loaded[name].scale, qt.scale)
+    # The table form, with a plan-like subset via --exclude: those layers stay float.
+    code = main(["quantize", str(decoder_dir), "-o", str(tmp_path / "out2"), "--scheme", "w4-g32", "--method",
+                 "gptq", "--calibration", str(calib), "--exclude", r"mlp\.", "--seq-len", "8"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "GPTQ per layer" in printed and "8 layers quantized" in printed
+
+
+def test_quantize_gptq_takes_a_gguf_file(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from test_gguf import tiny_weights as gguf_weights
+    from test_gguf import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, gguf_weights())
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the cat and the dog sat by the door\nthen the cat left, 12 times over\n" * 4)
+    out = tmp_path / "out"
+    code = main(["quantize", str(path), "-o", str(out), "--scheme", "w8-channel", "--method", "gptq",
+                 "--calibration", str(calib), "--seq-len", "8", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = json.loads(captured.out)
+    assert rows and all(r["method"] == "gptq" for r in rows)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".npquant-gguf-*"))  # the float32 conversion is gone
+    npquant.load(out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scheme", "fp8-channel", "--method", "gptq"], r"--method gptq takes int schemes"),
+    (["--method", "gptq", "--seq-len", "0"], r"--seq-len must be at least 1 token per calibration window, got 0"),
+    (["--method", "gptq", "--seq-len", "65"], r"--seq-len 65 is longer than the model's max_position_embeddings=64"),
+    (["--method", "gptq", "--calibration", "EMPTY"], r"empty.txt holds no text"),
+    (["--seq-len", "16"], r"--seq-len is for --method gptq on decoders"),
+    (["--method", "gptq", "NO_TOKENIZER"], r"has no tokenizer.json: GPTQ tokenizes the calibration text"),
+    (["--method", "gptq", "--exclude", "proj"], r"no tensor of .* was selected|no int decoder-layer linear"),
+])
+def test_quantize_gptq_bad_input_is_one_line(decoder_dir, tmp_path, capsys, argv, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    if "NO_TOKENIZER" in argv:
+        (decoder_dir / "tokenizer.json").unlink()
+        argv = [a for a in argv if a != "NO_TOKENIZER"]
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    argv = argv if "--scheme" in argv else [*argv, "--scheme", "w4-g32"]
+    out = tmp_path / "out"
+    assert main(["quantize", str(decoder_dir), "-o", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("npquant quantize: error: ") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_quantize_gptq_refuses_an_empty_calibration_file_before_converting_a_gguf(tmp_path, capsys):
+    path = tmp_path / "never-read.gguf"
+    path.write_bytes(b"not a gguf")  # converting it would fail differently: the calibration is checked first
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["quantize", str(path), "-o", str(tmp_path / "out"), "--method", "gptq", "--scheme", "w4-g32",
+                 "--calibration", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty.txt holds no text" in err

@@ -1,4 +1,11 @@
-"""GPTQ over a checkpoint for ``quantize --method gptq``, and the checks a plan gets before it is used."""
+"""GPTQ over a checkpoint for ``quantize --method gptq``, and the checks a plan gets before it is used.
+
+A BERT sentence encoder runs through :class:`~npquant.models.SentenceEncoder`
+(its sentences are the calibration texts); a Llama-family decoder through
+:func:`~npquant.models.calibrated_lm.gptq_decoder`, the calibration texts
+joined by newlines, tokenized by the model's own ``tokenizer.json`` and cut
+into windows of ``--seq-len`` tokens.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from pathlib import Path
 from ..errors import NpquantError
 from ._common import Progress, calibration_texts, encoder_name
 
-__all__ = ["calibrate_checkpoint", "check_plan_fits"]
+__all__ = ["calibrate_checkpoint", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
 
 
 def check_plan_fits(plan, model, plan_path) -> None:
@@ -26,6 +33,16 @@ def check_plan_fits(plan, model, plan_path) -> None:
                                    f"{list(t.shape)} in {ckpt.path}: the plan is for another model")
 
 
+def check_gptq_schemes(scheme, args) -> None:
+    """Refuse --method gptq with float codes only (fp8, fp4: rounded to nearest), before any work."""
+    if isinstance(scheme, dict):
+        if all(s.is_float for s in scheme.values()):
+            raise NpquantError("--method gptq needs int schemes; this plan has fp8 layers only: use --method rtn")
+    elif scheme.is_float:
+        raise NpquantError(f"--method gptq takes int schemes; {args.scheme} has {scheme.dtype} codes, which are "
+                           f"rounded to nearest: use --method rtn")
+
+
 def calibrate_checkpoint(model, scheme, args):
     """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows.
 
@@ -35,12 +52,7 @@ def calibrate_checkpoint(model, scheme, args):
     from ..safetensors_io import Checkpoint
     from ..tensor import QuantizedTensor
 
-    if isinstance(scheme, dict):
-        if all(s.is_float for s in scheme.values()):
-            raise NpquantError("--method gptq needs int schemes; this plan has fp8 layers only: use --method rtn")
-    elif scheme.is_float:
-        raise NpquantError(f"--method gptq takes int schemes; {args.scheme} is fp8, which is rounded to nearest: "
-                           f"use --method rtn")
+    check_gptq_schemes(scheme, args)
     root = Path(model)
     config = {}
     if (root / "config.json").is_file():
@@ -49,10 +61,16 @@ def calibrate_checkpoint(model, scheme, args):
         except json.JSONDecodeError as exc:
             raise NpquantError(f"{root / 'config.json'} is not valid JSON: {exc}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
+    if root.is_dir() and _is_decoder(config):
+        return _calibrate_decoder(root, config, scheme, args)
+    if getattr(args, "seq_len", None) is not None:
+        raise NpquantError("--seq-len is for decoders (Llama, Mistral, Qwen2, Qwen3): a sentence encoder is "
+                           "calibrated on whole sentences")
     if not root.is_dir() or model_type != "bert":
         raise NpquantError(
-            f"--method gptq runs the model on calibration text, and npquant runs BERT sentence encoders only "
-            f"(config.json model_type 'bert', e.g. all-MiniLM-L6-v2); {model} has model_type {model_type!r}. "
+            f"--method gptq runs the model on calibration text, and npquant runs BERT sentence encoders "
+            f"(config.json model_type 'bert', e.g. all-MiniLM-L6-v2) and Llama-family decoders "
+            f"({', '.join(_architectures())}); {model} has model_type {model_type!r}. "
             f"--method rtn quantizes any checkpoint"
         )
     texts = calibration_texts(args)
@@ -76,3 +94,77 @@ def _run_gptq(encoder, scheme, texts, observer):
     with Progress(total, f"on {len(texts)} texts", unit="steps", prefix="GPTQ ") as bar:
         return encoder.quantized(scheme, "gptq", texts, observer=observer,
                                  progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
+
+
+def _architectures() -> tuple[str, ...]:
+    from ..models.causal_lm_config import ARCHITECTURES
+
+    return tuple(ARCHITECTURES)
+
+
+def _is_decoder(config) -> bool:
+    """Whether config.json names a decoder the forward runs (its architectures, or else its model_type)."""
+    if not isinstance(config, dict):
+        return False
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs:
+        return archs[0] in _architectures()
+    return config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
+
+
+def decoder_windows(root: Path, config: dict, args, texts: list[str]):
+    """The calibration texts as windows of ``--seq-len`` tokens of the model's own tokenizer (int ``(B, T)`` list)."""
+    from ..models.calibrated_lm import DEFAULT_SEQ_LEN, calibration_windows
+
+    seq_len = args.seq_len or DEFAULT_SEQ_LEN
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit < seq_len:
+        if args.seq_len is not None:
+            raise NpquantError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}")
+        seq_len = limit
+    tokenizer_path = root / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise NpquantError(f"MODEL {root} has no tokenizer.json: GPTQ tokenizes the calibration text with the "
+                           f"model's own tokenizer")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise NpquantError("calibrating a decoder needs the tokenizers package: pip install 'npquant[models]'") \
+            from None
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # the tokenizers library raises its own exception type
+        raise NpquantError(f"{tokenizer_path} is not a tokenizers tokenizer: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    ids = tokenizer.encode("\n".join(texts), add_special_tokens=False).ids
+    return calibration_windows(ids, seq_len)
+
+
+def _calibrate_decoder(root: Path, config: dict, scheme, args):
+    """Sequential GPTQ of a decoder directory: its quantized tensors by checkpoint name, and GPTQ's rows."""
+    from ..checkpoints import select_layers
+    from ..models.calibrated_lm import gptq_decoder
+    from ..models.causal_lm_config import CausalLMConfig
+    from ..safetensors_io import Checkpoint
+
+    texts = calibration_texts(args)
+    windows = decoder_windows(root, config, args, texts)
+    tokens = sum(w.size for w in windows)
+    with Checkpoint(root) as ckpt:
+        if isinstance(scheme, dict):
+            schemes = dict(scheme)
+        else:
+            picked = [c.name for c in select_layers(ckpt, scheme, args.include, args.exclude) if c.quantize]
+            schemes = {name: scheme for name in picked}
+        # Tensors outside the decoder layers that --include picked (lm_head, say) are rounded to nearest.
+        linears = set(CausalLMConfig.from_json(ckpt.config).linear_names())
+        schemes = {n: s for n, s in schemes.items() if n in linears}
+        if not schemes or all(s.is_float for s in schemes.values()):
+            raise NpquantError("--method gptq has no int decoder-layer linear weight to calibrate: the scheme "
+                               "or --include/--exclude left none; use --method rtn")
+        total = len(schemes)
+        with Progress(total, f"on {tokens:,} tokens in windows of up to {windows[0].shape[1]}", unit="steps",
+                      prefix="GPTQ ") as bar:
+            quantized, rows, _ = gptq_decoder(ckpt.config, ckpt.tensors, schemes, windows, observer=args.observer,
+                                              progress=lambda name, done, n: bar(name.removesuffix(".weight"), 1))
+    return quantized, rows

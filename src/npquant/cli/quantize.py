@@ -72,14 +72,18 @@ def add_parser(sub) -> None:
                     help="one scheme per layer from 'npquant plan': a mixed-precision checkpoint (replaces --scheme; "
                          "the plan's method unless --method is given)")
     add_method_arguments(qz)
+    qz.add_argument("--seq-len", type=int, metavar="N",
+                    help="decoders with --method gptq: tokens per calibration window (default 512, or the model's "
+                         "max_position_embeddings where that is less); the calibration texts are joined by "
+                         "newlines and cut into windows of N tokens")
     qz.set_defaults(run=run)
 
 
 def fallback_presets(scheme, in_features) -> list[str]:
     """Presets vLLM loads that fit every width in ``in_features`` where ``scheme``'s group size does not.
 
-    The same codes with the largest group size that divides every width
-    (the fewest scales), then the same codes with one scale per row. Where
+    The same codes (and grid) with the largest group size that divides every
+    width (the fewest scales), then the same codes with one scale per row. Where
     the codes come in no such preset (int2, int3, asymmetric int4, fp6): the
     narrowest channel preset of the same kind (int or float) with at least
     as many bits.
@@ -105,9 +109,9 @@ def fallback_presets(scheme, in_features) -> list[str]:
     def fits(s) -> bool:
         return s.granularity != "group" or all(i % s.group_size == 0 for i in in_features)
 
-    codes = (scheme.dtype, scheme.bits, scheme.symmetric)
+    codes = (scheme.dtype, scheme.bits, scheme.symmetric, scheme.grid)
     same = [n for n, s in presets.items()
-            if (s.dtype, s.bits, s.symmetric) == codes and s.granularity in ("group", "channel") and fits(s)]
+            if (s.dtype, s.bits, s.symmetric, s.grid) == codes and s.granularity in ("group", "channel") and fits(s)]
     groups = sorted((n for n in same if presets[n].granularity == "group"), key=lambda n: -presets[n].group_size)
     same = groups[:1] + [n for n in same if presets[n].granularity == "channel"]
     if same:
@@ -164,14 +168,23 @@ def run(args) -> int:
     args.observer = args.observer or "minmax"
     if args.method != "gptq" and (args.calibration or args.max_samples):
         raise NpquantError("--calibration and --max-samples are for --method gptq")
+    if args.method != "gptq" and args.seq_len is not None:
+        raise NpquantError("--seq-len is for --method gptq on decoders")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise NpquantError(f"--seq-len must be at least 1 token per calibration window, got {args.seq_len}")
+    if args.method == "gptq":
+        from ._gptq import check_gptq_schemes
+
+        check_gptq_schemes(scheme, args)
     # OUT is checked before any work (a GGUF conversion, GPTQ's calibration): a bad OUT fails at once;
     # quantize_checkpoint checks it again when it writes.
     check_output(model, args.out, force=args.force)
     if not is_gguf(model):
         return _quantize(args, model, scheme, plan)
     if args.method == "gptq":
-        raise NpquantError(f"--method gptq runs the model on calibration text, and npquant runs BERT sentence "
-                           f"encoders only; {model} is a GGUF decoder: use --method rtn")
+        from ._common import calibration_texts
+
+        calibration_texts(args)  # a bad --calibration file is refused before the conversion
     notes: list[str] = []
     with converted_gguf(model, Path(os.path.abspath(args.out)).parent, notes) as conversion:
         lossy = lossy_note(conversion.lossy)
