@@ -108,7 +108,9 @@ def _module(path: str):
     return module
 
 
+@functools.cache
 def _target_allows(path: str) -> bool:
+    """Whether numba's target has ``path``'s instructions (read once, as :func:`~npquant.kernels.has_vnni` is)."""
     return has_vnni() if path == "vnni" else target_has("avx2") if path == "avx2" else True
 
 

@@ -18,8 +18,10 @@ product pair, since each ``x`` meets many weight registers), is exact only
 for ``|w| <= 127`` and takes four instructions per 32 multiply-adds, as
 many per multiply-add as this path's two per 16.
 
-A tile is ``MR = 6`` tokens by 8 weight rows (two registers of 4 rows):
-12 accumulators, two weight registers and a broadcast in AVX2's 16.
+A tile is ``MR = 6`` tokens (3 to 6) by 8 weight rows (two registers of 4
+rows): 12 accumulators, two weight registers and a broadcast in AVX2's 16;
+one or two tokens take 16 rows (four registers: 64 bytes, a whole line of
+the layout, per quad).
 
 Compiled only where numba's target has AVX2 (:func:`compile_jobs` refuses
 others; LLVM would abort on the intrinsic).
@@ -37,7 +39,7 @@ from numba.extending import intrinsic
 
 from ..errors import NpquantError
 from ._jobs import JOBS, SIGNATURE, _u8_3d
-from ._llvm import _claim, _stack_empty
+from ._llvm import _claim
 from ._target import target_features, target_has
 from ._w8a8_core import BLOCK, QUAD_BYTES, _i16_2d, store_tile, unpack_tail
 
@@ -45,6 +47,8 @@ from ._w8a8_core import BLOCK, QUAD_BYTES, _i16_2d, store_tile, unpack_tail
 MR = 6
 #: Weight rows per tile (two registers of four rows).
 NR = 8
+#: Quads of columns per pass of every tile over a block (64 rows x 64 quads: 16 KiB of codes, in L1).
+KC = 64
 _V8 = ir.VectorType(ir.IntType(32), 8)
 _V16W = ir.VectorType(ir.IntType(16), 16)
 _V16B = ir.VectorType(ir.IntType(8), 16)
@@ -52,45 +56,56 @@ _I64 = ir.IntType(64)
 
 
 @intrinsic
-def _tile(typingctx, xi, m0, rows, wp, blk, group, out):
-    """``out[i, 2 r + h] = sum_q sum_{c < 2} xi[m0 + i, 4 q + 2 h + c] * w[8 group + r, 4 q + 2 h + c]`` (int32,
-    wrapping) for ``i < rows`` (a literal, 1 to ``MR``) and the 8 rows ``8 group ..`` of block ``blk``.
+def _tile(typingctx, xi, m0, rows, nr, wp, blk, q0, nq, group, out):
+    """``out[m0 + i, 2 nr group + 2 r + h] += sum_q sum_{c < 2} xi[m0 + i, 4 q + 2 h + c] * w[nr group + r, 4 q + 2 h + c]`` (int32,
+    wrapping) for ``i < rows`` (a literal, 1 to ``MR``) and the ``nr`` rows (a literal, 8 or 16) ``nr group ..`` of
+    block ``blk``, over the ``nq`` quads from ``q0``.
 
     ``xi`` int16 (M, Kp); ``wp`` uint8 (B, Kp / 4, 256); ``out`` int32
-    (>= rows, >= 16), C-contiguous.
+    (M, 128), C-contiguous.
     """
-    if not (isinstance(rows, types.IntegerLiteral) and isinstance(xi, types.Array) and xi.dtype == types.int16
+    if not (isinstance(rows, types.IntegerLiteral) and isinstance(nr, types.IntegerLiteral) and isinstance(xi, types.Array) and xi.dtype == types.int16
             and xi.layout == "C" and isinstance(wp, types.Array) and wp.dtype == types.uint8 and wp.layout == "C"
             and isinstance(out, types.Array) and out.dtype == types.int32 and out.layout == "C"):
         return None
     n_rows = rows.literal_value
+    n_regs = nr.literal_value // 4
 
     def codegen(context, builder, signature, args):
-        xi_t, m0_t, _, wp_t, blk_t, g_t, out_t = signature.args
+        xi_t, m0_t, _, _, wp_t, blk_t, q0_t, nq_t, g_t, out_t = signature.args
         x_ary = context.make_array(xi_t)(context, builder, args[0])
-        w_ary = context.make_array(wp_t)(context, builder, args[3])
-        o_ary = context.make_array(out_t)(context, builder, args[6])
+        w_ary = context.make_array(wp_t)(context, builder, args[4])
+        o_ary = context.make_array(out_t)(context, builder, args[9])
+        q0_ = context.cast(builder, args[6], q0_t, types.int64)
+        nq_ = context.cast(builder, args[7], nq_t, types.int64)
         k_pad = cgutils.unpack_tuple(builder, x_ary.shape)[1]
         n_quads = cgutils.unpack_tuple(builder, w_ary.shape)[1]
         m0_ = context.cast(builder, args[1], m0_t, types.int64)
-        blk_ = context.cast(builder, args[4], blk_t, types.int64)
-        g_ = context.cast(builder, args[5], g_t, types.int64)
-        x_rows = [builder.gep(x_ary.data, [builder.mul(builder.add(m0_, ir.Constant(_I64, i)), k_pad)])
+        blk_ = context.cast(builder, args[5], blk_t, types.int64)
+        g_ = context.cast(builder, args[8], g_t, types.int64)
+        x_rows = [builder.gep(x_ary.data, [builder.add(builder.mul(builder.add(m0_, ir.Constant(_I64, i)), k_pad),
+                                                       builder.mul(q0_, ir.Constant(_I64, 4)))])
                   for i in range(n_rows)]
         w_start = builder.gep(w_ary.data, [builder.add(
-            builder.mul(blk_, builder.mul(n_quads, ir.Constant(_I64, QUAD_BYTES))),
-            builder.mul(g_, ir.Constant(_I64, 4 * NR)))])
+            builder.mul(builder.add(builder.mul(blk_, n_quads), q0_), ir.Constant(_I64, QUAD_BYTES)),
+            builder.mul(g_, ir.Constant(_I64, 4 * 4 * n_regs)))])
         madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V16W, _V16W]),
                                               "llvm.x86.avx2.pmadd.wd")
-        acc = [[cgutils.alloca_once_value(builder, ir.Constant(_V8, None)) for _ in range(2)] for _ in range(n_rows)]
+        def out_ptr(i, j):
+            col = builder.add(builder.mul(g_, ir.Constant(_I64, 8 * n_regs)), ir.Constant(_I64, 8 * j))
+            ptr = cgutils.get_item_pointer(context, builder, out_t, o_ary, [builder.add(m0_, ir.Constant(_I64, i)), col])
+            return builder.bitcast(ptr, _V8.as_pointer())
+
+        acc = [[cgutils.alloca_once_value(builder, builder.load(out_ptr(i, j), align=4)) for j in range(n_regs)]
+               for i in range(n_rows)]
         v4q = ir.VectorType(_I64, 4)
         i32 = ir.IntType(32)
         splat_mask = ir.Constant(ir.VectorType(i32, 4), None)
-        with cgutils.for_range(builder, n_quads) as loop:
+        with cgutils.for_range(builder, nq_) as loop:
             q = loop.index
             w_at = builder.gep(w_start, [builder.mul(q, ir.Constant(_I64, QUAD_BYTES))])
             wv = [builder.sext(builder.load(builder.bitcast(builder.gep(w_at, [ir.Constant(_I64, 16 * j)]),
-                                                            _V16B.as_pointer()), align=1), _V16W) for j in range(2)]
+                                                            _V16B.as_pointer()), align=1), _V16W) for j in range(n_regs)]
             for i in range(n_rows):
                 word = builder.load(builder.bitcast(builder.gep(x_rows[i], [builder.mul(q, ir.Constant(_I64, 4))]),
                                                     _I64.as_pointer()), align=2)
@@ -98,17 +113,14 @@ def _tile(typingctx, xi, m0, rows, wp, blk, group, out):
                                                                    ir.Constant(i32, 0)),
                                             ir.Constant(v4q, ir.Undefined), splat_mask)
                 xb = builder.bitcast(xb, _V16W)
-                for j in range(2):
+                for j in range(n_regs):
                     builder.store(builder.add(builder.load(acc[i][j]), builder.call(madd, [wv[j], xb])), acc[i][j])
         for i in range(n_rows):
-            for j in range(2):
-                ptr = cgutils.get_item_pointer(context, builder, out_t, o_ary,
-                                               [context.get_constant(types.intp, i),
-                                                context.get_constant(types.intp, 8 * j)])
-                builder.store(builder.load(acc[i][j]), builder.bitcast(ptr, _V8.as_pointer()), align=4)
+            for j in range(n_regs):
+                builder.store(builder.load(acc[i][j]), out_ptr(i, j), align=4)
         return context.get_dummy_value()
 
-    return types.void(xi, m0, rows, wp, blk, group, out), codegen
+    return types.void(xi, m0, rows, nr, wp, blk, q0, nq, group, out), codegen
 
 
 @njit(nogil=True, cache=True)
@@ -117,33 +129,35 @@ def gemm_avx2(xi, wp, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_o
     rows claimed from ``work``, tiles of ``MR`` tokens by 8 rows, results through
     :func:`~npquant.kernels._w8a8_core.store_tile`."""
     m_rows = xi.shape[0]
-    n_blocks = wp.shape[0]
-    lanes = _stack_empty(MR, 16, np.int32)  # a tile: two lanes per row
-    acc = _stack_empty(MR, 128, np.int32)  # the block's 64 rows, two lanes each
+    n_blocks, n_quads = wp.shape[0], wp.shape[1]
+    acc = np.empty((m_rows, 2 * BLOCK), np.int32)  # the block's sums, two lanes a row, every token
     while True:
         lo, hi = _claim(work, per, n_blocks)
         if lo >= hi:
             break
         for b in range(lo, hi):
-            for m0 in range(0, m_rows, MR):
-                rows = min(MR, m_rows - m0)
-                for g in range(BLOCK // NR):
-                    if rows == 6:
-                        _tile(xi, m0, 6, wp, b, g, lanes)
-                    elif rows == 5:
-                        _tile(xi, m0, 5, wp, b, g, lanes)
-                    elif rows == 4:
-                        _tile(xi, m0, 4, wp, b, g, lanes)
-                    elif rows == 3:
-                        _tile(xi, m0, 3, wp, b, g, lanes)
-                    elif rows == 2:
-                        _tile(xi, m0, 2, wp, b, g, lanes)
+            acc[:] = 0
+            for q0 in range(0, n_quads, KC):  # KC quads of the block (16 KiB) stay in L1 for every tile
+                nq = min(KC, n_quads - q0)
+                for m0 in range(0, m_rows, MR):
+                    rows = min(MR, m_rows - m0)
+                    if rows <= 2:  # 16 rows a tile: 8 accumulators, four weight registers, a line per quad
+                        for g in range(BLOCK // 16):
+                            if rows == 2:
+                                _tile(xi, m0, 2, 16, wp, b, q0, nq, g, acc)
+                            else:
+                                _tile(xi, m0, 1, 16, wp, b, q0, nq, g, acc)
                     else:
-                        _tile(xi, m0, 1, wp, b, g, lanes)
-                    for i in range(rows):
-                        acc[i, 16 * g : 16 * g + 16] = lanes[i, :]
-                store_tile(acc, rows, m0, b * BLOCK, 2, corr, x_scale, w_scale, bias, has_bias, y, want_acc,
-                           acc_out)
+                        for g in range(BLOCK // NR):
+                            if rows == 6:
+                                _tile(xi, m0, 6, 8, wp, b, q0, nq, g, acc)
+                            elif rows == 5:
+                                _tile(xi, m0, 5, 8, wp, b, q0, nq, g, acc)
+                            elif rows == 4:
+                                _tile(xi, m0, 4, 8, wp, b, q0, nq, g, acc)
+                            else:
+                                _tile(xi, m0, 3, 8, wp, b, q0, nq, g, acc)
+            store_tile(acc, m_rows, 0, b * BLOCK, 2, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_out)
 
 
 def _gemm_avx2_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):

@@ -34,24 +34,26 @@ from numba.extending import intrinsic
 
 from ..errors import NpquantError
 from ._jobs import JOBS, SIGNATURE, _u8_2d, _u8_3d
-from ._llvm import _claim, _stack_empty
+from ._llvm import _claim
 from ._target import has_vnni, target_features
 from ._w8a8_core import BLOCK, QUAD_BYTES, store_tile, unpack_tail
 
 #: Tokens per tile.
 MR = 6
+#: Quads of columns per pass of every token over a block (64 rows x 64 quads: 16 KiB of codes, in L1).
+KC = 64
 _LANES = 16
 _VI = ir.VectorType(ir.IntType(32), _LANES)
 _I64 = ir.IntType(64)
 
 
 @intrinsic
-def _tile(typingctx, xu, m0, rows, wp, blk, out):
-    """``out[i, 16 j + l] = sum_k xu[m0 + i, k] * int8(wp[blk, k // 4, 64 j + 4 l + k % 4])`` (int32, wrapping) for
-    ``i < rows`` (a literal, 1 to ``MR``), over every quad of ``wp``.
+def _tile(typingctx, xu, m0, rows, wp, blk, q0, nq, out):
+    """``out[m0 + i, 16 j + l] += sum_k xu[m0 + i, k] * int8(wp[blk, k // 4, 64 j + 4 l + k % 4])`` (int32, wrapping)
+    for ``i < rows`` (a literal, 1 to ``MR``), over the ``nq`` quads from ``q0``.
 
     ``xu`` uint8 (M, Kp): ``x + 128``; ``wp`` uint8 (B, Kp / 4, 256); ``out``
-    int32 (>= rows, 64), C-contiguous.
+    int32 (M, 64), C-contiguous.
     """
     if not (isinstance(rows, types.IntegerLiteral) and isinstance(xu, types.Array) and xu.dtype == types.uint8
             and xu.layout == "C" and isinstance(wp, types.Array) and wp.dtype == types.uint8 and wp.layout == "C"
@@ -60,23 +62,33 @@ def _tile(typingctx, xu, m0, rows, wp, blk, out):
     n_rows = rows.literal_value
 
     def codegen(context, builder, signature, args):
-        xu_t, m0_t, _, wp_t, blk_t, out_t = signature.args
+        xu_t, m0_t, _, wp_t, blk_t, q0_t, nq_t, out_t = signature.args
         x_ary = context.make_array(xu_t)(context, builder, args[0])
         w_ary = context.make_array(wp_t)(context, builder, args[3])
-        o_ary = context.make_array(out_t)(context, builder, args[5])
+        o_ary = context.make_array(out_t)(context, builder, args[7])
+        q0_ = context.cast(builder, args[5], q0_t, types.int64)
+        nq_ = context.cast(builder, args[6], nq_t, types.int64)
         k_pad = cgutils.unpack_tuple(builder, x_ary.shape)[1]
         n_quads = cgutils.unpack_tuple(builder, w_ary.shape)[1]
         m0_ = context.cast(builder, args[1], m0_t, types.int64)
         blk_ = context.cast(builder, args[4], blk_t, types.int64)
-        x_rows = [builder.gep(x_ary.data, [builder.mul(builder.add(m0_, ir.Constant(_I64, i)), k_pad)])
+        x_rows = [builder.gep(x_ary.data, [builder.add(builder.mul(builder.add(m0_, ir.Constant(_I64, i)), k_pad),
+                                                       builder.mul(q0_, ir.Constant(_I64, 4)))])
                   for i in range(n_rows)]
-        w_start = builder.gep(w_ary.data, [builder.mul(blk_, builder.mul(n_quads, ir.Constant(_I64, QUAD_BYTES)))])
+        w_start = builder.gep(w_ary.data, [builder.mul(builder.add(builder.mul(blk_, n_quads), q0_),
+                                                       ir.Constant(_I64, QUAD_BYTES))])
         dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VI, _VI]),
                                              "llvm.x86.avx512.vpdpbusd.512")
-        acc = [[cgutils.alloca_once_value(builder, ir.Constant(_VI, None)) for _ in range(4)] for _ in range(n_rows)]
+        def out_ptr(i, j):
+            ptr = cgutils.get_item_pointer(context, builder, out_t, o_ary,
+                                           [builder.add(m0_, ir.Constant(_I64, i)), context.get_constant(types.intp, 16 * j)])
+            return builder.bitcast(ptr, _VI.as_pointer())
+
+        acc = [[cgutils.alloca_once_value(builder, builder.load(out_ptr(i, j), align=4)) for j in range(4)]
+               for i in range(n_rows)]
         i32 = ir.IntType(32)
         splat_mask = ir.Constant(ir.VectorType(i32, _LANES), None)
-        with cgutils.for_range(builder, n_quads) as loop:
+        with cgutils.for_range(builder, nq_) as loop:
             q = loop.index
             w_at = builder.gep(w_start, [builder.mul(q, ir.Constant(_I64, QUAD_BYTES))])
             wv = [builder.load(builder.bitcast(builder.gep(w_at, [ir.Constant(_I64, 64 * j)]), _VI.as_pointer()),
@@ -91,13 +103,10 @@ def _tile(typingctx, xu, m0, rows, wp, blk, out):
                     builder.store(builder.call(dot, [builder.load(acc[i][j]), xb, wv[j]]), acc[i][j])
         for i in range(n_rows):
             for j in range(4):
-                ptr = cgutils.get_item_pointer(context, builder, out_t, o_ary,
-                                               [context.get_constant(types.intp, i),
-                                                context.get_constant(types.intp, 16 * j)])
-                builder.store(builder.load(acc[i][j]), builder.bitcast(ptr, _VI.as_pointer()), align=4)
+                builder.store(builder.load(acc[i][j]), out_ptr(i, j), align=4)
         return context.get_dummy_value()
 
-    return types.void(xu, m0, rows, wp, blk, out), codegen
+    return types.void(xu, m0, rows, wp, blk, q0, nq, out), codegen
 
 
 @njit(nogil=True, cache=True)
@@ -106,29 +115,31 @@ def gemm_vnni(xu, wp, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_o
     of 64 rows claimed from ``work``, ``MR`` tokens a tile, results through
     :func:`~npquant.kernels._w8a8_core.store_tile` (``corr`` removes the offset)."""
     m_rows = xu.shape[0]
-    n_blocks = wp.shape[0]
-    acc = _stack_empty(MR, BLOCK, np.int32)
+    n_blocks, n_quads = wp.shape[0], wp.shape[1]
+    acc = np.empty((m_rows, BLOCK), np.int32)  # the block's sums, every token
     while True:
         lo, hi = _claim(work, per, n_blocks)
         if lo >= hi:
             break
         for b in range(lo, hi):
-            for m0 in range(0, m_rows, MR):
-                rows = min(MR, m_rows - m0)
-                if rows == 6:
-                    _tile(xu, m0, 6, wp, b, acc)
-                elif rows == 5:
-                    _tile(xu, m0, 5, wp, b, acc)
-                elif rows == 4:
-                    _tile(xu, m0, 4, wp, b, acc)
-                elif rows == 3:
-                    _tile(xu, m0, 3, wp, b, acc)
-                elif rows == 2:
-                    _tile(xu, m0, 2, wp, b, acc)
-                else:
-                    _tile(xu, m0, 1, wp, b, acc)
-                store_tile(acc, rows, m0, b * BLOCK, 1, corr, x_scale, w_scale, bias, has_bias, y, want_acc,
-                           acc_out)
+            acc[:] = 0
+            for q0 in range(0, n_quads, KC):  # KC quads of the block (16 KiB) stay in L1 for every token
+                nq = min(KC, n_quads - q0)
+                for m0 in range(0, m_rows, MR):
+                    rows = min(MR, m_rows - m0)
+                    if rows == 6:
+                        _tile(xu, m0, 6, wp, b, q0, nq, acc)
+                    elif rows == 5:
+                        _tile(xu, m0, 5, wp, b, q0, nq, acc)
+                    elif rows == 4:
+                        _tile(xu, m0, 4, wp, b, q0, nq, acc)
+                    elif rows == 3:
+                        _tile(xu, m0, 3, wp, b, q0, nq, acc)
+                    elif rows == 2:
+                        _tile(xu, m0, 2, wp, b, q0, nq, acc)
+                    else:
+                        _tile(xu, m0, 1, wp, b, q0, nq, acc)
+            store_tile(acc, m_rows, 0, b * BLOCK, 1, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_out)
 
 
 def _gemm_vnni_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
