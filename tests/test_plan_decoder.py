@@ -329,3 +329,24 @@ def test_cli_plan_on_a_gguf_file_measures_its_float32_copy(tmp_path, capsys, mon
     costs, _ = unit_costs(model.config, weights, b, {"w4-g32": "w4-g32", "w8-channel": "w8-channel"})
     model.close()
     assert {u: e["costs"] for u, e in raw["units"].items()} == costs
+
+
+@pytest.mark.slow
+def test_bench_plan_decoder_quick():
+    """The benchmark script runs (its quick mode: SmolLM2's first 2 layers, 32 tokens); no figure is asserted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from npquant.checkpoints.gguf import default_decoder_path
+
+    try:
+        default_decoder_path()
+    except NpquantError as exc:
+        pytest.skip(str(exc))
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_plan_decoder.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("\nnext-token predictions")[1]
+    assert [line.split()[0] for line in table.splitlines()[2:7]] == ["plan", "w4-channel", "mxfp4", "w4-g64", "nvfp4"]
+    assert "the plan's mean KL is lower than every uniform preset within 4.5 bits" in done.stdout
