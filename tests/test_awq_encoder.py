@@ -136,9 +136,15 @@ def test_awq_gptq_is_deterministic_and_beats_rtn_on_unseen_text(encoder):
     base = encoder.encode(held)
     cos = lambda e: float(np.mean(np.sum(e * base, axis=1)))
     assert cos(a.encode(held)) > cos(encoder.quantized(w3g32).encode(held))
-    # Every tensor that is not a quantized linear weight is float32, as a checkpoint writer takes it.
-    assert all(v.dtype == np.float32 for k, v in a.tensors.items() if not isinstance(v, QuantizedTensor)
-               and v.dtype.kind == "f")
+    # What a checkpoint writer takes: the quantized weights, and the float tensors the folds replaced.
+    from npquant.models.calibrated import changed_tensors
+
+    quantized, replaced = changed_tensors(encoder.tensors, a.tensors)
+    assert sorted(quantized) == sorted(encoder.linear_names())
+    scaled = [r["name"].replace(O_PROJ, "attention.self.value").replace(".weight", ".bias")
+              for r in a.layer_report if r["alpha"]]
+    assert scaled and sorted(replaced) == sorted(scaled)
+    assert all(v.dtype == np.float32 for v in replaced.values())
 
 
 def test_bad_calls_are_one_line(encoder):
@@ -157,6 +163,28 @@ def test_bad_calls_are_one_line(encoder):
         with pytest.raises(NpquantError) as err:
             call()
         assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow  # MiniLM, four methods on 32 calibration texts: minutes on 2 cores
+def test_bench_awq_quick():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from npquant.checkpoints import default_model_path
+
+    try:
+        default_model_path()
+    except NpquantError as exc:
+        pytest.skip(f"the default model is not installed ({exc})")
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_awq.py"
+    # A guard against a hang, never a timing: the quick run took 6.5 minutes on a loaded 2-core machine.
+    done = subprocess.run([sys.executable, str(bench), "--quick"], check=False, capture_output=True, text=True,
+                          timeout=3600)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("w4-g128 ")]
+    assert rows == ["rtn", "gptq", "awq", "awq+gptq"]
+    assert "scale = absmax /" in done.stdout and "target 0.990" in done.stdout
 
 
 def test_minilm_folded_float_model_gives_the_same_embeddings():

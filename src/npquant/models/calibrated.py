@@ -53,7 +53,7 @@ from ..quantize import quantize
 from ..schemes import Scheme
 from .awq_bert import SCALED_GROUPS, fold_scale
 
-__all__ = ["CALIBRATED_METHODS", "CALIBRATION_BATCH", "calibrated_tensors", "gptq_tensors"]
+__all__ = ["CALIBRATED_METHODS", "CALIBRATION_BATCH", "calibrated_tensors", "changed_tensors", "gptq_tensors"]
 
 #: Sentences per calibration forward pass.
 CALIBRATION_BATCH = 32
@@ -192,6 +192,24 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
         for batch in batches:  # the quantized block's output feeds the next block
             batch[0] = work._block(i, batch[0], batch[1])
     return work.tensors, rows
+
+
+def changed_tensors(before, after) -> tuple[dict, dict]:
+    """What a checkpoint writer takes from :func:`calibrated_tensors`: ``(quantized, replaced)``.
+
+    ``quantized``: name -> QuantizedTensor, every quantized linear weight.
+    ``replaced``: name -> float32 array, every float tensor of ``after`` that
+    is not the very array of ``before`` (the encoder's own tensors): with AWQ
+    the value projections' biases (and their weights where a plan leaves
+    them float) with ``1 / s`` folded in. Names are the encoder's (no
+    ``bert.`` prefix).
+    """
+    from ..tensor import QuantizedTensor
+
+    quantized = {n: t for n, t in after.items() if isinstance(t, QuantizedTensor)}
+    replaced = {n: t for n, t in after.items()
+                if not isinstance(t, QuantizedTensor) and (n not in before or t is not before[n])}
+    return quantized, replaced
 
 
 def _gather(work, i: int, batches, wanted: str) -> InputStats:
