@@ -182,11 +182,13 @@ def test_token_windows_bad_input(ids, kwargs, message):
 
 
 # --- the evaluation on a tiny model -----------------------------------------------------------------------
-def brute_force(config, weights, batches, scheme):
-    """Every figure of evaluate_lm's row for ``scheme``, from whole-logit forwards and the float64 references."""
+def brute_force(config, weights, batches, scheme, qts=None):
+    """Every figure of evaluate_lm's row for ``scheme`` (or the quantized tensors ``qts``), from whole-logit
+    forwards and the float64 references."""
     cfg = CausalLMConfig.from_json(config)
     group = npquant.get_scheme(scheme).group_size or 1  # None unless grouped
-    qts = {n: npquant.quantize(weights[n], scheme) for n in cfg.linear_names() if weights[n].shape[1] % group == 0}
+    if qts is None:
+        qts = {n: npquant.quantize(weights[n], scheme) for n in cfg.linear_names() if weights[n].shape[1] % group == 0}
     ref_model, q_model = CausalLM(config, weights), CausalLM(config, weights, quantized=qts)
     nll_ref, nll, kls, same = [], [], [], []
     for ids in batches:
@@ -233,6 +235,41 @@ def test_evaluate_matches_a_brute_force_float64_reference(monkeypatch):
         # Top-1 is a count: exact, unless a near-tie within d flips an argmax (none in these logits).
         assert row["top1_agreement"] == ref["top1"]
         assert 0 < row["mean_kl"] and row["top1_agreement"] < 1  # the schemes do change this tiny model
+
+
+def test_gptq_rows_beside_rtn_match_a_brute_force_reference():
+    from npquant.models.calibrated_lm import gptq_decoder
+
+    weights = tiny_weights(seed=3)
+    batches = token_windows(ids_of(5, 75), context=16, batch_tokens=32)
+    calibration = [ids_of(21, (3, 24)), ids_of(22, (1, 9))]  # other tokens than the evaluated ones
+    progress = []
+    rows = evaluate_lm(CONFIG, weights, batches, ["w4-g32", "fp8-channel"], backend="numpy", method="gptq",
+                       calibration=calibration, progress=lambda label, n: progress.append((label, n)))
+    assert [(r["scheme"], r["method"]) for r in rows] == [("float32", None), ("w4-g32", "rtn"), ("w4-g32", "gptq"),
+                                                          ("fp8-channel", "rtn")]
+    assert progress.count(("w4-g32 GPTQ", 0)) == 14  # a step per layer GPTQ quantizes, then its scoring
+    assert [n for label, n in progress if label == "w4-g32 GPTQ" and n] == [30, 30, 10]
+    qts, _, _ = gptq_decoder(CONFIG, weights, "w4-g32", calibration)
+    ref = brute_force(CONFIG, weights, batches, "w4-g32", qts)
+    gptq_row, rtn_row = rows[2], rows[1]
+    tol = 1e-5  # as in test_evaluate_matches_a_brute_force_float64_reference
+    assert gptq_row["perplexity"] == pytest.approx(ref["ppl"], rel=tol)
+    assert gptq_row["mean_kl"] == pytest.approx(ref["mean_kl"], abs=tol)
+    assert gptq_row["top1_agreement"] == ref["top1"]
+    assert gptq_row["bits_per_weight"] == rtn_row["bits_per_weight"] and gptq_row["left_float"] == {}
+    assert gptq_row["mean_kl"] != rtn_row["mean_kl"]  # (which is lower on random weights is not a property)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "gptq"}, r"method='gptq' needs calibration windows"),
+    ({"method": "rtn", "calibration": [np.zeros((1, 4), np.int64)]}, r"calibration windows are for method='gptq'"),
+    ({"method": "awq"}, r"method='awq' is not known"),
+    ({"method": "gptq", "calibration": []}, r"calibration is empty"),
+])
+def test_evaluate_gptq_bad_input(kwargs, message):
+    with pytest.raises(NpquantError, match=message):
+        evaluate_lm(CONFIG, tiny_weights(), [ids_of(0, (1, 8))], ["w4-g32"], **kwargs)
 
 
 def test_float_perplexity_is_the_forwards_own():
@@ -412,6 +449,23 @@ def test_cli_decoder_directory_json(decoder_dir, tmp_path, capsys):
         assert got["perplexity"] == want["perplexity"] and got["mean_kl"] == want["mean_kl"]
 
 
+def test_cli_decoder_gptq_rows(decoder_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    rng = np.random.default_rng(30)
+    calib.write_text("\n".join(" ".join(WORDS[i] for i in rng.integers(1, len(WORDS), 12)) for _ in range(20)))
+    text = words_file(tmp_path, 50)
+    argv = ["eval", str(decoder_dir), "--text", str(text), "--context", "16", "--scheme", "w4-g32", "--scheme",
+            "nvfp4", "--method", "gptq", "--calibration", str(calib), "--backend", "numpy"]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["scheme"], r["method"]) for r in rows] == [("float32", None), ("w4-g32", "rtn"), ("w4-g32", "gptq"),
+                                                          ("nvfp4", "rtn")]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "quantized (RTN and GPTQ) vs float32" in out and "GPTQ" in out
+    assert "GPTQ calibrated on 240 tokens of" in out and "(20 texts) in windows of up to 64" in out
+
+
 def _ids(path) -> list[int]:
     index = {w: i for i, w in enumerate(WORDS)}
     return [index[w] for w in path.read_text().split()]
@@ -464,17 +518,21 @@ def test_cli_gguf_model(tmp_path, capsys):
     (["--max-tokens", "1"], r"--max-tokens must be at least 2"),
     (["--context", "1"], r"--context must be at least 2 tokens"),
     (["--context", "65"], r"--context 65 is longer than the model's max_position_embeddings=64"),
-    (["--method", "gptq"], r"--method gptq is not yet available for decoders"),
-    (["--sentences", "x.txt"], r"--sentences is not available for decoders yet .*a decoder reads --text FILE"),
-    (["--observer", "mse"], r"--observer is not available for decoders yet"),
+    (["--method", "gptq", "--calibration", "EMPTY"], r"empty.txt holds no text"),
+    (["--method", "gptq", "--max-samples", "0"], r"--max-samples must be at least 1"),
+    (["--method", "gptq", "--calibration", "TEXT"], r"1 calibration text of .* also occur in --text"),
+    (["--sentences", "x.txt"], r"--sentences is not available for decoders yet; a decoder reads --text FILE"),
+    (["--observer", "mse"], r"--calibration, --max-samples and --observer are for --method gptq"),
     (["--batch-size", "4"], r"--batch-size is not available for decoders yet"),
 ])
 def test_cli_decoder_bad_input_is_one_line(decoder_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "one.txt").write_text("w3\n")
-    argv = [{"EMPTY": str(tmp_path / "empty.txt"), "ONE": str(tmp_path / "one.txt")}.get(a, a) for a in argv]
+    text = words_file(tmp_path, 20)
+    argv = [{"EMPTY": str(tmp_path / "empty.txt"), "ONE": str(tmp_path / "one.txt"), "TEXT": str(text)}.get(a, a)
+            for a in argv]
     if "--text" not in argv:
-        argv += ["--text", str(words_file(tmp_path, 20))]
+        argv += ["--text", str(text)]
     assert main(["eval", str(decoder_dir), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("npquant eval: error: ") and re.search(message, err), err

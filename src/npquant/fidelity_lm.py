@@ -14,6 +14,8 @@ window but its last, which has no next token to predict):
   is the same for both models.
 
 These are what llama.cpp's ``llama-perplexity --kl-divergence`` reports.
+With ``method="gptq"`` each int scheme is also measured with its layers
+quantized by sequential GPTQ on calibration windows of other text.
 Log-softmax, KL and the sums run in float64 on the float32 logits, a block of
 positions at a time, so the ``(N, V)`` logits are never held whole.
 
@@ -32,6 +34,7 @@ import numpy as np
 
 from ._checks import stat_text_file
 from .errors import NpquantError
+from .models.calibrated_lm import gptq_decoder
 from .models.causal_lm import CausalLM
 from .models.causal_lm_config import CausalLMConfig
 from .quantize import quantize
@@ -229,8 +232,15 @@ def perplexity(log_probs) -> float:
 
 
 # --- the evaluation --------------------------------------------------------------------------------------
-def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto", progress=None) -> list[dict]:
+def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto", progress=None,
+                method: str = "rtn", calibration=None, observer: str = "minmax") -> list[dict]:
     """Run the float32 decoder and, per scheme, its linear layers rounded to nearest, on the same windows.
+
+    With ``method="gptq"``, each int scheme also gets a row with its layers
+    quantized by sequential GPTQ (:func:`npquant.models.calibrated_lm.gptq_decoder`)
+    on the ``calibration`` windows (int ``(B, T)`` arrays, which must be
+    other text than ``batches``), right after its RTN row; fp8 and fp4
+    schemes get their RTN row only.
 
     Parameters
     ----------
@@ -245,12 +255,16 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
         layer whose ``in_features`` a scheme's group size does not divide
         stays float32 (as ``npquant quantize`` leaves it), listed in the row.
     backend : {"auto", "numpy", "numba"}, for quantizing and the quantized linears
-    progress : called as ``progress(label, tokens)`` after each batch of each model
+    progress : called as ``progress(label, tokens)`` after each batch of each model (and as
+        ``progress(label, 0)`` after each layer GPTQ quantizes)
+    method : {"rtn", "gptq"}
+    calibration : list of int ``(B, T)`` arrays, the GPTQ calibration windows (``method="gptq"`` only)
+    observer : {"minmax", "mse"}, GPTQ's block ranges
 
     Returns
     -------
     rows : list of dict, the float32 row first, then one per scheme:
-        ``scheme`` (label), ``method`` (None for float32, ``"rtn"``),
+        ``scheme`` (label), ``method`` (None for float32, ``"rtn"``, ``"gptq"``),
         ``bits_per_weight`` (storage bits of the linear layers, scales
         included; float32 layers count 32), ``tokens`` (scored positions),
         ``perplexity``, ``perplexity_ratio`` (to float32's), ``mean_kl``
@@ -260,6 +274,14 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
     resolved = [(s if isinstance(s, str) else str(s), get_scheme(s)) for s in (schemes or DEFAULT_LM_SCHEMES)]
     batches = _check_batches(batches)
+    if method not in ("rtn", "gptq"):
+        raise NpquantError(f"method={method!r} is not known; expected 'rtn' or 'gptq'")
+    if method == "gptq":
+        if calibration is None:
+            raise NpquantError("method='gptq' needs calibration windows (calibration=[int (B, T) arrays])")
+        calibration = _check_batches(calibration, "calibration", min_tokens=1)
+    elif calibration is not None:
+        raise NpquantError("calibration windows are for method='gptq'")
     reference = CausalLM(cfg, weights, backend=backend)
     names = cfg.linear_names()
     shapes = cfg.tensor_shapes()
@@ -285,10 +307,21 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
              "perplexity": float_ppl, "perplexity_ratio": 1.0, "mean_kl": 0.0, "top1_agreement": 1.0,
              "left_float": {}, "layers": len(names)}]
 
-    for label, scheme in resolved:
+    runs = [(label, scheme, "rtn") for label, scheme in resolved]
+    if method == "gptq":
+        runs = [run for label, scheme in resolved
+                for run in [(label, scheme, "rtn")] + ([(label, scheme, "gptq")] if not scheme.is_float else [])]
+    for label, scheme, how in runs:
         stored: dict[str, int] = {}  # weight name -> bytes of its quantized form
         left: dict[str, str] = {}  # weight name -> why it stays float32
-        model = CausalLM(cfg, weights, quantizer=_rtn(scheme, backend, stored, left), backend=backend)
+        if how == "gptq":
+            quantized, _, left = gptq_decoder(cfg, weights, scheme, calibration, observer=observer,
+                                              progress=None if progress is None else
+                                              lambda name, done, total, label=label: progress(f"{label} GPTQ", 0))
+            stored = {name: qt.nbytes for name, qt in quantized.items()}
+            model = CausalLM(cfg, weights, quantized=quantized, backend=backend)
+        else:
+            model = CausalLM(cfg, weights, quantizer=_rtn(scheme, backend, stored, left), backend=backend)
         lp_sum = kl_sum = same = 0.0
         for ids, h_ref, t in zip(batches, hidden, targets):
             B, T = ids.shape
@@ -299,10 +332,10 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
                 kl_sum += float(c["kl"].sum())
                 same += int(c["same_top1"].sum())
             if progress is not None:
-                progress(label, len(t))
+                progress(label if how == "rtn" else f"{label} GPTQ", len(t))
         nbytes = sum(stored.values()) + sum(4 * shapes[n][0] * shapes[n][1] for n in left)
         ppl = math.exp(-lp_sum / n_tokens)
-        rows.append({"scheme": label, "method": "rtn", "bits_per_weight": 8.0 * nbytes / n_weights,
+        rows.append({"scheme": label, "method": how, "bits_per_weight": 8.0 * nbytes / n_weights,
                      "tokens": n_tokens, "perplexity": ppl, "perplexity_ratio": ppl / float_ppl,
                      "mean_kl": kl_sum / n_tokens, "top1_agreement": same / n_tokens,
                      "left_float": dict(left), "layers": len(names)})
@@ -352,16 +385,16 @@ def _same_shape(a, b) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _check_batches(batches) -> list[np.ndarray]:
+def _check_batches(batches, what: str = "batches", min_tokens: int = 2) -> list[np.ndarray]:
     if isinstance(batches, np.ndarray):
         batches = [batches]
     out = []
     for i, ids in enumerate(batches):
         ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.dtype.kind not in "iu":
-            raise NpquantError(f"batches[{i}] must be token ids of shape (B, T) with T >= 2, "
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < min_tokens or ids.dtype.kind not in "iu":
+            raise NpquantError(f"{what}[{i}] must be token ids of shape (B, T) with T >= {min_tokens}, "
                                f"got {ids.dtype} {ids.shape}")
         out.append(ids)
     if not out:
-        raise NpquantError("batches is empty: give at least one window of 2 or more tokens")
+        raise NpquantError(f"{what} is empty: give at least one window of {min_tokens} or more tokens")
     return out

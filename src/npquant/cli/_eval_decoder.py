@@ -1,11 +1,17 @@
-"""``npquant eval MODEL`` on a decoder: perplexity, mean KL and top-1 agreement per scheme (RTN).
+"""``npquant eval MODEL`` on a decoder: perplexity, mean KL and top-1 agreement per scheme (RTN, and GPTQ).
 
 :mod:`.eval` sends a ``.gguf`` file or a Llama-family directory here. The
 model is read as :class:`~npquant.models.CausalLM` reads it (a GGUF file
 through :func:`~npquant.checkpoints.gguf.read_gguf`, one tensor dequantized
 at a time; a directory through its safetensors), the text tokenized by the
 model's own tokenizer and cut into windows, and the measures taken by
-:func:`npquant.fidelity_lm.evaluate_lm`; the table is printed here.
+:func:`npquant.fidelity_lm.evaluate_lm`; the table is printed here. With
+``--method gptq`` the calibration texts (``--calibration``, ``--max-samples``;
+the built-in set by default) are tokenized the same way, joined by newlines
+and cut into windows of 512 tokens (or ``max_position_embeddings``), and
+each int scheme gets a GPTQ row beside its RTN row. A calibration text
+found in the evaluation text is refused: a figure measured on calibration
+text is no figure.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import NpquantError
-from ._common import Progress, need_matplotlib
+from ._common import Progress, calibration_texts, need_matplotlib
 from ._gguf import lossy_note
 
 __all__ = ["run_decoder"]
@@ -26,21 +32,25 @@ __all__ = ["run_decoder"]
 def run_decoder(args) -> int:
     """The decoder path of ``npquant eval`` (its options checked before the model is read)."""
     from ..fidelity_lm import DEFAULT_CONTEXT, DEFAULT_LM_SCHEMES, eval_text, evaluate_lm, read_text, token_windows
+    from ..models.calibrated_lm import DEFAULT_SEQ_LEN, calibration_windows
     from ..schemes import get_scheme
 
     # Everything the user can get wrong is refused before the model is read.
     encoder_only = [(flag, value) for flag, value in (
         ("--sentences", args.sentences), ("--plan", args.plan), ("--batch-size", args.batch_size),
-        ("--calibration", args.calibration), ("--max-samples", args.max_samples), ("--observer", args.observer),
     ) if value is not None]
-    if args.method == "gptq":
-        raise NpquantError("--method gptq is not yet available for decoders: npquant eval measures them rounded "
-                           "to nearest (RTN); drop --method")
+    method = args.method or "rtn"
+    if method not in ("rtn", "gptq"):
+        raise NpquantError(f"--method {method} is not available for decoders: npquant eval measures them rounded "
+                           f"to nearest (rtn) and with GPTQ (gptq)")
     if encoder_only:
         flag = encoder_only[0][0]
         hint = "; a decoder reads --text FILE" if flag == "--sentences" else ""
-        raise NpquantError(f"{flag} is not available for decoders yet (npquant eval runs them with RTN and the "
-                           f"minmax observer){hint}")
+        raise NpquantError(f"{flag} is not available for decoders yet{hint}")
+    if method == "rtn" and (args.calibration or args.max_samples is not None or args.observer is not None):
+        raise NpquantError("--calibration, --max-samples and --observer are for --method gptq (decoders are "
+                           "rounded to nearest with the minmax observer)")
+    texts = calibration_texts(args) if method == "gptq" else None  # a bad file is refused before the model
     labels = args.scheme or list(DEFAULT_LM_SCHEMES)
     for label in labels:
         get_scheme(label)  # unknown presets, before the model is read
@@ -66,15 +76,26 @@ def run_decoder(args) -> int:
             raise NpquantError(f"{where} is {len(ids)} token{'s' if len(ids) != 1 else ''} long; scoring needs "
                                f"at least 2 (one to condition on, one to predict)")
         batches = token_windows(ids, context, args.max_tokens)
+        calibration = None
+        if texts is not None:
+            _check_disjoint(texts, text, args)
+            seq_len = DEFAULT_SEQ_LEN if limit is None else min(DEFAULT_SEQ_LEN, limit)
+            calib_ids = tokenizer.encode("\n".join(texts), add_special_tokens=False).ids
+            calibration = calibration_windows(calib_ids, seq_len)
+            facts["calibration"] = (f"GPTQ calibrated on {len(calib_ids):,} tokens of "
+                                    f"{args.calibration or 'the built-in calibration text'} ({len(texts)} texts) in "
+                                    f"windows of up to {seq_len}, disjoint from the evaluation text")
         n_windows = sum(b.shape[0] for b in batches)
         n_scored = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         header = (f"{Path(args.model).name}: {config['architectures'][0]}, {facts['layers']} decoder layers; "
                   f"{where}, {sum(b.size for b in batches):,} of its {len(ids):,} tokens in {n_windows} "
                   f"window{'s' if n_windows != 1 else ''} of up to {context}, {n_scored:,} tokens scored")
         start = time.monotonic()
-        with Progress((1 + len(labels)) * n_scored, "scoring", unit="steps") as bar:
+        n_gptq = sum(1 for label in labels if not get_scheme(label).is_float) if method == "gptq" else 0
+        with Progress((1 + len(labels) + n_gptq) * n_scored, "scoring", unit="steps") as bar:
             rows = evaluate_lm(config, weights, batches, labels, backend=args.backend,
-                               progress=lambda label, n: bar(label, n))
+                               progress=lambda label, n: bar(label, n), method=method, calibration=calibration,
+                               observer=args.observer or "minmax")
         seconds = time.monotonic() - start
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -84,6 +105,18 @@ def run_decoder(args) -> int:
         _plot_decoder(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _check_disjoint(texts: list[str], text: str, args) -> None:
+    """Refuse calibration texts found in the evaluation text (whitespace-normalised; texts of 24+ characters)."""
+    flat = " ".join(text.split())
+    shared = [t for t in texts if len(t) >= 24 and " ".join(t.split()) in flat]
+    if shared:
+        where = f"--text {args.text}" if args.text else "the built-in evaluation text"
+        raise NpquantError(f"{len(shared)} calibration text{'s' if len(shared) > 1 else ''} of "
+                           f"{args.calibration or 'the built-in set'} also occur in {where} (e.g. {shared[0][:60]!r}): "
+                           f"a figure measured on calibration text is no figure; make --calibration and --text "
+                           f"disjoint")
 
 
 class _open_decoder:
@@ -154,15 +187,18 @@ def _print_decoder(rows, header: str, facts: dict, seconds: float) -> None:
     cells = [[r["scheme"], (r["method"] or "-").upper(), f"{r['bits_per_weight']:.3g}", f"{r['perplexity']:.4f}",
               f"{r['perplexity_ratio']:.4f}", "0" if r["mean_kl"] == 0 else f"{r['mean_kl']:.4g}",
               f"{100 * r['top1_agreement']:.2f}%"] for r in rows]
-    render.print_rows(out, f"next-token predictions, {rows[0]['tokens']:,} tokens: quantized (RTN) vs float32",
+    methods = " and ".join(sorted({r["method"].upper() for r in rows[1:]}, reverse=True))
+    render.print_rows(out, f"next-token predictions, {rows[0]['tokens']:,} tokens: quantized ({methods}) vs float32",
                       columns, cells, long=0)
     for r in rows[1:]:
-        if r["left_float"]:
+        if r["left_float"] and r["method"] == "rtn":
             reasons = sorted(set(r["left_float"].values()))
             out.print(f"{r['scheme']}: {len(r['left_float'])} of {r['layers']} linear weights stay float32 "
                       f"({'; '.join(reasons)}), as npquant quantize leaves them", highlight=False)
     out.print("mean KL: KL(float32 || quantized) of the next-token distributions, in nats; top-1 agreement: "
               "positions whose most likely next token is unchanged", highlight=False)
+    if facts.get("calibration"):
+        out.print(facts["calibration"], highlight=False)
     if facts["lossy"]:
         line = f"note: float32 is this GGUF's weights, {lossy_note(facts['lossy'])}"
         if "Q4_1" in facts["lossy"]:
@@ -186,10 +222,10 @@ def _plot_decoder(rows, path: str) -> None:
     ax.bar(list(xs), [max(r["mean_kl"], 1e-12) for r in q], width=0.6, label="mean KL (nats)")
     ax.set_yscale("log")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"{r['scheme']}\n{r['bits_per_weight']:.2f} b/w\nppl x{r['perplexity_ratio']:.3f}"
-                        for r in q])
+    ax.set_xticklabels([f"{r['scheme']}{' GPTQ' if r['method'] == 'gptq' else ''}\n{r['bits_per_weight']:.2f} b/w"
+                        f"\nppl x{r['perplexity_ratio']:.3f}" for r in q])
     ax.set_ylabel("KL(float32 || quantized), lower is better")
-    ax.set_title(f"Quantized (RTN) vs float32 next-token distributions, {rows[0]['tokens']:,} tokens")
+    ax.set_title(f"Quantized vs float32 next-token distributions, {rows[0]['tokens']:,} tokens")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
