@@ -22,7 +22,7 @@ The caveat for every figure: SmolLM2's linears were stored by llama.cpp as
 Q4_1 (4-bit asymmetric, blocks of 32); every scheme is measured against
 those dequantized weights.
 
-    python benchmarks/bench_plan_decoder.py                    # about 15-25 minutes on 2 shared cores
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_plan_decoder.py   # about 30 minutes on 2 shared cores
     python benchmarks/bench_plan_decoder.py --costs costs.json # reuse (or save) the measured costs
     python benchmarks/bench_plan_decoder.py --quick            # 2 layers, 32 tokens: a smoke test
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -44,11 +45,13 @@ def main() -> None:
     from npquant.calibrate import calibration_texts
     from npquant.checkpoints.gguf import default_decoder_path, read_gguf
     from npquant.fidelity_lm import eval_text, token_windows
-    from npquant.models.sensitivity_lm import DECODER_CANDIDATES, calibration_batches, plan_units, unit_costs
+    from npquant.models.sensitivity_lm import (DECODER_CANDIDATES, DEFAULT_COST_TOKENS, calibration_batches,
+                                               plan_units, unit_costs)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=float, default=4.5)
-    ap.add_argument("--tokens", type=int, default=256, help="calibration tokens of the costs (default 256)")
+    ap.add_argument("--tokens", type=int, default=DEFAULT_COST_TOKENS,
+                    help=f"calibration tokens of the costs (default {DEFAULT_COST_TOKENS}, as npquant plan)")
     ap.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens (default 2048)")
     ap.add_argument("--costs", metavar="FILE", help="read the costs from FILE if it exists, else write them there")
     ap.add_argument("--rank-check", action="store_true", help="also the Spearman check at 4x the tokens")
@@ -76,15 +79,22 @@ def main() -> None:
         saved = json.loads(cached.read_text())
         costs, nbytes, seconds = saved["costs"], saved["nbytes"], saved["seconds"]
         print(f"costs read from {cached} (measured in {seconds:.0f} s)")
+        cpu = saved.get("cpu", float("nan"))
     else:
-        start = time.perf_counter()
-        costs, nbytes = unit_costs(config, weights, calib, candidates, units=units)
-        seconds = time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+
+        def progress(unit, label, done, total):
+            if done % 25 == 0 or done == total:
+                print(f"  {done}/{total} {unit} {label} {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                      flush=True)
+
+        costs, nbytes = unit_costs(config, weights, calib, candidates, units=units, progress=progress)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if cached is not None:
-            cached.write_text(json.dumps({"costs": costs, "nbytes": nbytes, "seconds": seconds}))
+            cached.write_text(json.dumps({"costs": costs, "nbytes": nbytes, "seconds": seconds, "cpu": cpu}))
     pairs = sum(len(c) for c in costs.values())
-    print(f"measured {pairs} unit and scheme pairs in {seconds:.0f} s ({seconds / pairs:.2f} s each); "
-          f"the machine was shared")
+    print(f"measured {pairs} unit and scheme pairs in {seconds:.0f} s wall ({seconds / pairs:.2f} s each), "
+          f"{cpu:.0f} s of CPU time; the machine was shared, so the CPU time is the figure to read")
 
     plan = solve(costs, nbytes, units, config, args.bits)
     counts = {}

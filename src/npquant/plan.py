@@ -42,10 +42,11 @@ __all__ = ["solve_budget", "layer_bytes", "budget_bytes", "check_budget", "fused
 #: plan keeps 0.9947 mean cosine on held-out text, 0.9929 without.
 DEFAULT_CANDIDATES = ("w4-g128", "w4-g128-asym", "w4-g64", "w4-g32", "w8-channel", "fp8-channel")
 #: Candidate presets of ``npquant plan`` on a decoder, from 4.06 to 8.06 bits per weight (w4-g128 only where
-#: 128 divides ``in_features``; SmolLM2's 576 does not).
-DECODER_CANDIDATES = ("w4-channel", "mxfp4", "w4-g128", "w4-g64", "nvfp4", "w4-g32", "fp8-channel", "w8-channel")
+#: 128 divides ``in_features``; SmolLM2's 576 does not). fp8-channel, as large as w8-channel, is left to
+#: ``--schemes``: each candidate costs a run of the model from every unit's layer on.
+DECODER_CANDIDATES = ("w4-channel", "mxfp4", "w4-g128", "w4-g64", "nvfp4", "w4-g32", "w8-channel")
 #: Calibration tokens a decoder's costs are measured on, by default (:mod:`npquant.models.sensitivity_lm`).
-DEFAULT_COST_TOKENS = 256
+DEFAULT_COST_TOKENS = 128
 #: The ``version`` of the plan.json schema this module writes and reads.
 PLAN_VERSION = 1
 # A plan.json larger than this is not one of npquant's (a large model's is a few hundred KiB).

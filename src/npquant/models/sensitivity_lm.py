@@ -25,11 +25,11 @@ on its cached input with ``u``'s weights replaced by their dequantized
 values, the float32 layers ``i + 1 .. L - 1``, the final norm and the head,
 and ``KL = sum_v p log p - sum_v p log q`` in float64. A unit in layer ``i``
 costs ``L - i`` layers and one head per scheme: on SmolLM2 (30 layers, 120
-units; 7 candidates fit in_features 576, 8 fit down_proj's 1536) that is 870
-unit and scheme pairs, 13,485 layer runs and 870 heads on 256 tokens (see
-``benchmarks/bench_plan_decoder.py`` for the measured time). Memory,
+units; 6 default candidates fit in_features 576, 7 fit down_proj's 1536) that
+is 750 unit and scheme pairs, 11,625 layer runs and 750 heads on 128 tokens
+(see ``benchmarks/bench_plan_decoder.py`` for the measured time). Memory,
 beside the model's own: ``4 L N C`` bytes of layer inputs and ``8 N V`` of
-``p`` (SmolLM2 at 256 tokens: 18 MB and 100 MB).
+``p`` (SmolLM2 at 128 tokens: 9 MB and 50 MB).
 
 The planner adds the units' costs: a first-order picture (each unit's damage
 measured alone) whose additivity the benchmark measures on whole plans.
