@@ -1,0 +1,197 @@
+"""Sequential AWQ for a decoder: each group's scale searched on the outputs of the quantized layers before it.
+
+Decoder layer after decoder layer, group after group in forward order
+(q/k/v; o; gate/up; down: :data:`~npquant.models.awq_lm.DECODER_GROUPS`),
+the layer runs on every calibration window with everything before already
+scaled and quantized until the group has seen its input; ``mean |x|`` and
+``X.T X`` of that input choose the group's AWQ scale
+(:func:`~npquant.calibrate.awq.search_scale`; o_proj's statistics tied across
+the query heads that share a value head, :func:`~npquant.models.awq_lm.tie_heads`);
+``1 / s`` is folded into the producer (:func:`~npquant.models.awq_lm.fold_scale`)
+and ``W * s`` is quantized: rounded to nearest (``"awq"``) or by GPTQ with
+the Hessian of the scaled inputs (``"awq+gptq"``).
+
+The producers of o and down (v_proj, up_proj) are quantized before their
+consumer's input can be seen: once its scale is chosen, the producer is
+quantized again from its folded float weight (row scaling commutes with
+per-row-block rounding up to float rounding), and for GPTQ the consumer's
+input is gathered again from the folded model.
+
+A group whose weights have different schemes, or some of which stay float,
+is quantized without a scale (its row says ``alpha`` None).
+
+**Memory.** Beside what :func:`~npquant.models.calibrated_lm.gptq_decoder`
+holds, the folded float weights of the layer being calibrated are kept (the
+group's and the producers'), and every folded norm weight and bias of the
+model (small).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..calibrate import gptq, hessian_loss
+from ..calibrate.awq import DEFAULT_GRID, InputStats, scale_hessian, search_scale
+from ..errors import NpquantError
+from ..quantize import quantize
+from ..schemes import Scheme, get_scheme
+from .awq_lm import DECODER_GROUPS, fold_scale, tie_heads
+from .causal_lm import CausalLM
+from .causal_lm_config import CausalLMConfig
+
+__all__ = ["AWQ_METHODS", "awq_decoder"]
+
+#: The methods :func:`awq_decoder` runs.
+AWQ_METHODS = ("awq", "awq+gptq")
+
+
+def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", observer: str = "minmax",
+                grid: int = DEFAULT_GRID, damp: float = 0.01, progress=None):
+    """A decoder's linear layers quantized with AWQ's scales (then RTN or GPTQ), sequentially.
+
+    Parameters
+    ----------
+    config : dict (``config.json``) or CausalLMConfig
+    weights : mapping (or callable) of the float model's tensors, as :class:`CausalLM` reads them
+    schemes : Scheme or preset name (every decoder-layer linear), or ``{weight name: Scheme}``
+    windows : list of int ``(B, T)`` token arrays (:func:`~npquant.models.calibrated_lm.calibration_windows`)
+    method : {"awq", "awq+gptq"}
+    observer : {"minmax", "mse"}; grid : AWQ's points of ``a``; damp : GPTQ's
+    progress : ``progress(name, done, total)`` after each weight, or None
+
+    Returns
+    -------
+    quantized : dict, weight name -> QuantizedTensor
+    replaced : dict, name -> float32 array: the tensors AWQ's folds changed that stay float (norm weights,
+        v_proj/up_proj biases, weights a mapping leaves float); a checkpoint writes them instead of the input's
+    rows : list of dict per quantized int weight: ``name``, ``shape``, ``scheme``, ``tokens``, ``method``,
+        ``rtn_loss``, ``loss`` (relative to ``ref``, ``tr(W H W.T)``), ``ratio``, ``alpha`` (None: unscaled),
+        ``seconds``. AWQ minimises the loss of a group (q/k/v; gate/up) as a whole: one weight's may exceed RTN's
+    """
+    cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
+    if method not in AWQ_METHODS:
+        raise NpquantError(f"method={method!r} is not known; expected one of {AWQ_METHODS}")
+    names = cfg.linear_names()
+    if isinstance(schemes, (Scheme, str)):
+        schemes = dict.fromkeys(names, get_scheme(schemes))
+    else:
+        schemes = {n: get_scheme(s) for n, s in schemes.items()}
+        unknown = [n for n in schemes if n not in names]
+        if unknown:
+            raise NpquantError(f"schemes names {unknown[0]!r}, which is not a decoder-layer linear weight (e.g. "
+                               f"{names[0]!r})")
+    if not schemes:
+        raise NpquantError("schemes is empty: name at least one decoder-layer linear weight")
+    windows = [np.asarray(w) for w in ([windows] if isinstance(windows, np.ndarray) else windows)]
+    if not windows or any(w.ndim != 2 or w.size == 0 or w.dtype.kind not in "iu" for w in windows):
+        raise NpquantError("windows must be a non-empty list of int token arrays (B, T)")
+    floats: dict = {}  # folded float tensors, read before the source's
+    read = weights.__getitem__ if isinstance(weights, Mapping) else weights
+
+    def source(name):
+        return floats[name] if name in floats else read(name)
+
+    quantized: dict = {}
+    model = CausalLM(cfg, source, quantized=quantized, backend="numpy")
+    use_gptq = method == "awq+gptq"
+    xs = [model.embed(ids) for ids in windows]
+    tokens = sum(ids.size for ids in windows)
+    total = sum(n in schemes for n in names)
+    rows: list[dict] = []
+    done = 0
+
+    def quantize_layer(w, h, scheme):
+        if use_gptq and not scheme.is_float:
+            return gptq(w, h, scheme, observer=observer, damp=damp)
+        return quantize(w, scheme, observer=observer, backend="numpy")
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        hessians: dict = {}  # weight name -> the (scaled) Hessian it was quantized with
+        for group, (producer, how) in DECODER_GROUPS.items():
+            wnames = [p + m + ".weight" for m in group]
+            if not any(n in schemes for n in wnames):
+                continue
+            stats = _gather(model, i, xs, p + group[0])
+            h = stats.hessian()
+            start = time.perf_counter()
+            ws = [model._tensor(n) for n in wnames]  # float32, already folded by earlier groups where they were
+            found = None
+            if all(n in schemes for n in wnames) and len({schemes[n] for n in wnames}) == 1:
+                m = stats.abs_mean()
+                if group == ("self_attn.o_proj",):
+                    m = tie_heads(m, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+                found = search_scale(ws, m, h, schemes[wnames[0]], grid=grid, observer=observer)
+            h_q, ws_q = h, ws
+            if found is not None:
+                view = {n: model._tensor(n) for n in _fold_inputs(p, group, producer, how, cfg)}
+                floats.update(fold_scale(view, cfg, i, group, found.scale))
+                ws_q = [floats[n] for n in wnames]
+                h_q = scale_hessian(h, found.scale)
+                prod = p + producer + ".weight"
+                if how == "rows" and prod in quantized:  # the producer was quantized: again, from its folded rows
+                    quantized[prod] = quantize_layer(floats[prod], hessians[prod], schemes[prod])
+                    if use_gptq:
+                        h_q = _gather(model, i, xs, p + group[0]).hessian()
+            for name, w, w_q in zip(wnames, ws, ws_q):
+                if name not in schemes:
+                    continue
+                scheme = schemes[name]
+                qt = quantize_layer(w_q, h_q, scheme)
+                quantized[name] = qt
+                hessians[name] = h_q
+                done += 1
+                if not scheme.is_float:
+                    ref = hessian_loss(w, np.zeros_like(w), h)
+                    rtn = hessian_loss(w, quantize(w, scheme, observer=observer, backend="numpy"), h) / ref
+                    ours = hessian_loss(w_q, qt, h_q) / ref
+                    rows.append({"name": name, "shape": tuple(w.shape), "scheme": scheme, "tokens": tokens,
+                                 "method": method, "rtn_loss": rtn, "loss": ours, "ref": ref,
+                                 "ratio": ours / rtn if rtn > 0 else 1.0,
+                                 "alpha": None if found is None else found.alpha,
+                                 "seconds": time.perf_counter() - start})
+                if progress is not None:
+                    progress(name, done, total)
+        for b in range(len(xs)):  # the quantized layer's output feeds the next layer
+            xs[b] = model.layer(i, xs[b])
+        for name in [n for n in floats if n.startswith(p) and n in quantized]:
+            del floats[name]  # the layer is done: its quantized weights are what runs
+    replaced = {n: t for n, t in floats.items() if n not in quantized}
+    return quantized, replaced, rows
+
+
+def _fold_inputs(p: str, group, producer: str, how: str, cfg: CausalLMConfig) -> list[str]:
+    """The tensor names :func:`fold_scale` reads for ``group``: its weights, the producer's weight (and bias)."""
+    out = [p + m + ".weight" for m in group] + [p + producer + ".weight"]
+    if how == "rows":
+        has_bias = cfg.qkv_bias if producer == "self_attn.v_proj" else cfg.mlp_bias
+        if has_bias:
+            out.append(p + producer + ".bias")
+    return out
+
+
+class _Stop(Exception):
+    """Raised once the wanted linear has seen its input."""
+
+
+def _gather(model: CausalLM, i: int, xs: list, module: str) -> InputStats:
+    """``X.T X`` and ``sum |x|`` of ``module``'s input, layer ``i`` run on every batch of ``xs``."""
+    stats = None
+
+    def watch(name, x):
+        nonlocal stats
+        if name == module:
+            if stats is None:
+                stats = InputStats(x.shape[-1])
+            stats.add(x)
+            raise _Stop
+
+    for x in xs:
+        try:
+            model.layer(i, x, observe=watch)
+        except _Stop:
+            pass
+    return stats
