@@ -267,6 +267,29 @@ def test_quantize_gptq_writes_a_checkpoint_that_loads_with_its_config_and_tokeni
     assert code == 0 and "GPTQ per layer" in printed and "8 layers quantized" in printed
 
 
+def test_quantize_gptq_on_a_bfloat16_model_writes_rtns_scales(decoder_dir, tmp_path, capsys):
+    # GPTQ's static scales are the engine's, made from the stored bfloat16 weight: the same scales (values and
+    # dtype) as a round-to-nearest checkpoint of the same model.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from safetensors.numpy import save_file
+
+    bf16 = {n: w.astype(ml_dtypes.bfloat16) for n, w in tiny_weights().items()}
+    save_file(bf16, str(decoder_dir / "model.safetensors"))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(word_lines(10)))
+    out = tmp_path / "out"
+    code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w4-g32", "--method", "gptq",
+                 "--calibration", str(calib), "--seq-len", "16", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    npquant.quantize_checkpoint(decoder_dir, tmp_path / "rtn", "w4-g32")
+    loaded, rtn = npquant.load(out), npquant.load(tmp_path / "rtn")
+    for name in rtn:
+        assert loaded[name].scale.dtype == rtn[name].scale.dtype
+        np.testing.assert_array_equal(loaded[name].scale, rtn[name].scale)
+    assert not all(np.array_equal(loaded[n].codes, rtn[n].codes) for n in rtn)
+
+
 def test_quantize_gptq_takes_a_gguf_file(tmp_path, capsys):
     pytest.importorskip("gguf")
     from test_gguf import tiny_weights as gguf_weights

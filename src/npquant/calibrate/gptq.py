@@ -144,7 +144,9 @@ def gptq_with_loss(w, hessian, scheme: Scheme | str, *, act_order: bool = True, 
     diag = np.diag(hessian).astype(np.float64)  # (I,), a copy
     # Static scales: the engine's, from the original weight (with the Hessian's diagonal as importance for mse).
     importance = (diag / diag.max()).astype(np.float32) if observer == "mse" and diag.max() > 0 else None
-    ref, _ = _quantize(w32, scheme, "w", measure=False, backend="numpy", observer=observer, importance=importance)
+    # A float16/bfloat16 weight gets its own dtype's scales, as npquant.quantize (and a checkpoint) gives it.
+    source = w if dtype_name(w) in ("float16", "bfloat16") else w32
+    ref, _ = _quantize(source, scheme, "w", measure=False, backend="numpy", observer=observer, importance=importance)
     bo, bi = ref.block_shape
     scale32 = ref.scale.astype(np.float32)  # (O / bo, I / bi)
     zp32 = None if ref.zero_point is None else ref.zero_point.astype(np.float32)

@@ -35,6 +35,7 @@ GPTQ, relative to ``tr(W H W.T)``, and the seconds GPTQ took.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -150,8 +151,8 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                 if scheme.granularity == "group" and in_features % scheme.group_size:
                     left[name] = f"group_size={scheme.group_size} does not divide in_features={in_features}"
                 elif scheme.is_float:  # GPTQ's feedback is for integer grids: rounded to nearest
-                    quantized[name] = quantize(model._tensor(name), scheme, name=name, observer=observer,
-                                               backend="numpy")
+                    quantized[name] = quantize(_stored_weight(model, weights, name), scheme, name=name,
+                                               observer=observer, backend="numpy")
                 else:
                     work.append(module)
                     continue
@@ -166,7 +167,7 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
             for k, module in enumerate(work):
                 name = module + ".weight"
                 scheme = schemes[name]
-                w = model._tensor(name)  # float32 (O, I)
+                w = _stored_weight(model, weights, name)  # (O, I) in its stored float dtype
                 start = time.perf_counter()
                 ref = hessian_loss(w, None, h)
                 rtn = hessian_loss(w, quantize(w, scheme, observer=observer, backend="numpy"), h)
@@ -188,6 +189,18 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
         for b in range(len(xs)):  # the quantized layer's output feeds the next layer
             xs[b] = model.layer(i, xs[b])
     return quantized, rows, left
+
+
+def _stored_weight(model: CausalLM, weights, name: str) -> np.ndarray:
+    """Weight ``name`` ``(O, I)`` in its stored dtype where that is float16 or bfloat16 (so its scales are that
+    dtype's, as ``npquant quantize`` writes them), else as CausalLM reads it (float32, checked)."""
+    raw = weights[name] if isinstance(weights, Mapping) else weights(name)
+    if hasattr(raw, "read") and not isinstance(raw, np.ndarray):
+        raw = raw.read()
+    if (isinstance(raw, np.ndarray) and raw.dtype.name in ("float16", "bfloat16")
+            and raw.shape == model.config.tensor_shapes()[name]):
+        return raw
+    return model._tensor(name)
 
 
 class _Stop(Exception):
