@@ -100,9 +100,29 @@ def blocks(shape, granularity, group_size):
                 yield range(o, o + 1), range(g * group_size, (g + 1) * group_size)
 
 
+#: Machine epsilon of each scale dtype: a full-grid block's scale when absmax / (2**(b-1) - 0.5) is 0.
+EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
+def round_to(v: float, dtype: str | None) -> float:
+    """``v`` rounded (half to even) to ``dtype`` (``"bfloat16"``, ``"float16"``), or unchanged for None."""
+    if dtype is None:
+        return v
+    if dtype == "float16":
+        return float(np.float16(v))
+    return round_bf16(v)
+
+
 def reference_quantize(w, dtype="int", bits=8, granularity="channel", group_size=None,
-                       symmetric=True, scale_dtype="float32"):
+                       symmetric=True, scale_dtype="float32", grid="full", ratio_dtype=None):
     """Codes (int64 or fp8 bit patterns), scales and zero points as nested lists.
+
+    Symmetric int codes follow ``grid``: ``"full"`` is compressed-tensors'
+    rule (spec 0.3/0.4, e.1, g): ``scale = absmax / (2**(b-1) - 0.5)`` rounded
+    to ``scale_dtype``, 0 replaced by that dtype's epsilon; ``w / scale``
+    rounded to ``ratio_dtype`` (the model's 16-bit dtype, when the scales
+    share it), clamped to ``[-2**(b-1), 2**(b-1) - 1]``, then rounded half to
+    even. ``"restricted"``: ``scale = absmax / qmax``, ``[-qmax, qmax]``.
 
     Returns
     -------
@@ -116,19 +136,24 @@ def reference_quantize(w, dtype="int", bits=8, granularity="channel", group_size
     scales, zero_points = [], []
     for rows, cols in blocks(w.shape, granularity, group_size):
         vals = [f32(w[o, i]) for o in rows for i in cols]
+        full = dtype == "int" and symmetric and grid == "full"
         if dtype != "int":
             qmax = FLOAT_MAX[dtype]
         elif symmetric:
             qmax = 2 ** (bits - 1) - 1
         else:
             qmax = 2**bits - 1
-        if symmetric:
-            scale = f32(max(abs(v) for v in vals) / qmax)
+        if full:
+            half_range = (qmax - (-(2 ** (bits - 1)))) / 2  # compressed-tensors' R / 2: 7.5 for int4
+            scale = round_scale(f32(max(abs(v) for v in vals) / half_range), scale_dtype)
+            if scale == 0:
+                scale = EPS[scale_dtype]
+        elif symmetric:
+            scale = round_scale(f32(max(abs(v) for v in vals) / qmax), scale_dtype)
         else:
             lo = min(min(vals), 0.0)
             hi = max(max(vals), 0.0)
-            scale = f32(f32(hi - lo) / qmax)
-        scale = round_scale(scale, scale_dtype)
+            scale = round_scale(f32(f32(hi - lo) / qmax), scale_dtype)
         scales.append(scale)
         zp = 0
         if not symmetric:
@@ -137,7 +162,9 @@ def reference_quantize(w, dtype="int", bits=8, granularity="channel", group_size
         for o in rows:
             for i in cols:
                 r = 0.0 if scale == 0 else f32(f32(w[o, i]) / scale)
-                if dtype != "int":
+                if full:
+                    codes[o, i] = round(min(max(round_to(r, ratio_dtype), -(2 ** (bits - 1))), qmax))
+                elif dtype != "int":
                     codes[o, i] = fp8_round(min(max(r, -qmax), qmax), dtype)
                 elif symmetric:
                     codes[o, i] = min(max(round(r), -qmax), qmax)

@@ -1,5 +1,6 @@
 """Checkpoints: compressed-tensors output checked independently, round trips, and bad input."""
 
+import dataclasses
 import json
 import os
 
@@ -14,7 +15,7 @@ from npquant import NpquantError, quantize
 from npquant.checkpoints import load, quantize_checkpoint, select_layers
 from npquant.cli import main
 from npquant.safetensors_io import Checkpoint
-from reference import reference_pack
+from reference import reference_pack, reference_quantize
 
 def tensors():
     """A small Llama-like model (the same every call): linear weights in bf16/f16/f32, and what must be left alone."""
@@ -127,8 +128,9 @@ def words_to_values(words_row, bits, n):
     return [(acc >> (k * bits)) & ((1 << bits) - 1) for k in range(n)]
 
 
-# Every width the writer packs (2 to 8 bits), symmetric and asymmetric, channel and group.
-LAYOUT_SCHEMES = ["w4-g128", "w8-channel", "w4-g32", "w3-g128", "w4-g128-asym", "w2-g64",
+# Every width the writer packs (2 to 8 bits), symmetric (full and restricted grid) and asymmetric, channel and group.
+LAYOUT_SCHEMES = ["w4-g128", "w8-channel", "w4-g32", "w3-g128", "w4-g128-asym", "w2-g64", "w4-g128-restricted",
+                  "w8-channel-restricted", npquant.Scheme("int", 3, "group", 64, grid="restricted"),
                   npquant.Scheme("int", 5, "group", 32), npquant.Scheme("int", 6, "channel"),
                   npquant.Scheme("int", 7, "group", 64, symmetric=False),
                   npquant.Scheme("int", 5, "channel", symmetric=False),
@@ -139,8 +141,9 @@ LAYOUT_SCHEMES = ["w4-g128", "w8-channel", "w4-g32", "w3-g128", "w4-g128-asym", 
 @pytest.mark.parametrize("preset", LAYOUT_SCHEMES, ids=str)
 def test_pack_quantized_layout_decodes_to_the_engine_codes(model, tmp_path, preset):
     # The written words are decoded here with Python integers and compared
-    # with codes made here from the written scales: a packing bug that both
-    # directions of npquant.packing share cannot hide.
+    # with codes made here from the written scales (the full grid: with the
+    # independent reference, compressed-tensors' rule): a packing bug that
+    # both directions of npquant.packing share cannot hide.
     out = tmp_path / "out"
     summary = quantize_checkpoint(model, out, preset)
     scheme = npquant.get_scheme(preset)
@@ -152,11 +155,21 @@ def test_pack_quantized_layout_decodes_to_the_engine_codes(model, tmp_path, pres
         o, i = src[name].shape
         n_groups = 1 if scheme.granularity == "channel" else i // scheme.group_size
         dtype, shape, scale = written[f"{m}.weight_scale"]
-        assert dtype == "F32" and shape == (o, n_groups)
         w32 = src[name].astype(np.float32)
         blocks = w32.reshape(o, n_groups, -1)
         zp = None
-        if scheme.symmetric:
+        full = scheme.symmetric and scheme.grid == "full"
+        # compressed-tensors keeps a layer's scales in its dtype (bf16 q_proj, f16 up_proj, f32 down_proj); npquant's
+        # restricted and asymmetric scales are float32.
+        layer_dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[src[name].dtype.name]
+        assert dtype == (layer_dtype if full else "F32") and shape == (o, n_groups)
+        if full:
+            d = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[layer_dtype]
+            ref_codes, ref_scales, _ = reference_quantize(
+                w32, bits=bits, granularity=scheme.granularity, group_size=scheme.group_size, scale_dtype=d,
+                ratio_dtype=None if d == "float32" else d)
+            np.testing.assert_array_equal(scale.astype(np.float64).ravel(), ref_scales)
+        elif scheme.symmetric:
             np.testing.assert_array_equal(scale, np.abs(blocks).max(axis=2) / np.float32(scheme.qmax))
         else:
             lo = np.minimum(blocks.min(axis=2), 0)
@@ -166,7 +179,7 @@ def test_pack_quantized_layout_decodes_to_the_engine_codes(model, tmp_path, pres
             assert dtype == "I32" and shape == (-(-o * bits // 32), n_groups)
             zp = np.array([words_to_values(zp_words[:, g], bits, o) for g in range(n_groups)]).T  # (O, G)
             np.testing.assert_array_equal(zp, np.clip(np.rint(-lo / scale), 0, scheme.qmax))
-        expect = codes_from_scale(w32, scale, zp, scheme)
+        expect = ref_codes if full else codes_from_scale(w32, scale, zp, scheme)
         if scheme.symmetric:
             expect = expect + 2 ** (bits - 1)  # stored offset
         dtype, shape, words = written[f"{m}.weight_packed"]
@@ -208,18 +221,25 @@ def test_float_quantized_layout(model, tmp_path, preset):
     np.testing.assert_array_equal(loaded.codes.view(np.uint8), qt.codes.view(np.uint8))
 
 
-@pytest.mark.parametrize("preset", ["w4-g128", "w8-channel", "w4-g128-asym", "w3-g128", "fp8-channel", "fp8-tensor"])
+@pytest.mark.parametrize("preset", ["w4-g128", "w8-channel", "w4-g128-asym", "w3-g128", "fp8-channel", "fp8-tensor",
+                                    "w4-g128-restricted", "w8-channel-restricted"])
 def test_load_round_trips_codes_and_scales_exactly(sharded, tmp_path, preset):
     out = tmp_path / "out"
     npquant.quantize_checkpoint(sharded, out, preset)
     loaded = npquant.load(out)
     src = tensors()
     assert sorted(loaded) == LINEAR
+    scheme = npquant.get_scheme(preset)
     for name, qt in loaded.items():
-        ref = quantize(src[name], preset)
-        assert qt.scheme == ref.scheme and qt.shape == ref.shape
+        stored = scheme
+        if scheme.dtype == "int" and scheme.symmetric and scheme.grid == "full" and src[name].dtype != np.float32:
+            # the layer's dtype for its scales, as compressed-tensors; they load as their (exact) float32 values
+            stored = dataclasses.replace(scheme, scale_dtype=src[name].dtype.name)
+        ref = quantize(src[name], stored)
+        # A checkpoint carries no grid: int modules load on the full grid, which holds every stored code.
+        assert qt.scheme == dataclasses.replace(scheme, grid="full") and qt.shape == ref.shape
         np.testing.assert_array_equal(qt.codes.view(np.uint8), ref.codes.view(np.uint8))
-        np.testing.assert_array_equal(qt.scale, ref.scale)
+        np.testing.assert_array_equal(qt.scale, ref.scale.astype(np.float32))
         if ref.zero_point is not None:
             np.testing.assert_array_equal(qt.zero_point, ref.zero_point)
 

@@ -129,6 +129,7 @@ def test_layers_a_group_size_leaves_in_float_are_named_with_a_preset_that_fits(m
     ("w4-g128", [96], ["w4-g32", "w4-channel"]),
     ("w4-g128", [64, 320], ["w4-g64", "w4-channel"]),
     ("w8-g128", [96], ["w8-channel"]),
+    ("w4-g128-restricted", [96], ["w4-g32-restricted"]),
     ("w4-g128-asym", [96], ["w4-channel"]),
     ("w3-g128", [96], ["w4-channel"]),
     ("mxfp4", [48], ["nvfp4"]),

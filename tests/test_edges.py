@@ -28,45 +28,55 @@ def half_even(v: float) -> int:
 
 
 # --- ties ------------------------------------------------------------------------------------
-def symmetric_tie_block(qmax: int, s: float, negative_max: bool) -> list[float]:
+def symmetric_tie_block(qmax: int, s: float, negative_max: bool, full: bool = False) -> list[float]:
     """A block whose scale is exactly ``s`` and whose other values sit exactly on ``k + 1/2`` steps.
 
     ``s`` is a power of two, so ``qmax * s`` and every ``(j + 1/2) * s`` are
     exact float32 values, ``absmax / qmax`` is exactly ``s`` and ``w / s`` is
     exactly ``j + 1/2``: every code but the first is a tie, from the clip
-    edges ``+-(qmax - 1/2)`` to ``+-1/2``.
+    edges ``+-(qmax - 1/2)`` to ``+-1/2``. On the full grid (``full``) the
+    block's end is ``+-(qmax + 1/2) s`` (``absmax / (qmax + 1/2)`` is exactly
+    ``s``): a tie itself, which rounds to ``-(qmax + 1)`` or, clamped, ``qmax``.
     """
     ties = [(j + 0.5) * s for j in range(-qmax, qmax)]
-    return [(-qmax if negative_max else qmax) * s] + ties
+    end = qmax + 0.5 if full else qmax
+    return [(-end if negative_max else end) * s] + ties
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("granularity", ["channel", "group"])
-def test_symmetric_ties_round_half_to_even(backend, bits, granularity):
+@pytest.mark.parametrize("grid", ["full", "restricted"])
+def test_symmetric_ties_round_half_to_even(backend, bits, granularity, grid):
     # Catches round-half-up or half-away-from-zero in the numpy engine and in
-    # the numba quantizer (the default path for these schemes).
+    # the numba quantizer (the default path for these schemes), and on the full
+    # grid a clip to -qmax where -(qmax + 1) belongs.
     qmax = 2 ** (bits - 1) - 1
+    full = grid == "full"
+    qmin = -(qmax + 1) if full else -qmax
     width = 2 * qmax + 1
     rows = []
     for r in range(6):
-        blocks = [symmetric_tie_block(qmax, 2.0 ** -(r + g + 2), (r + g) % 2 == 1) for g in range(3)]
+        blocks = [symmetric_tie_block(qmax, 2.0 ** -(r + g + 2), (r + g) % 2 == 1, full) for g in range(3)]
         rows.append([v for b in blocks for v in b])
     w = np.array(rows, np.float32)  # (6, 3 * width)
-    scheme = Scheme("int", bits, granularity, width if granularity == "group" else None)
+    scheme = Scheme("int", bits, granularity, width if granularity == "group" else None, grid=grid)
     if granularity == "channel":
         # One scale per row: the largest block's; its ties stay ties, the other blocks' values
         # are (j + 1/2) * s / 2**g of that step, ties only for the first block: keep that block alone.
         w = w[:, :width]
     qt = quantize(w, scheme, backend=backend)
     q = qt.int_codes().astype(np.int64)
+    seen = set()
     for r in range(w.shape[0]):
         for g in range(w.shape[1] // width):
             block = w[r, g * width:(g + 1) * width].astype(np.float64)
-            s = abs(block[0]) / qmax
+            s = abs(block[0]) / (qmax + 0.5 if full else qmax)
             assert float(qt.scale[r, g]) == s
-            expect = [min(max(half_even(v / s), -qmax), qmax) for v in block]
+            expect = [min(max(half_even(v / s), qmin), qmax) for v in block]
             assert q[r, g * width:(g + 1) * width].tolist() == expect, (r, g)
+            seen.update(expect)
+    assert min(seen) == qmin  # the full grid's extra code is met
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -159,7 +159,7 @@ def test_act_order_keeps_the_static_group_layout():
     assert isinstance(qt, QuantizedTensor) and qt.codes.shape == static.codes.shape
     np.testing.assert_array_equal(qt.scale, static.scale)
     q = qt.int_codes()
-    assert q.min() >= -7 and q.max() <= 7
+    assert q.min() >= -8 and q.max() <= 7  # w4-g128: the full grid
     assert not np.array_equal(qt.codes, static.codes)  # the error feedback moved codes
     # Every existing path takes it: pack round trip, prepare, linear.
     back = QuantizedTensor.from_int_codes(q, qt.scale, None, "w4-g128")
@@ -334,6 +334,9 @@ def test_from_int_codes_round_trips_and_checks_range():
         np.testing.assert_array_equal(back.codes.view(np.uint8), qt.codes.view(np.uint8))
     with pytest.raises(NpquantError, match=r"q holds codes in \[-8, 7\]; .* takes \[-7, 7\]"):
         QuantizedTensor.from_int_codes(np.full((6, 64), -8) + np.eye(6, 64, dtype=int) * 15, qt.scale[:, :2],
+                                       None, "w4-g32-restricted")
+    with pytest.raises(NpquantError, match=r"q holds codes in \[-9, 7\]; .* takes \[-8, 7\]"):
+        QuantizedTensor.from_int_codes(np.full((6, 64), -9) + np.eye(6, 64, dtype=int) * 16, qt.scale[:, :2],
                                        None, "w4-g32")
     with pytest.raises(NpquantError, match=r"from_int_codes takes int schemes"):
         QuantizedTensor.from_int_codes(np.zeros((6, 64), int), np.ones((6, 1), np.float32), None, "fp8-channel")

@@ -31,13 +31,15 @@ weights = hnp.arrays(
 def test_per_channel_matches_reference_bit_for_bit(dtype):
     w = (np.random.default_rng(0).standard_normal((16, 100)) * np.logspace(-3, 2, 16)[:, None]).astype(dtype)
     q, scales = quantize_per_channel(w)
-    codes, ref_scales, _ = reference_quantize(w.astype(np.float32), bits=8, granularity="channel")
+    # The lab's rule is the restricted grid: /127, codes in [-127, 127].
+    codes, ref_scales, _ = reference_quantize(w.astype(np.float32), bits=8, granularity="channel", grid="restricted")
+    assert codes.min() >= -127
     assert q.dtype == np.int8 and q.shape == w.shape
     assert scales.dtype == np.float32 and scales.shape == (16,)
     np.testing.assert_array_equal(q, codes)
     np.testing.assert_array_equal(scales, ref_scales)
     # The engine gives the same bits.
-    qt = npquant.quantize(w, "w8-channel")
+    qt = npquant.quantize(w, "w8-channel-restricted")
     np.testing.assert_array_equal(qt.codes, q)
     np.testing.assert_array_equal(qt.scale[:, 0], scales)
 
@@ -45,7 +47,7 @@ def test_per_channel_matches_reference_bit_for_bit(dtype):
 def test_per_tensor_matches_reference():
     w = np.random.default_rng(1).standard_normal((7, 33)).astype(np.float32)
     q, scale = quantize_per_tensor(w)
-    codes, ref_scales, _ = reference_quantize(w, bits=8, granularity="tensor")
+    codes, ref_scales, _ = reference_quantize(w, bits=8, granularity="tensor", grid="restricted")
     np.testing.assert_array_equal(q, codes)
     assert isinstance(scale, np.float32) and scale == ref_scales[0]
     np.testing.assert_array_equal(dequantize(q, scale), q.astype(np.float32) * scale)

@@ -46,7 +46,7 @@ CONFIG = {
 
 
 def tiny_weights(config=CONFIG, seed: int = 0, grid: bool = False) -> dict:
-    """Random float32 weights for ``config``; ``grid``: every linear weight exactly on w8-channel's grid."""
+    """Random float32 weights for ``config``; ``grid``: every linear weight exactly on w8-channel-restricted's grid."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in CausalLMConfig.from_json(config).tensor_shapes().items():
@@ -286,13 +286,16 @@ def test_float_perplexity_is_the_forwards_own():
 
 
 def test_weights_on_the_schemes_grid_give_identical_predictions():
-    # Every linear weight is exactly on w8-channel's grid, so RTN gives it back unchanged; on the numpy backend
-    # the quantized linear is the same float32 matmul of a dequantized tile (one tile for these sizes) as the
-    # float model's, so the logits are identical: KL exactly 0, every top-1 kept, the same perplexity.
+    # Every linear weight is exactly on w8-channel-restricted's grid (absmax / 127: the full grid's absmax / 127.5
+    # has no such fixed points), so RTN gives it back unchanged; on the numpy backend the quantized linear is the
+    # same float32 matmul of a dequantized tile (one tile for these sizes) as the float model's, so the logits are
+    # identical: KL exactly 0, every top-1 kept, the same perplexity.
     weights = tiny_weights(seed=8, grid=True)
     for name in CausalLMConfig.from_json(CONFIG).linear_names():
-        np.testing.assert_array_equal(npquant.quantize(weights[name], "w8-channel").dequantize(), weights[name])
-    rows = evaluate_lm(CONFIG, weights, token_windows(ids_of(9, 60), context=32), ["w8-channel"], backend="numpy")
+        np.testing.assert_array_equal(npquant.quantize(weights[name], "w8-channel-restricted").dequantize(),
+                                      weights[name])
+    rows = evaluate_lm(CONFIG, weights, token_windows(ids_of(9, 60), context=32), ["w8-channel-restricted"],
+                       backend="numpy")
     w8 = rows[1]
     assert w8["mean_kl"] == 0.0 and w8["top1_agreement"] == 1.0
     assert w8["perplexity"] == rows[0]["perplexity"] and w8["perplexity_ratio"] == 1.0

@@ -17,11 +17,11 @@ MODULE = "model.layers.0.mlp.up_proj"
 
 @pytest.fixture
 def written(tmp_path):
-    """A w4-g32 checkpoint and a w4-g128-asym one, written by npquant from the test model."""
+    """Checkpoints of each preset below, written by npquant from the test model."""
     model = tmp_path / "model"
     write_model(model)
     out = {}
-    for preset in ("w4-g32", "w4-g128-asym", "fp8-channel", "nvfp4", "mxfp4", "mxfp8", "fp8-block"):
+    for preset in ("w4-g32", "w4-g128-asym", "fp8-channel", "nvfp4", "mxfp4", "mxfp8", "fp8-block", "w4-g32-restricted"):
         path = tmp_path / preset
         npquant.quantize_checkpoint(model, path, preset)
         out[preset] = path
@@ -273,8 +273,9 @@ def largest_code_block(qt):
 
 @pytest.mark.parametrize("value", [3.4e38, 1e38])
 def test_a_finite_float32_scale_whose_weights_overflow_is_refused(written, value):
-    # w4-g32: every group holds a code of magnitude 7 (its scale is absmax / 7), and 7e38 is past float32's 3.4e38.
-    path = written["w4-g32"]
+    # w4-g32-restricted: every group holds a code of magnitude 7 (its scale is absmax / 7, float32 for this float16
+    # layer: w4-g32's full grid keeps float16 scales there, as compressed-tensors), and 7e38 is past float32's 3.4e38.
+    path = written["w4-g32-restricted"]
     poke_float32(path, f"{MODULE}.weight_scale", 3 * 8 + 1, value)
     with pytest.raises(NpquantError, match=rf"weight_scale\[3, 1\] = {re.escape(repr(value))} times code -?\d makes weight "
                                            rf"\[3, \d+\] -?inf in float32") as info:

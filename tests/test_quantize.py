@@ -33,7 +33,7 @@ def engine_codes(qt: QuantizedTensor) -> np.ndarray:
 
 def scheme_kwargs(s: Scheme) -> dict:
     return dict(dtype=s.dtype, bits=s.bits, granularity=s.granularity, group_size=s.group_size,
-                symmetric=s.symmetric, scale_dtype=s.scale_dtype)
+                symmetric=s.symmetric, scale_dtype=s.scale_dtype, grid=s.grid)
 
 
 def awkward_matrix(rng, shape):
@@ -82,28 +82,74 @@ def test_engine_matches_reference_exactly(scheme):
     np.testing.assert_array_equal(w_hat, ref)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_every_int_code_round_trips(bits, symmetric):
-    scheme = Scheme("int", bits, "channel", symmetric=symmetric)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("symmetric, grid", [(True, "full"), (True, "restricted"), (False, "full")])
+def test_every_int_code_round_trips(bits, symmetric, grid):
+    scheme = Scheme("int", bits, "channel", symmetric=symmetric, grid=grid)
     levels = np.arange(scheme.qmin, scheme.qmax + 1)  # every code
     scale = np.float32(0.375)  # a power-of-two fraction: q * scale is exact
-    if symmetric:
-        w = (levels * scale).astype(np.float32)[None, :]
-        expect = levels
-    else:
+    if not symmetric:
         zp = 2 ** (bits - 1)
         w = ((levels - zp) * scale).astype(np.float32)[None, :]
         expect = levels
+    elif grid == "restricted":
+        w = (levels * scale).astype(np.float32)[None, :]
+        expect = levels
+    else:
+        # The full grid's scale is absmax / (2**(b-1) - 0.5): the ends of the block are -+(2**(b-1) - 0.5) * scale
+        # (exact: 0.375 * 7.5 = 2.8125), which round half to even to -2**(b-1) and, clamped, 2**(b-1) - 1; the
+        # codes between are the weights levels * scale themselves.
+        half = 2 ** (bits - 1) - 0.5
+        inner = levels[1:]  # -2**(b-1) + 1 .. 2**(b-1) - 1
+        w = np.concatenate([inner * scale, [-half * scale, half * scale]]).astype(np.float32)[None, :]
+        expect = np.concatenate([inner, [scheme.qmin, scheme.qmax]])
     qt = quantize(w, scheme)
     assert qt.scale[0, 0] == scale
     if not symmetric:
         assert qt.zero_point[0, 0] == 2 ** (bits - 1)
     np.testing.assert_array_equal(qt.int_codes()[0], expect)
-    np.testing.assert_array_equal(qt.dequantize(), w)
+    np.testing.assert_array_equal(qt.dequantize()[0], (expect - (0 if symmetric else zp)) * scale)
+    assert set(expect) == set(levels)  # every code met, -2**(b-1) included on the full grid
     # Each code also survives a shuffle of positions (packing is positional).
     perm = np.random.default_rng(bits).permutation(w.shape[1])
     np.testing.assert_array_equal(quantize(w[:, perm], scheme).int_codes()[0], expect[perm])
+
+
+def test_the_full_grid_rounds_the_negative_end_to_its_extra_code():
+    # compressed-tensors' rule (spec e.1 and g): w / s = -7.5 rounds half to even to -8, +7.5 is clamped to 7;
+    # int8's -127.5 to -128. The restricted grid keeps [-7, 7] and absmax / 7.
+    w = np.array([[-3.0, 3.0, 1.0, -1.0]], np.float32)
+    for bits, end in ((4, 8), (8, 128)):
+        full = quantize(w, Scheme("int", bits, "channel"))
+        assert full.scale[0, 0] == np.float32(3.0) / np.float32(end - 0.5)
+        assert full.int_codes()[0, :2].tolist() == [-end, end - 1]
+        restricted = quantize(w, Scheme("int", bits, "channel", grid="restricted"))
+        assert restricted.int_codes()[0, :2].tolist() == [-(end - 1), end - 1]
+        assert restricted.scale[0, 0] == np.float32(3.0) / np.float32(end - 1)
+
+
+@pytest.mark.parametrize("weight_dtype", [ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_16_bit_models_divide_in_their_dtype_as_the_reference(weight_dtype, bits):
+    # A bfloat16/float16 weight with scales of its own dtype (compressed-tensors' scales for such a model): w / s is
+    # rounded to that dtype before it is rounded to an integer. Ties after that rounding must occur in the data,
+    # or the test could not tell the two rules apart: it checks that some code differs from the float32 quotient's.
+    name = "bfloat16" if weight_dtype == ml_dtypes.bfloat16 else "float16"
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((16, 256)) * 0.05).astype(weight_dtype)
+    w[3, :32] = 0  # an all-zero group: its scale is the dtype's epsilon
+    scheme = Scheme("int", bits, "group", 32, scale_dtype=name)
+    qt = quantize(w, scheme)
+    codes, scales, _ = reference_quantize(w.astype(np.float32), bits=bits, granularity="group", group_size=32,
+                                          scale_dtype=name, ratio_dtype=name)
+    np.testing.assert_array_equal(engine_codes(qt), codes)
+    np.testing.assert_array_equal(qt.scale.astype(np.float64).ravel(), scales)
+    assert qt.scale[3, 0] == {"bfloat16": 2.0**-7, "float16": 2.0**-10}[name]
+    plain, _, _ = reference_quantize(w.astype(np.float32), bits=bits, granularity="group", group_size=32,
+                                     scale_dtype=name)
+    assert (plain != codes).any() or bits == 2
+    # A float32 weight with the same scales divides in float32: the plain rule.
+    np.testing.assert_array_equal(engine_codes(quantize(w.astype(np.float32), scheme)), plain)
 
 
 @pytest.mark.parametrize("fmt, ml_type", [("fp8_e4m3", ml_dtypes.float8_e4m3fn), ("fp8_e5m2", ml_dtypes.float8_e5m2)])
@@ -158,7 +204,8 @@ def scheme_and_weight(draw):
         group_size = None
         in_features = draw(st.integers(1, 40))
     scale_dtype = draw(st.sampled_from(["float32", "float32", "float16", "bfloat16"]))
-    scheme = Scheme(dtype, bits, granularity, group_size, symmetric, scale_dtype)
+    grid = draw(st.sampled_from(["full", "restricted"])) if dtype == "int" and symmetric else "full"
+    scheme = Scheme(dtype, bits, granularity, group_size, symmetric, scale_dtype, grid=grid)
     # Zero or normal magnitudes in [1e-3, 1e3]: scales stay normal in every scale dtype.
     w = draw(hnp.arrays(np.float32, (out_features, in_features),
                         elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False)))
@@ -219,12 +266,14 @@ def test_codes_in_range_and_error_within_half_a_step(case):
 @given(scheme_and_weight())
 def test_requantizing_the_dequantized_weight_gives_the_same_codes(case):
     scheme, w = case
-    if not scheme.symmetric:
+    if not scheme.symmetric or not scheme.is_float:
         # Asymmetric blocks are not a fixed point: rounding the zero point can
         # leave the top code unused, so the second pass sees a narrower range
-        # and picks a smaller scale. Symmetric scales are pinned by the
-        # +-qmax code that the block's absmax always maps to.
-        scheme = Scheme(scheme.dtype, scheme.bits, scheme.granularity, scheme.group_size, True, scheme.scale_dtype)
+        # and picks a smaller scale. Nor is the full int grid (see
+        # test_the_full_grid_is_not_a_fixed_point). Restricted symmetric scales
+        # are pinned by the +-qmax code that the block's absmax always maps to.
+        scheme = Scheme(scheme.dtype, scheme.bits, scheme.granularity, scheme.group_size, True, scheme.scale_dtype,
+                        grid="restricted" if not scheme.is_float else "full")
     qt = quantize(w, scheme)
     again = quantize(qt.dequantize(), scheme)
     if scheme.is_float:
@@ -232,6 +281,15 @@ def test_requantizing_the_dequantized_weight_gives_the_same_codes(case):
         np.testing.assert_array_equal(again.codes.astype(np.float32), qt.codes.astype(np.float32))
     else:
         np.testing.assert_array_equal(again.codes, qt.codes)
+
+
+def test_the_full_grid_is_not_a_fixed_point():
+    # absmax 1.0 maps to 7.5, clamped to 7; -0.95 to -7.125, rounded to -7. Dequantized, both ends are 7 s, so the
+    # second pass maps -7 s to -7.5, which rounds half to even to -8. compressed-tensors' rule does the same.
+    w = np.array([[1.0, -0.95]], np.float32)
+    qt = quantize(w, Scheme("int", 4, "channel"))
+    assert qt.int_codes()[0].tolist() == [7, -7]
+    assert quantize(qt.dequantize(), qt.scheme).int_codes()[0].tolist() == [7, -8]
 
 
 @settings(max_examples=200, deadline=None)
@@ -278,7 +336,10 @@ def test_asymmetric_wins_on_one_sided_weights():
 def test_zero_weight_gives_zero_everything_without_warnings(name, recwarn):
     w = np.zeros((4, 256), np.float32)
     qt = quantize(w, name)
-    if not qt.scheme.microscaled:  # compressed-tensors' rules give zero blocks a positive scale (test_microscaling)
+    if qt.scheme.dtype == "int" and qt.scheme.symmetric and qt.scheme.grid == "full":
+        # compressed-tensors' rule: a zero scale is stored as the scale dtype's epsilon (float32: 2**-23)
+        assert np.all(qt.scale == np.float32(2.0**-23))
+    elif not qt.scheme.microscaled:  # compressed-tensors' rules give zero blocks a positive scale (test_microscaling)
         assert not np.any(qt.scale.astype(np.float32))
     assert not np.any(qt.dequantize())
     assert not np.isnan(qt.dequantize()).any()

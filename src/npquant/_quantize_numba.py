@@ -16,11 +16,14 @@ _QUANT_FASTMATH = {"reassoc", "nnan", "nsz"}
 
 
 @njit(nogil=True, cache=True, fastmath=_QUANT_FASTMATH)
-def quantize_sym_rows(chunk, bi, qmax, offset, codes, scale, sums):
+def quantize_sym_rows(chunk, bi, qmin, qmax, divisor, zero_scale, offset, codes, scale, sums):
     """Symmetric int codes of float32 rows ``chunk (R, I)``, blocks of ``bi`` columns.
 
-    The numpy engine's rule bit for bit: ``s = absmax / qmax`` (float32),
-    ``q = clip(rint(w / s), -qmax, qmax)``, 0 where ``s == 0``. Writes
+    The numpy engine's rule bit for bit: ``s = absmax / divisor`` (float32;
+    ``divisor`` is ``Scheme.scale_divisor``: ``2**(b-1) - 0.5`` on the full
+    grid, ``qmax`` on the restricted one), ``q = clip(rint(w / s), qmin,
+    qmax)``; a block with ``s == 0`` gets codes 0 and the scale
+    ``zero_scale`` (the full grid's float32 epsilon, or 0). Writes
     ``codes (R, I)`` as ``q + offset`` (int8 with offset 0, or uint8 stored
     values), ``scale (R, I // bi)``, and adds the squared error of
     ``q * s`` and the squared weights (float32 squares, float64 sums) to
@@ -28,7 +31,9 @@ def quantize_sym_rows(chunk, bi, qmax, offset, codes, scale, sums):
     Serial and GIL-free: tensors run in parallel threads.
     """
     rows, in_features = chunk.shape
-    qm = np.float32(qmax)
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    dv = np.float32(divisor)
     err = 0.0
     ref = 0.0
     for r in range(rows):
@@ -39,18 +44,20 @@ def quantize_sym_rows(chunk, bi, qmax, offset, codes, scale, sums):
             for k in range(bi):
                 a = abs(seg[k])
                 m = a if a > m else m
-            s = m / qm
-            scale[r, g] = s
+            s = m / dv
             e = 0.0  # float64 sums of float32 squares, as the numpy engine
             w2 = 0.0
             if s == 0:
+                # |w| / zero_scale rounds to 0 whenever absmax / divisor underflows: codes 0.
+                scale[r, g] = zero_scale
                 for k in range(bi):
                     out[k] = offset
                     w2 += seg[k] * seg[k]
                 e = w2
             else:
+                scale[r, g] = s
                 for k in range(bi):
-                    v = min(max(np.rint(seg[k] / s), -qm), qm)
+                    v = min(max(np.rint(seg[k] / s), lo), hi)
                     out[k] = v + offset
                     d = seg[k] - v * s
                     e += d * d

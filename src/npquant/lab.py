@@ -1,7 +1,10 @@
 """The lab-01 API: per-channel int8 with one float32 scale per output row.
 
-Thin wrappers over :func:`npquant.quantize` (``w8-channel`` / ``w8-tensor``),
-bit for bit the same codes and scales.
+Thin wrappers over :func:`npquant.quantize` with the lab's own rule: int8
+on the restricted grid (codes ``[-127, 127]``, ``scale = absmax / 127``),
+``w8-channel-restricted`` and its per-tensor twin, bit for bit the same codes
+and scales. (npquant's ``w8-*`` presets use the full grid, ``[-128, 127]``
+and ``absmax / 127.5``; the lab keeps its definition.)
 
 >>> import numpy as np
 >>> w = np.array([[0.5, -1.0], [0.0, 0.0]], np.float32)
@@ -20,7 +23,11 @@ from ._checks import dtype_name
 from .errors import NpquantError
 from .linear import linear
 from .quantize import QuantizedTensor, quantize
-from .schemes import get_scheme
+from .schemes import Scheme
+
+# The lab's definition: int8 codes in [-127, 127], scale = absmax / 127.
+_LAB_CHANNEL = Scheme("int", 8, "channel", grid="restricted")
+_LAB_TENSOR = Scheme("int", 8, "tensor", grid="restricted")
 
 __all__ = [
     "quantize_per_channel",
@@ -46,19 +53,19 @@ def quantize_per_channel(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q : int8 (O, I)
     scales : float32 (O,)
     """
-    qt = quantize(W, "w8-channel", name="W")
+    qt = quantize(W, _LAB_CHANNEL, name="W")
     return qt.codes, qt.scale[:, 0].copy()
 
 
 def quantize_per_tensor(W: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """int8 codes and a single float32 scale ``max(abs(W)) / 127``.
+    """int8 codes and a single float32 scale ``max(abs(W)) / 127``; ``q = clip(round(W / scale), -127, 127)``.
 
     Returns
     -------
     q : int8 (O, I)
     scale : numpy.float32 scalar
     """
-    qt = quantize(W, "w8-tensor", name="W")
+    qt = quantize(W, _LAB_TENSOR, name="W")
     return qt.codes, np.float32(qt.scale[0, 0])
 
 
@@ -72,10 +79,10 @@ def _as_quantized(q_int8, scales) -> QuantizedTensor:
         raise NpquantError(f"scales must be floating, got dtype {dtype_name(scales)}")
     out_features = q_int8.shape[0]
     if scales.shape in ((out_features,), (out_features, 1)):
-        scheme = get_scheme("w8-channel")
+        scheme = _LAB_CHANNEL
         scale2 = scales.reshape(out_features, 1)
     elif scales.shape in ((), (1,), (1, 1)):
-        scheme = get_scheme("w8-tensor")
+        scheme = _LAB_TENSOR
         scale2 = scales.reshape(1, 1)
     else:
         raise NpquantError(

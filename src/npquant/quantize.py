@@ -2,9 +2,21 @@
 
 Rules (all arithmetic in float32, true division, round half to even):
 
-- symmetric int, ``b`` bits: ``qmax = 2**(b-1) - 1``;
-  ``scale = absmax(block) / qmax``; ``q = clip(round(w / scale), -qmax, qmax)``;
-  dequantized ``float32(q) * scale``.
+- symmetric int, ``b`` bits, full grid (``Scheme.grid="full"``, the
+  default; compressed-tensors' rule, bit for bit):
+  ``scale = absmax(block) / (2**(b-1) - 0.5)``, rounded to the scale dtype,
+  and a scale of 0 (an all-zero block) becomes that dtype's machine epsilon
+  (float32 ``2**-23``, bfloat16 ``2**-7``, float16 ``2**-10``), as
+  compressed-tensors stores it; ``q = clip(round(w / scale), -2**(b-1),
+  2**(b-1) - 1)``, so int4's ``-7.5`` is ``-8`` and int8's ``-127.5`` is
+  ``-128``. Where the weight and the scales share a 16-bit dtype ``D``
+  (bfloat16 or float16: compressed-tensors' scales for such a model),
+  ``w / scale`` is rounded to ``D`` before it is rounded to an integer, as
+  torch divides two ``D`` tensors.
+- symmetric int, restricted grid (``grid="restricted"``, npquant's earlier
+  rule): ``qmax = 2**(b-1) - 1``; ``scale = absmax(block) / qmax``;
+  ``q = clip(round(w / scale), -qmax, qmax)``.
+- dequantized ``float32(q) * scale`` (both grids).
 - asymmetric int: ``lo = min(min(block), 0)``, ``hi = max(max(block), 0)``;
   ``scale = (hi - lo) / (2**b - 1)``; ``zero_point = clip(round(-lo / scale), 0, 2**b - 1)``;
   ``q = clip(round(w / scale) + zero_point, 0, 2**b - 1)``;
@@ -12,8 +24,8 @@ Rules (all arithmetic in float32, true division, round half to even):
 - fp8: ``scale = absmax(block) / fmax`` (448 for e4m3, 57344 for e5m2);
   codes are ``w / scale`` cast to ``float8_e4m3fn`` / ``float8_e5m2`` (round to
   nearest even); dequantized ``float32(codes) * scale``.
-- A block whose scale is 0 (all zeros) gets codes 0 (zero point 0) and
-  dequantizes to 0, without warnings.
+- Otherwise a block whose scale is 0 (all zeros) gets codes 0 (zero point
+  0) and dequantizes to 0, without warnings.
 - With a float16/bfloat16 ``scale_dtype`` the scale is rounded to that dtype
   first and the codes are computed with the rounded scale.
 
@@ -40,7 +52,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._backends import resolve_backend
-from ._checks import check_finite_rows, check_weight, rows_per_chunk
+from ._checks import check_finite_rows, check_weight, dtype_name, rows_per_chunk
 from .errors import NpquantError
 from .microscaling import quantize_microscaled
 from .packing import pack_codes, packed_row_bytes
@@ -130,7 +142,8 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto", observ
         raise NpquantError(
             "observer='mse' chooses channel or group scales, not granularity='tensor'; use observer='minmax'"
         )
-    fused = _fused_kernel(scheme, w.shape, backend) if observer == "minmax" else None
+    ratio_dtype = _ratio_dtype(w, scheme)
+    fused = _fused_kernel(scheme, w.shape, backend) if observer == "minmax" and ratio_dtype is None else None
     n_col_blocks = in_features // bi
     step = rows_per_chunk(in_features, _CHUNK_ELEMENTS)
     codes = np.empty(
@@ -150,11 +163,11 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto", observ
                 continue
             lo, hi = _block_stats(chunk, n_col_blocks, bi, scheme.symmetric)
             if observer == "mse":
-                lo, hi = _mse_range(chunk, lo, hi, scheme, name, importance)
+                lo, hi = _mse_range(chunk, lo, hi, scheme, name, importance, ratio_dtype)
             scale[rows], scale32, zp = _scales(lo, hi, scheme, name)
             if zero_point is not None:
                 zero_point[rows] = zp
-            codes[rows] = _encode(chunk, scale32, zp, scheme, sums if measure else None)
+            codes[rows] = _encode(chunk, scale32, zp, scheme, sums if measure else None, ratio_dtype)
     else:
         # One scale for all rows: statistics first, then codes.
         lo_rows = np.empty((out_features, n_col_blocks), np.float32)
@@ -170,10 +183,31 @@ def _quantize(w, scheme, name: str, measure: bool, backend: str = "auto", observ
         for r0, chunk in _row_chunks(w, step, name, check=False):
             index = np.arange(r0, r0 + chunk.shape[0]) // bo
             codes[r0 : r0 + chunk.shape[0]] = _encode(
-                chunk, scale32[index], None if zp is None else zp[index], scheme, sums if measure else None
+                chunk, scale32[index], None if zp is None else zp[index], scheme, sums if measure else None,
+                ratio_dtype,
             )
     qt = QuantizedTensor(codes, scale, zero_point, w.shape, scheme)
     return qt, (tuple(float(v) for v in sums) if measure else None)
+
+
+def _full_int_grid(scheme: Scheme) -> bool:
+    """True for symmetric int codes on the full grid (compressed-tensors' rule)."""
+    return scheme.dtype == "int" and scheme.symmetric and scheme.grid == "full"
+
+
+def _ratio_dtype(w, scheme: Scheme) -> np.dtype | None:
+    """The 16-bit dtype ``w / scale`` is rounded to (full grid, weight and scales both bfloat16 or float16), else None.
+
+    torch divides a ``D`` weight by ``D`` scales in float32 and rounds the
+    quotient to ``D``; with float32 on either side the quotient is float32.
+    """
+    if not _full_int_grid(scheme) or scheme.scale_dtype not in ("bfloat16", "float16"):
+        return None
+    return scale_numpy_dtype(scheme) if dtype_name(w) == scheme.scale_dtype else None
+
+
+#: Machine epsilon of each scale dtype: the full grid's scale of an all-zero block, as compressed-tensors stores it.
+_EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 
 
 def _fused_kernel(scheme: Scheme, shape, backend: str):
@@ -193,12 +227,14 @@ def _fused_kernel(scheme: Scheme, shape, backend: str):
 
 def _fused_rows(kernel, chunk, bi: int, scheme: Scheme, scale_rows: np.ndarray, sums: np.ndarray) -> np.ndarray:
     """Codes of float32 ``chunk`` rows from the numba quantizer (it fills ``scale_rows``, adds to ``sums``)."""
+    zero_scale = _EPS["float32"] if _full_int_grid(scheme) else 0.0
+    limits = (scheme.qmin, scheme.qmax, scheme.scale_divisor, zero_scale)
     if scheme.packed:
         stored = np.empty(chunk.shape, np.uint8)
-        kernel(chunk, bi, scheme.qmax, 1 << (scheme.bits - 1), stored, scale_rows, sums)
+        kernel(chunk, bi, *limits, 1 << (scheme.bits - 1), stored, scale_rows, sums)
         return pack_codes(stored, scheme.bits)
     codes = np.empty(chunk.shape, np.int8)
-    kernel(chunk, bi, scheme.qmax, 0, codes, scale_rows, sums)
+    kernel(chunk, bi, *limits, 0, codes, scale_rows, sums)
     return codes
 
 
@@ -224,13 +260,15 @@ def _scales(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str):
     f32 = np.float32
     with np.errstate(over="ignore"):
         if scheme.symmetric:
-            scale = hi / f32(scheme.qmax)
+            scale = hi / f32(scheme.scale_divisor)  # 7.5, 127.5, ... are exact in float32
         else:
             lo = np.minimum(lo, f32(0))
             hi = np.maximum(hi, f32(0))
-            scale = (hi - lo) / f32(scheme.qmax)
+            scale = (hi - lo) / f32(scheme.scale_divisor)
         # The engine reads the stored scale, so quantize with it.
         stored = scale.astype(scale_numpy_dtype(scheme))
+    if _full_int_grid(scheme) and not stored.all():
+        stored[stored == 0] = _EPS[scheme.scale_dtype]  # compressed-tensors' scale of an all-zero block
     scale32 = stored.astype(f32)
     if not np.isfinite(scale32).all():
         raise NpquantError(
@@ -243,7 +281,7 @@ def _scales(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str):
     return stored, scale32, zp
 
 
-def _mse_range(chunk, lo, hi, scheme: Scheme, name: str, importance: np.ndarray | None):
+def _mse_range(chunk, lo, hi, scheme: Scheme, name: str, importance: np.ndarray | None, ratio_dtype=None):
     """``lo``, ``hi`` ``(R, CB)`` shrunk, block by block, by the factor of least round-trip error."""
     rows, n_col_blocks = hi.shape
     blocks = chunk.reshape(rows, n_col_blocks, -1)  # (R, CB, bi)
@@ -253,7 +291,7 @@ def _mse_range(chunk, lo, hi, scheme: Scheme, name: str, importance: np.ndarray 
         f = np.float32(shrink)
         lo_f, hi_f = lo * f, hi * f
         _, scale32, zp = _scales(lo_f, hi_f, scheme, name)
-        diff = blocks - _round_trip(blocks, scale32, zp, scheme)  # (R, CB, bi)
+        diff = blocks - _round_trip(blocks, scale32, zp, scheme, ratio_dtype)  # (R, CB, bi)
         np.square(diff, out=diff)
         if weight is not None:
             diff *= weight
@@ -268,9 +306,9 @@ def _mse_range(chunk, lo, hi, scheme: Scheme, name: str, importance: np.ndarray 
     return best_lo, best_hi
 
 
-def _round_trip(blocks, scale32, zp, scheme: Scheme) -> np.ndarray:
+def _round_trip(blocks, scale32, zp, scheme: Scheme, ratio_dtype=None) -> np.ndarray:
     """float32 ``(R, CB, bi)``: ``blocks`` quantized with ``scale32``/``zp`` ``(R, CB)`` and dequantized."""
-    ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
+    ratio = _ratio(blocks, scale32, ratio_dtype)  # (R, CB, bi)
     if scheme.is_float:
         np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
         levels = ratio.astype(code_numpy_dtype(scheme)).astype(np.float32)
@@ -288,16 +326,26 @@ def _round_trip(blocks, scale32, zp, scheme: Scheme) -> np.ndarray:
     return levels
 
 
-def _encode(chunk, scale32, zp, scheme: Scheme, sums: np.ndarray | None = None) -> np.ndarray:
+def _ratio(blocks, scale32, ratio_dtype) -> np.ndarray:
+    """float32 ``blocks (R, CB, bi) / scale32 (R, CB)`` (0 where the scale is 0), rounded to ``ratio_dtype`` if given."""
+    ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
+    if ratio_dtype is not None:
+        with np.errstate(over="ignore"):
+            ratio = ratio.astype(ratio_dtype).astype(np.float32)  # a float16 overflow is Inf, then clipped
+    return ratio
+
+
+def _encode(chunk, scale32, zp, scheme: Scheme, sums: np.ndarray | None = None, ratio_dtype=None) -> np.ndarray:
     """Codes of float32 rows ``chunk (R, I)`` given their blocks' ``scale32``/``zp`` ``(R, CB)``.
 
     With ``sums``, adds the chunk's squared error against its dequantized
-    codes to ``sums[0]`` and its squared norm to ``sums[1]``.
+    codes to ``sums[0]`` and its squared norm to ``sums[1]``. ``ratio_dtype``:
+    see :func:`_ratio_dtype`.
     """
     rows, in_features = chunk.shape
     n_col_blocks = scale32.shape[1]
     blocks = chunk.reshape(rows, n_col_blocks, -1)  # (R, CB, bi)
-    ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
+    ratio = _ratio(blocks, scale32, ratio_dtype)  # (R, CB, bi)
     if scheme.is_float:
         np.clip(ratio, -scheme.qmax, scheme.qmax, out=ratio)
         codes = ratio.reshape(rows, in_features).astype(code_numpy_dtype(scheme))

@@ -20,6 +20,12 @@ weight ``w (out_features, in_features)`` into codes and scales:
   Blocks that do not divide the shape are cut at its edge (the weight is
   read as if zero-padded to whole blocks, as compressed-tensors does).
 - ``symmetric``: int only; asymmetric adds a zero point per block;
+- ``grid``: symmetric int only: ``"full"`` uses every code of ``b`` bits,
+  ``[-2**(b-1), 2**(b-1) - 1]``, with ``scale = absmax / (2**(b-1) - 0.5)``
+  (compressed-tensors' rule: int4 ``[-8, 7]``, ``absmax / 7.5``);
+  ``"restricted"`` leaves out the lowest code, ``[-qmax, qmax]`` with
+  ``scale = absmax / qmax`` (int4 ``[-7, 7]``, ``absmax / 7``). Every other
+  format (asymmetric int, fp8, fp6, fp4) always uses its full grid;
 - ``scale_dtype``: the dtype the scales are stored in: ``"float32"``,
   ``"float16"``, ``"bfloat16"``, ``"fp8_e4m3"`` (NVFP4: fp8 scales times one
   float32 global scale per tensor) or ``"e8m0"`` (MX: a power of two,
@@ -31,8 +37,11 @@ that their checkpoints are byte-equal to its; the int and fp8 channel,
 group and tensor schemes follow npquant's rules (:mod:`npquant.quantize`).
 
 >>> s = Scheme(bits=4, granularity="group", group_size=128)
->>> s.qmin, s.qmax, s.block_shape((256, 512))
-(-7, 7, (1, 128))
+>>> s.qmin, s.qmax, s.scale_divisor, s.block_shape((256, 512))
+(-8, 7, 7.5, (1, 128))
+>>> r = get_scheme("w4-g128-restricted")
+>>> r.qmin, r.qmax, r.scale_divisor
+(-7, 7, 7)
 >>> get_scheme("w8-channel").block_shape((256, 512))
 (1, 512)
 """
@@ -53,6 +62,7 @@ FLOAT_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "fp6_e2m3": 6}
 _DTYPES = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp6_e2m3")
 _GRANULARITIES = ("tensor", "channel", "group", "block")
 _SCALE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "e8m0")
+_GRIDS = ("full", "restricted")
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,19 @@ class Scheme:
     block_size : (int, int) or None
         ``(rows, cols)`` per scale; required for ``"block"`` only.
     symmetric : bool
-        ``True``: codes in ``[-qmax, qmax]``, no zero point. ``False`` (int
+        ``True``: codes in ``[qmin, qmax]``, no zero point. ``False`` (int
         only): codes in ``[0, 2**bits - 1]`` with a zero point per block.
     scale_dtype : {"float32", "float16", "bfloat16", "fp8_e4m3", "e8m0"}
         Storage dtype of the scales. Quantization uses the scale after it is
         rounded to this dtype, so codes match what an engine will read.
         ``"fp8_e4m3"`` (fp4 codes, groups) adds a float32 global scale;
         ``"e8m0"`` (float codes, groups) stores powers of two.
+    grid : {"full", "restricted"}
+        Symmetric int codes: ``"full"`` (the default, compressed-tensors'
+        rule) takes ``[-2**(bits-1), 2**(bits-1) - 1]`` and
+        ``scale = absmax / (2**(bits-1) - 0.5)``; ``"restricted"`` takes
+        ``[-qmax, qmax]`` and ``scale = absmax / qmax``. Other formats use
+        their whole grid and take ``"full"`` only.
     """
 
     dtype: str = "int"
@@ -88,6 +104,7 @@ class Scheme:
     symmetric: bool = True
     scale_dtype: str = "float32"
     block_size: tuple[int, int] | None = None
+    grid: str = "full"
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -102,6 +119,12 @@ class Scheme:
             )
         if self.dtype != "int" and not self.symmetric:
             raise NpquantError(f"Scheme symmetric=False is for int codes only; dtype={self.dtype!r} is symmetric")
+        if self.grid not in _GRIDS:
+            raise NpquantError(f"Scheme grid={self.grid!r} is not known; expected one of {_GRIDS}")
+        if self.grid == "restricted" and (self.dtype != "int" or not self.symmetric):
+            what = f"dtype={self.dtype!r}" if self.dtype != "int" else "symmetric=False"
+            raise NpquantError(f"Scheme grid='restricted' is for symmetric int codes only; {what} uses its full grid, "
+                               f"leave grid='full'")
         if self.granularity not in _GRANULARITIES:
             raise NpquantError(
                 f"Scheme granularity={self.granularity!r} is not known; expected one of {_GRANULARITIES}"
@@ -171,8 +194,24 @@ class Scheme:
 
     @property
     def qmin(self) -> int | float:
-        """Smallest code: ``-qmax`` symmetric, ``0`` asymmetric."""
-        return -self.qmax if self.symmetric else 0
+        """Smallest code: ``-2**(bits-1)`` symmetric int on the full grid, ``-qmax`` on the restricted grid
+        and for float codes, ``0`` asymmetric."""
+        if not self.symmetric:
+            return 0
+        if self.dtype == "int" and self.grid == "full":
+            return -(2 ** (self.bits - 1))
+        return -self.qmax
+
+    @property
+    def scale_divisor(self) -> int | float:
+        """What a block's range is divided by to give its scale: ``(qmax - qmin) / 2`` of ``absmax`` symmetric
+        (``2**(bits-1) - 0.5`` on the full int grid, ``qmax`` on the restricted one and for float codes),
+        ``qmax - qmin`` of ``max - min`` asymmetric. compressed-tensors' ``R / 2`` and ``R``."""
+        if not self.symmetric:
+            return self.qmax - self.qmin
+        if self.dtype == "int" and self.grid == "full":
+            return 2 ** (self.bits - 1) - 0.5
+        return self.qmax
 
     @property
     def packed(self) -> bool:
@@ -233,7 +272,8 @@ class Scheme:
         if self.is_float:
             rule = f"{self.dtype} codes = round(w / scale), scale = absmax / {self.qmax:g}"
         elif self.symmetric:
-            rule = f"int{self.bits} codes in [{self.qmin}, {self.qmax}], scale = absmax / {self.qmax}"
+            grid = "full grid" if self.grid == "full" else "restricted grid"
+            rule = f"int{self.bits} codes in [{self.qmin}, {self.qmax}] ({grid}), scale = absmax / {self.scale_divisor:g}"
         else:
             rule = (
                 f"uint{self.bits} codes in [0, {self.qmax}] with zero point, "
@@ -265,8 +305,8 @@ def get_scheme(scheme: Scheme | str) -> Scheme:
     raise NpquantError(f"scheme must be a Scheme or a preset name, got {type(scheme).__name__}")
 
 
-def _group(bits: int, size: int, symmetric: bool = True) -> Scheme:
-    return Scheme("int", bits, "group", size, symmetric)
+def _group(bits: int, size: int, symmetric: bool = True, grid: str = "full") -> Scheme:
+    return Scheme("int", bits, "group", size, symmetric, grid=grid)
 
 
 _PRESETS: dict[str, Scheme] = {
@@ -281,6 +321,10 @@ _PRESETS: dict[str, Scheme] = {
     "w4-g128-asym": _group(4, 128, symmetric=False),
     "w3-g128": _group(3, 128),
     "w2-g64": _group(2, 64),
+    "w8-channel-restricted": Scheme("int", 8, "channel", grid="restricted"),
+    "w4-g128-restricted": _group(4, 128, grid="restricted"),
+    "w4-g64-restricted": _group(4, 64, grid="restricted"),
+    "w4-g32-restricted": _group(4, 32, grid="restricted"),
     "fp8-tensor": Scheme("fp8_e4m3", 8, "tensor"),
     "fp8-channel": Scheme("fp8_e4m3", 8, "channel"),
     "fp8-block": Scheme("fp8_e4m3", 8, "block", block_size=(128, 128)),

@@ -5,6 +5,11 @@ scheme writes as (``weights`` arguments, ``format``, ``targets``); the
 Scheme a group's ``weights`` read as; and how a module name matches a
 group's ``targets`` or the ``ignore`` list. The writer and the reader both
 build on it; it imports neither.
+
+compressed-tensors' ``weights`` have no grid: a symmetric int scheme writes
+the same group on the full and the restricted grid, and a group reads back
+as the full grid (``Scheme.grid="full"``), whose codes
+``[-2**(b-1), 2**(b-1) - 1]`` are every code the format stores.
 """
 
 from __future__ import annotations

@@ -40,7 +40,14 @@ def load(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
     ``re:`` pattern (``re.match``), then the class name ``Linear``, which
     every module with quantized tensors is taken to be; ``ignore`` wins over
     every target, and two groups claiming a module alike are an error.
-    Codes and scales come back exactly as :func:`quantize` made them.
+    Codes and scales come back exactly as :func:`quantize` made them
+    (16-bit scales as their float32 values, which are exact).
+
+    Symmetric int modules load with ``grid="full"``: compressed-tensors'
+    configs carry no grid, its codes are any of ``[-2**(b-1), 2**(b-1) - 1]``
+    (int4's stored nibble 0 is code -8), and the full grid is that range. A
+    checkpoint npquant wrote on the restricted grid loads the same way: its
+    codes are a subset, so they decode alike.
 
     Whatever is refused raises a one-line NpquantError naming the file (and
     the tensor and config group): see docs/formats.md, "Reading checkpoints".

@@ -7,10 +7,15 @@ The output is a model directory that compressed-tensors and vLLM load
   ``<m>.weight_packed`` int32 ``(O, ceil(I * bits / 32))`` (stored value
   ``q + 2**(bits-1)``, or the unsigned code when asymmetric; element ``i`` of
   a row at bit ``i * bits`` of the row's little-endian stream),
-  ``<m>.weight_scale`` float32 ``(O, 1)`` per channel or ``(O, I / group_size)``
+  ``<m>.weight_scale`` ``(O, 1)`` per channel or ``(O, I / group_size)``
   per group, ``<m>.weight_shape`` int64 ``[O, I]``, and for asymmetric
   schemes ``<m>.weight_zero_point`` int32 ``(ceil(O * bits / 32), n_groups)``
-  (the zero points packed along the output dimension);
+  (the zero points packed along the output dimension). Symmetric codes on
+  the full grid (``[-2**(b-1), 2**(b-1) - 1]``, the presets' default) are
+  compressed-tensors' own, byte for byte: their scales are in the layer's
+  dtype (bfloat16 or float16 for such a layer, as compressed-tensors
+  stores them, the codes computed from those scales); the restricted grid's
+  scales, and asymmetric ones, are float32;
 - fp8 (e4m3), ``format: float-quantized``: ``<m>.weight`` float8_e4m3fn
   ``(O, I)`` and ``<m>.weight_scale`` float32 ``(O, 1)`` per channel or
   ``(1,)`` per tensor.
@@ -95,10 +100,12 @@ def _layer_plans(module: str, shape: tuple[int, int], scheme: Scheme) -> list[Te
             TensorPlan(f"{module}.weight", np.dtype(ml_dtypes.float8_e4m3fn), shape),
             TensorPlan(f"{module}.weight_scale", np.dtype(np.float32), scale_shape),
         ]
+    from ..quantize import scale_numpy_dtype
+
     n_groups = 1 if scheme.granularity == "channel" else in_features // scheme.group_size
     plans = [
         TensorPlan(f"{module}.weight_packed", np.dtype(np.int32), (out_features, math.ceil(in_features * scheme.bits / 32))),
-        TensorPlan(f"{module}.weight_scale", np.dtype(np.float32), (out_features, n_groups)),
+        TensorPlan(f"{module}.weight_scale", scale_numpy_dtype(scheme), (out_features, n_groups)),
         TensorPlan(f"{module}.weight_shape", np.dtype(np.int64), (2,)),
     ]
     if not scheme.symmetric:
@@ -340,8 +347,11 @@ def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, q
 
 
 def _stored_scheme(scheme: Scheme, src: TensorSource) -> Scheme:
-    """fp8 blocks store their scales in the model's dtype, as compressed-tensors does (bfloat16 for bfloat16 models)."""
-    if scheme.granularity == "block" and src.code in ("BF16", "F16"):
+    """fp8 blocks and symmetric int codes on the full grid store their scales in the layer's dtype, as
+    compressed-tensors does (bfloat16 for a bfloat16 layer, float16 for float16); the engine then divides in that
+    dtype too (:mod:`npquant.quantize`)."""
+    full_int = scheme.dtype == "int" and scheme.symmetric and scheme.grid == "full"
+    if (scheme.granularity == "block" or full_int) and src.code in ("BF16", "F16"):
         return dataclasses.replace(scheme, scale_dtype="bfloat16" if src.code == "BF16" else "float16")
     return scheme
 
