@@ -55,7 +55,8 @@ __all__ = ["Int8Weight", "prepare_int8", "w8a8_int8_linear", "int8_accumulators"
 PATHS = ("vnni", "avx2", "portable")
 _MAX_K = (2**31 - 1) // (128 * 128)  # npquant.linear_w8a8.MAX_INT32_K: int32 sums exact whatever the codes
 _PARALLEL_FROM = 1 << 22  # multiply-adds below which a call stays on the caller's thread (as the other kernels)
-_CHUNKS_PER_THREAD = 8
+_CHUNKS_PER_THREAD = 32  # small chunks (3 blocks of 64 rows for 11008 rows, 2 threads): a thread the OS
+# holds back leaves little for the others to wait on
 
 
 class Int8Weight(NamedTuple):

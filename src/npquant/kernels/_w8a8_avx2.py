@@ -47,8 +47,9 @@ from ._w8a8_core import BLOCK, QUAD_BYTES, _i16_2d, store_tile, unpack_tail
 MR = 6
 #: Weight rows per tile (two registers of four rows).
 NR = 8
-#: Quads of columns per pass of every tile over a block (64 rows x 64 quads: 16 KiB of codes, in L1).
-KC = 64
+#: Quads of columns per pass of every tile over a block: 64 rows x 16 quads, 4 KiB of codes, in L1 beside 128
+#: tokens' int16 codes for those columns (16 KiB).
+KC = 16
 _V8 = ir.VectorType(ir.IntType(32), 8)
 _V16W = ir.VectorType(ir.IntType(16), 16)
 _V16B = ir.VectorType(ir.IntType(8), 16)
@@ -137,7 +138,7 @@ def gemm_avx2(xi, wp, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_o
             break
         for b in range(lo, hi):
             acc[:] = 0
-            for q0 in range(0, n_quads, KC):  # KC quads of the block (16 KiB) stay in L1 for every tile
+            for q0 in range(0, n_quads, KC):  # KC quads of the block stay in L1 for every tile
                 nq = min(KC, n_quads - q0)
                 for m0 in range(0, m_rows, MR):
                     rows = min(MR, m_rows - m0)

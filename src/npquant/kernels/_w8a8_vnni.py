@@ -40,8 +40,9 @@ from ._w8a8_core import BLOCK, QUAD_BYTES, store_tile, unpack_tail
 
 #: Tokens per tile.
 MR = 6
-#: Quads of columns per pass of every token over a block (64 rows x 64 quads: 16 KiB of codes, in L1).
-KC = 64
+#: Quads of columns per pass of every token over a block: 64 rows x 32 quads, 8 KiB of codes, in L1 beside 128
+#: tokens' offset codes for those columns (16 KiB).
+KC = 32
 _LANES = 16
 _VI = ir.VectorType(ir.IntType(32), _LANES)
 _I64 = ir.IntType(64)
@@ -123,7 +124,7 @@ def gemm_vnni(xu, wp, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_o
             break
         for b in range(lo, hi):
             acc[:] = 0
-            for q0 in range(0, n_quads, KC):  # KC quads of the block (16 KiB) stay in L1 for every token
+            for q0 in range(0, n_quads, KC):  # KC quads of the block (8 KiB) stay in L1 for every token
                 nq = min(KC, n_quads - q0)
                 for m0 in range(0, m_rows, MR):
                     rows = min(MR, m_rows - m0)
