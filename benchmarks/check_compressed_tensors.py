@@ -13,11 +13,14 @@ module's config group (its registered format, the group's scheme) against
 rounded once to bfloat16 where compressed-tensors decompresses to it: MX and
 NVFP4). Also runs the model-free ``CompressedTensorsDequantizer`` over the
 whole state dict and compares again. With MODEL (the checkpoint OUT_DIR was
-made from, for the presets that follow compressed-tensors' rules: nvfp4,
-mxfp4, mxfp6, mxfp8, fp8-block): quantizes each layer with compressed-tensors'
-own calculate_qparams (memoryless min-max reductions, as llm-compressor) and
-compressor, and compares every tensor with OUT_DIR's, byte for byte. Prints
-one line per module and a summary; exits 1 on any difference.
+made from, for the presets that follow compressed-tensors' rules: the
+symmetric int presets on the full grid (w4-g128, w4-g64, w4-g32, w8-channel,
+w3-g128, w2-g64, ...), nvfp4, mxfp4, mxfp6, mxfp8, fp8-block; float32,
+bfloat16 or float16 models): quantizes each layer with compressed-tensors'
+own calculate_qparams (memoryless min-max reductions, as llm-compressor's
+round-to-nearest W4A16 does) and compressor, and compares every tensor with
+OUT_DIR's, byte for byte. Prints one line per module and a summary; exits 1
+on any difference.
 """
 
 from __future__ import annotations
@@ -65,11 +68,7 @@ def main() -> int:
             local = {p: sd[f"{module}.{p}"] for p in comp.compression_param_names(scheme) if f"{module}.{p}" in sd}
             # compressed-tensors decompresses to the scale dtype; ours are float32 scales.
             dense_t = comp.decompress(local, scheme)["weight"]
-            mine = ours[name].dequantize()
-            if dense_t.dtype == torch.bfloat16:  # MX and NVFP4: one rounding of npquant's float32 to bfloat16
-                import ml_dtypes
-
-                mine = mine.astype(ml_dtypes.bfloat16).astype(np.float32)
+            mine = _as_theirs(ours[name].dequantize(), dense_t.dtype)
             dense = dense_t.to(torch.float32).numpy()
             same = dense.shape == mine.shape and np.array_equal(dense.view(np.uint32), mine.view(np.uint32))
             checked += 1
@@ -80,18 +79,32 @@ def main() -> int:
     model_free_bad = 0
     for name, qt in ours.items():
         d_t = dense_sd[name]
-        mine = qt.dequantize()
-        # MX and NVFP4 decompress through bfloat16 (also when asked for float32)
-        if d_t.dtype == torch.bfloat16 or qt.scheme.scale_dtype in ("fp8_e4m3", "e8m0"):
-            import ml_dtypes
-
-            mine = mine.astype(ml_dtypes.bfloat16).astype(np.float32)
+        # MX and NVFP4 decompress through bfloat16 (also when asked for float32), int and fp8 through the dtype of
+        # their scales (a bfloat16 or float16 model's)
+        module = name[: -len(".weight")]
+        scale_dtype = sd[f"{module}.weight_scale"].dtype
+        through = torch.bfloat16 if qt.scheme.scale_dtype in ("fp8_e4m3", "e8m0") else scale_dtype
+        mine = _as_theirs(qt.dequantize(), torch.bfloat16 if d_t.dtype == torch.bfloat16 else through)
         d = d_t.to(torch.float32).numpy()
         model_free_bad += not np.array_equal(d.view(np.uint32), mine.view(np.uint32))
     print(f"{checked} modules through each group's compressor: {checked - bad} bit-equal to npquant.load, {bad} not")
     print(f"model-free CompressedTensorsDequantizer: {len(ours) - model_free_bad} of {len(ours)} bit-equal")
     written_bad = _compare_writer(Path(sys.argv[2]), cfg, sd) if len(sys.argv) == 3 else 0
     return 1 if bad or model_free_bad or written_bad else 0
+
+
+def _as_theirs(mine, dtype):
+    """npquant's float32 weight rounded once to ``dtype`` (torch's bfloat16 or float16) as float32, or itself.
+
+    compressed-tensors multiplies code by scale in that dtype; npquant's float32 product of the same code and
+    scale is exact (at most 8 + 11 significant bits), so one rounding gives compressed-tensors' value.
+    """
+    import ml_dtypes
+    import numpy as np
+    import torch
+
+    to = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}.get(dtype)
+    return mine if to is None else mine.astype(to).astype(np.float32)
 
 
 def _compare_writer(model: Path, cfg, sd) -> int:
@@ -119,8 +132,8 @@ def _compare_writer(model: Path, cfg, sd) -> int:
             padded[: w.shape[0], : w.shape[1]] = w
             b = padded.reshape(rows // bh, bh, cols // bw, bw)
             lo, hi = b.amin(dim=(1, 3)), b.amax(dim=(1, 3))
-        else:
-            g = w.reshape(w.shape[0], -1, args.group_size)
+        else:  # group: (O, I / G, G); channel: one group of the whole row
+            g = w.reshape(w.shape[0], -1, args.group_size if strategy in ("group", "tensor_group") else w.shape[1])
             lo, hi = g.amin(dim=2), g.amax(dim=2)
         local = {"weight": w}
         gs = None

@@ -240,6 +240,8 @@ def test_load_round_trips_codes_and_scales_exactly(sharded, tmp_path, preset):
         assert qt.scheme == dataclasses.replace(scheme, grid="full") and qt.shape == ref.shape
         np.testing.assert_array_equal(qt.codes.view(np.uint8), ref.codes.view(np.uint8))
         np.testing.assert_array_equal(qt.scale, ref.scale.astype(np.float32))
+        if scheme.dtype == "int" and scheme.symmetric:  # -8 / -128 loads on the full grid, -7 / -127 is the floor else
+            assert qt.int_codes().min() == (qt.scheme.qmin if scheme.grid == "full" else -scheme.qmax)
         if ref.zero_point is not None:
             np.testing.assert_array_equal(qt.zero_point, ref.zero_point)
 

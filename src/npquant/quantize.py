@@ -327,7 +327,8 @@ def _round_trip(blocks, scale32, zp, scheme: Scheme, ratio_dtype=None) -> np.nda
 
 
 def _ratio(blocks, scale32, ratio_dtype) -> np.ndarray:
-    """float32 ``blocks (R, CB, bi) / scale32 (R, CB)`` (0 where the scale is 0), rounded to ``ratio_dtype`` if given."""
+    """float32 ``blocks (R, CB, bi) / scale32 (R, CB)`` (0 where the scale is 0), rounded to ``ratio_dtype``
+    if given."""
     ratio = _safe_divide(blocks, scale32[:, :, None])  # (R, CB, bi)
     if ratio_dtype is not None:
         with np.errstate(over="ignore"):

@@ -273,7 +273,8 @@ class Scheme:
             rule = f"{self.dtype} codes = round(w / scale), scale = absmax / {self.qmax:g}"
         elif self.symmetric:
             grid = "full grid" if self.grid == "full" else "restricted grid"
-            rule = f"int{self.bits} codes in [{self.qmin}, {self.qmax}] ({grid}), scale = absmax / {self.scale_divisor:g}"
+            rule = (f"int{self.bits} codes in [{self.qmin}, {self.qmax}] ({grid}), "
+                    f"scale = absmax / {self.scale_divisor:g}")
         else:
             rule = (
                 f"uint{self.bits} codes in [0, {self.qmax}] with zero point, "
