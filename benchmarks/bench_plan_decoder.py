@@ -14,9 +14,10 @@
    KL as a ratio to the plan's, measured in this run.
 4. Additivity: on the calibration tokens, the summed unit costs each plan
    was predicted to cost beside the KL of the whole model so quantized.
-5. ``--rank-check``: the costs of a subset of units (layers 0, 10, 20, 29)
-   at 4x the tokens, and the Spearman rank correlation with the costs at
-   ``--tokens``: whether the token count ranks units as more tokens do.
+5. ``--rank-check`` (``--rank-only``: this alone, after the costs): the
+   costs of a subset of units (layers 0, 10, 20, 29) at 4x the tokens, and
+   the Spearman rank correlation with the costs at ``--tokens``: whether the
+   token count ranks units as more tokens do.
 
 The caveat for every figure: SmolLM2's linears were stored by llama.cpp as
 Q4_1 (4-bit asymmetric, blocks of 32); every scheme is measured against
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens (default 2048)")
     ap.add_argument("--costs", metavar="FILE", help="read the costs from FILE if it exists, else write them there")
     ap.add_argument("--rank-check", action="store_true", help="also the Spearman check at 4x the tokens")
+    ap.add_argument("--rank-only", action="store_true", help="the costs, the plan and the rank check only")
     ap.add_argument("--quick", action="store_true", help="the first 2 layers only, 32 tokens: a smoke test")
     args = ap.parse_args()
 
@@ -108,6 +110,9 @@ def main() -> None:
     for kind, labels in kinds.items():
         print(f"  {kind:<13} " + " ".join(labels))
 
+    if args.rank_only:
+        rank_check(config, weights, tokenizer, units, costs, candidates, args.tokens)
+        return
     weights_count = sum(np.prod(weights[n].shape) for m in units.values() for n in m)
     rows = {"plan": {n: plan[u] for u, m in units.items() for n in m}}
     for label in UNIFORM:
