@@ -17,12 +17,12 @@ operation rounded to nearest even, as IEEE float32 arithmetic is):
 
 vLLM multiplies by ``127 / absmax`` rather than dividing by ``scale``:
 the two differ in the last bit of some products, and so in some codes at
-ties. Every code lies in ``[-127, 127]`` whenever ``absmax`` is a normal
-float32 (``|x * inv| <= 127 (1 + 2**-23)**2`` rounds to at most 127).
+ties. Every code lies in ``[-127, 127]`` whenever ``127 / absmax`` is finite
+(``|x * inv| <= 127 (1 + 2**-24)**2`` rounds to at most 127).
 **An all-zero token** gets ``scale = 0`` and codes 0 (vLLM: ``127 / 0`` is
 infinite, ``0 * inf`` NaN, and CUDA's saturating conversion turns NaN into
 0; ``q * scale`` then gives the token back exactly). Where ``absmax`` is
-so small (subnormal, below ``127 / float32 max``) that ``127 / absmax``
+so small (below ``127 / 3.4e38``, about ``3.7e-37``) that ``127 / absmax``
 overflows, ``inv`` is infinite as in vLLM: zeros stay 0 (NaN -> 0), the
 others saturate to 127 or -128.
 
@@ -86,7 +86,8 @@ def quantize_activations_int8(x) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     q : int8 (..., K)
-        Codes in ``[-128, 127]`` (``[-127, 127]`` unless a token's absmax is subnormal).
+        Codes in ``[-128, 127]`` (``[-127, 127]`` unless a token's absmax is below about ``3.7e-37``, where
+        ``127 / absmax`` overflows).
     scale : float32 (...,)
         ``absmax / 127`` per token; 0 for an all-zero token.
 
