@@ -21,7 +21,7 @@ It prints the peak against the formula of npquant.models.calibrated_lm,
 ``8 F**2 + 6 F C + 4 N C + Q + forward + base`` (``F`` MLP width, ``C``
 hidden, ``N`` calibration tokens, ``Q`` the packed quantized tensors,
 ``forward`` one batch's activations, ``base`` the interpreter and its
-libraries, measured here as the peak of ``npquant quantize --help``),
+libraries, measured here as a child that imports what the run imports),
 and the target of 3 GB for the full size.
 """
 
@@ -100,12 +100,13 @@ def rss_anon_kib(pid: int) -> int:
     return 0
 
 
-def measure(cmd: list[str], log: Path) -> tuple[int, int, float, int, float]:
-    """Run ``cmd``: (peak RssAnon KiB, ru_maxrss KiB, wall s, exit status, CPU s)."""
+def measure(cmd: list[str], log: Path, out: Path | None = None) -> tuple[int, int, float, int, float]:
+    """Run ``cmd`` (stderr to ``log``, stdout to ``out``): (peak RssAnon KiB, ru_maxrss KiB, wall s, exit status,
+    CPU s)."""
     peak = 0
     t0 = time.perf_counter()
-    with open(log, "w") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    with open(log, "w") as err, open(out or os.devnull, "w") as stdout:
+        child = subprocess.Popen(cmd, stdout=stdout, stderr=err)
         done = threading.Event()
 
         def sample():
@@ -145,17 +146,19 @@ def main() -> int:
         os.sync()  # flush the input now, so its writeback does not compete with the run measured
         print(f"wrote a {total / 1e9:.2f} GB bfloat16 model ({layers} layers, hidden {hidden}, MLP {mlp}, "
               f"{heads} heads / {kv_heads} kv heads, vocab {vocab}) in {time.perf_counter() - t0:.0f} s")
-        base_anon, base_max, _, code, _ = measure([sys.executable, "-m", "npquant", "quantize", "--help"],
-                                                  work / "help.log")
+        # The interpreter with what the run imports, before any model is read.
+        imports = ("import numpy, safetensors, tokenizers, ml_dtypes, npquant.models.calibrated_lm, "
+                   "npquant.checkpoints, npquant.cli.quantize, npquant.kernels")
+        base_anon, base_max, _, code, _ = measure([sys.executable, "-c", imports], work / "base.log")
         cmd = [sys.executable, "-m", "npquant", "quantize", str(work / "model"), "-o", str(work / "out"),
                "--scheme", args.scheme, "--method", "gptq", "--calibration", str(calib), "--seq-len", str(seq_len),
                "--json"]
-        anon, maxrss, wall, code, cpu = measure(cmd, work / "run.log")
+        anon, maxrss, wall, code, cpu = measure(cmd, work / "run.log", work / "rows.json")
         if code:
             print((work / "run.log").read_text(), file=sys.stderr)
             return code
         tokens = 64 * args.lines
-        q_bytes = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors")) - 2 * vocab * hidden * 4
+        q_bytes = sum(r["bytes_after"] for r in json.loads((work / "rows.json").read_text()))
         f, c = mlp, hidden
         forward = 4 * min(tokens, 2048) * (c + 2 * f)
         formula = 8 * f * f + 6 * f * c + 4 * tokens * c + q_bytes + forward + base_max * 1024
@@ -163,7 +166,7 @@ def main() -> int:
               f"{seq_len}; {wall:.0f} s wall, {cpu:.0f} s CPU, {os.cpu_count()} cores "
               f"(load average {os.getloadavg()[0]:.1f})")
         print(f"peak RssAnon {anon / 1024:.0f} MiB, ru_maxrss {maxrss / 1024:.0f} MiB "
-              f"(base: npquant quantize --help, ru_maxrss {base_max / 1024:.0f} MiB)")
+              f"(base: the interpreter and npquant's imports, ru_maxrss {base_max / 1024:.0f} MiB)")
         print(f"formula 8 F^2 + 6 F C + 4 N C + Q + forward + base = {8 * f * f / GIB:.2f} + "
               f"{6 * f * c / GIB:.2f} + {4 * tokens * c / GIB:.3f} + {q_bytes / GIB:.2f} + {forward / GIB:.2f} + "
               f"{base_max / 2**20:.2f} = {formula / GIB:.2f} GiB")

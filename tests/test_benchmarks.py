@@ -64,3 +64,10 @@ def test_bench_gptq_quick():
     require_default_model()
     out = run("bench_gptq.py", "--quick")
     assert "GPTQ / RTN" in out and "gptq mse" in out and "held-out" in out
+
+
+def test_bench_gptq_decoder_quick():
+    pytest.importorskip("tokenizers", reason="the decoder's calibration needs tokenizers (npquant[models])")
+    out = run("bench_gptq_decoder.py", "--quick", "--lines", "2")
+    assert "npquant quantize --method gptq --scheme w4-g128" in out and "peak RssAnon" in out
+    assert "formula 8 F^2 + 6 F C" in out

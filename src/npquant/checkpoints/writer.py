@@ -232,7 +232,10 @@ def quantize_checkpoint(
             if name not in picked:
                 raise NpquantError(f"quantized tensor {name!r} is not a layer selected for quantization in {ckpt.path}")
             want = layer_scheme[name]
-            if not isinstance(qt, QuantizedTensor) or qt.scheme != want or qt.shape != picked[name].shape:
+            # as the layer's scheme, or as this writer stores it (scales in a 16-bit layer's dtype)
+            stored = _stored_scheme(want, ckpt.tensors[name])
+            if (not isinstance(qt, QuantizedTensor) or qt.scheme not in (want, stored)
+                    or qt.shape != picked[name].shape):
                 got = f"{qt.scheme} {qt.shape}" if isinstance(qt, QuantizedTensor) else type(qt).__name__
                 raise NpquantError(
                     f"quantized tensor {name!r} must be a QuantizedTensor of {want} {picked[name].shape}, got {got}"
@@ -334,7 +337,9 @@ def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, q
             sources = [t for t in ckpt.tensors.values() if t.file == file]
             plans = []
             for src in sources:
-                if src.name in picked:
+                if src.name in quantized:  # made elsewhere: written with its own scheme (its scales' dtype)
+                    plans += _layer_plans(src.name[: -len(".weight")], src.shape, quantized[src.name].scheme)
+                elif src.name in picked:
                     plans += _layer_plans(src.name[: -len(".weight")], src.shape,
                                           _stored_scheme(layer_scheme[src.name], src))
                 else:

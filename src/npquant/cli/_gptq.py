@@ -143,6 +143,7 @@ def decoder_windows(root: Path, config: dict, args, texts: list[str]):
 def _calibrate_decoder(root: Path, config: dict, scheme, args):
     """Sequential GPTQ of a decoder directory: its quantized tensors by checkpoint name, and GPTQ's rows."""
     from ..checkpoints import select_layers
+    from ..checkpoints.writer import _stored_scheme
     from ..models.calibrated_lm import gptq_decoder
     from ..models.causal_lm_config import CausalLMConfig
     from ..safetensors_io import Checkpoint
@@ -159,7 +160,10 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
         # Tensors outside the decoder layers that --include picked (lm_head, say) are rounded to nearest.
         linears = set(CausalLMConfig.from_json(ckpt.config).linear_names())
         schemes = {n: s for n, s in schemes.items() if n in linears}
-        if not schemes or all(s.is_float for s in schemes.values()):
+        # fp8/fp4 layers of a plan are left to the writer, which rounds them to nearest as it stores them; int
+        # layers get the scheme the writer stores (full-grid scales in a 16-bit layer's dtype, as RTN's).
+        schemes = {n: _stored_scheme(s, ckpt.tensors[n]) for n, s in schemes.items() if not s.is_float}
+        if not schemes:
             raise NpquantError("--method gptq has no int decoder-layer linear weight to calibrate: the scheme "
                                "or --include/--exclude left none; use --method rtn")
         total = len(schemes)
