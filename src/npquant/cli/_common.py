@@ -168,7 +168,8 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
                        "awq+gptq: the scales, then GPTQ; encoders only)")
     else:
         method_help = ("rtn: round to nearest (any checkpoint); gptq: calibrate each layer on text run through "
-                       "the model, block by block (BERT sentence encoders, which npquant can run)")
+                       "the model, block by block (BERT sentence encoders and Llama-family decoders, which npquant "
+                       "can run)")
     # AWQ is evaluated on encoders; quantize and plan take it once they can write and cost it.
     methods = ["rtn", "gptq", "awq", "awq+gptq"] if eval_mode else ["rtn", "gptq"]
     parser.add_argument("--method", choices=methods, default=None, help=f"{method_help} (default rtn)")
