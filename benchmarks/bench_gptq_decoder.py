@@ -18,8 +18,8 @@ drop at any time; RssAnon is what the process allocated.
     python benchmarks/bench_gptq_decoder.py --quick    # hidden 1024, MLP 3584: a smoke test
 
 It prints the peak against the formula of npquant.models.calibrated_lm,
-``8 F**2 + 6 F C + 4 N C + Q + forward + base`` (``F`` MLP width, ``C``
-hidden, ``N`` calibration tokens, ``Q`` the packed quantized tensors,
+``8 F**2 + 8 F C + 64 MiB + 4 N C + Q + forward + base`` (``F`` MLP width,
+``C`` hidden, ``N`` calibration tokens, ``Q`` the packed quantized tensors,
 ``forward`` one batch's activations, ``base`` the interpreter and its
 libraries, measured here as a child that imports what the run imports),
 and the target of 3 GB for the full size.
@@ -161,15 +161,16 @@ def main() -> int:
         q_bytes = sum(r["bytes_after"] for r in json.loads((work / "rows.json").read_text()))
         f, c = mlp, hidden
         forward = 4 * min(tokens, 2048) * (c + 2 * f)
-        formula = 8 * f * f + 6 * f * c + 4 * tokens * c + q_bytes + forward + base_max * 1024
+        rows_bytes = 64 * 2**20  # GPTQ's two blocks of output rows in float64
+        formula = 8 * f * f + 8 * f * c + rows_bytes + 4 * tokens * c + q_bytes + forward + base_max * 1024
         print(f"npquant quantize --method gptq --scheme {args.scheme}: {tokens} calibration tokens in windows of "
               f"{seq_len}; {wall:.0f} s wall, {cpu:.0f} s CPU, {os.cpu_count()} cores "
               f"(load average {os.getloadavg()[0]:.1f})")
         print(f"peak RssAnon {anon / 1024:.0f} MiB, ru_maxrss {maxrss / 1024:.0f} MiB "
               f"(base: the interpreter and npquant's imports, ru_maxrss {base_max / 1024:.0f} MiB)")
-        print(f"formula 8 F^2 + 6 F C + 4 N C + Q + forward + base = {8 * f * f / GIB:.2f} + "
-              f"{6 * f * c / GIB:.2f} + {4 * tokens * c / GIB:.3f} + {q_bytes / GIB:.2f} + {forward / GIB:.2f} + "
-              f"{base_max / 2**20:.2f} = {formula / GIB:.2f} GiB")
+        print(f"formula 8 F^2 + 8 F C + 64 MiB + 4 N C + Q + forward + base = {8 * f * f / GIB:.2f} + "
+              f"{8 * f * c / GIB:.2f} + {rows_bytes / GIB:.2f} + {4 * tokens * c / GIB:.3f} + {q_bytes / GIB:.2f} + "
+              f"{forward / GIB:.2f} + {base_max / 2**20:.2f} = {formula / GIB:.2f} GiB")
         if not args.quick:
             print(f"target 3 GB: ru_maxrss {maxrss * 1024 / 1e9:.2f} GB, RssAnon {anon * 1024 / 1e9:.2f} GB: "
                   f"{'within' if maxrss * 1024 <= 3e9 else 'OVER (see RssAnon)' if anon * 1024 <= 3e9 else 'OVER'}")

@@ -169,6 +169,30 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
         total = len(schemes)
         with Progress(total, f"on {tokens:,} tokens in windows of up to {windows[0].shape[1]}", unit="steps",
                       prefix="GPTQ ") as bar:
-            quantized, rows, _ = gptq_decoder(ckpt.config, ckpt.tensors, schemes, windows, observer=args.observer,
+            quantized, rows, _ = gptq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
+                                              observer=args.observer,
                                               progress=lambda name, done, n: bar(name.removesuffix(".weight"), 1))
     return quantized, rows
+
+
+def _unmapped(ckpt):
+    """A tensor source that reads each tensor of ``ckpt`` with one file read, not through its memory map.
+
+    GPTQ reads every weight of the model several times while a Hessian of up
+    to ``8 F**2`` bytes is held: pages of a memory-mapped file stay in the
+    process's resident set (RssFile) until the kernel reclaims them, which
+    would add up to the whole model to its peak. A plain read leaves them in
+    the page cache only.
+    """
+    import math
+
+    import numpy as np
+
+    def read(name: str):
+        t = ckpt.tensors[name]  # a KeyError for a missing tensor: CausalLM names it
+        if t.code.startswith("F8"):
+            return t.read()
+        count = math.prod(t.shape)
+        return np.fromfile(t.file, dtype=t.dtype, count=count, offset=t.offset).reshape(t.shape)
+
+    return read

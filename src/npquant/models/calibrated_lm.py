@@ -20,12 +20,15 @@ backend (so the Hessians, and the codes, do not depend on numba).
 held are the hidden states of the windows (``4 N C`` bytes for ``N``
 calibration tokens), one Hessian (``8 I**2``: it is handed to the group's
 last GPTQ call as its workspace, :meth:`~npquant.calibrate.Hessian.take`),
-the weight being quantized (float32 ``4 O I``, int16 codes ``2 O I``, GPTQ's
-row blocks ``2 x 32 MiB``) and the quantized tensors made so far (packed). The
-peak is at the widest input, ``down_proj``'s ``F``:
-``8 F**2 + 6 C F + 4 N C + Q + forward`` bytes, ``Q`` the packed tensors so
-far and ``forward`` one window batch's activations (``4 B T (C + 2 F)``, see
-:mod:`npquant.models.causal_lm`).
+the weight being quantized (float32 ``4 O I``, int16 codes ``2 O I``, its
+stored float16/bfloat16 copy ``2 O I``, GPTQ's blocks of rows ``2 x 32 MiB``)
+and the quantized tensors made so far (packed; the caller writes them at
+the end). The peak is at the widest input, ``down_proj``'s ``F``:
+``8 F**2 + 8 F C + 64 MiB + 4 N C + Q + forward + base`` bytes (``6 F C`` for
+a float32 model), ``Q`` the packed tensors so far, ``forward`` one window
+batch's activations (``4 B T (C + 2 F)``, see :mod:`npquant.models.causal_lm`;
+they and the Hessian are held together while it is gathered) and ``base``
+the interpreter and libraries.
 
 Each quantized layer's row reports the loss ``tr(dW H dW.T)`` (the mean
 squared output error on the calibration tokens) of round-to-nearest and of
