@@ -63,7 +63,8 @@ class QuantizedTensor:
     ----------
     codes : ndarray
         ``(O, ceil(I * bits / 8))`` uint8 when packed (bits < 8; see
-        :mod:`npquant.packing`, stored value ``q + 2**(bits-1)`` symmetric,
+        :mod:`npquant.packing`, stored value ``q + 2**(bits-1)`` symmetric, on
+        either grid (int4's -8 is 0),
         ``q`` asymmetric, the bit pattern for fp4/fp6); otherwise ``(O, I)``
         int8 (symmetric int8), uint8 (asymmetric int8) or float8 (fp8).
     scale : ndarray ``scheme.scale_shape(shape)`` in ``scheme.scale_dtype``
@@ -199,7 +200,8 @@ class QuantizedTensor:
     def int_codes(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Unpacked codes of rows ``[start, stop)``.
 
-        Returns int8 ``(R, I)`` for symmetric int (in ``[-qmax, qmax]``),
+        Returns int8 ``(R, I)`` for symmetric int (in ``[qmin, qmax]``: the
+        stored value minus ``2**(bits-1)``, so any of ``[-2**(bits-1), 2**(bits-1) - 1]``),
         uint8 for asymmetric int (in ``[0, 2**bits - 1]``), ml_dtypes'
         float8/float6/float4 for float codes. Columns in stored order (see ``perm``).
         """
