@@ -76,7 +76,8 @@ def main() -> int:
     repeats = ARGS.repeats or (2 if ARGS.quick else 9)
     path = _w8a8.int8_path(ARGS.path)
     print(f"instruction set: {instruction_set()}; int8 GEMM path: {path}; threads {ARGS.threads}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; medians of {repeats} x {BURST}")
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; medians of {repeats} x {BURST}; "
+          f"load average {os.getloadavg()[0]:.1f} (others share this machine where it exceeds the threads)")
     print(f"{'N x K':>12} {'M':>5} {'f32 ms':>9} {'w8a8 ms':>9} {'ratio':>6} {'f32 GFLOP/s':>12} {'int GOP/s':>10}"
           "  path")
     rng = np.random.default_rng(0)
@@ -93,6 +94,7 @@ def main() -> int:
             print(f"{f'{n} x {k}':>12} {m:>5} {med['f32'] * 1e3:>9.3f} {med['w8a8'] * 1e3:>9.3f} "
                   f"{med['w8a8'] / med['f32']:>6.2f} {ops / med['f32'] / 1e9:>12.1f} {ops / med['w8a8'] / 1e9:>10.1f}"
                   f"  {path}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

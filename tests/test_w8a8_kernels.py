@@ -177,3 +177,15 @@ def test_avx2_path_where_numba_targets_zen2(tmp_path):
     done = subprocess.run([sys.executable, "-c", _ZEN2], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert "avx2 ok" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_w8a8_quick():
+    # The benchmark script runs and says which path ran; no timing is asserted.
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_w8a8.py")
+    done = subprocess.run([sys.executable, bench, "--quick", "--repeats", "1"], capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in done.stdout.splitlines() if line.strip().startswith("512 x 768")]
+    assert len(rows) == 2 and all(row.split()[-1] in _w8a8.PATHS for row in rows)
+    assert "int8 GEMM path:" in done.stdout and "instruction set:" in done.stdout

@@ -69,21 +69,24 @@ def quantize_x_int8(x, k_pad, offset):
         codes_i16 = np.zeros((m_rows, k_pad), np.int16)
     finite = True
     for m in range(m_rows):
-        absmax = np.float32(0.0)
+        # |x| as int32 bits: for finite floats their order is the floats' (an integer max, which vectorises); NaN and
+        # Inf are the patterns from 0x7F800000 up.
+        bits = x[m].view(np.int32)
+        top = np.int32(0)
         for j in range(k):
-            a = abs(x[m, j])
-            absmax = a if a > absmax else absmax
-            if not a <= _FLT_MAX:  # NaN or Inf
-                finite = False
+            top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+        if top >= np.int32(0x7F800000):
+            finite = False
+        absmax = np.array([top], np.int32).view(np.float32)[0]
         scale[m] = absmax / np.float32(127.0)
         inv = np.float32(127.0) / absmax if absmax > 0 else np.float32(0.0)
         for j in range(k):
             p = np.rint(x[m, j] * inv)
-            c = 0 if p != p else int(min(max(p, np.float32(-128.0)), np.float32(127.0)))  # NaN (0 * inf) -> 0
+            p = np.float32(0.0) if p != p else min(max(p, np.float32(-128.0)), np.float32(127.0))  # NaN (0 * inf): 0
             if offset:
-                codes_u8[m, j] = np.uint8(c + 128)
+                codes_u8[m, j] = np.uint8(np.int32(p) + 128)
             else:
-                codes_i16[m, j] = np.int16(c)
+                codes_i16[m, j] = np.int16(p)
     return codes_u8, codes_i16, scale, finite
 
 
