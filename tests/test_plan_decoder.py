@@ -350,3 +350,48 @@ def test_bench_plan_decoder_quick():
     table = done.stdout.split("\nnext-token predictions")[1]
     assert [line.split()[0] for line in table.splitlines()[2:7]] == ["plan", "w4-channel", "mxfp4", "w4-g64", "nvfp4"]
     assert "the plan's mean KL is lower than every uniform preset within 4.5 bits" in done.stdout
+
+
+# --- fusion on the other paths: the BERT encoder (measured) and any other checkpoint (proxy) -----------------
+def test_encoder_plan_gives_query_key_value_one_scheme(tmp_path, capsys):
+    from test_calibrated import CONFIG as BERT_CONFIG
+    from test_calibrated import texts, tiny_tensors, tiny_tokenizer
+
+    root = tmp_path / "tiny-bert"
+    root.mkdir()
+    save_file({f"bert.{k}" if k.startswith("encoder") else k: v for k, v in tiny_tensors().items()},
+              str(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(BERT_CONFIG))
+    tiny_tokenizer().save(str(root / "tokenizer.json"))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts(20, seed=3)))
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(root), "--bits", "5.5", "--schemes", "w4-g32,w8-channel", "--calibration", str(calib),
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    raw = json.loads(out.read_text())
+    qkv = [u for u in raw["units"] if u.endswith("attention.self.qkv_proj")]
+    assert len(qkv) == 2 and all(len(raw["units"][u]["layers"]) == 3 for u in qkv)
+    for unit, entry in raw["units"].items():
+        assert {raw["layers"][n]["scheme"] for n in entry["layers"]} == {entry["scheme"]}
+        # A fused unit's cost is its layers' costs (each measured alone) summed.
+        for label, cost in entry["costs"].items():
+            assert cost == pytest.approx(sum(raw["layers"][n]["costs"][label] for n in entry["layers"]), rel=1e-12)
+
+
+def test_proxy_plan_gives_fused_shards_one_scheme(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "m"
+    root.mkdir()
+    tensors = {f"model.layers.0.self_attn.{m}.weight": (0.02 * rng.standard_normal((64, 256))).astype(np.float32)
+               for m in ("q_proj", "k_proj", "v_proj")}
+    tensors["model.layers.0.self_attn.k_proj.weight"][:, ::16] *= 40  # k alone hurts at 4 bits
+    save_file(tensors, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no architectures: the proxy
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(root), "--bits", "6.2", "--schemes", "w4-g128,w8-channel", "-o", str(out)]) == 0
+    assert "weight-only proxy" in capsys.readouterr().out
+    raw = json.loads(out.read_text())
+    # Unfused, the budget would give k alone 8 bits; fused, q/k/v take one scheme, and only 4 bits fit all three.
+    assert list(raw["units"]) == ["model.layers.0.self_attn.qkv_proj"]
+    assert {e["scheme"] for e in raw["layers"].values()} == {"w4-g128"}
