@@ -129,8 +129,9 @@ def test_awq_decoder_folds_what_it_scales_and_never_loses_to_rtn(method, arch, e
     # scale applied to W but not folded moves them by 2.5-5. The bound, 5% of the largest logit (~0.25), is
     # 2.5x the largest measured and 10x below the smallest broken figure.
     fine = Scheme("int", 8, "group", 8)
-    quantized, replaced, rows = awq_decoder(config, weights, fine, windows, method=method)
-    assert sorted(quantized) == sorted(names) and all(isinstance(q, QuantizedTensor) for q in quantized.values())
+    quantized, replaced, rows, left = awq_decoder(config, weights, fine, windows, method=method)
+    assert not left and sorted(quantized) == sorted(names)
+    assert all(isinstance(q, QuantizedTensor) for q in quantized.values())
     assert any(r["alpha"] for r in rows)
     ids = rng.integers(0, 32, (2, 10))
     base = CausalLM(config, weights).logits(ids)
@@ -145,7 +146,7 @@ def test_awq_decoder_folds_what_it_scales_and_never_loses_to_rtn(method, arch, e
         assert any(n.endswith("v_proj.bias") for n in replaced)
     # 4 bits: each group's loss is at most RTN's (AWQ's a = 0 is RTN; GPTQ lowers it further). The search
     # minimises the group's sum, so one weight of q/k/v or gate/up may lose a little on its own.
-    _, _, rows4 = awq_decoder(config, weights, W4G16, windows, method=method)
+    _, _, rows4, _ = awq_decoder(config, weights, W4G16, windows, method=method)
     assert len(rows4) == len(names)
     group_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "mlp",
                 "up_proj": "mlp", "down_proj": "down"}
@@ -158,6 +159,18 @@ def test_awq_decoder_folds_what_it_scales_and_never_loses_to_rtn(method, arch, e
     assert len(groups) == 4 * config["num_hidden_layers"]
     # Two float64 traces of the same matrices in two forms: equal to ~1e-12 relative where AWQ picks a = 0.
     assert all(loss <= rtn * (1 + 1e-9) for loss, rtn in groups.values())
+
+
+def test_awq_decoder_leaves_float_what_its_group_size_does_not_fit():
+    from npquant.models.awq_calibrated_lm import awq_decoder
+
+    config, weights = tiny(hidden_size=32, intermediate_size=48, head_dim=8)
+    windows = [np.random.default_rng(4).integers(0, 32, (2, 8))]
+    quantized, replaced, rows, left = awq_decoder(config, loud(config, weights), Scheme("int", 4, "group", 32), windows)
+    downs = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]  # in_features 48
+    assert sorted(left) == downs and "group_size=32 does not divide in_features=48" in left[downs[0]]
+    assert not any(n in quantized for n in downs) and len(quantized) == 12
+    assert all(r["alpha"] is not None for r in rows)  # the other groups are whole: all scaled
 
 
 def test_awq_decoder_bad_inputs_are_one_line():

@@ -70,6 +70,8 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
     rows : list of dict per quantized int weight: ``name``, ``shape``, ``scheme``, ``tokens``, ``method``,
         ``rtn_loss``, ``loss`` (relative to ``ref``, ``tr(W H W.T)``), ``ratio``, ``alpha`` (None: unscaled),
         ``seconds``. AWQ minimises the loss of a group (q/k/v; gate/up) as a whole: one weight's may exceed RTN's
+    left : dict, weight name -> why it stays float (a group size that does not divide its ``in_features``); a
+        group with a float weight is quantized without a scale
     """
     cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
     if method not in AWQ_METHODS:
@@ -85,6 +87,10 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                                f"{names[0]!r})")
     if not schemes:
         raise NpquantError("schemes is empty: name at least one decoder-layer linear weight")
+    shapes = cfg.tensor_shapes()
+    left = {n: f"group_size={s.group_size} does not divide in_features={shapes[n][1]}" for n, s in schemes.items()
+            if s.granularity == "group" and shapes[n][1] % s.group_size}
+    schemes = {n: s for n, s in schemes.items() if n not in left}  # as gptq_decoder: those stay float
     windows = [np.asarray(w) for w in ([windows] if isinstance(windows, np.ndarray) else windows)]
     if not windows or any(w.ndim != 2 or w.size == 0 or w.dtype.kind not in "iu" for w in windows):
         raise NpquantError("windows must be a non-empty list of int token arrays (B, T)")
@@ -160,7 +166,7 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
         for name in [n for n in floats if n.startswith(p) and n in quantized]:
             del floats[name]  # the layer is done: its quantized weights are what runs
     replaced = {n: t for n, t in floats.items() if n not in quantized}
-    return quantized, replaced, rows
+    return quantized, replaced, rows, left
 
 
 def _fold_inputs(p: str, group, producer: str, how: str, cfg: CausalLMConfig) -> list[str]:
