@@ -37,7 +37,7 @@ def decoder_costs(args, model, config: dict, units: dict, candidates: dict, meth
     (none in the supported architectures) cost 0. ``costs`` and ``nbytes``
     are keyed by unit.
     """
-    from ..models.sensitivity_lm import COST_CONTEXT, DEFAULT_COST_TOKENS, calibration_batches, unit_costs
+    from ..models.sensitivity_lm import DEFAULT_COST_TOKENS, calibration_batches, unit_costs
     from ..plan import layer_bytes
     from ..safetensors_io import Checkpoint
 
@@ -71,7 +71,7 @@ def decoder_costs(args, model, config: dict, units: dict, candidates: dict, meth
             costs[unit] = {label: 0.0 for label in nbytes[unit]}
     source = f"--calibration {args.calibration}" if args.calibration else "npquant's built-in calibration text"
     kind = (f"output: mean KL(float32 || quantized) of the next-token distributions at {scored:,} positions of "
-            f"{source} ({n_tokens:,} tokens, windows of up to {COST_CONTEXT}), each unit alone rounded to nearest "
+            f"{source} ({n_tokens:,} tokens, windows of up to {max(b.shape[1] for b in batches)}), each unit alone rounded to nearest "
             f"(RTN costs), every other weight float32; q/k/v and gate/up are one unit each, as vLLM fuses them")
     calibration = {"texts": len(texts), "file": args.calibration, "tokens": n_tokens, "positions": scored}
     return costs, nbytes, kind, calibration, seconds
