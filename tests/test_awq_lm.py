@@ -166,7 +166,7 @@ def test_awq_decoder_leaves_float_what_its_group_size_does_not_fit():
 
     config, weights = tiny(hidden_size=32, intermediate_size=48, head_dim=8)
     windows = [np.random.default_rng(4).integers(0, 32, (2, 8))]
-    quantized, replaced, rows, left = awq_decoder(config, loud(config, weights), Scheme("int", 4, "group", 32), windows)
+    quantized, _, rows, left = awq_decoder(config, loud(config, weights), Scheme("int", 4, "group", 32), windows)
     downs = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]  # in_features 48
     assert sorted(left) == downs and "group_size=32 does not divide in_features=48" in left[downs[0]]
     assert not any(n in quantized for n in downs) and len(quantized) == 12
