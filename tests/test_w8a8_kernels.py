@@ -80,8 +80,10 @@ def test_longest_rows_whose_sums_fit_int32(path):
         _w8a8.prepare_int8(np.zeros((1, k + 1), np.int8), np.ones(1, np.float32))
 
 
+@pytest.mark.parametrize("blas_threads", [True, False])
 @pytest.mark.parametrize("path", PATHS)
-def test_threads_and_zero_tokens(path):
+def test_threads_and_zero_tokens(path, blas_threads, monkeypatch):
+    monkeypatch.setattr(_w8a8, "USE_BLAS_THREADS", blas_threads)  # OpenBLAS's threads where usable, else the pool
     rng = np.random.default_rng(7)
     n, k, m = 1000, 515, 33  # 17 blocks of 64 rows: several chunks per thread
     wq = codes(rng, (n, k))

@@ -55,6 +55,8 @@ __all__ = ["Int8Weight", "prepare_int8", "w8a8_int8_linear", "int8_accumulators"
 PATHS = ("vnni", "avx2", "portable")
 _MAX_K = (2**31 - 1) // (128 * 128)  # npquant.linear_w8a8.MAX_INT32_K: int32 sums exact whatever the codes
 _PARALLEL_FROM = 1 << 22  # multiply-adds below which a call stays on the caller's thread (as the other kernels)
+#: Whether calls run on OpenBLAS's threads where they can (tests and benchmarks switch it off to reach the pool).
+USE_BLAS_THREADS = True
 _CHUNKS_PER_THREAD = 32  # small chunks (3 blocks of 64 rows for 11008 rows, 2 threads): a thread the OS
 # holds back leaves little for the others to wait on
 
@@ -152,7 +154,7 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None)
     :func:`npquant.kernels._parallel` runs the other kernels (one thread below ``_PARALLEL_FROM`` multiply-adds)."""
     if threads is None:
         threads = 1 if cost < _PARALLEL_FROM else 0
-    blas = threads != 1 and n_units > 1 and _blas_threads.usable()
+    blas = threads != 1 and n_units > 1 and USE_BLAS_THREADS and _blas_threads.usable()
     if blas and _blas_threads.run(kernel, args, n_units, threads, _CHUNKS_PER_THREAD):
         return
     n = max(1, min(threads or _threads_default(), n_units))
