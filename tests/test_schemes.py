@@ -11,7 +11,7 @@ def test_presets_are_the_documented_list():
         "w8-tensor", "w8-channel", "w8-g128", "w4-tensor", "w4-channel", "w4-g128", "w4-g64",
         "w4-g32", "w4-g128-asym", "w3-g128", "w2-g64", "w8-channel-restricted", "w4-g128-restricted",
         "w4-g64-restricted", "w4-g32-restricted", "fp8-tensor", "fp8-channel",
-        "fp8-block", "nvfp4", "mxfp4", "mxfp6", "mxfp8",
+        "fp8-block", "nvfp4", "mxfp4", "mxfp6", "mxfp8", "w8a8-int8", "w8a8-fp8",
     ]
     # Symmetric int presets use the full grid; each -restricted preset is its plain name on the restricted grid.
     presets = npquant.schemes()

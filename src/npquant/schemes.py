@@ -29,7 +29,16 @@ weight ``w (out_features, in_features)`` into codes and scales:
 - ``scale_dtype``: the dtype the scales are stored in: ``"float32"``,
   ``"float16"``, ``"bfloat16"``, ``"fp8_e4m3"`` (NVFP4: fp8 scales times one
   float32 global scale per tensor) or ``"e8m0"`` (MX: a power of two,
-  stored as its biased exponent byte).
+  stored as its biased exponent byte);
+- ``activations``: ``None`` (weight-only: ``x`` stays float32) or the rule
+  that quantizes ``x`` inside :func:`npquant.linear`, per token, dynamic,
+  symmetric (W8A8, :mod:`npquant.activations`): ``"int8-token"`` (int8
+  weight codes per channel, symmetric) or ``"fp8-token"`` (fp8 e4m3 weight
+  codes per channel). compressed-tensors' ``input_activations`` ``{num_bits:
+  8, type: int | float, strategy: token, dynamic: true, symmetric: true}``.
+  The weights are quantized as without it (``w8a8-int8``'s codes and
+  scales are ``w8-channel``'s, ``w8a8-fp8``'s ``fp8-channel``'s);
+  :meth:`Scheme.bits_per_weight` counts the weights' storage only.
 
 Schemes with fp4/fp6 codes, fp8/e8m0 scales or blocks follow
 compressed-tensors' own rules (:mod:`npquant.microscaling`) bit for bit, so
@@ -52,7 +61,7 @@ from dataclasses import dataclass
 
 from .errors import NpquantError
 
-__all__ = ["Scheme", "schemes", "get_scheme", "FLOAT_MAX"]
+__all__ = ["Scheme", "schemes", "get_scheme", "FLOAT_MAX", "ACTIVATIONS"]
 
 #: Largest finite magnitude of each float code format.
 FLOAT_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp4_e2m1": 6.0, "fp6_e2m3": 7.5}
@@ -63,6 +72,8 @@ _DTYPES = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp6_e2m3")
 _GRANULARITIES = ("tensor", "channel", "group", "block")
 _SCALE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "e8m0")
 _GRIDS = ("full", "restricted")
+#: Activation rules (``Scheme.activations``): the weight codes each needs, and its bits per activation.
+ACTIVATIONS = {"int8-token": ("int", 8), "fp8-token": ("fp8_e4m3", 8)}
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,11 @@ class Scheme:
         ``scale = absmax / (2**(bits-1) - 0.5)``; ``"restricted"`` takes
         ``[-qmax, qmax]`` and ``scale = absmax / qmax``. Other formats use
         their whole grid and take ``"full"`` only.
+    activations : {None, "int8-token", "fp8-token"}
+        ``None``: weight-only. Otherwise :func:`npquant.linear` quantizes
+        ``x`` per token at each call (dynamic, symmetric) and multiplies
+        8-bit codes: ``"int8-token"`` needs symmetric int8 weight codes,
+        ``"fp8-token"`` fp8 e4m3 ones, both per channel with float scales.
     """
 
     dtype: str = "int"
@@ -105,6 +121,7 @@ class Scheme:
     scale_dtype: str = "float32"
     block_size: tuple[int, int] | None = None
     grid: str = "full"
+    activations: str | None = None
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -164,6 +181,22 @@ class Scheme:
             raise NpquantError(
                 f"Scheme scale_dtype={self.scale_dtype!r} scales groups; granularity={self.granularity!r} does not"
             )
+        if self.activations is not None:
+            self._check_activations()
+
+    def _check_activations(self) -> None:
+        """The weights an activation rule multiplies with: 8-bit codes of its kind, per channel, float scales."""
+        act = self.activations
+        if act not in ACTIVATIONS:
+            raise NpquantError(f"Scheme activations={act!r} is not known; expected None or one of {tuple(ACTIVATIONS)}")
+        dtype, bits = ACTIVATIONS[act]
+        if self.dtype != dtype or self.bits != bits or not self.symmetric:
+            want = "symmetric int8" if dtype == "int" else "fp8_e4m3"
+            got = f"dtype={self.dtype!r}, bits={self.bits}" + ("" if self.symmetric else ", symmetric=False")
+            raise NpquantError(f"Scheme activations={act!r} multiplies {want} weight codes, got {got}")
+        if self.granularity != "channel":
+            raise NpquantError(f"Scheme activations={act!r} needs one weight scale per output channel "
+                               f"(granularity='channel'), got granularity={self.granularity!r}")
 
     # --- format facts -------------------------------------------------
     @property
@@ -252,8 +285,23 @@ class Scheme:
         total += 4 if self.global_scale else 0
         return 8.0 * total / (out_features * in_features)
 
+    @property
+    def activation_bits(self) -> int | None:
+        """Bits per activation code ``linear`` multiplies (8 for W8A8), or None for weight-only schemes (float32 x)."""
+        return None if self.activations is None else ACTIVATIONS[self.activations][1]
+
     def describe(self) -> str:
-        """The rule in one line, e.g. for ``npquant schemes``."""
+        """The rule in one line, e.g. for ``npquant schemes``; W8A8 schemes add their activations' rule."""
+        rule = self._describe_weights()
+        if self.activations == "int8-token":
+            rule += ("; activations int8 per token, dynamic: scale = absmax / 127, codes in [-128, 127] "
+                     "(8 bits per activation)")
+        elif self.activations == "fp8-token":
+            rule += ("; activations fp8 e4m3 per token, dynamic: scale = max(absmax / 448, 1 / 229376) "
+                     "(8 bits per activation)")
+        return rule
+
+    def _describe_weights(self) -> str:
         if self.scale_dtype == "fp8_e4m3":
             return (f"NVFP4: fp4 e2m1 codes per group of {self.group_size} inputs, fp8 e4m3 scales "
                     f"(global x (group absmax / 6)) over one float32 global scale (1 / absmax(w)) * 2688, "
@@ -333,4 +381,6 @@ _PRESETS: dict[str, Scheme] = {
     "mxfp4": Scheme("fp4_e2m1", 4, "group", 32, scale_dtype="e8m0"),
     "mxfp6": Scheme("fp6_e2m3", 6, "group", 32, scale_dtype="e8m0"),
     "mxfp8": Scheme("fp8_e4m3", 8, "group", 32, scale_dtype="e8m0"),
+    "w8a8-int8": Scheme("int", 8, "channel", activations="int8-token"),
+    "w8a8-fp8": Scheme("fp8_e4m3", 8, "channel", activations="fp8-token"),
 }

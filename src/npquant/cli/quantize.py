@@ -104,7 +104,7 @@ def fallback_presets(scheme, in_features) -> list[str]:
             return False
         return True
 
-    presets = {n: s for n, s in schemes().items() if s != scheme and loadable(s)}
+    presets = {n: s for n, s in schemes().items() if s != scheme and loadable(s) and s.activations == scheme.activations}
 
     def fits(s) -> bool:
         return s.granularity != "group" or all(i % s.group_size == 0 for i in in_features)
