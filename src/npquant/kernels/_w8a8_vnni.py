@@ -13,9 +13,12 @@ A tile is ``MR`` tokens (``MR <= 6``) by 64 weight rows (four registers of
 16 rows): per quad of columns, four loads of 64 bytes of weights, ``MR``
 broadcasts of 4 bytes of ``x``, ``4 MR`` ``vpdpbusd``; the 24
 accumulators, four weight registers and one broadcast fit AVX-512's 32
-registers. Each thread claims blocks of 64 rows (about 256 KiB for 4096
-columns, kept in its L2 while every ``MR`` tokens stream their codes past
-it).
+registers. Each thread claims blocks of 64 rows; within a block, passes of
+``KC`` quads (8 KiB of codes) stay in L1 while every tile of tokens goes
+over them, the block's int32 sums kept for every token (``M x 64``) and
+scaled once at its end. One thread, 1024 x 4096 at batch 128, operands in
+cache: 448-483 GOP/s (``KC`` 16 to 128 all within that, on a loaded
+machine), where float32's BLAS reached 51-64 GFLOP/s.
 
 Compiled only where numba's target has AVX-512 VNNI
 (:func:`~npquant.kernels._target.has_vnni`): nothing compiles at import, and
