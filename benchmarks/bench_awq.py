@@ -21,7 +21,8 @@ Seconds are the wall time of ``quantized()``, with its ratio to GPTQ's for
 the same preset in the same process (the machine may be shared: the
 figures are rough).
 
-    python benchmarks/bench_awq.py            # every preset and method (10-20 minutes on 2 cores)
+    python benchmarks/bench_awq.py            # every preset and method (about 20 minutes on 2 quiet cores;
+                                              # 90 on a machine loaded by other runs)
     python benchmarks/bench_awq.py --quick    # w4-g128 only, 32 calibration texts: a smoke test
 """
 
