@@ -12,7 +12,7 @@ from npquant.kernels import _target  # noqa: E402
 
 PRESETS = ["w8-tensor", "w8-channel", "w8-g128", "w4-tensor", "w4-channel", "w4-g128", "w4-g64", "w4-g32",
            "w4-g128-asym", "w3-g128", "w2-g64", "fp8-tensor", "fp8-channel", "fp8-block", "nvfp4", "mxfp4", "mxfp6",
-           "mxfp8"]
+           "mxfp8", "w8a8-int8", "w8a8-fp8"]
 
 
 def weight(shape=(128, 256)):

@@ -9,6 +9,15 @@ Backends, chosen by argument (never by a global):
   codes directly; see :mod:`npquant.kernels`.
 - ``"auto"``: ``"numba"`` when numba is installed, else ``"numpy"``.
 
+Schemes with activations (``w8a8-int8``, ``w8a8-fp8``: ``qt.scheme.activations``)
+quantize ``x`` per token inside the call (W8A8). ``"numpy"`` runs the exact
+reference (:mod:`npquant.linear_w8a8_apply`); ``"numba"`` the integer GEMM for
+int8 (VNNI, AVX2 or portable, :mod:`npquant.kernels._w8a8`), on the layout
+:func:`npquant.prepare` makes, or, for a tensor not prepared, on that layout
+made at its first call and kept while the tensor lives; its float32 outputs
+are bit-equal to the reference's. fp8 has no kernel: both backends run the
+reference. ``x`` is converted to float32 first either way.
+
 >>> import numpy as np
 >>> from npquant import quantize
 >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
@@ -27,14 +36,15 @@ from ._backends import available_backends, resolve_backend
 from ._checks import dtype_name
 from .errors import NpquantError
 from .linear_numpy import numpy_linear
-from .prepared import PreparedTensor
+from .linear_w8a8_apply import w8a8_reference
+from .prepared import PreparedTensor, PreparedW8A8
 from .tensor import QuantizedTensor
 
 __all__ = ["linear", "available_backends"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _FLOAT32 = np.dtype(np.float32)
-_TENSORS = (QuantizedTensor, PreparedTensor)
+_TENSORS = (QuantizedTensor, PreparedTensor, PreparedW8A8)
 
 
 def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "auto") -> np.ndarray:
@@ -44,7 +54,8 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
     ----------
     x : float16, bfloat16, float32 or float64 (I,) or (..., I)
         Activations; computed in float32.
-    qt : QuantizedTensor or PreparedTensor (see :func:`npquant.prepare`) of shape (O, I)
+    qt : QuantizedTensor, PreparedTensor or PreparedW8A8 (see :func:`npquant.prepare`) of shape (O, I); a W8A8
+        scheme (``qt.scheme.activations``) quantizes ``x`` per token (see the module docstring)
     bias : float (O,) or None
     backend : {"auto", "numpy", "numba"}
 
@@ -81,6 +92,8 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
         qt = qt.in_stored_order()
     if backend == "numba":
         y = _kernels().numba_linear(x2, qt)  # converts x2 to float32 itself; numpy's tiles where no kernel reads qt
+    elif qt.scheme.activations is not None:  # W8A8: x quantized per token, the exact reference
+        y = w8a8_reference(x2.astype(np.float32, copy=False), qt)
     else:
         y = numpy_linear(x2.astype(np.float32, copy=False), qt)
     if bias is not None:

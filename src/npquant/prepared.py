@@ -35,6 +35,14 @@ bytes of codes per row (``I / 2`` for 4 bits, ``I`` for 8):
 - ``zero_point`` uint8 ``(B, G, 64)`` or None (symmetric, fp8).
 
 Rows past ``O`` (the last block's padding) hold code 0 and scale 0.
+
+**W8A8 int8** (``Scheme.activations == "int8-token"``, ``w8a8-int8``):
+:func:`prepare` makes a :class:`PreparedW8A8` instead, the integer GEMM's
+layout (:mod:`npquant.kernels._w8a8_core`: uint8 ``(ceil(O / 64), ceil(I /
+4), 256)``, byte ``4 r + j`` of quad ``q`` of block ``b`` is code ``(64 b +
+r, 4 q + j)``, zeros padding; ``128 * rowsum`` per row for the VNNI
+kernel's offset ``x``; the float32 scale per row). fp8 W8A8 tensors
+(``w8a8-fp8``) have no kernel of their own and are returned as they are.
 The layout holds the same information as the tensor it came from:
 :meth:`PreparedTensor.quantized` gives that tensor back, bit for bit.
 
@@ -60,7 +68,7 @@ from .schemes import Scheme
 from .tensor import (QuantizedTensor, _check_small_scales, code_numpy_dtype, first_nonfinite_fp8, scale_numpy_dtype,
                      scale_values)
 
-__all__ = ["PreparedTensor", "prepare", "preparable", "ROWS"]
+__all__ = ["PreparedTensor", "PreparedW8A8", "prepare", "preparable", "ROWS"]
 
 #: Output rows side by side in one block of :class:`PreparedTensor`.
 ROWS = 64
@@ -74,6 +82,8 @@ def preparable(scheme: Scheme, shape: tuple[int, int]) -> bool:
     that blocks start on a byte), and every one-byte format (int8, fp8) with
     float scales over whole rows.
     """
+    if scheme.activations is not None:  # W8A8: PreparedW8A8's layout (int8) or none (fp8)
+        return False
     if scheme.dtype == "fp4_e2m1":  # NVFP4, MXFP4: groups of 16 or 32 start on a byte
         return scheme.group_size % 2 == 0
     if scheme.microscaled:
@@ -202,14 +212,98 @@ class PreparedTensor:
                                self.global_scale)
 
 
-def prepare(qt: QuantizedTensor) -> PreparedTensor | QuantizedTensor:
+#: Longest rows the W8A8 GEMM takes: int32 sums exact whatever the codes (npquant.linear_w8a8.MAX_INT32_K).
+_W8A8_MAX_K = (2**31 - 1) // (128 * 128)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedW8A8:
+    """A ``w8a8-int8`` weight in the integer GEMM's layout (see the module docstring), made by :func:`prepare`.
+
+    Attributes
+    ----------
+    packed : uint8 ``(ceil(O / 64), ceil(I / 4), 256)``
+    corr : int32 ``(64 ceil(O / 64),)``: ``128 * rowsum(codes)``, 0 past ``O``
+    w_scale : float32 ``(64 ceil(O / 64),)``: each row's scale, 0 past ``O``
+    shape : (O, I)
+    scheme : Scheme with ``activations == "int8-token"``
+    """
+
+    packed: np.ndarray
+    corr: np.ndarray
+    w_scale: np.ndarray
+    shape: tuple[int, int]
+    scheme: Scheme
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if self.scheme.activations != "int8-token":
+            raise NpquantError(f"PreparedW8A8 holds w8a8-int8 weights (activations='int8-token'), got {self.scheme}")
+        o, i = self.shape
+        n_pad = -(-o // ROWS) * ROWS
+        for name, arr, dtype, shape in (("packed", self.packed, np.uint8, (n_pad // ROWS, -(-i // 4), 4 * ROWS)),
+                                        ("corr", self.corr, np.int32, (n_pad,)),
+                                        ("w_scale", self.w_scale, np.float32, (n_pad,))):
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != shape or not arr.flags.c_contiguous:
+                got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise NpquantError(f"{name} must be C-contiguous {np.dtype(dtype).name} {shape} for shape {self.shape}, "
+                                   f"got {got}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the laid-out codes, the row sums and the scales, padding included."""
+        return int(self.packed.nbytes + self.corr.nbytes + self.w_scale.nbytes)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * nbytes / (O * I)``."""
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def quantized(self) -> QuantizedTensor:
+        """The :class:`~npquant.QuantizedTensor` this was prepared from, bit for bit."""
+        o, i = self.shape
+        n_blocks, quads, _ = self.packed.shape
+        rows = self.packed.reshape(n_blocks, quads, ROWS, 4).transpose(0, 2, 1, 3).reshape(n_blocks * ROWS, quads * 4)
+        codes = np.ascontiguousarray(rows[:o, :i]).view(np.int8)
+        scale = self.w_scale[:o].reshape(o, 1).astype(scale_numpy_dtype(self.scheme))  # exact: values of that dtype
+        return QuantizedTensor(codes, scale, None, self.shape, self.scheme)
+
+    def dequantize_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 ``(R, I)``: rows ``[start, stop)`` of the dequantized weight."""
+        return self.quantized().dequantize_rows(start, stop)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 ``(O, I)``: the weight the codes stand for."""
+        return self.quantized().dequantize()
+
+
+def _prepare_w8a8(qt: QuantizedTensor) -> PreparedW8A8 | QuantizedTensor:
+    """The integer GEMM's layout of a ``w8a8-int8`` tensor (:mod:`npquant.kernels._w8a8_core`'s ``pack_weight``,
+    in numpy here: this module sits below the kernels); ``qt`` itself where the GEMM does not take it."""
+    out_features, in_features = qt.shape
+    if qt.perm is not None or in_features > _W8A8_MAX_K:
+        return qt
+    n_pad, k_pad = -(-out_features // ROWS) * ROWS, -(-in_features // 4) * 4
+    w = np.zeros((n_pad, k_pad), np.int8)
+    w[:out_features, :in_features] = qt.codes
+    packed = w.view(np.uint8).reshape(n_pad // ROWS, ROWS, k_pad // 4, 4).transpose(0, 2, 1, 3)  # (B, Q, 64, 4)
+    packed = np.ascontiguousarray(packed).reshape(n_pad // ROWS, k_pad // 4, 4 * ROWS)
+    corr = (128 * w.astype(np.int64).sum(axis=1)).astype(np.int32)  # |128 rowsum| <= 2**14 I: fits int32
+    w_scale = np.zeros(n_pad, np.float32)
+    w_scale[:out_features] = scale_values(qt.scale, qt.scheme).reshape(-1)
+    return PreparedW8A8(packed, corr, w_scale, qt.shape, qt.scheme)
+
+
+def prepare(qt: QuantizedTensor) -> PreparedTensor | PreparedW8A8 | QuantizedTensor:
     """Rearrange ``qt`` for the numba backend's kernels, when a layout of its own helps.
 
     One-byte codes (``w8-channel``, ``fp8-channel``, ...) and 4-bit int
     codes whose blocks span an even number of columns (``w4-g128``,
     ``w4-channel``, ...) become a :class:`PreparedTensor` (see
-    :func:`preparable`); every other tensor is returned as it is. Either
-    result goes to :func:`npquant.linear` with any backend.
+    :func:`preparable`); ``w8a8-int8`` tensors a :class:`PreparedW8A8`
+    (the integer GEMM's layout; in_features up to 131071); every other
+    tensor (``w8a8-fp8`` included) is returned as it is. Any result goes
+    to :func:`npquant.linear` with any backend.
 
     Parameters
     ----------
@@ -217,11 +311,13 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | QuantizedTensor:
 
     Returns
     -------
-    PreparedTensor (holding the same information; ``.quantized()`` gives ``qt`` back) or ``qt``
+    PreparedTensor or PreparedW8A8 (holding the same information; ``.quantized()`` gives ``qt`` back) or ``qt``
     """
     if not isinstance(qt, QuantizedTensor):
         raise NpquantError(f"qt must be a QuantizedTensor (see npquant.quantize), got {type(qt).__name__}")
     scheme = qt.scheme
+    if scheme.activations == "int8-token":
+        return _prepare_w8a8(qt)
     out_features, in_features = qt.shape
     if not preparable(scheme, qt.shape) or qt.perm is not None:
         return qt

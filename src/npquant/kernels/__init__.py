@@ -49,7 +49,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..errors import NpquantError
-from ..prepared import ROWS, PreparedTensor
+from ..linear_w8a8_apply import w8a8_reference
+from ..prepared import _W8A8_MAX_K, ROWS, PreparedTensor, PreparedW8A8, prepare
 from ..tensor import QuantizedTensor, _float_code_values
 from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
@@ -155,14 +156,14 @@ def _lut_rows_fit(qt: QuantizedTensor) -> bool:
     return _lut_rows_shape(qt) and _lut_kernels() is not None
 
 
-def has_kernels(qt: QuantizedTensor | PreparedTensor, m_rows: int = 1) -> bool:
+def has_kernels(qt: QuantizedTensor | PreparedTensor | PreparedW8A8, m_rows: int = 1) -> bool:
     """Whether the kernels read ``qt``'s codes for a batch of ``m_rows``.
 
     Every format but blocks cut at the weight's edge (``m_rows``
     does not matter: every batch has kernels). :func:`npquant.linear` takes
     the numpy path for the others.
     """
-    if isinstance(qt, PreparedTensor):
+    if isinstance(qt, (PreparedTensor, PreparedW8A8)):
         return True
     return _plan(qt)[2]
 
@@ -247,6 +248,8 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
         from ..linear_numpy import numpy_linear
 
         return numpy_linear(x2, qt, tile_elements)
+    if qt.scheme.activations is not None:  # W8A8: x quantized per token inside the call, the runner's own output
+        return route.run(x2, qt, None, _Call(tile_elements, tile_k, threads))
     # The kernels read x by whole lines; BLAS (larger batches) does not care, and
     # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
     x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
@@ -426,6 +429,40 @@ def _run_prepared_tiles(x2, p, y, call) -> None:
     tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
 
 
+# id(w8a8-int8 QuantizedTensor) -> (weak reference to it, its PreparedW8A8); an entry leaves with its tensor
+_W8A8_LAYOUTS: dict[int, tuple] = {}
+
+
+def _w8a8_layout(qt: QuantizedTensor) -> PreparedW8A8:
+    """``prepare(qt)`` for a ``w8a8-int8`` tensor not prepared: made at its first call, kept while it lives."""
+    key = id(qt)
+    entry = _W8A8_LAYOUTS.get(key)
+    if entry is None or entry[0]() is not qt:
+        entry = _W8A8_LAYOUTS[key] = (weakref.ref(qt, lambda _, key=key: _W8A8_LAYOUTS.pop(key, None)), prepare(qt))
+    return entry[1]
+
+
+def _w8a8_fits(qt: QuantizedTensor) -> bool:
+    """Whether the int8 GEMM takes ``qt``: w8a8-int8 codes in stored order, in_features up to 131071."""
+    return qt.scheme.activations == "int8-token" and qt.perm is None and qt.shape[1] <= _W8A8_MAX_K
+
+
+def _run_w8a8_int8(x2, t, y, call) -> np.ndarray:
+    """:func:`~npquant.kernels._w8a8.w8a8_int8_linear`: ``x`` quantized per token and the integer GEMM, on
+    :class:`~npquant.prepared.PreparedW8A8`'s layout (for a QuantizedTensor, made once by :func:`_w8a8_layout`);
+    returns ``y`` (float32 ``(M, O)``, bit-equal to the reference)."""
+    from . import _w8a8
+
+    p = t if isinstance(t, PreparedW8A8) else _w8a8_layout(t)
+    weight = _w8a8.Int8Weight(p.packed, p.corr, p.w_scale, p.shape)
+    return _w8a8.w8a8_int8_linear(x2, weight, threads=call.threads)
+
+
+def _run_w8a8_reference(x2, t, y, call) -> np.ndarray:
+    """:func:`npquant.linear_w8a8_apply.w8a8_reference`: no kernel for these W8A8 codes (fp8); returns ``y``."""
+    return w8a8_reference(x2, t)
+
+
 # --- the kernel choice ----------------------------------------------------------------------------------------
 
 
@@ -439,7 +476,8 @@ class Route(NamedTuple):
     needs: str  # CPU features, in words ("" for none)
     available: Callable | None  # () -> bool: numba's target has them and the kernels compiled
     kernel: str  # module.function
-    run: Callable | None  # (x2, tensor, y, _Call) -> None, writing y; None: the numpy backend's tiles
+    run: Callable | None  # (x2, tensor, y, _Call) -> None, writing y; None: the numpy backend's tiles. W8A8 rows
+    # (scheme.activations) are called with y None and return their own y
     why: str
 
 
@@ -461,6 +499,15 @@ _P4 = "4-bit codes (int4, fp4)"
 
 #: Every quantized-linear kernel, by layout, batch, codes and CPU features: the first row a call fits takes it.
 ROUTES = (
+    Route("checkpoint", (1, _BIG), "int8 codes with int8 activations per token (w8a8-int8)", _w8a8_fits, "", None,
+          "_w8a8.w8a8_int8_linear", _run_w8a8_int8, "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 "
+          "or portable: _w8a8.int8_path()) on prepare's layout, made at the first call and kept with the tensor"),
+    Route("checkpoint", (1, _BIG), "codes with activations per token the int8 GEMM does not take (w8a8-fp8)",
+          lambda qt: qt.scheme.activations is not None, "", None, "npquant.linear_w8a8_apply.w8a8_reference",
+          _run_w8a8_reference, "no fp8 kernel: the exact numpy reference, x quantized per token"),
+    Route("prepared", (1, _BIG), "int8 codes with int8 activations per token (PreparedW8A8)",
+          lambda p: isinstance(p, PreparedW8A8), "", None, "_w8a8.w8a8_int8_linear", _run_w8a8_int8,
+          "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 or portable: _w8a8.int8_path())"),
     Route("checkpoint", (1, _BIG), "codes in blocks cut at the weight's edge", lambda qt: not _dequantizes(qt), "", None,
           "npquant.linear_numpy.numpy_linear", None, "no kernel reads a block cut short"),
     Route("checkpoint", _ONE, f"{_P4} in blocks of 32s or paired 16s", lambda qt: _plan(qt)[1], "AVX-512", _has_lut,
@@ -508,7 +555,7 @@ def _route(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
 
 
 def _choose(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
-    layout = "prepared" if isinstance(t, PreparedTensor) else "checkpoint"
+    layout = "prepared" if isinstance(t, (PreparedTensor, PreparedW8A8)) else "checkpoint"
     for route in ROUTES:
         lo, hi = route.batch
         if (route.layout == layout and lo <= m_rows <= hi and (route.available is None or route.available())
@@ -538,6 +585,10 @@ def explain(t: QuantizedTensor | PreparedTensor, batch: int = 1) -> str:
     needs = f"; needs {route.needs}, which numba's target has" if route.needs else ""
     if "*" in kernel:
         kernel = kernel.replace("*", "bytes" if t.scheme.bits == 8 else "int4")
+    if route.run is _run_w8a8_int8:
+        from ._w8a8 import int8_path
+
+        kernel += f" on the {int8_path()} path"
     return f"{route.layout} layout, batch {rows}, {route.codes}: {kernel} ({route.why}{needs})"
 
 
