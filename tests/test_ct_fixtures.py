@@ -28,7 +28,7 @@ def reference(path):
 
 # The formats whose rules npquant follows as compressed-tensors computes them: its writer must give the same bytes.
 WRITTEN_ALIKE = {"nvfp4": "nvfp4", "mxfp4": "mxfp4", "mxfp6": "mxfp6", "mxfp8": "mxfp8", "fp8-block": "fp8-block",
-                 "fp8-block-a16": "fp8-block"}
+                 "fp8-block-a16": "fp8-block", "w8a8-int": "w8a8-int8"}
 
 
 def test_every_fixture_is_here():
@@ -64,6 +64,12 @@ def test_loaded_tensors_run_on_every_backend(path):
     x = np.random.default_rng(0).standard_normal((3, 300)).astype(np.float32)
     for name, qt in npquant.load(path).items():
         xi = x[:, : qt.shape[1]]
+        if qt.scheme.activations is not None:  # W8A8: x quantized per token, the reference on both backends
+            want = npquant.linear(xi, qt, backend="numpy")
+            for backend in npquant.available_backends():
+                for weights in (qt, npquant.prepare(qt)):
+                    assert np.array_equal(npquant.linear(xi, weights, backend=backend), want), (name, backend)
+            continue
         exact = xi.astype(np.float64) @ qt.dequantize().astype(np.float64).T
         bound = sum_bound(xi, qt.dequantize(), qt.shape[1] + 2) + 1e-30
         for backend in npquant.available_backends():
@@ -100,7 +106,11 @@ def test_quantize_checkpoint_writes_what_compressed_tensors_wrote(path, tmp_path
         assert got[name].tobytes() == tensor.tobytes(), name
     ours = json.loads((out / "config.json").read_text())["quantization_config"]
     theirs = json.loads((path / "config.json").read_text())["quantization_config"]
-    ours_w, theirs_w = ours["config_groups"]["group_0"]["weights"], theirs["config_groups"]["group_0"]["weights"]
-    assert {k: v for k, v in theirs_w.items() if v is not None} == {k: v for k, v in ours_w.items() if v is not None}
+    for args in ("weights", "input_activations"):
+        ours_w, theirs_w = ours["config_groups"]["group_0"][args], theirs["config_groups"]["group_0"][args]
+        if args == "input_activations" and theirs_w is not None and theirs_w["strategy"] == "group":
+            continue  # FP8_BLOCK's per-group activations: npquant writes fp8-block weight-only
+        ours_w, theirs_w = ours_w or {}, theirs_w or {}
+        assert {k: v for k, v in theirs_w.items() if v is not None} == {k: v for k, v in ours_w.items() if v is not None}
     if theirs["format"] != "naive-quantized":  # weight-only fp8 blocks: npquant writes float-quantized, as for fp8-channel
         assert ours["format"] == theirs["format"]

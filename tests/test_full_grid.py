@@ -133,7 +133,8 @@ def test_every_int_route_of_the_table_is_reached(monkeypatch):
                     reached.add(kernels._choose(t, batch).kernel)
     monkeypatch.undo()
     rows = [r.kernel for r in kernels.ROUTES
-            if r.kernel != "npquant.linear_numpy.numpy_linear" and (r.available is None or r.available())]
+            if r.kernel != "npquant.linear_numpy.numpy_linear" and (r.available is None or r.available())
+            and "w8a8" not in r.kernel]  # the W8A8 rows take schemes with activations: test_w8a8_linear.py
     assert [k for k in rows if k not in reached] == []
 
 

@@ -10,12 +10,23 @@ compressed-tensors' ``weights`` have no grid: a symmetric int scheme writes
 the same group on the full and the restricted grid, and a group reads back
 as the full grid (``Scheme.grid="full"``), whose codes
 ``[-2**(b-1), 2**(b-1) - 1]`` are every code the format stores.
+
+W8A8 (``Scheme.activations``): a group's ``input_activations`` is
+``{num_bits: 8, type: int | float, strategy: token, dynamic: true,
+symmetric: true, group_size: null}`` (compressed-tensors' ``W8A8`` and
+``FP8_DYNAMIC``), its format ``int-quantized`` (int8 ``weight``) or
+``float-quantized``. Read back, such a group's scheme carries the rule;
+any other ``input_activations`` (static scales, other strategies,
+asymmetric, other widths) and any ``output_activations`` are refused in
+one line naming the field, with one exception kept from before W8A8:
+fp8 blocks' per-group fp8 activations (``FP8_BLOCK``) load as the
+weight-only ``fp8-block``, ``x`` staying float32.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from ..errors import NpquantError
@@ -85,7 +96,17 @@ def _weights_args(scheme: Scheme) -> dict:
     return args
 
 
+def _activations_args(scheme: Scheme) -> dict | None:
+    """A group's ``input_activations``: per token, dynamic, symmetric, 8 bits (None for weight-only schemes)."""
+    if scheme.activations is None:
+        return None
+    return {"dynamic": True, "group_size": None, "num_bits": 8, "strategy": "token", "symmetric": True,
+            "type": "int" if scheme.activations == "int8-token" else "float"}
+
+
 def _format_of(scheme: Scheme) -> str:
+    if scheme.activations is not None:  # compressed-tensors' inference: int or float, input_activations not null
+        return "int-quantized" if scheme.activations == "int8-token" else "float-quantized"
     if scheme.global_scale:
         return "nvfp4-pack-quantized"
     if scheme.scale_dtype == "e8m0":
@@ -106,8 +127,8 @@ def _quantization_config(scheme: Scheme | Mapping[str, Scheme], ignore: list[str
     if isinstance(scheme, Scheme):
         fmt = _format_of(scheme)
         targets = sorted(modules) if fmt in _WEIGHT_NAMED_FORMATS else ["Linear"]
-        groups = {"group_0": {"targets": targets, "weights": _weights_args(scheme), "input_activations": None,
-                              "output_activations": None}}
+        groups = {"group_0": {"targets": targets, "weights": _weights_args(scheme),
+                              "input_activations": _activations_args(scheme), "output_activations": None}}
     else:
         by_scheme: dict[Scheme, list[str]] = {}
         for name, sch in scheme.items():
@@ -115,7 +136,7 @@ def _quantization_config(scheme: Scheme | Mapping[str, Scheme], ignore: list[str
         groups = {}
         for k, (sch, modules) in enumerate(by_scheme.items()):
             groups[f"group_{k}"] = {"format": _format_of(sch), "targets": sorted(modules), "weights": _weights_args(sch),
-                                    "input_activations": None, "output_activations": None}
+                                    "input_activations": _activations_args(sch), "output_activations": None}
         formats = {g["format"] for g in groups.values()}
         fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     return {
@@ -192,6 +213,10 @@ def _read_quantization_config(config: object, where: str) -> tuple[list[_ReadGro
         if not isinstance(fmt, str) or fmt not in _READ_FORMATS:
             raise NpquantError(f"{at}: format {fmt!r} is not one npquant reads ({', '.join(_READ_FORMATS)})")
         scheme, act_order = _scheme_from_weights(g["weights"], at)
+        if g.get("output_activations") is not None:
+            raise NpquantError(f"{at}.output_activations is set: npquant does not quantize a layer's outputs "
+                               f"(null expected)")
+        scheme = _with_activations(scheme, g.get("input_activations"), f"{at}.input_activations")
         targets = _compile_targets(g.get("targets"), f"{at}.targets", compiled)
         groups.append(_ReadGroup(gname, scheme, act_order, fmt, targets))
     ignore = _compile_targets(qc.get("ignore") or [], f"{where}: ignore", compiled)
@@ -288,6 +313,42 @@ def _scheme_from_weights(weights: dict, where: str) -> tuple[Scheme, bool]:
     if act_order and scheme.granularity != "group":
         raise NpquantError(f"{where}.weights: actorder {actorder!r} is for group scales, not strategy {strategy!r}")
     return scheme, act_order
+
+
+def _with_activations(scheme: Scheme, acts: dict | None, at: str) -> Scheme:
+    """``scheme`` with the activation rule ``input_activations`` (``acts``) gives it; refuses, naming the field,
+    any rule npquant does not run (see the module docstring)."""
+    if acts is None:
+        return scheme
+    unknown = sorted(set(acts) - set(_WEIGHT_FIELDS))
+    if unknown:
+        raise NpquantError(f"{at} has field {unknown[0]!r}, which compressed-tensors does not define")
+    lower = lambda v: v.lower() if isinstance(v, str) else v  # noqa: E731
+    kind, strategy = lower(acts.get("type", "int")), lower(acts.get("strategy"))
+    if scheme.granularity == "block" and kind == "float" and strategy == "group":
+        return scheme  # FP8_BLOCK: loaded weight-only, as before W8A8 (x stays float32)
+    dynamic, symmetric, num_bits = lower(acts.get("dynamic", False)), acts.get("symmetric", True), acts.get("num_bits")
+    if dynamic is not True:
+        raise NpquantError(f"{at}.dynamic is {dynamic!r}: static activation scales (input_scale) are not run; npquant "
+                           f"quantizes activations per token at run time (dynamic: true)")
+    if strategy != "token":
+        raise NpquantError(f"{at}.strategy is {strategy!r}: npquant quantizes activations per token (strategy: "
+                           f"'token')")
+    if symmetric is not True:
+        raise NpquantError(f"{at}.symmetric is {symmetric!r}: npquant's activation codes are symmetric (true)")
+    if isinstance(num_bits, bool) or num_bits != 8:
+        raise NpquantError(f"{at}.num_bits is {num_bits!r}: npquant quantizes activations to 8 bits")
+    if kind not in ("int", "float"):
+        raise NpquantError(f"{at}.type must be 'int' or 'float', got {kind!r}")
+    if acts.get("group_size") not in (None, -1):
+        raise NpquantError(f"{at}.group_size is {acts['group_size']!r}: per-token activations have none (null)")
+    for field in ("block_structure", "actorder", "scale_dtype", "zp_dtype"):
+        if acts.get(field) not in (None, False):
+            raise NpquantError(f"{at}.{field} is {acts[field]!r}: per-token activations take none (null)")
+    try:
+        return replace(scheme, activations="int8-token" if kind == "int" else "fp8-token")
+    except NpquantError as exc:
+        raise NpquantError(f"{at}: {exc}") from None
 
 
 def _block_structure(block, strategy: str, where: str) -> tuple[int, int] | None:

@@ -18,7 +18,12 @@ The output is a model directory that compressed-tensors and vLLM load
   scales, and asymmetric ones, are float32;
 - fp8 (e4m3), ``format: float-quantized``: ``<m>.weight`` float8_e4m3fn
   ``(O, I)`` and ``<m>.weight_scale`` float32 ``(O, 1)`` per channel or
-  ``(1,)`` per tensor.
+  ``(1,)`` per tensor;
+- W8A8 (``w8a8-int8``, ``w8a8-fp8``): the group's ``input_activations``
+  says per token, dynamic, symmetric; int8 is ``format: int-quantized``,
+  ``<m>.weight`` int8 ``(O, I)`` (the codes themselves) and
+  ``<m>.weight_scale`` ``(O, 1)`` (in the layer's dtype, as for
+  ``w8-channel``); fp8 is ``float-quantized`` as above.
 
 Every other tensor is copied unchanged, shards and the index keep their
 names, ``config.json`` gains a ``quantization_config``, every other file
@@ -102,6 +107,9 @@ def _layer_plans(module: str, shape: tuple[int, int], scheme: Scheme) -> list[Te
         ]
     from ..quantize import scale_numpy_dtype
 
+    if scheme.activations is not None:  # int-quantized: int8 codes as they are
+        return [TensorPlan(f"{module}.weight", np.dtype(np.int8), shape),
+                TensorPlan(f"{module}.weight_scale", scale_numpy_dtype(scheme), (out_features, 1))]
     n_groups = 1 if scheme.granularity == "channel" else in_features // scheme.group_size
     plans = [
         TensorPlan(f"{module}.weight_packed", np.dtype(np.int32), (out_features, math.ceil(in_features * scheme.bits / 32))),
@@ -126,6 +134,8 @@ def _layer_arrays(module: str, qt: QuantizedTensor) -> dict[str, np.ndarray]:
     if scheme.is_float:
         scale = qt.scale.reshape(1) if scheme.granularity == "tensor" else qt.scale
         return {f"{module}.weight": qt.codes, f"{module}.weight_scale": scale}
+    if scheme.activations is not None:  # int-quantized
+        return {f"{module}.weight": qt.codes, f"{module}.weight_scale": qt.scale}
     bits = scheme.bits
     if scheme.packed or not scheme.symmetric:
         stored = qt.codes  # packed bytes hold the stored values already; asymmetric int8 is unsigned
