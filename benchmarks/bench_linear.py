@@ -26,6 +26,15 @@ timing, as an engine does after loading). Where torch is installed it adds
 ``torch._weight_int8pack_mm`` (bf16 activations, int8 per-channel weights)
 beside ``w8-channel``.
 
+W8A8 schemes (``w8a8-int8`` by default, ``w8a8-fp8`` with ``--scheme``)
+quantize ``x`` per token inside each call: ``w8a8-int8`` runs the int8 GEMM
+on the instruction path the header names (``W8A8 int8 path``: vnni, avx2
+or portable; its ``prep`` row is the GEMM's own layout), ``w8a8-fp8`` the
+numpy reference (no fp8 kernel: float64 products, slow). Each W8A8 row adds
+the float32 GFLOP/s and the integer GOP/s reached (``2 M O I`` operations
+over the median time).
+
+    python benchmarks/bench_linear.py --shape 11008 4096 --batch 1 --batch 8 --batch 128 --scheme w8a8-int8
     python benchmarks/bench_linear.py              # full run (a few minutes)
     python benchmarks/bench_linear.py --quick      # seconds, small shapes
     python benchmarks/bench_linear.py --bursts     # fresh process per case, bursts: a best case
@@ -54,7 +63,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("OUT", "IN"),
                    help="weight shapes (repeatable; default 4096 4096 and 11008 4096)")
     p.add_argument("--scheme", action="append", metavar="PRESET",
-                   help="presets (repeatable; default w8-channel, w4-g128, fp8-channel, nvfp4, mxfp4)")
+                   help="presets (repeatable; default w8-channel, w4-g128, fp8-channel, nvfp4, mxfp4, w8a8-int8)")
     p.add_argument("--bursts", action="store_true",
                    help="time each function in bursts of its own calls, each shape and batch in a fresh "
                         "process: a best case, not what a model sees (default: calls alternate with float32 "
@@ -222,7 +231,7 @@ def main() -> int:
     shapes = [tuple(s) for s in ARGS.shape] if ARGS.shape else (
         [(512, 512), (1024, 1024)] if ARGS.quick else [(4096, 4096), (11008, 4096)])
     batches = ARGS.batch or ([1, 8, 32] if ARGS.quick else [1, 8, 128])
-    names = ARGS.scheme or ["w8-channel", "w4-g128", "fp8-channel", "nvfp4", "mxfp4"]
+    names = ARGS.scheme or ["w8-channel", "w4-g128", "fp8-channel", "nvfp4", "mxfp4", "w8a8-int8"]
     repeats = ARGS.repeats or (2 if ARGS.quick else 11)
     backend = ARGS.backend
     if backend == "auto":
@@ -250,6 +259,10 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}")
     print(f"numpy {np.__version__}, npquant {npquant.__version__}, backend {backend}, threads {ARGS.threads}")
     print(f"instruction set: {instruction_set()}")
+    if backend == "numba":
+        from npquant.kernels._w8a8 import int8_path
+
+        print(f"W8A8 int8 path: {int8_path()} (the int8 GEMM of w8a8-int8: vnni, avx2 or portable)")
     print(f"read bandwidth (measured, best round): {bw / 1e9:.1f} GB/s at the start; each case's limit uses "
           f"its own, measured just before it")
     if ARGS.bursts:
@@ -291,7 +304,9 @@ def _run_children(shapes, batches, bw: float) -> int:
 
 
 def _copy(qt):
-    """An equal quantized tensor (QuantizedTensor or PreparedTensor) with arrays of its own."""
+    """An equal quantized tensor (QuantizedTensor, PreparedTensor or PreparedW8A8) with arrays of its own."""
+    if hasattr(qt, "packed"):  # PreparedW8A8: the int8 GEMM's layout
+        return type(qt)(qt.packed.copy(), qt.corr.copy(), qt.w_scale.copy(), qt.shape, qt.scheme)
     own = None if qt.zero_point is None else qt.zero_point.copy()
     gs = None if qt.global_scale is None else qt.global_scale.copy()
     return type(qt)(qt.codes.copy(), qt.scale.copy(), own, qt.shape, qt.scheme, gs)
@@ -311,6 +326,10 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
         # codes outgrow the last-level cache as the float32 weight does:
         # every call reads its weight from memory.
         copies = {name: [qt] + [_copy(qt) for _ in range(-(-ROTATE_BYTES // qt.nbytes) - 1)] for name, qt in qts.items()}
+        for name, qt in qts.items():  # w8a8-int8 not prepared: its GEMM layout is made at each copy's first call,
+            if qt.scheme.activations == "int8-token" and backend == "numba":  # outside the timing (a first forward)
+                for c in copies[name]:
+                    npquant.linear(np.ones((1, in_features), np.float32), c, backend=backend)
         for m in batches:
             x = rng.standard_normal((m, in_features)).astype(np.float32)
             fns = {"f32": lambda: x @ w.T}
@@ -339,6 +358,10 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
                     f"{t['f32'] * 1e3:8.2f} {t[name] * 1e3:9.2f} {t[name] / t['f32']:6.3f} "
                     f"{ratio_spread(rounds[name], rounds['f32']):>12}{loop} {limit:>8}"
                 )
+                if name in qts and qts[name].scheme.activations is not None:
+                    ops = 2.0 * m * out_features * in_features
+                    print(f"{'':>13} {'':>4} {name:<16} float32 {ops / t['f32'] / 1e9:.1f} GFLOP/s, "
+                          f"W8A8 {ops / t[name] / 1e9:.1f} GOP/s")
             if backend == "numba":
                 for name, qt in qts.items():
                     print(f"{'':>13} {'':>4} {name:<16} kernel: {explain(qt, m)}")

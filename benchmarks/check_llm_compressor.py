@@ -10,10 +10,13 @@ llm-compressor (npquant needs none of them, CI neither):
 llm-compressor quantizes MODEL (a transformers directory; its float dtype
 kept) with ``QuantizationModifier(targets="Linear", scheme=SCHEME)``,
 SCHEME ``W4A16`` by default (int4, symmetric, groups of 128: npquant's
-``w4-g128``; ``W8A16`` is ``w8-g128``), data-free (its memoryless min-max
+``w4-g128``; ``W8A16`` is ``w8-g128``; ``W8A8`` is ``w8a8-int8`` and
+``FP8_DYNAMIC`` ``w8a8-fp8``, whose activations are dynamic and store
+nothing), data-free (its memoryless min-max
 observer: round to nearest), and saves it compressed into a temporary
 directory. Every tensor of each module npquant quantized
-(``weight_packed``, ``weight_scale``, ``weight_shape``) is compared with
+(``weight_packed``, ``weight_scale``, ``weight_shape``, or ``weight`` where a
+module has a ``weight_scale`` beside it: int-quantized and float-quantized) is compared with
 llm-compressor's, dtype, shape and bytes; a module one side quantized and
 the other did not counts as a difference. Prints one line per module and a
 summary; exits 1 on any difference.
@@ -57,6 +60,8 @@ def main() -> int:
         names = sorted({k.rsplit(".", 1)[1] for k in ours if k.startswith(module + ".") and k.endswith(suffixes)}
                        | {k.rsplit(".", 1)[1] for k in theirs
                           if k.startswith(prefix + module + ".") and k.endswith(suffixes)})
+        if f"{module}.weight_packed" not in ours and f"{prefix}{module}.weight_packed" not in theirs:
+            names.append("weight")  # int-quantized, float-quantized: the codes are the module's weight itself
         diffs = []
         for n in names:
             a, b = ours.get(f"{module}.{n}"), theirs.get(f"{prefix}{module}.{n}")
