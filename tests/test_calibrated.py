@@ -259,3 +259,19 @@ def test_plan_measures_output_costs_and_its_checkpoint_matches_eval(tiny_dir, en
                  "--plan", str(plan_path), "--scheme", "w4-g32", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "plan.json gptq"]
+
+
+def test_plan_defaults_to_gptq_where_npquant_runs_the_model(tiny_dir, tmp_path, capsys):
+    # Issue: 'plan' without --method measured round-to-nearest costs, whose checkpoint keeps less than GPTQ's.
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts(40, seed=8)))
+    plan_path = tmp_path / "plan.json"
+    code = main(["plan", str(tiny_dir), "--bits", "5.5", "--calibration", str(calib),
+                 "--schemes", "w4-g32,w8-channel", "-o", str(plan_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "method: gptq (the default" in printed
+    assert json.loads(plan_path.read_text())["method"] == "gptq"
+    code = main(["plan", str(tiny_dir), "--bits", "5.5", "--method", "rtn", "--calibration", str(calib),
+                 "--schemes", "w4-g32,w8-channel", "-o", str(tmp_path / "rtn.json")])
+    assert code == 0 and "method: gptq" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "rtn.json").read_text())["method"] == "rtn"

@@ -172,7 +172,9 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
                        "can run)")
     # AWQ is evaluated on encoders; quantize and plan take it once they can write and cost it.
     methods = ["rtn", "gptq", "awq", "awq+gptq"] if eval_mode else ["rtn", "gptq"]
-    parser.add_argument("--method", choices=methods, default=None, help=f"{method_help} (default rtn)")
+    default = ("gptq on BERT sentence encoders, whose costs npquant measures with it; rtn elsewhere"
+               if plan_mode else "rtn")
+    parser.add_argument("--method", choices=methods, default=None, help=f"{method_help} (default {default})")
     what = ("calibration text for the layer costs and GPTQ" if plan_mode
             else "calibration text (GPTQ, AWQ)" if eval_mode else "GPTQ calibration text")
     parser.add_argument("--calibration", metavar="FILE",
