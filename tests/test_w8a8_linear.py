@@ -177,3 +177,25 @@ def test_nonfinite_x_is_refused(backend, preset):
     x[1, 5] = np.nan
     with pytest.raises(NpquantError, match="x"):
         linear(x, qt, backend=backend)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-int8", "w8a8-fp8"])
+def test_a_decoder_runs_w8a8_alike_on_both_backends(preset):
+    """A Qwen3 test model with every linear W8A8: the numba forward's logits are the numpy forward's, bit for bit
+    (the linears are bit-equal; the rest of this forward is the same numpy code on both), and differ from the
+    float model's by the quantization (more than weight-only int8's)."""
+    from test_causal_lm import load
+
+    from npquant.models.causal_lm import CausalLM
+    from npquant.models.causal_lm_config import CausalLMConfig
+
+    config, weights, ref = load("qwen3")
+    names = CausalLMConfig.from_json(config).linear_names()
+    qts = {n: quantize(weights[n], preset) for n in names}
+    got = CausalLM(config, weights, quantized=qts, backend="numba").logits(ref["token_ids"])
+    want = CausalLM(config, weights, quantized=qts, backend="numpy").logits(ref["token_ids"])
+    assert np.array_equal(got, want)
+    f32 = CausalLM(config, weights).logits(ref["token_ids"])
+    w8 = CausalLM(config, weights, quantized={n: quantize(weights[n], "w8-channel") for n in names},
+                  backend="numpy").logits(ref["token_ids"])
+    assert np.abs(want - f32).max() > np.abs(w8 - f32).max()
