@@ -71,8 +71,7 @@ def _tile(typingctx, xi, m0, rows, nr, wp, blk, q0, nq, group, out, pf):
 
     ``xi`` int16 (M, Kp); ``wp`` uint8 (B, Kp / 4, 256); ``out`` int32
     (M, 128), C-contiguous. ``pf`` (a literal): 1 prefetches, per line read,
-    the line
-    ``PREFETCH_AHEAD`` on into L2; 0 not.
+    the line ``PREFETCH_AHEAD`` on into L2; 0 not.
     """
     if not (isinstance(rows, types.IntegerLiteral) and isinstance(nr, types.IntegerLiteral)
             and isinstance(pf, types.IntegerLiteral) and isinstance(xi, types.Array) and xi.dtype == types.int16

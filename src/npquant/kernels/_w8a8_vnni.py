@@ -67,8 +67,7 @@ def _tile(typingctx, xu, m0, rows, wp, blk, q0, nq, out, pf):
 
     ``xu`` uint8 (M, Kp): ``x + 128``; ``wp`` uint8 (B, Kp / 4, 256); ``out``
     int32 (M, 64), C-contiguous. ``pf`` (a literal): 1 prefetches, per line read,
-    the line
-    ``PREFETCH_AHEAD`` on into L2; 0 not.
+    the line ``PREFETCH_AHEAD`` on into L2; 0 not.
     """
     if not (isinstance(rows, types.IntegerLiteral) and isinstance(pf, types.IntegerLiteral)
             and isinstance(xu, types.Array) and xu.dtype == types.uint8
