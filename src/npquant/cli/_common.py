@@ -188,3 +188,21 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
                              "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax"
                              + ("" if plan_mode else "; a --plan uses the observer it was planned with"
                                 if eval_mode else ", or the plan's with --plan"))
+
+
+def model_tokenizer(root, task: str, uses: str):
+    """The ``tokenizers`` tokenizer of model directory ``root``, checked: a missing, unreadable or broken
+    ``tokenizer.json`` or a missing tokenizers package is one line naming ``task`` (``"evaluating"``) and what
+    the command ``uses`` it for (``"eval tokenizes the text"``)."""
+    tokenizer_path = root / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise NpquantError(f"MODEL {root} has no tokenizer.json: {uses} with the model's own tokenizer")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise NpquantError(f"{task} a decoder needs the tokenizers package: pip install 'npquant[models]'") from None
+    try:
+        return Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # the tokenizers library raises its own exception type
+        raise NpquantError(f"{tokenizer_path} is not a tokenizers tokenizer: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

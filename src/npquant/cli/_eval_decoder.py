@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import NpquantError
-from ._common import Progress, calibration_texts, need_matplotlib
+from ._common import Progress, calibration_texts, model_tokenizer, need_matplotlib
 from ._gguf import lossy_note
 
 __all__ = ["run_decoder"]
@@ -154,20 +154,7 @@ class _open_decoder:
             raise NpquantError(f"MODEL {self.path} is quantized already (config.json has a quantization_config): "
                                f"eval compares a float model with its quantized forms; give the float model")
         CausalLMConfig.from_json(config)  # an unsupported architecture: one line naming the supported ones
-        tokenizer_path = self.path / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            raise NpquantError(f"MODEL {self.path} has no tokenizer.json: eval tokenizes the text with the "
-                               f"model's own tokenizer")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise NpquantError("evaluating a decoder needs the tokenizers package: pip install 'npquant[models]'") \
-                from None
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # the tokenizers library raises its own exception type
-            raise NpquantError(f"{tokenizer_path} is not a tokenizers tokenizer: "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        tokenizer = model_tokenizer(self.path, "evaluating", "eval tokenizes the text")
         return config, ckpt.tensors, tokenizer
 
     def __exit__(self, *exc):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import NpquantError
-from ._common import Progress, calibration_texts, encoder_name
+from ._common import Progress, calibration_texts, encoder_name, model_tokenizer
 
 __all__ = ["calibrate_checkpoint", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
 
@@ -122,20 +122,7 @@ def decoder_windows(root: Path, config: dict, args, texts: list[str]):
         if args.seq_len is not None:
             raise NpquantError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}")
         seq_len = limit
-    tokenizer_path = root / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise NpquantError(f"MODEL {root} has no tokenizer.json: GPTQ tokenizes the calibration text with the "
-                           f"model's own tokenizer")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise NpquantError("calibrating a decoder needs the tokenizers package: pip install 'npquant[models]'") \
-            from None
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    except Exception as exc:  # the tokenizers library raises its own exception type
-        raise NpquantError(f"{tokenizer_path} is not a tokenizers tokenizer: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    tokenizer = model_tokenizer(root, "calibrating", "GPTQ tokenizes the calibration text")
     ids = tokenizer.encode("\n".join(texts), add_special_tokens=False).ids
     return calibration_windows(ids, seq_len)
 
