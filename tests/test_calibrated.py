@@ -85,7 +85,7 @@ def encoder(tiny_dir):
 
 def test_each_layer_is_calibrated_on_inputs_from_the_quantized_layers_before_it(encoder):
     calib = texts(40, seed=1)
-    q = encoder.quantized("w4-g32", method="gptq", calibration=calib)
+    q = encoder.quantized("w4-g32", method="gptq", calibration=calib, objective="layer")
     # Rebuild two Hessians by hand: block 0's query sees the embeddings; block 1's
     # attention output sees the context from quantized block 0 and quantized q/k/v of block 1.
     from npquant.models import SentenceEncoder
@@ -117,6 +117,55 @@ def test_each_layer_is_calibrated_on_inputs_from_the_quantized_layers_before_it(
     assert all(r["tokens"] == h0.tokens for r in q.layer_report)
 
 
+def test_model_objective_rounds_the_float_target_on_the_quantized_inputs(encoder):
+    """objective="model", block 1's attention output rebuilt by hand: the moments of the float model's context
+    with the partly quantized model's at the same tokens, model_target, GPTQ on it, the scales refitted."""
+    from npquant.calibrate.refit import refit_scales
+    from npquant.calibrate.target import CrossMoment, model_target
+    from npquant.models import SentenceEncoder
+
+    calib = texts(40, seed=1)
+    q = encoder.quantized("w4-g32", method="gptq", calibration=calib)
+    half = dict(encoder.tensors)
+    for name in encoder.linear_names():
+        if name.startswith("encoder.layer.0.") or "layer.1.attention.self" in name:
+            half[name] = q.tensors[name]
+    partial = SentenceEncoder(encoder.config, half, encoder.tokenizer, backend="numpy")
+    moments = CrossMoment(HIDDEN)
+    wanted = "encoder.layer.1.attention.output.dense"
+    for idx in partial.batches(calib, 32):
+        ids, mask = partial.tokenize([calib[j] for j in idx])
+        xq, bias = partial._embed(ids, mask)
+        xf = xq
+        xq, xf = partial._block(0, xq, bias), encoder._block(0, xf, bias)
+        seen = {}
+        partial._block(1, xq, bias, lambda m, inp: m == wanted and seen.setdefault("q", inp))
+        encoder._block(1, xf, bias, lambda m, inp: m == wanted and seen.setdefault("f", inp))
+        moments.add(seen["f"], seen["q"], mask)
+    cross, h_q, _ = moments.matrices()
+    w = encoder.tensors[wanted + ".weight"]
+    target = model_target(w, cross, h_q)
+    want = refit_scales(gptq(target, h_q, "w4-g32"), target, h_q)
+    np.testing.assert_array_equal(q.tensors[wanted + ".weight"].codes, want.codes)
+    np.testing.assert_array_equal(q.tensors[wanted + ".weight"].scale, want.scale)
+    rows = {r["name"]: r for r in q.layer_report}
+    assert all(r["objective"] == "model" for r in rows.values())
+    # Block 1 sees inputs the quantized block 0 made, so the float target there differs from the weight.
+    assert not np.array_equal(target, w)
+    # The reported loss is the float-target error relative to the float output, and beats rounding to nearest
+    # on the same inputs at every layer of this model (a fact of these calibration texts, checked here).
+    assert all(0 < r["loss"] < r["rtn_loss"] for r in rows.values())
+
+
+def test_model_objective_keeps_more_than_the_layer_objective_on_unseen_text(encoder):
+    calib, held = texts(60, seed=2), texts(40, seed=3)
+    base = encoder.encode(held)
+    cos = lambda e: float(np.mean(np.sum(e * base, axis=1)))  # noqa: E731
+    model = encoder.quantized(W3G32, method="gptq", calibration=calib)
+    layer = encoder.quantized(W3G32, method="gptq", calibration=calib, objective="layer")
+    assert cos(model.encode(held)) > cos(layer.encode(held))
+
+
 def test_gptq_is_deterministic_and_beats_rtn_on_unseen_text(encoder):
     calib, held = texts(60, seed=2), texts(40, seed=3)
     a = encoder.quantized(W3G32, method="gptq", calibration=calib)
@@ -136,6 +185,8 @@ def test_bad_method_and_calibration(encoder):
         encoder.quantized("fp8-channel", method="gptq", calibration=["a cat"])
     with pytest.raises(NpquantError, match=r"calibration texts must be a non-empty list"):
         encoder.quantized("w4-g32", method="gptq", calibration=[])
+    with pytest.raises(NpquantError, match=r"objective='float' is not known; expected one of \('model', 'layer'\)"):
+        encoder.quantized("w4-g32", method="gptq", calibration=["a cat"], objective="float")
 
 
 # --- the CLI ------------------------------------------------------------------------------------
@@ -275,3 +326,53 @@ def test_plan_defaults_to_gptq_where_npquant_runs_the_model(tiny_dir, tmp_path, 
                  "--schemes", "w4-g32,w8-channel", "-o", str(tmp_path / "rtn.json")])
     assert code == 0 and "method: gptq" not in capsys.readouterr().out
     assert json.loads((tmp_path / "rtn.json").read_text())["method"] == "rtn"
+
+
+def test_eval_and_quantize_take_the_objective(tiny_dir, tmp_path, capsys):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(texts(12, seed=5)))
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(texts(30, seed=6)))
+    rows = {}
+    for objective in ("model", "layer"):
+        assert main(["eval", str(tiny_dir), "--sentences", str(sentences), "--scheme", "w4-g32", "--method", "gptq",
+                     "--calibration", str(calib), "--objective", objective, "--json"]) == 0
+        rows[objective] = {r["scheme"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["model"]["w4-g32"] == rows["layer"]["w4-g32"]  # RTN rows do not depend on it
+    assert rows["model"]["w4-g32 gptq"]["mean_cosine"] != rows["layer"]["w4-g32 gptq"]["mean_cosine"]
+    assert main(["eval", str(tiny_dir), "--sentences", str(sentences), "--scheme", "w4-g32", "--method", "gptq",
+                 "--calibration", str(calib)]) == 0
+    assert "GPTQ objective: model" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_dir), "-o", str(out), "--scheme", "w4-g32", "--method", "gptq",
+                 "--calibration", str(calib), "--objective", "layer"]) == 0
+    assert "tr(dW H dW^T)" in " ".join(capsys.readouterr().out.split())
+    assert main(["quantize", str(tiny_dir), "-o", str(out), "--force", "--scheme", "w4-g32", "--method", "gptq",
+                 "--calibration", str(calib)]) == 0
+    assert "the float model's output at the layer" in " ".join(capsys.readouterr().out.split())
+    assert isinstance(npquant.load(out)["bert.encoder.layer.1.output.dense.weight"], QuantizedTensor)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--method", "rtn", "--objective", "layer"], "--objective is for the GPTQ methods"),
+    (["eval", "--method", "awq", "--objective", "model"], "--objective is for the GPTQ methods"),
+    (["quantize", "-o", "OUT", "--scheme", "w4-g32", "--objective", "model"], "--objective is for --method gptq"),
+])
+def test_objective_without_gptq_is_one_line(tiny_dir, tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main(argv[:1] + [str(tiny_dir)] + argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoders_refuse_the_model_objective(tmp_path, capsys):
+    root = tmp_path / "llama"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    for argv in (["eval", str(root), "--method", "gptq", "--objective", "model"],
+                 ["quantize", str(root), "-o", str(tmp_path / "out"), "--scheme", "w4-g32", "--method", "gptq",
+                  "--objective", "model"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--objective model is for sentence encoders" in err and err.count("\n") == 1

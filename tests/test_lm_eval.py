@@ -182,14 +182,15 @@ def test_token_windows_bad_input(ids, kwargs, message):
 
 
 # --- the evaluation on a tiny model -----------------------------------------------------------------------
-def brute_force(config, weights, batches, scheme, qts=None):
-    """Every figure of evaluate_lm's row for ``scheme`` (or the quantized tensors ``qts``), from whole-logit
-    forwards and the float64 references."""
+def brute_force(config, weights, batches, scheme, qts=None, q_weights=None):
+    """Every figure of evaluate_lm's row for ``scheme`` (or the quantized tensors ``qts``, the quantized model's
+    float tensors ``q_weights`` if not ``weights``), from whole-logit forwards and the float64 references."""
     cfg = CausalLMConfig.from_json(config)
     group = npquant.get_scheme(scheme).group_size or 1  # None unless grouped
     if qts is None:
         qts = {n: npquant.quantize(weights[n], scheme) for n in cfg.linear_names() if weights[n].shape[1] % group == 0}
-    ref_model, q_model = CausalLM(config, weights), CausalLM(config, weights, quantized=qts)
+    ref_model = CausalLM(config, weights)
+    q_model = CausalLM(config, weights if q_weights is None else q_weights, quantized=qts)
     nll_ref, nll, kls, same = [], [], [], []
     for ids in batches:
         ref_logits, logits = ref_model.logits(ids)[:, :-1], q_model.logits(ids)[:, :-1]  # (B, T - 1, V)
@@ -261,10 +262,33 @@ def test_gptq_rows_beside_rtn_match_a_brute_force_reference():
     assert gptq_row["mean_kl"] != rtn_row["mean_kl"]  # (which is lower on random weights is not a property)
 
 
+def test_awq_rows_beside_rtn_match_a_brute_force_reference():
+    from npquant.models.awq_calibrated_lm import awq_decoder
+
+    weights = tiny_weights(seed=3)
+    batches = token_windows(ids_of(5, 75), context=16, batch_tokens=32)
+    calibration = [ids_of(21, (3, 24)), ids_of(22, (1, 9))]
+    for method in ("awq", "awq+gptq"):
+        rows = evaluate_lm(CONFIG, weights, batches, ["w4-g32", "fp8-channel"], backend="numpy", method=method,
+                           calibration=calibration)
+        assert [(r["scheme"], r["method"]) for r in rows] == [("float32", None), ("w4-g32", "rtn"),
+                                                              ("w4-g32", method), ("fp8-channel", "rtn")]
+        qts, replaced, _, _ = awq_decoder(CONFIG, weights, "w4-g32", calibration, method=method)
+        assert replaced  # the folds changed norm weights: the brute force must run on them
+        ref = brute_force(CONFIG, weights, batches, "w4-g32", qts, q_weights={**weights, **replaced})
+        row = rows[2]
+        tol = 1e-5  # as in test_evaluate_matches_a_brute_force_float64_reference
+        assert row["perplexity"] == pytest.approx(ref["ppl"], rel=tol)
+        assert row["mean_kl"] == pytest.approx(ref["mean_kl"], abs=tol)
+        assert row["top1_agreement"] == ref["top1"]
+        assert row["bits_per_weight"] == rows[1]["bits_per_weight"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "gptq"}, r"method='gptq' needs calibration windows"),
-    ({"method": "rtn", "calibration": [np.zeros((1, 4), np.int64)]}, r"calibration windows are for method='gptq'"),
-    ({"method": "awq"}, r"method='awq' is not known"),
+    ({"method": "rtn", "calibration": [np.zeros((1, 4), np.int64)]}, r"calibration windows are for a calibrated"),
+    ({"method": "awq"}, r"method='awq' needs calibration windows"),
+    ({"method": "smooth"}, r"method='smooth' is not known; expected one of \('rtn', 'gptq', 'awq', 'awq\+gptq'\)"),
     ({"method": "gptq", "calibration": []}, r"calibration is empty"),
 ])
 def test_evaluate_gptq_bad_input(kwargs, message):
@@ -467,6 +491,10 @@ def test_cli_decoder_gptq_rows(decoder_dir, tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "quantized (RTN and GPTQ) vs float32" in out and "GPTQ" in out
     assert "GPTQ calibrated on 240 tokens of" in out and "(20 texts) in windows of up to 64" in out
+    assert main([("awq+gptq" if a == "gptq" else a) for a in argv] + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["scheme"], r["method"]) for r in rows] == [("float32", None), ("w4-g32", "rtn"),
+                                                          ("w4-g32", "awq+gptq"), ("nvfp4", "rtn")]
 
 
 def _ids(path) -> list[int]:
@@ -525,7 +553,10 @@ def test_cli_gguf_model(tmp_path, capsys):
     (["--method", "gptq", "--max-samples", "0"], r"--max-samples must be at least 1"),
     (["--method", "gptq", "--calibration", "TEXT"], r"1 calibration text of .* also occur in --text"),
     (["--sentences", "x.txt"], r"--sentences is not available for decoders yet; a decoder reads --text FILE"),
-    (["--observer", "mse"], r"--calibration, --max-samples and --observer are for --method gptq"),
+    (["--observer", "mse"], r"--calibration, --max-samples, --observer and --objective are for a calibrated --method"),
+    (["--objective", "layer"], r"--observer and --objective are for a calibrated --method"),
+    (["--method", "awq", "--objective", "layer"], r"--objective is for the GPTQ methods"),
+    (["--method", "gptq", "--objective", "model"], r"--objective model is for sentence encoders"),
     (["--batch-size", "4"], r"--batch-size is not available for decoders yet"),
 ])
 def test_cli_decoder_bad_input_is_one_line(decoder_dir, tmp_path, capsys, argv, message):

@@ -33,7 +33,8 @@ def read_sentences(path) -> list[str]:
 
 
 def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progress=None, *, method: str = "rtn",
-             calibration=None, observer: str = "minmax", plans=None) -> tuple[list[dict], dict]:
+             calibration=None, observer: str = "minmax", objective: str = "model",
+             plans=None) -> tuple[list[dict], dict]:
     """Compare the float32 encoder's embeddings with each quantized encoder's.
 
     Parameters
@@ -49,6 +50,7 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
         ``calibration`` (default: the built-in calibration texts, disjoint from
         :data:`SENTENCES`).
     observer : {"minmax", "mse"}, for every quantized encoder
+    objective : {"model", "layer"}, what the GPTQ methods reproduce (:meth:`SentenceEncoder.quantized`)
     plans : list of ``(label, {layer: scheme}, method, observer)``, or None
         Per-layer schemes (a size plan's) evaluated after the presets.
 
@@ -79,7 +81,7 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
             runs.append((f"{label} {method}", scheme, method, observer))
     runs += list(plans or [])
     for label, scheme, how, obs in runs:
-        q = encoder.quantized(scheme, method=how, calibration=calibration, observer=obs)
+        q = encoder.quantized(scheme, method=how, calibration=calibration, observer=obs, objective=objective)
         emb = q.encode(sentences, batch_size=batch_size)
         rows.append(_row(label, q, emb, base, base_nn, sentences))
         if progress is not None:

@@ -14,8 +14,9 @@ window but its last, which has no next token to predict):
   is the same for both models.
 
 These are what llama.cpp's ``llama-perplexity --kl-divergence`` reports.
-With ``method="gptq"`` each int scheme is also measured with its layers
-quantized by sequential GPTQ on calibration windows of other text.
+With a calibrated ``method`` (``"gptq"``, ``"awq"``, ``"awq+gptq"``) each int
+scheme is also measured with its layers quantized by it on calibration
+windows of other text.
 Log-softmax, KL and the sums run in float64 on the float32 logits, a block of
 positions at a time, so the ``(N, V)`` logits are never held whole.
 
@@ -28,6 +29,7 @@ compare figures at one context only. Nothing here prints.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from importlib import resources
 
 import numpy as np
@@ -42,6 +44,7 @@ from .schemes import Scheme, get_scheme
 
 __all__ = [
     "DEFAULT_LM_SCHEMES",
+    "LM_METHODS",
     "DEFAULT_CONTEXT",
     "eval_text",
     "read_text",
@@ -55,6 +58,9 @@ __all__ = [
 
 #: Schemes ``npquant eval`` measures on a decoder by default.
 DEFAULT_LM_SCHEMES = ("w8-channel", "fp8-channel", "w4-g128", "w4-g32", "w4-g128-asym", "nvfp4", "mxfp4")
+
+#: The methods :func:`evaluate_lm` measures beside round to nearest.
+LM_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 #: Tokens per window (each window is run from position 0 on its own).
 DEFAULT_CONTEXT = 512
 #: Tokens per forward call: full windows are run this many tokens at a time (one progress step each).
@@ -236,11 +242,14 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
                 method: str = "rtn", calibration=None, observer: str = "minmax") -> list[dict]:
     """Run the float32 decoder and, per scheme, its linear layers rounded to nearest, on the same windows.
 
-    With ``method="gptq"``, each int scheme also gets a row with its layers
-    quantized by sequential GPTQ (:func:`npquant.models.calibrated_lm.gptq_decoder`)
-    on the ``calibration`` windows (int ``(B, T)`` arrays, which must be
-    other text than ``batches``), right after its RTN row; fp8 and fp4
-    schemes get their RTN row only.
+    With a calibrated ``method``, each int scheme also gets a row with its
+    layers quantized by it on the ``calibration`` windows (int ``(B, T)``
+    arrays, which must be other text than ``batches``), right after its RTN
+    row: ``"gptq"``, sequential GPTQ
+    (:func:`npquant.models.calibrated_lm.gptq_decoder`); ``"awq"`` and
+    ``"awq+gptq"``, AWQ's scales folded into the model, then round to nearest
+    or GPTQ (:func:`npquant.models.awq_calibrated_lm.awq_decoder`); fp8 and
+    fp4 schemes get their RTN row only.
 
     Parameters
     ----------
@@ -257,14 +266,14 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     backend : {"auto", "numpy", "numba"}, for quantizing and the quantized linears
     progress : called as ``progress(label, tokens)`` after each batch of each model (and as
         ``progress(label, 0)`` after each layer GPTQ quantizes)
-    method : {"rtn", "gptq"}
-    calibration : list of int ``(B, T)`` arrays, the GPTQ calibration windows (``method="gptq"`` only)
+    method : {"rtn", "gptq", "awq", "awq+gptq"}
+    calibration : list of int ``(B, T)`` arrays, the calibration windows (calibrated methods only)
     observer : {"minmax", "mse"}, GPTQ's block ranges
 
     Returns
     -------
     rows : list of dict, the float32 row first, then one per scheme:
-        ``scheme`` (label), ``method`` (None for float32, ``"rtn"``, ``"gptq"``),
+        ``scheme`` (label), ``method`` (None for float32, ``"rtn"`` or the calibrated method),
         ``bits_per_weight`` (storage bits of the linear layers, scales
         included; float32 layers count 32), ``tokens`` (scored positions),
         ``perplexity``, ``perplexity_ratio`` (to float32's), ``mean_kl``
@@ -274,14 +283,14 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
     resolved = [(s if isinstance(s, str) else str(s), get_scheme(s)) for s in (schemes or DEFAULT_LM_SCHEMES)]
     batches = _check_batches(batches)
-    if method not in ("rtn", "gptq"):
-        raise NpquantError(f"method={method!r} is not known; expected 'rtn' or 'gptq'")
-    if method == "gptq":
+    if method not in LM_METHODS:
+        raise NpquantError(f"method={method!r} is not known; expected one of {LM_METHODS}")
+    if method != "rtn":
         if calibration is None:
-            raise NpquantError("method='gptq' needs calibration windows (calibration=[int (B, T) arrays])")
+            raise NpquantError(f"method={method!r} needs calibration windows (calibration=[int (B, T) arrays])")
         calibration = _check_batches(calibration, "calibration", min_tokens=1)
     elif calibration is not None:
-        raise NpquantError("calibration windows are for method='gptq'")
+        raise NpquantError("calibration windows are for a calibrated method (gptq, awq, awq+gptq)")
     reference = CausalLM(cfg, weights, backend=backend)
     names = cfg.linear_names()
     shapes = cfg.tensor_shapes()
@@ -308,18 +317,24 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
              "left_float": {}, "layers": len(names)}]
 
     runs = [(label, scheme, "rtn") for label, scheme in resolved]
-    if method == "gptq":
+    if method != "rtn":
         runs = [run for label, scheme in resolved
-                for run in [(label, scheme, "rtn")] + ([(label, scheme, "gptq")] if not scheme.is_float else [])]
+                for run in [(label, scheme, "rtn")] + ([(label, scheme, method)] if not scheme.is_float else [])]
     for label, scheme, how in runs:
         stored: dict[str, int] = {}  # weight name -> bytes of its quantized form
         left: dict[str, str] = {}  # weight name -> why it stays float32
+        tick = None if progress is None else (lambda name, done, total, tag=f"{label} {how.upper()}": progress(tag, 0))
         if how == "gptq":
-            quantized, _, left = gptq_decoder(cfg, weights, scheme, calibration, observer=observer,
-                                              progress=None if progress is None else
-                                              lambda name, done, total, label=label: progress(f"{label} GPTQ", 0))
+            quantized, _, left = gptq_decoder(cfg, weights, scheme, calibration, observer=observer, progress=tick)
             stored = {name: qt.nbytes for name, qt in quantized.items()}
             model = CausalLM(cfg, weights, quantized=quantized, backend=backend)
+        elif how in ("awq", "awq+gptq"):
+            from .models.awq_calibrated_lm import awq_decoder
+
+            quantized, replaced, _, left = awq_decoder(cfg, weights, scheme, calibration, method=how,
+                                                       observer=observer, progress=tick)
+            stored = {name: qt.nbytes for name, qt in quantized.items()}
+            model = CausalLM(cfg, _overlay(weights, replaced), quantized=quantized, backend=backend)
         else:
             model = CausalLM(cfg, weights, quantizer=_rtn(scheme, backend, stored, left), backend=backend)
         lp_sum = kl_sum = same = 0.0
@@ -332,7 +347,7 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
                 kl_sum += float(c["kl"].sum())
                 same += int(c["same_top1"].sum())
             if progress is not None:
-                progress(label if how == "rtn" else f"{label} GPTQ", len(t))
+                progress(label if how == "rtn" else f"{label} {how.upper()}", len(t))
         nbytes = sum(stored.values()) + sum(4 * shapes[n][0] * shapes[n][1] for n in left)
         ppl = math.exp(-lp_sum / n_tokens)
         rows.append({"scheme": label, "method": how, "bits_per_weight": 8.0 * nbytes / n_weights,
@@ -344,6 +359,19 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+def _overlay(weights, replaced: dict):
+    """A callable source: ``replaced[name]`` (AWQ's folded float tensors) where present, else ``weights``'s."""
+    if not replaced:
+        return weights
+
+    def read(name: str):
+        if name in replaced:
+            return replaced[name]
+        return weights[name] if isinstance(weights, Mapping) else weights(name)
+
+    return read
+
+
 def _rtn(scheme: Scheme, backend: str, stored: dict, left: dict):
     """A CausalLM quantizer: round each linear weight to nearest, noting its bytes (or why it stays float)."""
 

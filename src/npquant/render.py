@@ -231,8 +231,13 @@ def print_gptq_table(out, rows, scheme: str, observer: str) -> None:
     cells = [[r["name"].removesuffix(".weight"), "x".join(map(str, r["shape"])), f"{r['tokens']:,}",
               f"{r['rtn_loss']:.3e}", f"{r['gptq_loss']:.3e}", f"{r['ratio']:.3f}", f"{r['seconds']:.2f}"]
              for r in rows]
+    if any(r.get("objective") == "model" for r in rows):
+        measure = ("the float model's output at the layer, ||X W^T - X~ Q^T||^2 / ||X W^T||^2 (X the float model's "
+                   "inputs, X~ the quantized model's)")
+    else:
+        measure = "tr(dW H dW^T) / tr(W H W^T)"
     print_rows(out, f"GPTQ per layer ({scheme}, observer {observer}): output error on the calibration tokens, "
-                    f"tr(dW H dW^T) / tr(W H W^T)", columns, cells, long=0)
+                    f"{measure}", columns, cells, long=0)
     total = sum(r["seconds"] for r in rows)
     out.print(f"GPTQ: {len(rows)} layers, mean loss ratio {sum(r['ratio'] for r in rows) / len(rows):.3f}, "
               f"{total:.1f} s in the solver", highlight=False)

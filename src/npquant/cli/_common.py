@@ -165,7 +165,7 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
         method_help = ("rtn: round to nearest; gptq, awq or awq+gptq: also run that method for each int scheme and "
                        "show it beside RTN (calibrated on --calibration, never on the evaluation sentences; awq: "
                        "activation-aware input scales where they fold into the model, then round to nearest; "
-                       "awq+gptq: the scales, then GPTQ; encoders only)")
+                       "awq+gptq: the scales, then GPTQ)")
     else:
         method_help = ("rtn: round to nearest (any checkpoint); gptq: calibrate each layer on text run through "
                        "the model, block by block (BERT sentence encoders and Llama-family decoders, which npquant "
@@ -183,6 +183,13 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
     parser.add_argument("--max-samples", type=int, metavar="N",
                         default=128 if plan_mode else None,
                         help="use the first N calibration texts only" + (" (default 128)" if plan_mode else ""))
+    if not plan_mode:
+        parser.add_argument("--objective", choices=["model", "layer"], default=None,
+                            help="what GPTQ reproduces at each layer: model (the float model's output there, from "
+                                 "the inputs the quantized layers before it give, then the scales refitted to the "
+                                 "codes; the default for sentence encoders) or layer (each layer's own output on "
+                                 "those inputs: GPTQ as published and as llm-compressor runs it; decoders run this "
+                                 "one only)")
     parser.add_argument("--observer", choices=["minmax", "mse"], default=None,
                         help="block ranges: minmax (the extremes) or mse (the shrink of the range with the least "
                              "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax"

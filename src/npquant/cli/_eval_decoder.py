@@ -1,4 +1,4 @@
-"""``npquant eval MODEL`` on a decoder: perplexity, mean KL and top-1 agreement per scheme (RTN, and GPTQ).
+"""``npquant eval MODEL`` on a decoder: perplexity, mean KL and top-1 agreement per scheme (RTN, GPTQ, AWQ).
 
 :mod:`.eval` sends a ``.gguf`` file or a Llama-family directory here. The
 model is read as :class:`~npquant.models.CausalLM` reads it (a GGUF file
@@ -6,10 +6,10 @@ through :func:`~npquant.checkpoints.gguf.read_gguf`, one tensor dequantized
 at a time; a directory through its safetensors), the text tokenized by the
 model's own tokenizer and cut into windows, and the measures taken by
 :func:`npquant.fidelity_lm.evaluate_lm`; the table is printed here. With
-``--method gptq`` the calibration texts (``--calibration``, ``--max-samples``;
+a calibrated ``--method`` (gptq, awq, awq+gptq) the calibration texts (``--calibration``, ``--max-samples``;
 the built-in set by default) are tokenized the same way, joined by newlines
 and cut into windows of 512 tokens (or ``max_position_embeddings``), and
-each int scheme gets a GPTQ row beside its RTN row. A calibration text
+each int scheme gets a row for the method beside its RTN row. A calibration text
 found in the evaluation text is refused: a figure measured on calibration
 text is no figure.
 """
@@ -40,17 +40,20 @@ def run_decoder(args) -> int:
         ("--sentences", args.sentences), ("--plan", args.plan), ("--batch-size", args.batch_size),
     ) if value is not None]
     method = args.method or "rtn"
-    if method not in ("rtn", "gptq"):
-        raise NpquantError(f"--method {method} is not available for decoders: npquant eval measures them rounded "
-                           f"to nearest (rtn) and with GPTQ (gptq)")
+    if getattr(args, "objective", None) == "model":
+        raise NpquantError("--objective model is for sentence encoders; decoder GPTQ runs --objective layer (each "
+                           "layer's own output on the inputs the quantized layers before it give)")
     if encoder_only:
         flag = encoder_only[0][0]
         hint = "; a decoder reads --text FILE" if flag == "--sentences" else ""
         raise NpquantError(f"{flag} is not available for decoders yet{hint}")
-    if method == "rtn" and (args.calibration or args.max_samples is not None or args.observer is not None):
-        raise NpquantError("--calibration, --max-samples and --observer are for --method gptq (decoders are "
-                           "rounded to nearest with the minmax observer)")
-    texts = calibration_texts(args) if method == "gptq" else None  # a bad file is refused before the model
+    if method == "rtn" and (args.calibration or args.max_samples is not None or args.observer is not None
+                            or getattr(args, "objective", None) is not None):
+        raise NpquantError("--calibration, --max-samples, --observer and --objective are for a calibrated --method "
+                           "(decoders are rounded to nearest with the minmax observer)")
+    if method == "awq" and getattr(args, "objective", None) is not None:
+        raise NpquantError("--objective is for the GPTQ methods (--method gptq or awq+gptq)")
+    texts = calibration_texts(args) if method != "rtn" else None  # a bad file is refused before the model
     labels = args.scheme or list(DEFAULT_LM_SCHEMES)
     for label in labels:
         get_scheme(label)  # unknown presets, before the model is read
@@ -82,7 +85,7 @@ def run_decoder(args) -> int:
             seq_len = DEFAULT_SEQ_LEN if limit is None else min(DEFAULT_SEQ_LEN, limit)
             calib_ids = tokenizer.encode("\n".join(texts), add_special_tokens=False).ids
             calibration = calibration_windows(calib_ids, seq_len)
-            facts["calibration"] = (f"GPTQ calibrated on {len(calib_ids):,} tokens of "
+            facts["calibration"] = (f"{method.upper()} calibrated on {len(calib_ids):,} tokens of "
                                     f"{args.calibration or 'the built-in calibration text'} ({len(texts)} texts) in "
                                     f"windows of up to {seq_len}, disjoint from the evaluation text")
         n_windows = sum(b.shape[0] for b in batches)
@@ -91,7 +94,7 @@ def run_decoder(args) -> int:
                   f"{where}, {sum(b.size for b in batches):,} of its {len(ids):,} tokens in {n_windows} "
                   f"window{'s' if n_windows != 1 else ''} of up to {context}, {n_scored:,} tokens scored")
         start = time.monotonic()
-        n_gptq = sum(1 for label in labels if not get_scheme(label).is_float) if method == "gptq" else 0
+        n_gptq = sum(1 for label in labels if not get_scheme(label).is_float) if method != "rtn" else 0
         with Progress((1 + len(labels) + n_gptq) * n_scored, "scoring", unit="steps") as bar:
             rows = evaluate_lm(config, weights, batches, labels, backend=args.backend,
                                progress=lambda label, n: bar(label, n), method=method, calibration=calibration,
@@ -209,7 +212,8 @@ def _plot_decoder(rows, path: str) -> None:
     ax.bar(list(xs), [max(r["mean_kl"], 1e-12) for r in q], width=0.6, label="mean KL (nats)")
     ax.set_yscale("log")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"{r['scheme']}{' GPTQ' if r['method'] == 'gptq' else ''}\n{r['bits_per_weight']:.2f} b/w"
+    ax.set_xticklabels([f"{r['scheme']}{'' if r['method'] == 'rtn' else ' ' + r['method'].upper()}"
+                        f"\n{r['bits_per_weight']:.2f} b/w"
                         f"\nppl x{r['perplexity_ratio']:.3f}" for r in q])
     ax.set_ylabel("KL(float32 || quantized), lower is better")
     ax.set_title(f"Quantized vs float32 next-token distributions, {rows[0]['tokens']:,} tokens")

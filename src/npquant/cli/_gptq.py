@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import NpquantError
 from ._common import Progress, calibration_texts, encoder_name, model_tokenizer
 
-__all__ = ["calibrate_checkpoint", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
+__all__ = ["calibrate_checkpoint", "check_decoder_objective", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
 
 
 def check_plan_fits(plan, model, plan_path) -> None:
@@ -43,6 +43,13 @@ def check_gptq_schemes(scheme, args) -> None:
                            f"rounded to nearest: use --method rtn")
 
 
+def check_decoder_objective(args) -> None:
+    """Refuse ``--objective model`` for a decoder: its sequential GPTQ reproduces each layer's own output."""
+    if getattr(args, "objective", None) == "model":
+        raise NpquantError("--objective model is for sentence encoders; decoder GPTQ runs --objective layer (each "
+                           "layer's own output on the inputs the quantized layers before it give)")
+
+
 def calibrate_checkpoint(model, scheme, args):
     """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows.
 
@@ -62,6 +69,7 @@ def calibrate_checkpoint(model, scheme, args):
             raise NpquantError(f"{root / 'config.json'} is not valid JSON: {exc}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if root.is_dir() and _is_decoder(config):
+        check_decoder_objective(args)
         return _calibrate_decoder(root, config, scheme, args)
     if getattr(args, "seq_len", None) is not None:
         raise NpquantError("--seq-len is for decoders (Llama, Mistral, Qwen2, Qwen3): a sentence encoder is "
@@ -77,7 +85,7 @@ def calibrate_checkpoint(model, scheme, args):
     encoder = SentenceEncoder.from_pretrained(root)
     if isinstance(scheme, dict):
         scheme = {encoder_name(n): s for n, s in scheme.items() if encoder_name(n) in encoder.linear_names()}
-    encoder = _run_gptq(encoder, scheme, texts, args.observer)
+    encoder = _run_gptq(encoder, scheme, texts, args.observer, getattr(args, "objective", None) or "model")
     with Checkpoint(root) as ckpt:
         names = set(ckpt.tensors)
     out = {}
@@ -88,11 +96,11 @@ def calibrate_checkpoint(model, scheme, args):
     return out, rows
 
 
-def _run_gptq(encoder, scheme, texts, observer):
+def _run_gptq(encoder, scheme, texts, observer, objective="model"):
     """``encoder.quantized(scheme, "gptq", ...)`` with a progress bar per layer on a terminal."""
     total = len(scheme) if isinstance(scheme, dict) else len(encoder.linear_names())
     with Progress(total, f"on {len(texts)} texts", unit="steps", prefix="GPTQ ") as bar:
-        return encoder.quantized(scheme, "gptq", texts, observer=observer,
+        return encoder.quantized(scheme, "gptq", texts, observer=observer, objective=objective,
                                  progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
 
 

@@ -117,10 +117,6 @@ def run(args) -> int:
     if is_decoder(args.model):
         from ._eval_decoder import run_decoder
 
-        if args.method in ("awq", "awq+gptq"):
-            raise NpquantError(f"--method {args.method} is not yet available for decoders (their calibration loop "
-                               f"comes later); npquant eval runs AWQ on BERT sentence encoders")
-
         return run_decoder(args)
     used = [flag for flag, value in (("--text", args.text), ("--max-tokens", args.max_tokens),
                                      ("--context", args.context)) if value is not None]
@@ -169,6 +165,9 @@ def _run_encoder(args) -> int:
             )
     elif args.calibration or args.max_samples:
         raise NpquantError("--calibration and --max-samples are for a calibrated --method (gptq, awq, awq+gptq)")
+    if args.objective is not None and args.method not in ("gptq", "awq+gptq") and not any(
+            p[2] in ("gptq", "awq+gptq") for p in plans):
+        raise NpquantError("--objective is for the GPTQ methods (--method gptq or awq+gptq)")
     encoder = SentenceEncoder.from_pretrained(args.model, backend=args.backend)
     for _, mapping, _, _, plan_path in plans:
         unknown = [n for n in mapping if n not in encoder.tensors]
@@ -185,11 +184,18 @@ def _run_encoder(args) -> int:
     n_runs = 1 + len(runs) + len(plans)  # float32, then each scheme and method, then the plans
     with Progress(n_runs, "encoding", unit="steps") as bar:
         rows, _ = evaluate(encoder, labels, sentences, args.batch_size, progress=lambda label: bar(label, 1),
-                           method=args.method, calibration=calibration, observer=args.observer, plans=plans)
+                           method=args.method, calibration=calibration, observer=args.observer,
+                           objective=args.objective or "model", plans=plans)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
         render.print_eval(rows, len(sentences) if sentences else None)
+        if args.method in ("gptq", "awq+gptq") or any(p[2] in ("gptq", "awq+gptq") for p in plans):
+            objective = args.objective or "model"
+            print(f"GPTQ objective: {objective} ("
+                  + ("each layer reproduces the float model's output there, then its scales are refitted"
+                     if objective == "model" else "each layer reproduces its own output on the quantized inputs")
+                  + "; --objective model|layer)")
     if args.plot:
         render.plot_eval(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

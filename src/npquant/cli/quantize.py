@@ -172,10 +172,16 @@ def run(args) -> int:
         raise NpquantError("--seq-len is for --method gptq on decoders")
     if args.seq_len is not None and args.seq_len < 1:
         raise NpquantError(f"--seq-len must be at least 1 token per calibration window, got {args.seq_len}")
+    if args.method != "gptq" and getattr(args, "objective", None) is not None:
+        raise NpquantError("--objective is for --method gptq")
     if args.method == "gptq":
-        from ._gptq import check_gptq_schemes
+        from ._gptq import check_decoder_objective, check_gptq_schemes
 
         check_gptq_schemes(scheme, args)
+        from .eval import is_decoder
+
+        if is_decoder(model):
+            check_decoder_objective(args)
     # OUT is checked before any work (a GGUF conversion, GPTQ's calibration): a bad OUT fails at once;
     # quantize_checkpoint checks it again when it writes.
     check_output(model, args.out, force=args.force)

@@ -34,10 +34,25 @@ same method; row scaling commutes with symmetric per-row-block rounding up
 to float rounding), and for GPTQ the context is gathered again from the
 folded model before the attention output is quantized.
 
-Each layer's row reports its loss ``tr(dW H dW.T)`` (the mean squared output
-error on the calibration tokens) for round to nearest and for the method,
-relative to ``tr(W H W.T)``, AWQ's exponent ``a`` where it scaled, and the
-seconds it took.
+**The objective** (``objective=``) of the GPTQ methods:
+
+- ``"model"`` (the default): each layer's target is the *float* model's
+  output at that layer, ``X W.T`` with ``X`` the float model's inputs,
+  reproduced from the inputs ``X~`` the quantized model gives it: GPTQ
+  rounds :func:`~npquant.calibrate.target.model_target`'s ``W*`` against
+  ``X~``'s Hessian, so the error the earlier layers made is compensated
+  where it can be, and the scales are then refitted to the chosen codes
+  (:func:`~npquant.calibrate.refit.refit_scales`; symmetric schemes). The
+  float model runs beside the quantized one on the calibration batches.
+- ``"layer"``: GPTQ as published (and as llm-compressor runs it): each
+  layer reproduces its own float weight's output on ``X~``.
+
+Each layer's row reports its loss for round to nearest and for the method:
+with ``objective="layer"`` ``tr(dW H dW.T)`` relative to ``tr(W H W.T)``
+(the mean squared output error on ``X~``); with ``"model"``
+``||X W.T - X~ Q.T||**2`` relative to ``||X W.T||**2`` (round to nearest:
+``Q`` the rounded ``W`` on the same ``X~``); AWQ's exponent ``a`` where it
+scaled, and the seconds it took.
 """
 
 from __future__ import annotations
@@ -48,18 +63,24 @@ import numpy as np
 
 from ..calibrate import calibration_texts, gptq, hessian_loss
 from ..calibrate.awq import DEFAULT_GRID, InputStats, scale_hessian, search_scale
+from ..calibrate.refit import refit_scales
+from ..calibrate.target import CrossMoment, model_loss, model_target
 from ..errors import NpquantError
 from ..quantize import quantize
 from ..schemes import Scheme
 from .awq_bert import SCALED_GROUPS, fold_scale
 
-__all__ = ["CALIBRATED_METHODS", "CALIBRATION_BATCH", "calibrated_tensors", "changed_tensors", "gptq_tensors"]
+__all__ = ["CALIBRATED_METHODS", "CALIBRATION_BATCH", "OBJECTIVES", "calibrated_tensors", "changed_tensors",
+           "gptq_tensors"]
 
 #: Sentences per calibration forward pass.
 CALIBRATION_BATCH = 32
 
 #: The methods :func:`calibrated_tensors` runs.
 CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
+
+#: What the GPTQ methods reproduce (module docstring); the first is the default.
+OBJECTIVES = ("model", "layer")
 
 # Linear layers of a block that share an input, in forward order.
 _GROUPS = (
@@ -70,7 +91,7 @@ _GROUPS = (
 )
 
 
-def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", progress=None):
+def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", objective: str = "model", progress=None):
     """The encoder's tensors with its linear layers quantized by sequential GPTQ.
 
     Parameters
@@ -80,19 +101,21 @@ def gptq_tensors(encoder, schemes, texts=None, *, observer: str = "minmax", prog
         fp8 layers are rounded to nearest, and have no row)
     texts : list of str or None (the built-in calibration set)
     observer : {"minmax", "mse"}
+    objective : {"model", "layer"} (module docstring)
     progress : ``progress(module, done, total)`` after each layer, or None
 
     Returns
     -------
     tensors : dict, the encoder's tensors with QuantizedTensors for its linear weights
     rows : list of dict per layer: ``name``, ``shape``, ``rtn_loss``, ``gptq_loss``
-        (both relative to ``tr(W H W.T)``), ``ratio`` (GPTQ / RTN), ``seconds``
+        (both relative, as the module docstring says), ``ratio`` (GPTQ / RTN), ``seconds``
     """
-    return calibrated_tensors(encoder, schemes, texts, method="gptq", observer=observer, progress=progress)
+    return calibrated_tensors(encoder, schemes, texts, method="gptq", observer=observer, objective=objective,
+                              progress=progress)
 
 
 def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", observer: str = "minmax",
-                       grid: int = DEFAULT_GRID, progress=None):
+                       objective: str = "model", grid: int = DEFAULT_GRID, progress=None):
     """The encoder's tensors with its linear layers quantized by a calibrated method, block after block.
 
     Parameters
@@ -103,6 +126,7 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
     texts : list of str or None (the built-in calibration set)
     method : {"gptq", "awq", "awq+gptq"} (see the module docstring)
     observer : {"minmax", "mse"}
+    objective : {"model", "layer"}, what GPTQ reproduces (module docstring; ``"awq"`` rounds to nearest either way)
     grid : int, AWQ's points of ``a`` (``a = j / grid``, ``j < grid``)
     progress : ``progress(module, done, total)`` after each layer, or None
 
@@ -111,11 +135,14 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
     tensors : dict, the encoder's tensors: QuantizedTensors for its linear weights, and (AWQ) the value
         projections' float32 weights and biases with ``1 / s`` folded in where a scale was applied
     rows : list of dict per layer: ``name``, ``shape``, ``scheme``, ``tokens``, ``method``, ``rtn_loss``,
-        ``loss`` (the method's; GPTQ methods also as ``gptq_loss``), both relative to ``tr(W H W.T)``,
+        ``loss`` (the method's; GPTQ methods also as ``gptq_loss``), both relative (module docstring),
+        ``objective`` (GPTQ methods),
         ``ratio`` (method / RTN), ``alpha`` (AWQ's exponent, None where unscaled), ``seconds``
     """
     if method not in CALIBRATED_METHODS:
         raise NpquantError(f"method={method!r} is not a calibrated method; expected one of {CALIBRATED_METHODS}")
+    if objective not in OBJECTIVES:
+        raise NpquantError(f"objective={objective!r} is not known; expected one of {OBJECTIVES}")
     if isinstance(schemes, Scheme):
         schemes = {name: schemes for name in encoder.linear_names()}
     if method == "gptq" and all(s.is_float for s in schemes.values()):
@@ -124,33 +151,44 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise NpquantError("calibration texts must be a non-empty list of non-empty strings")
     use_gptq = method in ("gptq", "awq+gptq")
+    to_model = use_gptq and objective == "model"
     # The numpy backend throughout: the Hessians (so the codes) do not depend on whether numba is installed.
     work = encoder.with_backend("numpy")
+    reference = encoder.with_backend("numpy") if to_model else None  # the float model, run beside
     batches = []
     for idx in work.batches(texts, CALIBRATION_BATCH):
         ids, mask = work.tokenize([texts[j] for j in idx])
         x, bias = work._embed(ids, mask)
-        batches.append([x, bias, mask])  # block input, attention bias, token mask
+        batches.append([x, bias, mask, x])  # block input, attention bias, token mask, the float model's block input
     total = sum(n in schemes for n in work.linear_names())
     rows = []
     done = 0
 
-    def quantize_layer(w, h, scheme):
-        if use_gptq and not scheme.is_float:  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest
-            return gptq(w, h, scheme, observer=observer)
-        return quantize(w, scheme, observer=observer)
+    def quantize_layer(w, h, scheme, moments=None, anchor=None):
+        """``w`` quantized by the method: ``moments`` ``(C, H~, H)`` give the model objective's target."""
+        if not (use_gptq and not scheme.is_float):  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest
+            return quantize(anchor if anchor is not None else w, scheme, observer=observer)
+        if moments is None:
+            return gptq(w if anchor is None else anchor, h, scheme, observer=observer)
+        cross, h_q, _ = moments
+        target = model_target(w, cross, h_q, anchor=anchor)
+        qt = gptq(target, h_q, scheme, observer=observer)
+        if scheme.symmetric:
+            qt = refit_scales(qt, target, h_q)
+        return qt
 
     for i in range(work.config.num_layers):
         prefix = f"encoder.layer.{i}."
         qkv_hessian = None  # value's, for quantizing it again once the attention output's scale folds into it
+        qkv_moments = None
         for group in _GROUPS:
             group = tuple(m for m in group if prefix + m + ".weight" in schemes)
             if not group:
                 continue
-            stats = _gather(work, i, batches, prefix + group[0])
+            stats, moments = _gather(work, i, batches, prefix + group[0], reference)
             h = stats.hessian()
             if group[0] == "attention.self.query" or "attention.self.value" in group:
-                qkv_hessian = h
+                qkv_hessian, qkv_moments = h, moments
             start = time.perf_counter()
             names = [prefix + m + ".weight" for m in group]
             ws = [work.tensors[n] for n in names]
@@ -158,39 +196,55 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
             if method != "gptq" and group[0] in SCALED_GROUPS:
                 found = search_scale(ws, stats.abs_mean(), h, schemes[names[0]], grid=grid, observer=observer) \
                     if len({schemes[n] for n in names}) == 1 else None
-            h_q = h
+            h_q, moments_q = h, moments
             if found is not None:
                 value = prefix + SCALED_GROUPS[group[0]] + ".weight"  # the producer: value
                 folded = fold_scale({**work.tensors, value: encoder.tensors[value]}, i, group[0], found.scale)
                 work.tensors.update(folded)  # value's float rows / s and bias / s (and our scaled weight)
                 if value in schemes:  # value was quantized already: again, from its folded float weight
-                    work.tensors[value] = quantize_layer(folded[value], qkv_hessian, schemes[value])
+                    # (its float input is unchanged, and its float target is the folded rows: w = anchor)
+                    work.tensors[value] = quantize_layer(folded[value], qkv_hessian, schemes[value], qkv_moments,
+                                                         folded[value] if qkv_moments is not None else None)
                 ws_q = [folded[n] for n in names]
                 if use_gptq:  # the context as the folded, quantized value makes it
-                    h_q = _gather(work, i, batches, prefix + group[0]).hessian()
+                    stats_q, moments_q = _gather(work, i, batches, prefix + group[0], reference)
+                    h_q = stats_q.hessian()
                 else:
                     h_q = scale_hessian(h, found.scale)
             else:
                 ws_q = ws
             for name, w, w_q in zip(names, ws, ws_q):
                 scheme = schemes[name]
-                qt = quantize_layer(w_q, h_q, scheme)
+                if moments_q is not None:
+                    qt = quantize_layer(w, h_q, scheme, moments_q, anchor=w_q)
+                else:
+                    qt = quantize_layer(w_q, h_q, scheme)
                 work.tensors[name] = qt
                 done += 1
                 if not scheme.is_float:
-                    ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h, w.astype(np.float64)))
-                    rtn = hessian_loss(w, quantize(w, scheme, observer=observer), h) / ref
-                    ours = hessian_loss(w_q, qt, h_q) / ref  # in the scaled space: the same output error
+                    rtn_qt = quantize(w, scheme, observer=observer)
+                    if moments_q is not None:  # the float model's output at this layer
+                        cross, h_x, h_f = moments
+                        ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h_f, w.astype(np.float64)))
+                        rtn = model_loss(w, rtn_qt.dequantize(), cross, h_x, h_f) / ref
+                        ours = model_loss(w, qt.dequantize(), moments_q[0], moments_q[1], h_f) / ref
+                    else:
+                        ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h, w.astype(np.float64)))
+                        rtn = hessian_loss(w, rtn_qt, h) / ref
+                        ours = hessian_loss(w_q, qt, h_q) / ref  # in the scaled space: the same output error
                     row = {"name": name, "shape": tuple(w.shape), "scheme": scheme, "tokens": stats.tokens,
                            "method": method, "rtn_loss": rtn, "loss": ours, "ratio": ours / rtn if rtn > 0 else 1.0,
                            "alpha": None if found is None else found.alpha, "seconds": time.perf_counter() - start}
                     if use_gptq:
                         row["gptq_loss"] = ours
+                        row["objective"] = objective
                     rows.append(row)
                 if progress is not None:
                     progress(name, done, total)
-        for batch in batches:  # the quantized block's output feeds the next block
+        for batch in batches:  # the quantized block's output feeds the next block; the float one the float model's
+            x_float = batch[3]
             batch[0] = work._block(i, batch[0], batch[1])
+            batch[3] = batch[0] if reference is None else reference._block(i, x_float, batch[1])
     return work.tensors, rows
 
 
@@ -212,10 +266,17 @@ def changed_tensors(before, after) -> tuple[dict, dict]:
     return quantized, replaced
 
 
-def _gather(work, i: int, batches, wanted: str) -> InputStats:
-    """``X.T X`` and ``sum |x|`` of ``wanted``'s inputs in block ``i`` over every calibration batch."""
+def _gather(work, i: int, batches, wanted: str, reference=None):
+    """``(InputStats, CrossMoment or None)`` of ``wanted``'s inputs in block ``i`` over every calibration batch.
+
+    ``InputStats``: ``X~.T X~`` and ``sum |x~|`` of the inputs ``work`` gives
+    it. With ``reference`` (the float model), also the moments of those
+    inputs with the float model's own at the same tokens.
+    """
     stats = None
-    for x, bias, mask in batches:
+    moments = None
+    for x, bias, mask, x_float in batches:
+        seen = {}
 
         def observe(module, inp, mask=mask):
             nonlocal stats
@@ -223,9 +284,21 @@ def _gather(work, i: int, batches, wanted: str) -> InputStats:
                 if stats is None:
                     stats = InputStats(inp.shape[-1])
                 stats.add(inp, mask)
+                seen["x"] = inp
 
         _run_until(work, i, x, bias, observe, wanted)
-    return stats
+        if reference is not None:
+            got = {}
+
+            def observe_float(module, inp):
+                if module == wanted:
+                    got["x"] = inp
+
+            _run_until(reference, i, x_float, bias, observe_float, wanted)
+            if moments is None:
+                moments = CrossMoment(got["x"].shape[-1])
+            moments.add(got["x"], seen["x"], mask)
+    return stats, None if moments is None else moments.matrices()
 
 
 class _Stop(Exception):

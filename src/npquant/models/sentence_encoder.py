@@ -36,7 +36,7 @@ class SentenceEncoder(BertEncoder):
     """
 
     def quantized(self, scheme, method: str = "rtn", calibration=None, *, observer: str = "minmax",
-                  progress=None) -> "SentenceEncoder":
+                  objective: str = "model", progress=None) -> "SentenceEncoder":
         """A copy whose linear layers are :class:`QuantizedTensor` s.
 
         Parameters
@@ -59,6 +59,10 @@ class SentenceEncoder(BertEncoder):
             :func:`npquant.calibrate.calibration_texts`).
         observer : {"minmax", "mse"}
             How block ranges are chosen (see :mod:`npquant.quantize`).
+        objective : {"model", "layer"}
+            GPTQ methods: reproduce the float model's output at each layer
+            (``"model"``, then scales refitted to the codes) or each layer's
+            own output on the inputs it sees (``"layer"``, GPTQ as published).
         progress : callable or None
             Calibrated methods only: ``progress(module, done, total)`` after each layer.
         """
@@ -70,7 +74,7 @@ class SentenceEncoder(BertEncoder):
         report = None
         if method != "rtn":
             tensors, report = calibrated_tensors(self, schemes, calibration, method=method, observer=observer,
-                                                 progress=progress)
+                                                 objective=objective, progress=progress)
         else:
             tensors = dict(self.tensors)
             for name, sch in schemes.items():
