@@ -364,15 +364,3 @@ def test_objective_without_gptq_is_one_line(tiny_dir, tmp_path, capsys, argv, me
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_decoders_refuse_the_model_objective(tmp_path, capsys):
-    root = tmp_path / "llama"
-    root.mkdir()
-    (root / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    for argv in (["eval", str(root), "--method", "gptq", "--objective", "model"],
-                 ["quantize", str(root), "-o", str(tmp_path / "out"), "--scheme", "w4-g32", "--method", "gptq",
-                  "--objective", "model"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert "--objective model is for sentence encoders" in err and err.count("\n") == 1

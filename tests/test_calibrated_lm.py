@@ -175,6 +175,48 @@ def test_gptq_loses_less_than_rtn_on_every_layer(calibrated):
     assert np.mean([r["ratio"] for r in rows]) < 0.9
 
 
+def test_model_objective_gathers_the_float_and_quantized_inputs_of_a_hand_built_forward():
+    """objective="model": each row's losses are the float-target error ||X W.T - X~ Q.T||**2 / ||X W.T||**2,
+    rebuilt from float64 forwards of the float model (X) and of the quantized model (X~)."""
+    from npquant.calibrate.target import model_loss
+
+    weights = tiny_weights()
+    seen = []
+    quantized, rows, left = gptq_decoder(CONFIG, weights, "w4-g32", windows(), objective="model",
+                                         inspect=lambda names, h: seen.append((names, h.copy())))
+    assert left == {} and len(rows) == 14 and all(r["objective"] == "model" for r in rows)
+    deq = {n: qt.dequantize().astype(np.float64) for n, qt in quantized.items()}
+    f64 = {n: w.astype(np.float64) for n, w in weights.items()}
+    xq = [reference_inputs(weights, deq, ids) for ids in windows()]
+    xf = [reference_inputs(weights, f64, ids) for ids in windows()]
+    hessians = dict(seen)
+    for row in rows:
+        name = row["name"]
+        module = name.removesuffix(".weight")
+        a = np.concatenate([s[module] for s in xq])  # (N, I) the quantized model's inputs
+        b = np.concatenate([s[module] for s in xf])  # (N, I) the float model's
+        n = len(a)
+        cross, h_q, h_f = b.T @ a / n, a.T @ a / n, b.T @ b / n
+        group = next(names for names in hessians if name in names)
+        assert np.abs(hessians[group] - h_q).max() <= H_TOL * np.diag(h_q).max(), name
+        w = weights[name]
+        ref = float(np.einsum("oi,oi->", w.astype(np.float64) @ h_f, w.astype(np.float64)))
+        rtn = model_loss(w, quantize(w, "w4-g32").dequantize(), cross, h_q, h_f) / ref
+        ours = model_loss(w, quantized[name].dequantize(), cross, h_q, h_f) / ref
+        # The moments carry H_TOL relative error; the losses are differences of terms up to 1e3 times their size
+        # here, so 1e-3 relative holds them with room.
+        assert row["rtn_loss"] == pytest.approx(rtn, rel=1e-3) and row["gptq_loss"] == pytest.approx(ours, rel=1e-3)
+    assert np.mean([r["ratio"] for r in rows]) < 0.9
+    # The first group reads the embedding only: there X~ = X and the target is the weight (up to float32 rounding
+    # of the solve), so the codes are GPTQ's own on the same Hessian but the scales refitted.
+    layer, _, _ = gptq_decoder(CONFIG, weights, "w4-g32", windows())
+    first = "model.layers.0.self_attn.q_proj.weight"
+    same = np.mean(quantized[first].int_codes() == layer[first].int_codes())
+    assert same > 0.99
+    assert not np.array_equal(quantized["model.layers.1.mlp.down_proj.weight"].int_codes(),
+                              layer["model.layers.1.mlp.down_proj.weight"].int_codes())
+
+
 def test_left_float_fp8_and_plans():
     weights = tiny_weights()
     # w4-g64 divides 64 (q/k/v/o/gate/up) but not 96 (down_proj): those stay float, named.

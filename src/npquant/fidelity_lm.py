@@ -239,7 +239,8 @@ def perplexity(log_probs) -> float:
 
 # --- the evaluation --------------------------------------------------------------------------------------
 def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto", progress=None,
-                method: str = "rtn", calibration=None, observer: str = "minmax") -> list[dict]:
+                method: str = "rtn", calibration=None, observer: str = "minmax",
+                objective: str = "layer") -> list[dict]:
     """Run the float32 decoder and, per scheme, its linear layers rounded to nearest, on the same windows.
 
     With a calibrated ``method``, each int scheme also gets a row with its
@@ -269,6 +270,7 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     method : {"rtn", "gptq", "awq", "awq+gptq"}
     calibration : list of int ``(B, T)`` arrays, the calibration windows (calibrated methods only)
     observer : {"minmax", "mse"}, GPTQ's block ranges
+    objective : {"layer", "model"}, what GPTQ reproduces (:func:`~npquant.models.calibrated_lm.gptq_decoder`)
 
     Returns
     -------
@@ -325,7 +327,8 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
         left: dict[str, str] = {}  # weight name -> why it stays float32
         tick = None if progress is None else (lambda name, done, total, tag=f"{label} {how.upper()}": progress(tag, 0))
         if how == "gptq":
-            quantized, _, left = gptq_decoder(cfg, weights, scheme, calibration, observer=observer, progress=tick)
+            quantized, _, left = gptq_decoder(cfg, weights, scheme, calibration, observer=observer,
+                                              objective=objective, progress=tick)
             stored = {name: qt.nbytes for name, qt in quantized.items()}
             model = CausalLM(cfg, weights, quantized=quantized, backend=backend)
         elif how in ("awq", "awq+gptq"):

@@ -40,9 +40,6 @@ def run_decoder(args) -> int:
         ("--sentences", args.sentences), ("--plan", args.plan), ("--batch-size", args.batch_size),
     ) if value is not None]
     method = args.method or "rtn"
-    if getattr(args, "objective", None) == "model":
-        raise NpquantError("--objective model is for sentence encoders; decoder GPTQ runs --objective layer (each "
-                           "layer's own output on the inputs the quantized layers before it give)")
     if encoder_only:
         flag = encoder_only[0][0]
         hint = "; a decoder reads --text FILE" if flag == "--sentences" else ""
@@ -51,8 +48,9 @@ def run_decoder(args) -> int:
                             or getattr(args, "objective", None) is not None):
         raise NpquantError("--calibration, --max-samples, --observer and --objective are for a calibrated --method "
                            "(decoders are rounded to nearest with the minmax observer)")
-    if method == "awq" and getattr(args, "objective", None) is not None:
-        raise NpquantError("--objective is for the GPTQ methods (--method gptq or awq+gptq)")
+    if method in ("awq", "awq+gptq") and getattr(args, "objective", None) is not None:
+        raise NpquantError("--objective is for --method gptq on decoders (their AWQ+GPTQ reproduces each layer's "
+                           "own output)")
     texts = calibration_texts(args) if method != "rtn" else None  # a bad file is refused before the model
     labels = args.scheme or list(DEFAULT_LM_SCHEMES)
     for label in labels:
@@ -98,7 +96,7 @@ def run_decoder(args) -> int:
         with Progress((1 + len(labels) + n_gptq) * n_scored, "scoring", unit="steps") as bar:
             rows = evaluate_lm(config, weights, batches, labels, backend=args.backend,
                                progress=lambda label, n: bar(label, n), method=method, calibration=calibration,
-                               observer=args.observer or "minmax")
+                               observer=args.observer or "minmax", objective=args.objective or "layer")
         seconds = time.monotonic() - start
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import NpquantError
 from ._common import Progress, calibration_texts, encoder_name, model_tokenizer
 
-__all__ = ["calibrate_checkpoint", "check_decoder_objective", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
+__all__ = ["calibrate_checkpoint", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
 
 
 def check_plan_fits(plan, model, plan_path) -> None:
@@ -43,13 +43,6 @@ def check_gptq_schemes(scheme, args) -> None:
                            f"rounded to nearest: use --method rtn")
 
 
-def check_decoder_objective(args) -> None:
-    """Refuse ``--objective model`` for a decoder: its sequential GPTQ reproduces each layer's own output."""
-    if getattr(args, "objective", None) == "model":
-        raise NpquantError("--objective model is for sentence encoders; decoder GPTQ runs --objective layer (each "
-                           "layer's own output on the inputs the quantized layers before it give)")
-
-
 def calibrate_checkpoint(model, scheme, args):
     """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows.
 
@@ -69,7 +62,6 @@ def calibrate_checkpoint(model, scheme, args):
             raise NpquantError(f"{root / 'config.json'} is not valid JSON: {exc}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if root.is_dir() and _is_decoder(config):
-        check_decoder_objective(args)
         return _calibrate_decoder(root, config, scheme, args)
     if getattr(args, "seq_len", None) is not None:
         raise NpquantError("--seq-len is for decoders (Llama, Mistral, Qwen2, Qwen3): a sentence encoder is "
@@ -166,6 +158,7 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
                       prefix="GPTQ ") as bar:
             quantized, rows, _ = gptq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
                                               observer=args.observer,
+                                              objective=getattr(args, "objective", None) or "layer",
                                               progress=lambda name, done, n: bar(name.removesuffix(".weight"), 1))
     return quantized, rows
 

@@ -175,13 +175,9 @@ def run(args) -> int:
     if args.method != "gptq" and getattr(args, "objective", None) is not None:
         raise NpquantError("--objective is for --method gptq")
     if args.method == "gptq":
-        from ._gptq import check_decoder_objective, check_gptq_schemes
+        from ._gptq import check_gptq_schemes
 
         check_gptq_schemes(scheme, args)
-        from .eval import is_decoder
-
-        if is_decoder(model):
-            check_decoder_objective(args)
     # OUT is checked before any work (a GGUF conversion, GPTQ's calibration): a bad OUT fails at once;
     # quantize_checkpoint checks it again when it writes.
     check_output(model, args.out, force=args.force)

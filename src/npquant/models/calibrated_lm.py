@@ -30,9 +30,23 @@ batch's activations (``4 B T (C + 2 F)``, see :mod:`npquant.models.causal_lm`;
 they and the Hessian are held together while it is gathered) and ``base``
 the interpreter and libraries.
 
-Each quantized layer's row reports the loss ``tr(dW H dW.T)`` (the mean
-squared output error on the calibration tokens) of round-to-nearest and of
-GPTQ, relative to ``tr(W H W.T)``, and the seconds GPTQ took.
+**The objective.** ``objective="layer"`` (the default here) is GPTQ as
+published: each layer reproduces its own float weight's output on the
+inputs ``X~`` the quantized layers before it give. ``objective="model"``
+makes the float model's output at the layer, ``X W.T``, the target: the
+float model runs beside on the same windows (``4 N C`` more bytes), each
+group's cross moment ``X.T X~`` and the float inputs' ``X.T X`` are gathered
+with ``X~.T X~`` (``16 I**2`` more bytes at the widest input, and the
+Hessian is no longer GPTQ's workspace, so ``8 F**2`` becomes ``24 F**2``),
+GPTQ rounds :func:`~npquant.calibrate.target.model_target`'s ``W*`` and the
+scales are refitted to the codes (:func:`~npquant.calibrate.refit.refit_scales`,
+symmetric schemes), as :mod:`npquant.models.calibrated` does for encoders.
+
+Each quantized layer's row reports the loss of round-to-nearest and of
+GPTQ: with ``objective="layer"`` ``tr(dW H dW.T)`` (the mean squared output
+error on the calibration tokens) relative to ``tr(W H W.T)``; with
+``"model"`` ``||X W.T - X~ Q.T||**2`` relative to ``||X W.T||**2``; and the
+seconds GPTQ took.
 """
 
 from __future__ import annotations
@@ -44,6 +58,8 @@ import numpy as np
 
 from ..calibrate import Hessian, hessian_loss
 from ..calibrate.gptq import gptq_with_loss
+from ..calibrate.refit import refit_scales
+from ..calibrate.target import CrossMoment, model_loss, model_target
 from ..errors import NpquantError
 from ..quantize import quantize
 from ..schemes import Scheme, get_scheme
@@ -91,7 +107,7 @@ def calibration_windows(token_ids, seq_len: int = DEFAULT_SEQ_LEN, batch_tokens:
 
 
 def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax", act_order: bool = True,
-                 damp: float = 0.01, progress=None, inspect=None):
+                 damp: float = 0.01, objective: str = "layer", progress=None, inspect=None):
     """A decoder's linear layers quantized by sequential GPTQ on calibration ``windows``.
 
     Parameters
@@ -106,6 +122,7 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
         (listed in ``left``); fp8/fp4 layers are rounded to nearest (no row).
     windows : list of int ``(B, T)`` token arrays (:func:`calibration_windows`)
     observer : {"minmax", "mse"}; act_order, damp : as :func:`~npquant.calibrate.gptq`
+    objective : {"layer", "model"}, what each layer reproduces (module docstring)
     progress : ``progress(name, done, total)`` after each weight, or None
     inspect : ``inspect(names, hessian)`` with each group's float64 ``(I, I)``
         Hessian (the mean ``X.T X``) before it is used, or None; it must not
@@ -115,8 +132,8 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
     -------
     quantized : dict, weight name -> QuantizedTensor
     rows : list of dict per GPTQ'd weight: ``name``, ``shape``, ``scheme``,
-        ``tokens``, ``rtn_loss``, ``gptq_loss`` (both relative to
-        ``tr(W H W.T)``), ``ratio`` (GPTQ / RTN), ``seconds``
+        ``tokens``, ``rtn_loss``, ``gptq_loss`` (both relative, as the module
+        docstring says), ``ratio`` (GPTQ / RTN), ``objective``, ``seconds``
     left : dict, weight name -> why it stays float
     """
     cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
@@ -132,12 +149,16 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                                f"{cfg.architecture} (e.g. {names[0]!r})")
     if not schemes or all(s.is_float for s in schemes.values()):
         raise NpquantError("GPTQ takes int schemes; fp8 and fp4 are rounded to nearest (method='rtn')")
+    if objective not in ("layer", "model"):
+        raise NpquantError(f"objective={objective!r} is not known; expected 'layer' or 'model'")
     windows = _check_windows(windows, cfg.vocab_size)
     shapes = cfg.tensor_shapes()
     quantized: dict = {}
     left: dict[str, str] = {}
     model = CausalLM(cfg, weights, quantized=quantized, backend="numpy")
     xs = [model.embed(ids) for ids in windows]  # (B, T, C) per batch: the next layer's inputs
+    reference = CausalLM(cfg, weights, backend="numpy") if objective == "model" else None  # the float model
+    xfs = list(xs) if reference is not None else None  # (B, T, C) per batch: the float model's
     tokens = sum(ids.size for ids in windows)
     total = sum(1 for n in names if n in schemes)
     rows: list[dict] = []
@@ -164,7 +185,12 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                     progress(name, done, total)
             if not work:
                 continue
-            h = _hessian(model, i, xs, work[0])  # (I, I), the mean X.T X of the group's input
+            if reference is None:
+                h = _hessian(model, i, xs, work[0])  # (I, I), the mean X.T X of the group's input
+                moments = None
+            else:
+                moments = _moments(model, reference, i, xs, xfs, work[0])  # (C, H~, H), (I, I) each
+                h = moments[1]
             if inspect is not None:
                 inspect(tuple(m + ".weight" for m in work), h)
             for k, module in enumerate(work):
@@ -172,11 +198,25 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                 scheme = schemes[name]
                 w = _stored_weight(model, weights, name)  # (O, I) in its stored float dtype
                 start = time.perf_counter()
-                ref = hessian_loss(w, None, h)
-                rtn = hessian_loss(w, quantize(w, scheme, observer=observer, backend="numpy"), h)
-                last = k == len(work) - 1  # the group's last use of h: GPTQ may factorise it in place
-                qt, loss = gptq_with_loss(w, h, scheme, act_order=act_order, damp=damp, observer=observer,
-                                          overwrite_hessian=last)
+                rtn_qt = quantize(w, scheme, observer=observer, backend="numpy")
+                if moments is None:
+                    ref = hessian_loss(w, None, h)
+                    rtn = hessian_loss(w, rtn_qt, h)
+                    last = k == len(work) - 1  # the group's last use of h: GPTQ may factorise it in place
+                    qt, loss = gptq_with_loss(w, h, scheme, act_order=act_order, damp=damp, observer=observer,
+                                              overwrite_hessian=last)
+                else:
+                    cross, h_q, h_f = moments
+                    # The target in the weight's stored dtype, so its scales are that dtype's as RTN's are.
+                    target = model_target(w, cross, h_q).astype(w.dtype)
+                    qt, _ = gptq_with_loss(target, h_q, scheme, act_order=act_order, damp=damp, observer=observer)
+                    if scheme.symmetric:
+                        qt = refit_scales(qt, target, h_q)
+                    w32 = w.astype(np.float32)
+                    ref = hessian_loss(w32, None, h_f)
+                    rtn = model_loss(w32, rtn_qt.dequantize(), cross, h_q, h_f)
+                    loss = model_loss(w32, qt.dequantize(), cross, h_q, h_f)
+                    del target, w32
                 seconds = time.perf_counter() - start
                 del w
                 quantized[name] = qt
@@ -184,13 +224,15 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                 rel = loss / ref if ref > 0 else 0.0
                 rows.append({"name": name, "shape": tuple(qt.shape), "scheme": scheme, "tokens": tokens,
                              "rtn_loss": rel_rtn, "gptq_loss": rel, "ratio": rel / rel_rtn if rel_rtn > 0 else 1.0,
-                             "seconds": seconds})
+                             "objective": objective, "seconds": seconds})
                 done += 1
                 if progress is not None:
                     progress(name, done, total)
-            del h
-        for b in range(len(xs)):  # the quantized layer's output feeds the next layer
+            del h, moments
+        for b in range(len(xs)):  # the quantized layer's output feeds the next layer (the float one the float's)
             xs[b] = model.layer(i, xs[b])
+            if xfs is not None:
+                xfs[b] = reference.layer(i, xfs[b])
     return quantized, rows, left
 
 
@@ -228,6 +270,29 @@ def _hessian(model: CausalLM, i: int, xs: list, module: str) -> np.ndarray:
         except _Stop:
             pass
     return hess.take()
+
+
+def _moments(model: CausalLM, reference: CausalLM, i: int, xs: list, xfs: list, module: str):
+    """``(C, H~, H)`` float64 ``(I, I)`` per token: ``module``'s inputs in layer ``i`` of the quantized ``model``
+    (``X~``, from ``xs``) and of the float ``reference`` (``X``, from ``xfs``): ``X.T X~``, ``X~.T X~``, ``X.T X``."""
+    moments = None
+    for x, xf in zip(xs, xfs):
+        seen = {}
+
+        def watch(name, inp, key):
+            if name == module:
+                seen[key] = inp
+                raise _Stop
+
+        for net, inp, key in ((model, x, "q"), (reference, xf, "f")):
+            try:
+                net.layer(i, inp, observe=lambda name, a, key=key: watch(name, a, key))
+            except _Stop:
+                pass
+        if moments is None:
+            moments = CrossMoment(seen["q"].shape[-1])
+        moments.add(seen["f"], seen["q"])
+    return moments.matrices()
 
 
 def _check_windows(windows, vocab_size: int) -> list:
