@@ -57,6 +57,24 @@ def test_written_config_and_tensors(written, preset, kind, fmt):
             assert np.array_equal(npquant.linear(x, qt, backend=backend), want), (name, backend)
 
 
+@pytest.mark.parametrize("preset, rule", [("w8a8-int8", "int8 per token"), ("w8a8-fp8", "fp8 per token")])
+def test_inspect_shows_the_activation_rule(written, preset, rule, capsys):
+    from npquant.cli import main
+
+    assert main(["inspect", str(written[preset]), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {r["activations"] for r in rows} == {rule}
+    assert main(["inspect", str(written[preset])]) == 0
+    assert rule in capsys.readouterr().out
+
+
+def test_prepared_w8a8_is_exported():
+    assert npquant.PreparedW8A8 is npquant.prepared.PreparedW8A8 and "PreparedW8A8" in npquant.__all__
+    qt = npquant.quantize(np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32), "w8a8-int8")
+    if "numba" in npquant.available_backends():
+        assert isinstance(npquant.prepare(qt), npquant.PreparedW8A8)
+
+
 def test_fp8_blocks_with_group_activations_still_load_weight_only():
     loaded = npquant.load(FIXTURES / "fp8-block-float32")
     assert {qt.scheme.activations for qt in loaded.values()} == {None}

@@ -32,6 +32,7 @@ from .lab import quantize_per_tensor
 from .linear import available_backends
 from .linear import linear
 from .prepared import PreparedTensor
+from .prepared import PreparedW8A8
 from .prepared import prepare
 from .quantize import QuantizedTensor
 from .quantize import quantize
@@ -52,6 +53,7 @@ __all__ = [
     "available_backends",
     "prepare",
     "PreparedTensor",
+    "PreparedW8A8",
     # calibrated quantization
     "gptq",
     "Hessian",

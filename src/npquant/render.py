@@ -162,9 +162,9 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def print_inspect(title: str, rows: list[dict]) -> None:
     """One line per quantized module of a loaded checkpoint."""
-    heads = ("module", "codes", "blocks", "scales", "act-order", "shape", "bits/w", "bytes")
-    columns = [(h, "left" if h in ("module", "codes", "blocks", "scales") else "right") for h in heads]
-    cells = [[r["module"], r["codes"], r["blocks"], r["scales"], "yes" if r["act_order"] else "",
+    heads = ("module", "codes", "blocks", "scales", "activations", "act-order", "shape", "bits/w", "bytes")
+    columns = [(h, "left" if h in ("module", "codes", "blocks", "scales", "activations") else "right") for h in heads]
+    cells = [[r["module"], r["codes"], r["blocks"], r["scales"], r["activations"], "yes" if r["act_order"] else "",
               " x ".join(map(str, r["shape"])), f"{r['bits_per_weight']:.3f}", f"{r['bytes']:,}"] for r in rows]
     print_rows(console(), title, columns, cells, long=0)
 

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
 
 
 def module_rows(tensors) -> list[dict]:
-    """One dict per quantized module of ``{name: QuantizedTensor}``: codes, blocks, scales, shape, bytes."""
+    """One dict per quantized module of ``{name: QuantizedTensor}``: codes, blocks, scales, the activations'
+    rule (``"float"``: weight-only), shape, bytes."""
     rows = []
     for name, qt in tensors.items():
         s = qt.scheme
@@ -36,6 +37,8 @@ def module_rows(tensors) -> list[dict]:
             "blocks": {"tensor": "tensor", "channel": "channel", "group": f"group {s.group_size}",
                        "block": "block " + "x".join(map(str, s.block_size or ()))}[s.granularity],
             "scales": s.scale_dtype + (" x global" if qt.global_scale is not None else ""),
+            "activations": {None: "float", "int8-token": "int8 per token", "fp8-token": "fp8 per token"}.get(
+                s.activations, s.activations),
             "act_order": qt.perm is not None,
             "shape": list(qt.shape),
             "bits_per_weight": round(qt.bits_per_weight, 4),
