@@ -5,7 +5,7 @@ with 8 key/value heads, a vocabulary of 2048 so that the layers dominate, tied
 embeddings; random bfloat16 weights, about 0.9 GB) with a word-level
 tokenizer into a temporary directory, then runs
 
-    npquant quantize MODEL -o OUT --method gptq --scheme w4-g128 --calibration FILE --seq-len 128
+    npquant quantize MODEL -o OUT --method gptq --scheme w4-g128 --calibration FILE --seq-len 128 --objective layer
 
 in a child process: sequential GPTQ over both layers (q/k/v, o, gate/up,
 down_proj, whose Hessian is 14336 x 14336) and the checkpoint written. This
@@ -152,7 +152,7 @@ def main() -> int:
         base_anon, base_max, _, code, _ = measure([sys.executable, "-c", imports], work / "base.log")
         cmd = [sys.executable, "-m", "npquant", "quantize", str(work / "model"), "-o", str(work / "out"),
                "--scheme", args.scheme, "--method", "gptq", "--calibration", str(calib), "--seq-len", str(seq_len),
-               "--json"]
+               "--objective", "layer", "--json"]  # the formula's objective (the 8B shapes' default; --quick's is model)
         anon, maxrss, wall, code, cpu = measure(cmd, work / "run.log", work / "rows.json")
         if code:
             print((work / "run.log").read_text(), file=sys.stderr)

@@ -117,7 +117,7 @@ def reference_hessians(weights, linear, batches) -> dict:
 def calibrated():
     weights = tiny_weights()
     seen = []
-    quantized, rows, left = gptq_decoder(CONFIG, weights, "w4-g32", windows(),
+    quantized, rows, left = gptq_decoder(CONFIG, weights, "w4-g32", windows(), objective="layer",
                                          inspect=lambda names, h: seen.append((names, h.copy())))
     return weights, quantized, rows, left, seen
 
@@ -209,12 +209,32 @@ def test_model_objective_gathers_the_float_and_quantized_inputs_of_a_hand_built_
     assert np.mean([r["ratio"] for r in rows]) < 0.9
     # The first group reads the embedding only: there X~ = X and the target is the weight (up to float32 rounding
     # of the solve), so the codes are GPTQ's own on the same Hessian but the scales refitted.
-    layer, _, _ = gptq_decoder(CONFIG, weights, "w4-g32", windows())
+    layer, _, _ = gptq_decoder(CONFIG, weights, "w4-g32", windows(), objective="layer")
     first = "model.layers.0.self_attn.q_proj.weight"
     same = np.mean(quantized[first].int_codes() == layer[first].int_codes())
     assert same > 0.99
     assert not np.array_equal(quantized["model.layers.1.mlp.down_proj.weight"].int_codes(),
                               layer["model.layers.1.mlp.down_proj.weight"].int_codes())
+
+
+def test_the_default_objective_follows_the_mlp_width():
+    from npquant.models.calibrated_lm import MODEL_OBJECTIVE_BYTES, default_objective
+
+    def config(width):
+        return {**CONFIG, "intermediate_size": width}
+
+    assert default_objective(CONFIG) == "model"  # the tiny model: F = 96
+    assert default_objective(config(9459)) == "model" and 24 * 9459 ** 2 <= MODEL_OBJECTIVE_BYTES
+    assert default_objective(config(9460)) == "layer" and default_objective(config(14336)) == "layer"
+    weights = tiny_weights()
+    auto, rows, _ = gptq_decoder(CONFIG, weights, "w4-g32", windows())
+    chosen, _, _ = gptq_decoder(CONFIG, weights, "w4-g32", windows(), objective="model")
+    assert {r["objective"] for r in rows} == {"model"}
+    for name, qt in auto.items():
+        np.testing.assert_array_equal(qt.codes, chosen[name].codes)
+        np.testing.assert_array_equal(qt.scale, chosen[name].scale)
+    with pytest.raises(NpquantError, match=r"objective='float' is not known; expected 'layer' or 'model'"):
+        gptq_decoder(CONFIG, weights, "w4-g32", windows(), objective="float")
 
 
 def test_left_float_fp8_and_plans():
@@ -321,7 +341,7 @@ def test_quantize_gptq_on_a_bfloat16_model_writes_rtns_scales(decoder_dir, tmp_p
     calib.write_text("\n".join(word_lines(10)))
     out = tmp_path / "out"
     code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w4-g32", "--method", "gptq",
-                 "--calibration", str(calib), "--seq-len", "16", "--json"])
+                 "--calibration", str(calib), "--seq-len", "16", "--json", "--objective", "layer"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     npquant.quantize_checkpoint(decoder_dir, tmp_path / "rtn", "w4-g32")
@@ -330,6 +350,13 @@ def test_quantize_gptq_on_a_bfloat16_model_writes_rtns_scales(decoder_dir, tmp_p
         assert loaded[name].scale.dtype == rtn[name].scale.dtype
         np.testing.assert_array_equal(loaded[name].scale, rtn[name].scale)
     assert not all(np.array_equal(loaded[n].codes, rtn[n].codes) for n in rtn)
+    # The model objective (this model's default) refits the scales, in the same dtype.
+    code = main(["quantize", str(decoder_dir), "-o", str(tmp_path / "model"), "--scheme", "w4-g32", "--method",
+                 "gptq", "--calibration", str(calib), "--seq-len", "16", "--json"])
+    assert code == 0, capsys.readouterr().err
+    refitted = npquant.load(tmp_path / "model")
+    assert all(refitted[n].scale.dtype == rtn[n].scale.dtype for n in rtn)
+    assert not all(np.array_equal(refitted[n].scale, rtn[n].scale) for n in rtn)
 
 
 def test_quantize_gptq_with_a_plan(decoder_dir, tmp_path, capsys):
@@ -437,7 +464,8 @@ def test_smollm2_gptq_lowers_its_objective_on_every_layer():
     with gguf.read_gguf(path) as model:
         ids = model.tokenizer().encode("\n".join(calibration_texts()), add_special_tokens=False).ids[:1024]
         schemes = {n: "w4-g32" for n in _first_layers(model, 2)}
-        quantized, rows, left = gptq_decoder(model.config, model, schemes, calibration_windows(ids, 512))
+        quantized, rows, left = gptq_decoder(model.config, model, schemes, calibration_windows(ids, 512),
+                                             objective="layer")
     assert left == {} and len(rows) == 14 == len(quantized)
     assert all(r["gptq_loss"] < 0.9 * r["rtn_loss"] for r in rows), [(r["name"], r["ratio"]) for r in rows]
 

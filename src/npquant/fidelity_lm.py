@@ -240,7 +240,7 @@ def perplexity(log_probs) -> float:
 # --- the evaluation --------------------------------------------------------------------------------------
 def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto", progress=None,
                 method: str = "rtn", calibration=None, observer: str = "minmax",
-                objective: str = "layer") -> list[dict]:
+                objective: str | None = None) -> list[dict]:
     """Run the float32 decoder and, per scheme, its linear layers rounded to nearest, on the same windows.
 
     With a calibrated ``method``, each int scheme also gets a row with its
@@ -270,7 +270,8 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     method : {"rtn", "gptq", "awq", "awq+gptq"}
     calibration : list of int ``(B, T)`` arrays, the calibration windows (calibrated methods only)
     observer : {"minmax", "mse"}, GPTQ's block ranges
-    objective : {"layer", "model"}, what GPTQ reproduces (:func:`~npquant.models.calibrated_lm.gptq_decoder`)
+    objective : {"layer", "model"} or None (the model's default), what GPTQ reproduces
+        (:func:`~npquant.models.calibrated_lm.gptq_decoder`)
 
     Returns
     -------

@@ -188,8 +188,9 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
                             help="what GPTQ reproduces at each layer: model (the float model's output there, from "
                                  "the inputs the quantized layers before it give, then the scales refitted to the "
                                  "codes; the default for sentence encoders) or layer (each layer's own output on "
-                                 "those inputs: GPTQ as published and as llm-compressor runs it; the default for "
-                                 "decoders, where model holds three (I, I) matrices at the widest input, not one)")
+                                 "those inputs: GPTQ as published and as llm-compressor runs it). Decoders: model "
+                                 "holds three float64 (F, F) matrices at the MLP width F where layer holds one, so "
+                                 "it is their default only where 24 F^2 bytes fit 2 GiB (F <= 9459)")
     parser.add_argument("--observer", choices=["minmax", "mse"], default=None,
                         help="block ranges: minmax (the extremes) or mse (the shrink of the range with the least "
                              "squared rounding error; with GPTQ weighted by the Hessian's diagonal); default minmax"

@@ -91,12 +91,22 @@ def run_decoder(args) -> int:
         header = (f"{Path(args.model).name}: {config['architectures'][0]}, {facts['layers']} decoder layers; "
                   f"{where}, {sum(b.size for b in batches):,} of its {len(ids):,} tokens in {n_windows} "
                   f"window{'s' if n_windows != 1 else ''} of up to {context}, {n_scored:,} tokens scored")
+        objective = None
+        if method == "gptq":
+            from ..models.calibrated_lm import default_objective
+
+            objective = args.objective or default_objective(config)
+            facts["objective"] = (f"GPTQ objective: {objective} (" + (
+                "each layer keeps the float model's output there, scales refitted" if objective == "model" else
+                "each layer keeps its own output on the quantized inputs") + ("; the default for this model's width"
+                                                                              if args.objective is None else "")
+                + "; --objective layer|model)")
         start = time.monotonic()
         n_gptq = sum(1 for label in labels if not get_scheme(label).is_float) if method != "rtn" else 0
         with Progress((1 + len(labels) + n_gptq) * n_scored, "scoring", unit="steps") as bar:
             rows = evaluate_lm(config, weights, batches, labels, backend=args.backend,
                                progress=lambda label, n: bar(label, n), method=method, calibration=calibration,
-                               observer=args.observer or "minmax", objective=args.objective or "layer")
+                               observer=args.observer or "minmax", objective=objective)
         seconds = time.monotonic() - start
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -187,6 +197,8 @@ def _print_decoder(rows, header: str, facts: dict, seconds: float) -> None:
               "positions whose most likely next token is unchanged", highlight=False)
     if facts.get("calibration"):
         out.print(facts["calibration"], highlight=False)
+    if facts.get("objective"):
+        out.print(facts["objective"], highlight=False)
     if facts["lossy"]:
         line = f"note: float32 is this GGUF's weights, {lossy_note(facts['lossy'])}"
         if "Q4_1" in facts["lossy"]:

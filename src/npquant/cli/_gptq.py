@@ -158,7 +158,7 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
                       prefix="GPTQ ") as bar:
             quantized, rows, _ = gptq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
                                               observer=args.observer,
-                                              objective=getattr(args, "objective", None) or "layer",
+                                              objective=getattr(args, "objective", None),
                                               progress=lambda name, done, n: bar(name.removesuffix(".weight"), 1))
     return quantized, rows
 

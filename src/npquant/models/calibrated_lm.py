@@ -30,17 +30,23 @@ batch's activations (``4 B T (C + 2 F)``, see :mod:`npquant.models.causal_lm`;
 they and the Hessian are held together while it is gathered) and ``base``
 the interpreter and libraries.
 
-**The objective.** ``objective="layer"`` (the default here) is GPTQ as
-published: each layer reproduces its own float weight's output on the
-inputs ``X~`` the quantized layers before it give. ``objective="model"``
-makes the float model's output at the layer, ``X W.T``, the target: the
-float model runs beside on the same windows (``4 N C`` more bytes), each
-group's cross moment ``X.T X~`` and the float inputs' ``X.T X`` are gathered
-with ``X~.T X~`` (``16 I**2`` more bytes at the widest input, and the
-Hessian is no longer GPTQ's workspace, so ``8 F**2`` becomes ``24 F**2``),
-GPTQ rounds :func:`~npquant.calibrate.target.model_target`'s ``W*`` and the
-scales are refitted to the codes (:func:`~npquant.calibrate.refit.refit_scales`,
+**The objective.** ``objective="layer"`` is GPTQ as published: each layer
+reproduces its own float weight's output on the inputs ``X~`` the quantized
+layers before it give. ``objective="model"`` makes the float model's output
+at the layer, ``X W.T``, the target: the float model runs beside on the
+same windows (``4 N C`` more bytes), each group's cross moment ``X.T X~`` and
+the float inputs' ``X.T X`` are gathered with ``X~.T X~`` (``16 I**2`` more
+bytes at the widest input, and the Hessian is no longer GPTQ's workspace,
+so ``8 F**2`` becomes ``24 F**2`` in the peak below), GPTQ rounds
+:func:`~npquant.calibrate.target.model_target`'s ``W*`` and the scales are
+refitted to the codes (:func:`~npquant.calibrate.refit.refit_scales`,
 symmetric schemes), as :mod:`npquant.models.calibrated` does for encoders.
+By default (``objective=None``, :func:`default_objective`) a model whose
+``24 F**2`` is at most :data:`MODEL_OBJECTIVE_BYTES` gets ``"model"`` (up to
+``F = 9459``: SmolLM2, Llama-3.2-3B) and a wider one ``"layer"``
+(Llama-3-8B's ``F = 14336`` would need 4.9 GB for the three matrices): the
+rule reads the config only, so a model gets the same objective on every
+machine.
 
 Each quantized layer's row reports the loss of round-to-nearest and of
 GPTQ: with ``objective="layer"`` ``tr(dW H dW.T)`` (the mean squared output
@@ -66,12 +72,16 @@ from ..schemes import Scheme, get_scheme
 from .causal_lm import CausalLM
 from .causal_lm_config import CausalLMConfig
 
-__all__ = ["gptq_decoder", "calibration_windows", "GROUPS", "DEFAULT_SEQ_LEN", "BATCH_TOKENS"]
+__all__ = ["gptq_decoder", "calibration_windows", "default_objective", "GROUPS", "DEFAULT_SEQ_LEN", "BATCH_TOKENS",
+           "MODEL_OBJECTIVE_BYTES"]
 
 #: Tokens per calibration window (each run from position 0).
 DEFAULT_SEQ_LEN = 512
 #: Tokens per calibration forward call: full windows are grouped this many tokens at a time.
 BATCH_TOKENS = 2048
+
+#: The most bytes the model objective's three float64 ``(F, F)`` matrices may take for it to be the default.
+MODEL_OBJECTIVE_BYTES = 2 << 30
 
 #: The linears of a decoder layer that share an input, in forward order.
 GROUPS = (
@@ -106,8 +116,20 @@ def calibration_windows(token_ids, seq_len: int = DEFAULT_SEQ_LEN, batch_tokens:
     return batches
 
 
+def default_objective(config) -> str:
+    """``"model"`` where the model objective's ``24 F**2`` bytes fit :data:`MODEL_OBJECTIVE_BYTES`, else ``"layer"``.
+
+    >>> default_objective({"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+    ...     "intermediate_size": 14336, "num_hidden_layers": 1, "num_attention_heads": 2})
+    'layer'
+    """
+    cfg = config if isinstance(config, CausalLMConfig) else CausalLMConfig.from_json(config)
+    widest = max(shape[1] for name, shape in cfg.tensor_shapes().items() if name in set(cfg.linear_names()))
+    return "model" if 24 * widest ** 2 <= MODEL_OBJECTIVE_BYTES else "layer"
+
+
 def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax", act_order: bool = True,
-                 damp: float = 0.01, objective: str = "layer", progress=None, inspect=None):
+                 damp: float = 0.01, objective: str | None = None, progress=None, inspect=None):
     """A decoder's linear layers quantized by sequential GPTQ on calibration ``windows``.
 
     Parameters
@@ -122,7 +144,7 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
         (listed in ``left``); fp8/fp4 layers are rounded to nearest (no row).
     windows : list of int ``(B, T)`` token arrays (:func:`calibration_windows`)
     observer : {"minmax", "mse"}; act_order, damp : as :func:`~npquant.calibrate.gptq`
-    objective : {"layer", "model"}, what each layer reproduces (module docstring)
+    objective : {"layer", "model"} or None (:func:`default_objective`), what each layer reproduces (module docstring)
     progress : ``progress(name, done, total)`` after each weight, or None
     inspect : ``inspect(names, hessian)`` with each group's float64 ``(I, I)``
         Hessian (the mean ``X.T X``) before it is used, or None; it must not
@@ -149,6 +171,8 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                                f"{cfg.architecture} (e.g. {names[0]!r})")
     if not schemes or all(s.is_float for s in schemes.values()):
         raise NpquantError("GPTQ takes int schemes; fp8 and fp4 are rounded to nearest (method='rtn')")
+    if objective is None:
+        objective = default_objective(cfg)
     if objective not in ("layer", "model"):
         raise NpquantError(f"objective={objective!r} is not known; expected 'layer' or 'model'")
     windows = _check_windows(windows, cfg.vocab_size)
