@@ -129,7 +129,7 @@ def test_awq_decoder_folds_what_it_scales_and_never_loses_to_rtn(method, arch, e
     # scale applied to W but not folded moves them by 2.5-5. The bound, 5% of the largest logit (~0.25), is
     # 2.5x the largest measured and 10x below the smallest broken figure.
     fine = Scheme("int", 8, "group", 8)
-    quantized, replaced, rows, left = awq_decoder(config, weights, fine, windows, method=method)
+    quantized, replaced, rows, left = awq_decoder(config, weights, fine, windows, method=method, objective="layer")
     assert not left and sorted(quantized) == sorted(names)
     assert all(isinstance(q, QuantizedTensor) for q in quantized.values())
     assert any(r["alpha"] for r in rows)
@@ -146,7 +146,7 @@ def test_awq_decoder_folds_what_it_scales_and_never_loses_to_rtn(method, arch, e
         assert any(n.endswith("v_proj.bias") for n in replaced)
     # 4 bits: each group's loss is at most RTN's (AWQ's a = 0 is RTN; GPTQ lowers it further). The search
     # minimises the group's sum, so one weight of q/k/v or gate/up may lose a little on its own.
-    _, _, rows4, _ = awq_decoder(config, weights, W4G16, windows, method=method)
+    _, _, rows4, _ = awq_decoder(config, weights, W4G16, windows, method=method, objective="layer")
     assert len(rows4) == len(names)
     group_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "mlp",
                 "up_proj": "mlp", "down_proj": "down"}
@@ -159,6 +159,35 @@ def test_awq_decoder_folds_what_it_scales_and_never_loses_to_rtn(method, arch, e
     assert len(groups) == 4 * config["num_hidden_layers"]
     # Two float64 traces of the same matrices in two forms: equal to ~1e-12 relative where AWQ picks a = 0.
     assert all(loss <= rtn * (1 + 1e-9) for loss, rtn in groups.values())
+
+
+@pytest.mark.parametrize("arch, extra", [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {"num_key_value_heads": 1})])
+def test_awq_gptq_with_the_model_objective_keeps_the_model(arch, extra):
+    """objective="model": GPTQ rounds each scaled weight's float target; the folds (norms, value/up rows and
+    biases, the producers quantized again) must still give the float model, up to int8 rounding, with the
+    bound of the test above; and at 4 bits it keeps the calibration windows closer than the layer objective."""
+    from npquant import Scheme
+    from npquant.models.awq_calibrated_lm import awq_decoder
+
+    config, weights = tiny(arch, hidden_size=32, intermediate_size=48, head_dim=8, **extra)
+    weights = loud(config, weights)
+    rng = np.random.default_rng(3)
+    windows = [rng.integers(0, 32, (4, 12)), rng.integers(0, 32, (1, 5))]
+    fine = Scheme("int", 8, "group", 8)
+    quantized, replaced, rows, left = awq_decoder(config, weights, fine, windows, method="awq+gptq",
+                                                  objective="model")
+    assert not left and any(r["alpha"] for r in rows)
+    ids = rng.integers(0, 32, (2, 10))
+    base = CausalLM(config, weights).logits(ids)
+    got = CausalLM(config, {**weights, **replaced}, quantized=quantized).logits(ids)
+    assert 0 < np.abs(got - base).max() <= 0.05 * np.abs(base).max()
+
+    def error(objective):
+        q, r, _, _ = awq_decoder(config, weights, W4G16, windows, method="awq+gptq", objective=objective)
+        model = CausalLM(config, {**weights, **r}, quantized=q)
+        return sum(float(np.sum((model.logits(w) - CausalLM(config, weights).logits(w)) ** 2)) for w in windows)
+
+    assert error("model") < error("layer")  # a fact of this model, on its calibration windows
 
 
 def test_awq_decoder_leaves_float_what_its_group_size_does_not_fit():

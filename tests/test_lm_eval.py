@@ -555,7 +555,7 @@ def test_cli_gguf_model(tmp_path, capsys):
     (["--sentences", "x.txt"], r"--sentences is not available for decoders yet; a decoder reads --text FILE"),
     (["--observer", "mse"], r"--calibration, --max-samples, --observer and --objective are for a calibrated --method"),
     (["--objective", "layer"], r"--observer and --objective are for a calibrated --method"),
-    (["--method", "awq+gptq", "--objective", "layer"], r"--objective is for --method gptq on decoders"),
+    (["--method", "awq", "--objective", "layer"], r"--objective is for the GPTQ methods"),
     (["--batch-size", "4"], r"--batch-size is not available for decoders yet"),
 ])
 def test_cli_decoder_bad_input_is_one_line(decoder_dir, tmp_path, capsys, argv, message):

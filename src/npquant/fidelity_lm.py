@@ -336,7 +336,7 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
             from .models.awq_calibrated_lm import awq_decoder
 
             quantized, replaced, _, left = awq_decoder(cfg, weights, scheme, calibration, method=how,
-                                                       observer=observer, progress=tick)
+                                                       observer=observer, objective=objective, progress=tick)
             stored = {name: qt.nbytes for name, qt in quantized.items()}
             model = CausalLM(cfg, _overlay(weights, replaced), quantized=quantized, backend=backend)
         else:

@@ -48,9 +48,8 @@ def run_decoder(args) -> int:
                             or getattr(args, "objective", None) is not None):
         raise NpquantError("--calibration, --max-samples, --observer and --objective are for a calibrated --method "
                            "(decoders are rounded to nearest with the minmax observer)")
-    if method in ("awq", "awq+gptq") and getattr(args, "objective", None) is not None:
-        raise NpquantError("--objective is for --method gptq on decoders (their AWQ+GPTQ reproduces each layer's "
-                           "own output)")
+    if method == "awq" and getattr(args, "objective", None) is not None:
+        raise NpquantError("--objective is for the GPTQ methods (--method gptq or awq+gptq)")
     texts = calibration_texts(args) if method != "rtn" else None  # a bad file is refused before the model
     labels = args.scheme or list(DEFAULT_LM_SCHEMES)
     for label in labels:
@@ -92,7 +91,7 @@ def run_decoder(args) -> int:
                   f"{where}, {sum(b.size for b in batches):,} of its {len(ids):,} tokens in {n_windows} "
                   f"window{'s' if n_windows != 1 else ''} of up to {context}, {n_scored:,} tokens scored")
         objective = None
-        if method == "gptq":
+        if method in ("gptq", "awq+gptq"):
             from ..models.calibrated_lm import default_objective
 
             objective = args.objective or default_objective(config)

@@ -35,10 +35,13 @@ import numpy as np
 
 from ..calibrate import gptq, hessian_loss
 from ..calibrate.awq import DEFAULT_GRID, InputStats, scale_hessian, search_scale
+from ..calibrate.refit import refit_scales
+from ..calibrate.target import model_loss, model_target
 from ..errors import NpquantError
 from ..quantize import quantize
 from ..schemes import Scheme, get_scheme
 from .awq_lm import DECODER_GROUPS, fold_scale, tie_heads
+from .calibrated_lm import _moments, default_objective
 from .causal_lm import CausalLM
 from .causal_lm_config import CausalLMConfig
 
@@ -49,7 +52,7 @@ AWQ_METHODS = ("awq", "awq+gptq")
 
 
 def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", observer: str = "minmax",
-                grid: int = DEFAULT_GRID, damp: float = 0.01, progress=None):
+                grid: int = DEFAULT_GRID, damp: float = 0.01, objective: str | None = None, progress=None):
     """A decoder's linear layers quantized with AWQ's scales (then RTN or GPTQ), sequentially.
 
     Parameters
@@ -60,6 +63,11 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
     windows : list of int ``(B, T)`` token arrays (:func:`~npquant.models.calibrated_lm.calibration_windows`)
     method : {"awq", "awq+gptq"}
     observer : {"minmax", "mse"}; grid : AWQ's points of ``a``; damp : GPTQ's
+    objective : {"layer", "model"} or None (the model's default,
+        :func:`~npquant.models.calibrated_lm.default_objective`): what GPTQ reproduces with ``"awq+gptq"``; with
+        ``"model"`` the float model runs beside and GPTQ rounds
+        :func:`~npquant.calibrate.target.model_target`'s ``W*`` of the scaled weight, scales refitted (as
+        :mod:`npquant.models.calibrated_lm`); ``"awq"`` rounds to nearest either way
     progress : ``progress(name, done, total)`` after each weight, or None
 
     Returns
@@ -87,6 +95,10 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                                f"{names[0]!r})")
     if not schemes:
         raise NpquantError("schemes is empty: name at least one decoder-layer linear weight")
+    if objective is None:
+        objective = default_objective(cfg)
+    if objective not in ("layer", "model"):
+        raise NpquantError(f"objective={objective!r} is not known; expected 'layer' or 'model'")
     shapes = cfg.tensor_shapes()
     left = {n: f"group_size={s.group_size} does not divide in_features={shapes[n][1]}" for n, s in schemes.items()
             if s.granularity == "group" and shapes[n][1] % s.group_size}
@@ -104,25 +116,37 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
     model = CausalLM(cfg, source, quantized=quantized, backend="numpy")
     use_gptq = method == "awq+gptq"
     xs = [model.embed(ids) for ids in windows]
+    to_model = use_gptq and objective == "model"
+    reference = CausalLM(cfg, read, backend="numpy") if to_model else None  # the float model, unfolded
+    xfs = list(xs) if to_model else None
     tokens = sum(ids.size for ids in windows)
     total = sum(n in schemes for n in names)
     rows: list[dict] = []
     done = 0
 
-    def quantize_layer(w, h, scheme):
-        if use_gptq and not scheme.is_float:
-            return gptq(w, h, scheme, observer=observer, damp=damp)
-        return quantize(w, scheme, observer=observer, backend="numpy")
+    def quantize_layer(w, h, scheme, moments=None, anchor=None):
+        """``anchor`` (``w`` by default) quantized by the method; ``moments`` ``(C, H~, H)`` make the model
+        objective's target of the float ``w`` (whose input is the float model's)."""
+        anchor = w if anchor is None else anchor
+        if not (use_gptq and not scheme.is_float):
+            return quantize(anchor, scheme, observer=observer, backend="numpy")
+        if moments is None:
+            return gptq(anchor, h, scheme, observer=observer, damp=damp)
+        target = model_target(w, moments[0], moments[1], anchor=anchor)
+        qt = gptq(target, moments[1], scheme, observer=observer, damp=damp)
+        return refit_scales(qt, target, moments[1]) if scheme.symmetric else qt
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         hessians: dict = {}  # weight name -> the (scaled) Hessian it was quantized with
+        moments_of: dict = {}  # weight name -> the (C, H~, H) it was quantized with (model objective)
         for group, (producer, how) in DECODER_GROUPS.items():
             wnames = [p + m + ".weight" for m in group]
             if not any(n in schemes for n in wnames):
                 continue
             stats = _gather(model, i, xs, p + group[0])
             h = stats.hessian()
+            moments = _moments(model, reference, i, xs, xfs, p + group[0]) if to_model else None
             start = time.perf_counter()
             ws = [model._tensor(n) for n in wnames]  # float32, already folded by earlier groups where they were
             found = None
@@ -131,29 +155,44 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                 if group == ("self_attn.o_proj",):
                     m = tie_heads(m, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
                 found = search_scale(ws, m, h, schemes[wnames[0]], grid=grid, observer=observer)
-            h_q, ws_q = h, ws
+            h_q, ws_q, moments_q = h, ws, moments
             if found is not None:
                 view = {n: model._tensor(n) for n in _fold_inputs(p, group, producer, how, cfg)}
                 floats.update(fold_scale(view, cfg, i, group, found.scale))
                 ws_q = [floats[n] for n in wnames]
                 h_q = scale_hessian(h, found.scale)
+                moments_q = None
                 prod = p + producer + ".weight"
                 if how == "rows" and prod in quantized:  # the producer was quantized: again, from its folded rows
-                    quantized[prod] = quantize_layer(floats[prod], hessians[prod], schemes[prod])
+                    # (its float input is unchanged; its float target is the folded rows themselves)
+                    quantized[prod] = quantize_layer(floats[prod], hessians[prod], schemes[prod],
+                                                     moments_of.get(prod))
                     if use_gptq:
                         h_q = _gather(model, i, xs, p + group[0]).hessian()
+                if to_model:  # the scaled inputs, against the float model's unscaled ones
+                    moments_q = _moments(model, reference, i, xs, xfs, p + group[0])
+                    h_q = moments_q[1]
             for name, w, w_q in zip(wnames, ws, ws_q):
                 if name not in schemes:
                     continue
                 scheme = schemes[name]
-                qt = quantize_layer(w_q, h_q, scheme)
+                qt = quantize_layer(w, h_q, scheme, moments_q, anchor=w_q)
                 quantized[name] = qt
                 hessians[name] = h_q
+                if moments is not None:
+                    moments_of[name] = moments
                 done += 1
                 if not scheme.is_float:
-                    ref = hessian_loss(w, np.zeros_like(w), h)
-                    rtn = hessian_loss(w, quantize(w, scheme, observer=observer, backend="numpy"), h) / ref
-                    ours = hessian_loss(w_q, qt, h_q) / ref
+                    if moments_q is not None:  # the float model's output at the layer (model objective)
+                        h_f = moments[2]
+                        ref = hessian_loss(w, np.zeros_like(w), h_f)
+                        rtn = model_loss(w, quantize(w, scheme, observer=observer, backend="numpy").dequantize(),
+                                         moments[0], moments[1], h_f) / ref
+                        ours = model_loss(w, qt.dequantize(), moments_q[0], moments_q[1], h_f) / ref
+                    else:
+                        ref = hessian_loss(w, np.zeros_like(w), h)
+                        rtn = hessian_loss(w, quantize(w, scheme, observer=observer, backend="numpy"), h) / ref
+                        ours = hessian_loss(w_q, qt, h_q) / ref
                     rows.append({"name": name, "shape": tuple(w.shape), "scheme": scheme, "tokens": tokens,
                                  "method": method, "rtn_loss": rtn, "loss": ours, "ref": ref,
                                  "ratio": ours / rtn if rtn > 0 else 1.0,
@@ -161,8 +200,10 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                                  "seconds": time.perf_counter() - start})
                 if progress is not None:
                     progress(name, done, total)
-        for b in range(len(xs)):  # the quantized layer's output feeds the next layer
+        for b in range(len(xs)):  # the quantized layer's output feeds the next layer (the float one the float's)
             xs[b] = model.layer(i, xs[b])
+            if xfs is not None:
+                xfs[b] = reference.layer(i, xfs[b])
         for name in [n for n in floats if n.startswith(p) and n in quantized]:
             del floats[name]  # the layer is done: its quantized weights are what runs
     replaced = {n: t for n, t in floats.items() if n not in quantized}
