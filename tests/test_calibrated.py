@@ -157,6 +157,28 @@ def test_model_objective_rounds_the_float_target_on_the_quantized_inputs(encoder
     assert all(0 < r["loss"] < r["rtn_loss"] for r in rows.values())
 
 
+def test_fp8_with_the_model_objective_rounds_the_float_target(encoder):
+    from npquant.calibrate.target import CrossMoment, model_target
+
+    calib, held = texts(60, seed=2), texts(40, seed=3)
+    q = encoder.quantized("w8a8-fp8", method="gptq", calibration=calib)
+    assert [r["name"] for r in q.layer_report] == encoder.linear_names()  # fp8 layers get rows here
+    # Block 0's query: its inputs are the embeddings in both models, so its target is its weight (to float32
+    # rounding of the solve) and its codes are round to nearest's but for rare ties.
+    name = "encoder.layer.0.attention.self.query.weight"
+    moments = CrossMoment(HIDDEN)
+    for idx in encoder.batches(calib, 32):
+        ids, mask = encoder.tokenize([calib[j] for j in idx])
+        x, _ = encoder._embed(ids, mask)
+        moments.add(x, x, mask)
+    cross, h_q, _ = moments.matrices()
+    want = npquant.quantize(model_target(encoder.tensors[name], cross, h_q), "w8a8-fp8")
+    np.testing.assert_array_equal(q.tensors[name].codes.view(np.uint8), want.codes.view(np.uint8))
+    base = encoder.encode(held)
+    cos = lambda e: float(np.mean(np.sum(e * base, axis=1)))  # noqa: E731
+    assert cos(q.encode(held)) > cos(encoder.quantized("w8a8-fp8").encode(held))
+
+
 def test_model_objective_keeps_more_than_the_layer_objective_on_unseen_text(encoder):
     calib, held = texts(60, seed=2), texts(40, seed=3)
     base = encoder.encode(held)
@@ -182,7 +204,7 @@ def test_bad_method_and_calibration(encoder):
     with pytest.raises(NpquantError, match=r"method='smooth' is not known"):
         encoder.quantized("w4-g32", method="smooth")
     with pytest.raises(NpquantError, match=r"GPTQ takes int schemes"):
-        encoder.quantized("fp8-channel", method="gptq", calibration=["a cat"])
+        encoder.quantized("fp8-channel", method="gptq", calibration=["a cat"], objective="layer")
     with pytest.raises(NpquantError, match=r"calibration texts must be a non-empty list"):
         encoder.quantized("w4-g32", method="gptq", calibration=[])
     with pytest.raises(NpquantError, match=r"objective='float' is not known; expected one of \('model', 'layer'\)"):
@@ -216,7 +238,7 @@ def test_quantize_gptq_writes_what_load_reads(tiny_dir, encoder, tmp_path, capsy
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--scheme", "fp8-channel", "--method", "gptq"], "--method gptq takes int schemes"),
+    (["--scheme", "fp8-channel", "--method", "gptq", "--objective", "layer"], "--method gptq takes int schemes"),
     (["--scheme", "w4-g32", "--method", "gptq", "--calibration", "MISSING"], "No such file"),
     (["--scheme", "w4-g32", "--method", "gptq", "--calibration", "EMPTY"], "holds no text"),
     (["--scheme", "w4-g32", "--method", "gptq", "--max-samples", "0"], "--max-samples must be at least 1"),
@@ -265,7 +287,8 @@ def test_eval_shows_rtn_and_gptq_side_by_side(tiny_dir, tmp_path, capsys):
                  "--scheme", "w4-g32", "--scheme", "fp8-channel", "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "w4-g32 gptq", "fp8-channel"]
+    # fp8 gets a row too: with the model objective its float target is rounded to nearest
+    assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "w4-g32 gptq", "fp8-channel", "fp8-channel gptq"]
 
 
 # --- size plans on the encoder -------------------------------------------------------------------

@@ -77,7 +77,7 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     runs = []
     for label, scheme in resolved:
         runs.append((label, scheme, "rtn", observer))
-        if method != "rtn" and not scheme.is_float:
+        if method != "rtn" and (not scheme.is_float or (objective == "model" and method in ("gptq", "awq+gptq"))):
             runs.append((f"{label} {method}", scheme, method, observer))
     runs += list(plans or [])
     for label, scheme, how, obs in runs:

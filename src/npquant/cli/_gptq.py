@@ -33,8 +33,13 @@ def check_plan_fits(plan, model, plan_path) -> None:
                                    f"{list(t.shape)} in {ckpt.path}: the plan is for another model")
 
 
-def check_gptq_schemes(scheme, args) -> None:
-    """Refuse --method gptq with float codes only (fp8, fp4: rounded to nearest), before any work."""
+def check_gptq_schemes(scheme, args, model=None) -> None:
+    """Refuse --method gptq with float codes only (fp8, fp4: rounded to nearest), before any work; a sentence
+    encoder (``model`` not a decoder) with the model objective rounds their float targets, and takes them."""
+    from .eval import is_decoder
+
+    if (getattr(args, "objective", None) or "model") == "model" and not is_decoder(model):
+        return
     if isinstance(scheme, dict):
         if all(s.is_float for s in scheme.values()):
             raise NpquantError("--method gptq needs int schemes; this plan has fp8 layers only: use --method rtn")
@@ -52,7 +57,7 @@ def calibrate_checkpoint(model, scheme, args):
     from ..safetensors_io import Checkpoint
     from ..tensor import QuantizedTensor
 
-    check_gptq_schemes(scheme, args)
+    check_gptq_schemes(scheme, args, model)
     root = Path(model)
     config = {}
     if (root / "config.json").is_file():

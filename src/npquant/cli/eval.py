@@ -180,7 +180,8 @@ def _run_encoder(args) -> int:
     runs = [(label, "rtn") for label in labels]
     if args.method != "rtn":
         runs = [(label, m) for label in labels
-                for m in (("rtn", args.method) if not get_scheme(label).is_float else ("rtn",))]
+                for m in (("rtn", args.method) if not get_scheme(label).is_float or (
+                    (args.objective or "model") == "model" and args.method in ("gptq", "awq+gptq")) else ("rtn",))]
     n_runs = 1 + len(runs) + len(plans)  # float32, then each scheme and method, then the plans
     with Progress(n_runs, "encoding", unit="steps") as bar:
         rows, _ = evaluate(encoder, labels, sentences, args.batch_size, progress=lambda label: bar(label, 1),

@@ -177,7 +177,7 @@ def run(args) -> int:
     if args.method == "gptq":
         from ._gptq import check_gptq_schemes
 
-        check_gptq_schemes(scheme, args)
+        check_gptq_schemes(scheme, args, model)
     # OUT is checked before any work (a GGUF conversion, GPTQ's calibration): a bad OUT fails at once;
     # quantize_checkpoint checks it again when it writes.
     check_output(model, args.out, force=args.force)

@@ -10,7 +10,10 @@ layers are quantized. The block's quantized output is the next block's input.
 
 Methods (``method=``):
 
-- ``"gptq"``: :func:`~npquant.calibrate.gptq` on each layer's Hessian.
+- ``"gptq"``: :func:`~npquant.calibrate.gptq` on each layer's Hessian. fp8
+  codes have no GPTQ (its error feedback is for integer grids): they are
+  rounded to nearest, from the float target with ``objective="model"``
+  (which still compensates the error of the layers before).
 - ``"awq"``: AWQ's per-input-channel scales (:mod:`npquant.calibrate.awq`)
   where ``1 / s`` folds into the model, then round to nearest; elsewhere
   round to nearest.
@@ -145,7 +148,7 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
         raise NpquantError(f"objective={objective!r} is not known; expected one of {OBJECTIVES}")
     if isinstance(schemes, Scheme):
         schemes = {name: schemes for name in encoder.linear_names()}
-    if method == "gptq" and all(s.is_float for s in schemes.values()):
+    if method == "gptq" and objective == "layer" and all(s.is_float for s in schemes.values()):
         raise NpquantError("GPTQ takes int schemes; fp8 is rounded to nearest (method='rtn')")
     texts = calibration_texts() if texts is None else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -166,8 +169,14 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
 
     def quantize_layer(w, h, scheme, moments=None, anchor=None):
         """``w`` quantized by the method: ``moments`` ``(C, H~, H)`` give the model objective's target."""
-        if not (use_gptq and not scheme.is_float):  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest
+        if not use_gptq:
             return quantize(anchor if anchor is not None else w, scheme, observer=observer)
+        if scheme.is_float:  # GPTQ's feedback is for integer grids: fp8 is rounded to nearest (its float target's)
+            if moments is not None:
+                w = model_target(w, moments[0], moments[1], anchor=anchor)
+            elif anchor is not None:
+                w = anchor
+            return quantize(w, scheme, observer=observer)
         if moments is None:
             return gptq(w if anchor is None else anchor, h, scheme, observer=observer)
         cross, h_q, _ = moments
@@ -221,7 +230,7 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
                     qt = quantize_layer(w_q, h_q, scheme)
                 work.tensors[name] = qt
                 done += 1
-                if not scheme.is_float:
+                if not scheme.is_float or moments_q is not None:
                     rtn_qt = quantize(w, scheme, observer=observer)
                     if moments_q is not None:  # the float model's output at this layer
                         cross, h_x, h_f = moments
