@@ -88,25 +88,29 @@ def refit_scales(qt: QuantizedTensor, w, hessian) -> QuantizedTensor:
     bo, bi = qt.block_shape
     n_row_blocks, n_groups = qt.scale.shape  # (O / bo, G)
     q = qt.int_codes().astype(np.float64)  # (O, I)
-    group_of = np.arange(in_features) // bi  # (I,)
+    padded = n_groups * bi  # columns padded to whole blocks, so each block is one slice of a reshape
+    if padded != in_features:
+        q = np.pad(q, ((0, 0), (0, padded - in_features)))
+        w64 = np.pad(w64, ((0, 0), (0, padded - in_features)))
+        h = np.pad(h, ((0, padded - in_features), (0, padded - in_features)))
     # v[r, g] = sum over block g's columns of q[r, i] (H w_r)[i]
-    hw = w64 @ h  # (O, I)
-    v = np.zeros((out_features, n_groups))
-    np.add.at(v.T, group_of, (q * hw).T)  # (G, O) += per column
+    v = (q * (w64 @ h)).reshape(out_features, n_groups, bi).sum(axis=2)  # (O, G)
     # m[r, g, k] = q_r[g cols] . H[g cols, k cols] q_r[k cols]
-    m = np.zeros((out_features, n_groups, n_groups))
+    m = np.empty((out_features, n_groups, n_groups))
     for k in range(n_groups):
-        cols = slice(k * bi, min((k + 1) * bi, in_features))
-        hq_k = q[:, cols] @ h[cols, :]  # (O, I): sum over k's columns of q[r, j] H[j, i]
-        prod = q * hq_k  # (O, I)
-        for g in range(n_groups):
-            m[:, g, k] = prod[:, g * bi:(g + 1) * bi].sum(axis=1)
+        cols = slice(k * bi, (k + 1) * bi)
+        hq_k = q[:, cols] @ h[cols, :]  # (O, I): sum over block k's columns of q[r, j] H[j, i]
+        m[:, :, k] = (q * hq_k).reshape(out_features, n_groups, bi).sum(axis=2)
     # Sum the equations over each block of rows.
-    row_block = np.arange(out_features) // bo  # (O,)
-    mb = np.zeros((n_row_blocks, n_groups, n_groups))
-    vb = np.zeros((n_row_blocks, n_groups))
-    np.add.at(mb, row_block, m)
-    np.add.at(vb, row_block, v)
+    if out_features % bo == 0:
+        mb = m.reshape(n_row_blocks, bo, n_groups, n_groups).sum(axis=1)  # (O / bo, G, G)
+        vb = v.reshape(n_row_blocks, bo, n_groups).sum(axis=1)  # (O / bo, G)
+    else:
+        row_block = np.arange(out_features) // bo  # (O,)
+        mb = np.zeros((n_row_blocks, n_groups, n_groups))
+        vb = np.zeros((n_row_blocks, n_groups))
+        np.add.at(mb, row_block, m)
+        np.add.at(vb, row_block, v)
 
     old = qt.scale.astype(np.float64)  # (O / bo, G)
     # A group whose codes are all zero contributes nothing: pin its scale to the old one.

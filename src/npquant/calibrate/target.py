@@ -138,12 +138,9 @@ def model_target(w, cross, hessian, *, anchor=None, ridge: float = DEFAULT_RIDGE
     h[np.diag_indices_from(h)] += lam
     rhs = w64 @ np.asarray(cross, dtype=np.float64) + lam * w0  # (O, I)
     try:
-        factor = np.linalg.cholesky(h)  # (I, I) lower
+        target = np.linalg.solve(h, rhs.T).T  # (O, I): W* = rhs h^-1, i.e. h W*.T = rhs.T (h symmetric)
     except np.linalg.LinAlgError:
-        raise NpquantError("hessian + ridge is not positive definite: pass X~.T X~ of real inputs") from None
-    # W* = rhs h^-1, i.e. h W*.T = rhs.T (h symmetric)
-    y = np.linalg.solve(factor, rhs.T)  # (I, O)
-    target = np.linalg.solve(factor.T, y).T  # (O, I)
+        raise NpquantError("hessian + ridge is singular: pass X~.T X~ of real inputs") from None
     if not np.isfinite(target).all():
         raise NpquantError("the model target overflowed: the layer's inputs are degenerate")
     return target.astype(np.float32)

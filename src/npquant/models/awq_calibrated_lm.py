@@ -41,7 +41,7 @@ from ..errors import NpquantError
 from ..quantize import quantize
 from ..schemes import Scheme, get_scheme
 from .awq_lm import DECODER_GROUPS, fold_scale, tie_heads
-from .calibrated_lm import _moments, default_objective
+from .calibrated_lm import _float_inputs, _moments, default_objective
 from .causal_lm import CausalLM
 from .causal_lm_config import CausalLMConfig
 
@@ -138,6 +138,7 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
+        float_inputs = _float_inputs(reference, i, xfs) if to_model else None  # and xfs advanced
         hessians: dict = {}  # weight name -> the (scaled) Hessian it was quantized with
         moments_of: dict = {}  # weight name -> the (C, H~, H) it was quantized with (model objective)
         for group, (producer, how) in DECODER_GROUPS.items():
@@ -146,7 +147,7 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                 continue
             stats = _gather(model, i, xs, p + group[0])
             h = stats.hessian()
-            moments = _moments(model, reference, i, xs, xfs, p + group[0]) if to_model else None
+            moments = _moments(model, i, xs, float_inputs, p + group[0]) if to_model else None
             start = time.perf_counter()
             ws = [model._tensor(n) for n in wnames]  # float32, already folded by earlier groups where they were
             found = None
@@ -170,7 +171,7 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                     if use_gptq:
                         h_q = _gather(model, i, xs, p + group[0]).hessian()
                 if to_model:  # the scaled inputs, against the float model's unscaled ones
-                    moments_q = _moments(model, reference, i, xs, xfs, p + group[0])
+                    moments_q = _moments(model, i, xs, float_inputs, p + group[0])
                     h_q = moments_q[1]
             for name, w, w_q in zip(wnames, ws, ws_q):
                 if name not in schemes:
@@ -200,10 +201,9 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                                  "seconds": time.perf_counter() - start})
                 if progress is not None:
                     progress(name, done, total)
-        for b in range(len(xs)):  # the quantized layer's output feeds the next layer (the float one the float's)
+        del float_inputs
+        for b in range(len(xs)):  # the quantized layer's output feeds the next layer
             xs[b] = model.layer(i, xs[b])
-            if xfs is not None:
-                xfs[b] = reference.layer(i, xfs[b])
         for name in [n for n in floats if n.startswith(p) and n in quantized]:
             del floats[name]  # the layer is done: its quantized weights are what runs
     replaced = {n: t for n, t in floats.items() if n not in quantized}

@@ -34,7 +34,8 @@ the interpreter and libraries.
 reproduces its own float weight's output on the inputs ``X~`` the quantized
 layers before it give. ``objective="model"`` makes the float model's output
 at the layer, ``X W.T``, the target: the float model runs beside on the
-same windows (``4 N C`` more bytes), each group's cross moment ``X.T X~`` and
+same windows, once per layer, keeping its linears' inputs (``4 N (4 C + F)``
+more bytes), each group's cross moment ``X.T X~`` and
 the float inputs' ``X.T X`` are gathered with ``X~.T X~`` (``16 I**2`` more
 bytes at the widest input, and the Hessian is no longer GPTQ's workspace,
 so ``8 F**2`` becomes ``24 F**2`` in the peak below), GPTQ rounds
@@ -189,6 +190,8 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
     done = 0
     for i in range(cfg.num_layers):
         prefix = f"model.layers.{i}."
+        # The float model's layer runs once: each linear's input kept, its output the next layer's input.
+        float_inputs = _float_inputs(reference, i, xfs) if reference is not None else None
         for group in GROUPS:
             group = [prefix + m for m in group if prefix + m + ".weight" in schemes]
             work = []  # the group's weights that GPTQ quantizes (int schemes whose group size fits)
@@ -213,7 +216,7 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                 h = _hessian(model, i, xs, work[0])  # (I, I), the mean X.T X of the group's input
                 moments = None
             else:
-                moments = _moments(model, reference, i, xs, xfs, work[0])  # (C, H~, H), (I, I) each
+                moments = _moments(model, i, xs, float_inputs, work[0])  # (C, H~, H), (I, I) each
                 h = moments[1]
             if inspect is not None:
                 inspect(tuple(m + ".weight" for m in work), h)
@@ -253,10 +256,9 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                 if progress is not None:
                     progress(name, done, total)
             del h, moments
-        for b in range(len(xs)):  # the quantized layer's output feeds the next layer (the float one the float's)
+        del float_inputs
+        for b in range(len(xs)):  # the quantized layer's output feeds the next layer
             xs[b] = model.layer(i, xs[b])
-            if xfs is not None:
-                xfs[b] = reference.layer(i, xfs[b])
     return quantized, rows, left
 
 
@@ -296,26 +298,44 @@ def _hessian(model: CausalLM, i: int, xs: list, module: str) -> np.ndarray:
     return hess.take()
 
 
-def _moments(model: CausalLM, reference: CausalLM, i: int, xs: list, xfs: list, module: str):
-    """``(C, H~, H)`` float64 ``(I, I)`` per token: ``module``'s inputs in layer ``i`` of the quantized ``model``
-    (``X~``, from ``xs``) and of the float ``reference`` (``X``, from ``xfs``): ``X.T X~``, ``X~.T X~``, ``X.T X``."""
-    moments = None
-    for x, xf in zip(xs, xfs):
-        seen = {}
+def _float_inputs(reference: CausalLM, i: int, xfs: list) -> list[dict]:
+    """Layer ``i`` of the float ``reference`` on every batch of ``xfs``: per batch ``{module: its input}`` (copies),
+    and ``xfs`` advanced in place to the layer's outputs."""
+    out = []
+    for b, x in enumerate(xfs):
+        seen: dict = {}
+        last: list = [None, None]  # the input last seen and its copy: q/k/v (gate/up) share one
 
-        def watch(name, inp, key):
+        def keep(name, inp, seen=seen, last=last):
+            if inp is not last[0]:
+                last[0], last[1] = inp, np.array(inp)
+            seen[name] = last[1]
+
+        xfs[b] = reference.layer(i, x, observe=keep)
+        out.append(seen)
+    return out
+
+
+def _moments(model: CausalLM, i: int, xs: list, float_inputs: list, module: str):
+    """``(C, H~, H)`` float64 ``(I, I)`` per token: ``module``'s inputs in layer ``i`` of the quantized ``model``
+    (``X~``, run from ``xs``) and the float model's (``X``, from :func:`_float_inputs`): ``X.T X~``, ``X~.T X~``,
+    ``X.T X``."""
+    moments = None
+    for x, seen in zip(xs, float_inputs):
+        got = {}
+
+        def watch(name, inp):
             if name == module:
-                seen[key] = inp
+                got["q"] = inp
                 raise _Stop
 
-        for net, inp, key in ((model, x, "q"), (reference, xf, "f")):
-            try:
-                net.layer(i, inp, observe=lambda name, a, key=key: watch(name, a, key))
-            except _Stop:
-                pass
+        try:
+            model.layer(i, x, observe=watch)
+        except _Stop:
+            pass
         if moments is None:
-            moments = CrossMoment(seen["q"].shape[-1])
-        moments.add(seen["f"], seen["q"])
+            moments = CrossMoment(got["q"].shape[-1])
+        moments.add(seen[module], got["q"])
     return moments.matrices()
 
 
