@@ -125,6 +125,20 @@ def test_awq_scales_the_attention_output_on_inputs_from_the_quantized_layers_bef
     np.testing.assert_array_equal(q.tensors[p + "attention.self.value.weight"].codes, expect_v.codes)
 
 
+def test_awq_gptq_model_objective_targets_the_value_quantized_again(encoder, monkeypatch):
+    # Value is quantized before the attention output's scale folds into its rows; quantized again, it too must
+    # round its float target (one model_target call), not its folded weight.
+    from npquant.models import calibrated
+
+    calls = []
+    real = calibrated.model_target
+    monkeypatch.setattr(calibrated, "model_target", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = encoder.quantized("w4-g32", method="awq+gptq", calibration=texts(40, seed=1), objective="model")
+    scaled = [r for r in q.layer_report if r["alpha"]]
+    assert scaled  # the test needs a value quantized again
+    assert len(calls) == len(q.layer_report) + len(scaled)
+
+
 def test_awq_gptq_is_deterministic_and_beats_rtn_on_unseen_text(encoder):
     calib, held = texts(60, seed=2), texts(40, seed=3)
     w3g32 = npquant.Scheme("int", 3, "group", 32)

@@ -190,6 +190,25 @@ def test_awq_gptq_with_the_model_objective_keeps_the_model(arch, extra):
     assert error("model") < error("layer")  # a fact of this model, on its calibration windows
 
 
+def test_awq_gptq_model_objective_targets_the_producers_quantized_again(monkeypatch):
+    # v_proj and up_proj are quantized before o_proj's and down_proj's scales fold into their rows; quantized
+    # again, they too must round their float target (one model_target call each), not their folded weight.
+    from npquant import Scheme
+    from npquant.models import awq_calibrated_lm
+
+    config, weights = tiny(hidden_size=32, intermediate_size=48, head_dim=8)
+    weights = loud(config, weights)
+    windows = [np.random.default_rng(3).integers(0, 32, (4, 12))]
+    calls = []
+    real = awq_calibrated_lm.model_target
+    monkeypatch.setattr(awq_calibrated_lm, "model_target", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, _, rows, _ = awq_calibrated_lm.awq_decoder(config, weights, Scheme("int", 4, "group", 16), windows,
+                                                   method="awq+gptq", objective="model")
+    refolded = [r for r in rows if r["alpha"] and r["name"].endswith(("o_proj.weight", "down_proj.weight"))]
+    assert refolded  # the test needs producers quantized again
+    assert len(calls) == len(rows) + len(refolded)
+
+
 def test_awq_decoder_leaves_float_what_its_group_size_does_not_fit():
     from npquant.models.awq_calibrated_lm import awq_decoder
 

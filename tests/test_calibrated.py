@@ -117,6 +117,21 @@ def test_each_layer_is_calibrated_on_inputs_from_the_quantized_layers_before_it(
     assert all(r["tokens"] == h0.tokens for r in q.layer_report)
 
 
+def test_the_block_never_writes_an_array_it_showed_observe(encoder):
+    # The model objective keeps the float block's linear inputs by reference while the block runs on.
+    for backend in ("numpy", "numba"):
+        if backend not in npquant.available_backends():
+            continue
+        model = encoder.with_backend(backend)
+        ids, mask = model.tokenize(texts(4, seed=9))
+        x, bias = model._embed(ids, mask)
+        kept = []
+        model._block(0, x, bias, lambda name, inp: kept.append((name, inp, inp.copy())))
+        assert len(kept) == 6
+        for name, inp, copy in kept:
+            np.testing.assert_array_equal(inp, copy, err_msg=f"{name} ({backend})")
+
+
 def test_model_objective_rounds_the_float_target_on_the_quantized_inputs(encoder):
     """objective="model", block 1's attention output rebuilt by hand: the moments of the float model's context
     with the partly quantized model's at the same tokens, model_target, GPTQ on it, the scales refitted."""

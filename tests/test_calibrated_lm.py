@@ -175,6 +175,19 @@ def test_gptq_loses_less_than_rtn_on_every_layer(calibrated):
     assert np.mean([r["ratio"] for r in rows]) < 0.9
 
 
+def test_the_forward_never_writes_an_array_it_showed_observe():
+    # The model objective keeps the float layer's linear inputs by reference while the layer runs on.
+    from npquant.models import CausalLM
+
+    model = CausalLM(CONFIG, tiny_weights())
+    kept = []
+    x = model.embed(windows()[0])
+    model.layer(0, x, observe=lambda name, inp: kept.append((name, inp, inp.copy())))
+    assert len(kept) == 7
+    for name, inp, copy in kept:
+        np.testing.assert_array_equal(inp, copy, err_msg=name)
+
+
 def test_model_objective_gathers_the_float_and_quantized_inputs_of_a_hand_built_forward():
     """objective="model": each row's losses are the float-target error ||X W.T - X~ Q.T||**2 / ||X W.T||**2,
     rebuilt from float64 forwards of the float model (X) and of the quantized model (X~)."""

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import NpquantError
 from .schemes import get_scheme
 
-__all__ = ["SENTENCES", "evaluate", "read_sentences", "DEFAULT_EVAL_SCHEMES", "EVAL_METHODS"]
+__all__ = ["SENTENCES", "evaluate", "has_method_row", "read_sentences", "DEFAULT_EVAL_SCHEMES", "EVAL_METHODS"]
 
 DEFAULT_EVAL_SCHEMES = ("w8-channel", "fp8-channel", "w4-g128", "w4-g32", "w3-g128")
 
@@ -30,6 +30,14 @@ def read_sentences(path) -> list[str]:
     if len(sentences) < 2:
         raise NpquantError(f"--sentences {path} needs at least 2 non-empty lines, found {len(sentences)}")
     return sentences
+
+
+def has_method_row(scheme, method: str, objective: str = "model") -> bool:
+    """Whether :func:`evaluate` gives ``scheme`` a row for ``method`` beside its RTN row: int schemes for every
+    calibrated method; fp8 too where GPTQ's model objective rounds their float target."""
+    if method == "rtn":
+        return False
+    return not get_scheme(scheme).is_float or (objective == "model" and method in ("gptq", "awq+gptq"))
 
 
 def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progress=None, *, method: str = "rtn",
@@ -77,7 +85,7 @@ def evaluate(encoder, schemes=None, sentences=None, batch_size: int = 32, progre
     runs = []
     for label, scheme in resolved:
         runs.append((label, scheme, "rtn", observer))
-        if method != "rtn" and (not scheme.is_float or (objective == "model" and method in ("gptq", "awq+gptq"))):
+        if has_method_row(scheme, method, objective):
             runs.append((f"{label} {method}", scheme, method, observer))
     runs += list(plans or [])
     for label, scheme, how, obs in runs:

@@ -25,12 +25,19 @@ import numpy as np
 from .._checks import dtype_name
 from ..errors import NpquantError
 
-__all__ = ["Hessian", "hessian_loss", "CHUNK_BYTES"]
+__all__ = ["Hessian", "hessian_loss", "check_in_features", "CHUNK_BYTES"]
 
 #: Bytes of float64 temporaries of add() and hessian_loss (a block of tokens, of rows of H, of rows of w).
 CHUNK_BYTES = 16 << 20
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_in_features(in_features) -> int:
+    """``in_features`` as an int, refused in one line unless it is a positive int (not a bool)."""
+    if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features < 1:
+        raise NpquantError(f"in_features must be a positive int, got {in_features!r}")
+    return int(in_features)
 
 
 class Hessian:
@@ -50,9 +57,7 @@ class Hessian:
     """
 
     def __init__(self, in_features: int):
-        if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features < 1:
-            raise NpquantError(f"in_features must be a positive int, got {in_features!r}")
-        self._width = int(in_features)
+        self._width = check_in_features(in_features)
         self.xtx = np.zeros((self._width, self._width), np.float64)
         self.tokens = 0
 

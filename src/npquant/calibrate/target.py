@@ -37,6 +37,7 @@ import numpy as np
 
 from .._checks import check_weight
 from ..errors import NpquantError
+from .hessian import check_in_features
 
 __all__ = ["DEFAULT_RIDGE", "CrossMoment", "model_target", "model_loss"]
 
@@ -60,9 +61,7 @@ class CrossMoment:
     """
 
     def __init__(self, in_features: int):
-        if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features < 1:
-            raise NpquantError(f"in_features must be a positive int, got {in_features!r}")
-        n = int(in_features)
+        n = check_in_features(in_features)
         self.cross = np.zeros((n, n))
         self.xtx_q = np.zeros((n, n))
         self.xtx_f = np.zeros((n, n))

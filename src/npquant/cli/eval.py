@@ -128,7 +128,7 @@ def run(args) -> int:
 
 def _run_encoder(args) -> int:
     from .. import render
-    from ..fidelity import DEFAULT_EVAL_SCHEMES, evaluate, read_sentences
+    from ..fidelity import DEFAULT_EVAL_SCHEMES, evaluate, has_method_row, read_sentences
     from ..models import SentenceEncoder
     from ..schemes import get_scheme
 
@@ -177,12 +177,8 @@ def _run_encoder(args) -> int:
     # Layers off the embedding path (the pooler) are in the plan but not in the forward pass.
     plans = [(label, {n: s for n, s in mapping.items() if n in encoder.linear_names()}, method, observer)
              for label, mapping, method, observer, _ in plans]
-    runs = [(label, "rtn") for label in labels]
-    if args.method != "rtn":
-        runs = [(label, m) for label in labels
-                for m in (("rtn", args.method) if not get_scheme(label).is_float or (
-                    (args.objective or "model") == "model" and args.method in ("gptq", "awq+gptq")) else ("rtn",))]
-    n_runs = 1 + len(runs) + len(plans)  # float32, then each scheme and method, then the plans
+    n_method = sum(has_method_row(label, args.method, args.objective or "model") for label in labels)
+    n_runs = 1 + len(labels) + n_method + len(plans)  # float32, then each scheme and method, then the plans
     with Progress(n_runs, "encoding", unit="steps") as bar:
         rows, _ = evaluate(encoder, labels, sentences, args.batch_size, progress=lambda label: bar(label, 1),
                            method=args.method, calibration=calibration, observer=args.observer,

@@ -210,7 +210,10 @@ class BertEncoder:
         return x, bias
 
     def _block(self, i: int, x: np.ndarray, bias: np.ndarray, observe=None) -> np.ndarray:
-        """Transformer block ``i`` on ``x (B, T, C)``; ``observe(module, input)`` sees each linear's input first."""
+        """Transformer block ``i`` on ``x (B, T, C)``; ``observe(module, input)`` sees each linear's input first.
+
+        An array ``observe`` was shown is never written afterwards: a caller may keep it.
+        """
         cfg = self.config
         t = self.tensors
         B, T, C = x.shape

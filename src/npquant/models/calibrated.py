@@ -163,6 +163,7 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
         ids, mask = work.tokenize([texts[j] for j in idx])
         x, bias = work._embed(ids, mask)
         batches.append([x, bias, mask, x])  # block input, attention bias, token mask, the float model's block input
+        # (with the model objective, batch[3] holds the float model's input of block i + 1 while block i is calibrated)
     total = sum(n in schemes for n in work.linear_names())
     rows = []
     done = 0
@@ -188,13 +189,18 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
 
     for i in range(work.config.num_layers):
         prefix = f"encoder.layer.{i}."
+        float_inputs = None  # per batch {module: its input} in the float model's block i, which runs once
+        if reference is not None:
+            float_inputs = [{} for _ in batches]
+            for batch, seen in zip(batches, float_inputs):
+                batch[3] = reference._block(i, batch[3], batch[1], seen.__setitem__)  # the next block's input
         qkv_hessian = None  # value's, for quantizing it again once the attention output's scale folds into it
         qkv_moments = None
         for group in _GROUPS:
             group = tuple(m for m in group if prefix + m + ".weight" in schemes)
             if not group:
                 continue
-            stats, moments = _gather(work, i, batches, prefix + group[0], reference)
+            stats, moments = _gather(work, i, batches, prefix + group[0], float_inputs)
             h = stats.hessian()
             if group[0] == "attention.self.query" or "attention.self.value" in group:
                 qkv_hessian, qkv_moments = h, moments
@@ -216,7 +222,7 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
                                                          folded[value] if qkv_moments is not None else None)
                 ws_q = [folded[n] for n in names]
                 if use_gptq:  # the context as the folded, quantized value makes it
-                    stats_q, moments_q = _gather(work, i, batches, prefix + group[0], reference)
+                    stats_q, moments_q = _gather(work, i, batches, prefix + group[0], float_inputs)
                     h_q = stats_q.hessian()
                 else:
                     h_q = scale_hessian(h, found.scale)
@@ -250,10 +256,8 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
                     rows.append(row)
                 if progress is not None:
                     progress(name, done, total)
-        for batch in batches:  # the quantized block's output feeds the next block; the float one the float model's
-            x_float = batch[3]
+        for batch in batches:  # the quantized block's output feeds the next block
             batch[0] = work._block(i, batch[0], batch[1])
-            batch[3] = batch[0] if reference is None else reference._block(i, x_float, batch[1])
     return work.tensors, rows
 
 
@@ -275,16 +279,17 @@ def changed_tensors(before, after) -> tuple[dict, dict]:
     return quantized, replaced
 
 
-def _gather(work, i: int, batches, wanted: str, reference=None):
-    """``(InputStats, CrossMoment or None)`` of ``wanted``'s inputs in block ``i`` over every calibration batch.
+def _gather(work, i: int, batches, wanted: str, float_inputs=None):
+    """``(InputStats, (C, H~, H) or None)`` of ``wanted``'s inputs in block ``i`` over every calibration batch.
 
     ``InputStats``: ``X~.T X~`` and ``sum |x~|`` of the inputs ``work`` gives
-    it. With ``reference`` (the float model), also the moments of those
-    inputs with the float model's own at the same tokens.
+    it. With ``float_inputs`` (per batch ``{module: input}`` of the float
+    model's block ``i``), also the moments of those inputs with the float
+    model's own at the same tokens (:class:`~npquant.calibrate.target.CrossMoment`).
     """
     stats = None
     moments = None
-    for x, bias, mask, x_float in batches:
+    for b, (x, bias, mask, _) in enumerate(batches):
         seen = {}
 
         def observe(module, inp, mask=mask):
@@ -296,17 +301,10 @@ def _gather(work, i: int, batches, wanted: str, reference=None):
                 seen["x"] = inp
 
         _run_until(work, i, x, bias, observe, wanted)
-        if reference is not None:
-            got = {}
-
-            def observe_float(module, inp):
-                if module == wanted:
-                    got["x"] = inp
-
-            _run_until(reference, i, x_float, bias, observe_float, wanted)
+        if float_inputs is not None:
             if moments is None:
-                moments = CrossMoment(got["x"].shape[-1])
-            moments.add(got["x"], seen["x"], mask)
+                moments = CrossMoment(seen["x"].shape[-1])
+            moments.add(float_inputs[b][wanted], seen["x"], mask)
     return stats, None if moments is None else moments.matrices()
 
 

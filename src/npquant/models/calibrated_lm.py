@@ -34,8 +34,8 @@ the interpreter and libraries.
 reproduces its own float weight's output on the inputs ``X~`` the quantized
 layers before it give. ``objective="model"`` makes the float model's output
 at the layer, ``X W.T``, the target: the float model runs beside on the
-same windows, once per layer, keeping its linears' inputs (``4 N (4 C + F)``
-more bytes), each group's cross moment ``X.T X~`` and
+same windows, once per layer, keeping its linears' inputs (``4 N (3 C + F)``
+more bytes: q/k/v and gate/up share theirs), each group's cross moment ``X.T X~`` and
 the float inputs' ``X.T X`` are gathered with ``X~.T X~`` (``16 I**2`` more
 bytes at the widest input, and the Hessian is no longer GPTQ's workspace,
 so ``8 F**2`` becomes ``24 F**2`` in the peak below), GPTQ rounds
@@ -234,8 +234,8 @@ def gptq_decoder(config, weights, schemes, windows, *, observer: str = "minmax",
                                               overwrite_hessian=last)
                 else:
                     cross, h_q, h_f = moments
-                    # The target in the weight's stored dtype, so its scales are that dtype's as RTN's are.
-                    target = model_target(w, cross, h_q).astype(w.dtype)
+                    # float32: the scheme carries the scale dtype (a checkpoint's 16-bit one, from the writer)
+                    target = model_target(w, cross, h_q)
                     qt, _ = gptq_with_loss(target, h_q, scheme, act_order=act_order, damp=damp, observer=observer)
                     if scheme.symmetric:
                         qt = refit_scales(qt, target, h_q)
@@ -299,19 +299,13 @@ def _hessian(model: CausalLM, i: int, xs: list, module: str) -> np.ndarray:
 
 
 def _float_inputs(reference: CausalLM, i: int, xfs: list) -> list[dict]:
-    """Layer ``i`` of the float ``reference`` on every batch of ``xfs``: per batch ``{module: its input}`` (copies),
-    and ``xfs`` advanced in place to the layer's outputs."""
+    """Layer ``i`` of the float ``reference`` on every batch of ``xfs``: per batch ``{module: its input}`` (the
+    arrays themselves: :meth:`CausalLM.layer` never writes one it showed ``observe``), and ``xfs`` advanced in
+    place to the layer's outputs."""
     out = []
     for b, x in enumerate(xfs):
         seen: dict = {}
-        last: list = [None, None]  # the input last seen and its copy: q/k/v (gate/up) share one
-
-        def keep(name, inp, seen=seen, last=last):
-            if inp is not last[0]:
-                last[0], last[1] = inp, np.array(inp)
-            seen[name] = last[1]
-
-        xfs[b] = reference.layer(i, x, observe=keep)
+        xfs[b] = reference.layer(i, x, observe=seen.__setitem__)
         out.append(seen)
     return out
 

@@ -177,7 +177,9 @@ class CausalLM:
 
         Reads the layer's tensors from the source one at a time and keeps
         none of them (quantized weights excepted); ``observe`` as in
-        :meth:`hidden_states`.
+        :meth:`hidden_states`. An array ``observe`` was shown is never
+        written afterwards: a caller may keep it (the model objective's
+        calibration does).
         """
         cfg = self.config
         if not (isinstance(i, (int, np.integer)) and 0 <= i < cfg.num_layers):
