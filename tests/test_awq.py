@@ -160,6 +160,9 @@ def test_folds_divide_the_producer_and_leave_inputs_alone():
     (lambda w, h, m: search_scale(w, m, h, "w9"), "scheme='w9' is not a preset"),
     (lambda w, h, m: search_scale(w, m, h, W4G16, observer="max"), "observer='max' is not known"),
     (lambda w, h, m: awq_scale(m, 1.5), "alpha must be a float in [0, 1]"),
+    (lambda w, h, m: search_scale(w, m, h, W4G16, loss=3.0), "loss must be a callable"),
+    (lambda w, h, m: search_scale(w, m, h, W4G16, loss=lambda s: float("nan")), "loss(scale) must return a finite"),
+    (lambda w, h, m: search_scale(w, m, h, W4G16, loss=lambda s: -1.0), "got -1.0 at a=0.0"),
     (lambda w, h, m: awq_loss(w, h, np.zeros(48, np.float32), W4G16), "scale must be finite and > 0"),
     (lambda w, h, m: fold_into_rows(w[0], np.ones(3), np.ones(24, np.float32)), "bias must have shape (24,)"),
     (lambda w, h, m: fold_into_norm(np.ones((2, 2)), None, np.ones(2, np.float32)), "norm weight must be 1-D"),
@@ -178,3 +181,23 @@ def test_ties_keep_the_smallest_exponent():
     h = stats_of(x).hessian()
     got = search_scale(ws, np.full(48, 0.8), h, W4G16, grid=10)
     assert np.all(got.losses == got.losses[0]) and got.alpha == 0.0
+
+
+def test_a_given_loss_replaces_round_to_nearest():
+    # loss= scores every point of the grid instead of RTN's error, a = 0 first: the search takes its least,
+    # ties to the smaller a, and reports its values (here a made-up loss with its least at a = 0.35).
+    x, ws = layer(8)
+    stats = stats_of(x)
+    m = np.abs(x.astype(np.float64)).mean(axis=0)
+    seen = []
+
+    def loss(s):
+        seen.append(s.copy())
+        return (len(seen) - 1 - 7) ** 2 + 0.5
+
+    got = search_scale(ws, stats.abs_mean(), stats.hessian(), W4G16, grid=20, loss=loss)
+    assert len(seen) == 20
+    for j, s in enumerate(seen):
+        np.testing.assert_array_equal(s, ref_scale(m, j / 20))
+    assert got.alpha == 0.35 and got.loss == 0.5 and got.rtn_loss == 49.5
+    np.testing.assert_array_equal(got.scale, ref_scale(m, 0.35))

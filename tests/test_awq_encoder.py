@@ -131,8 +131,23 @@ def test_awq_gptq_model_objective_targets_the_value_quantized_again(encoder, mon
     from npquant.models import calibrated
 
     calls = []
-    real = calibrated.model_target
-    monkeypatch.setattr(calibrated, "model_target", lambda *a, **k: calls.append(1) or real(*a, **k))
+    searching = []  # the scale search runs GPTQ (and model_target) once per point of its grid: not counted
+    real, real_search = calibrated.model_target, calibrated.search_scale
+
+    def search(*a, **k):
+        searching.append(1)
+        try:
+            return real_search(*a, **k)
+        finally:
+            searching.pop()
+
+    def target(*a, **k):
+        if not searching:
+            calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(calibrated, "search_scale", search)
+    monkeypatch.setattr(calibrated, "model_target", target)
     q = encoder.quantized("w4-g32", method="awq+gptq", calibration=texts(40, seed=1), objective="model")
     scaled = [r for r in q.layer_report if r["alpha"]]
     assert scaled  # the test needs a value quantized again

@@ -200,8 +200,24 @@ def test_awq_gptq_model_objective_targets_the_producers_quantized_again(monkeypa
     weights = loud(config, weights)
     windows = [np.random.default_rng(3).integers(0, 32, (4, 12))]
     calls = []
+    searching = []  # the scale search runs GPTQ (and model_target) once per point of its grid: not counted
     real = awq_calibrated_lm.model_target
-    monkeypatch.setattr(awq_calibrated_lm, "model_target", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_search = awq_calibrated_lm.search_scale
+
+    def search(*a, **k):
+        searching.append(1)
+        try:
+            return real_search(*a, **k)
+        finally:
+            searching.pop()
+
+    monkeypatch.setattr(awq_calibrated_lm, "search_scale", search)
+    def target(*a, **k):
+        if not searching:
+            calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(awq_calibrated_lm, "model_target", target)
     _, _, rows, _ = awq_calibrated_lm.awq_decoder(config, weights, Scheme("int", 4, "group", 16), windows,
                                                    method="awq+gptq", objective="model")
     refolded = [r for r in rows if r["alpha"] and r["name"].endswith(("o_proj.weight", "down_proj.weight"))]
@@ -235,3 +251,43 @@ def test_awq_decoder_bad_inputs_are_one_line():
         with pytest.raises(NpquantError) as err:
             call()
         assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("objective", ["layer", "model"])
+def test_awq_gptq_scores_each_scale_by_the_output_error_after_gptq(objective):
+    # The loss awq+gptq's search minimises, against the output error measured on explicit activations in
+    # float64: ||X W.T - (X~ / s) Q.T||**2 / N, X~ = X (layer objective) or X plus noise (the inputs the
+    # quantized layers before give; model objective), Q found by GPTQ from the scaled activations' own moments.
+    from functools import partial
+
+    from npquant.calibrate import gptq
+    from npquant.calibrate.awq import loss_after_gptq
+    from npquant.calibrate.refit import refit_scales
+    from npquant.calibrate.target import model_target
+    from npquant.models.awq_calibrated_lm import _quantize_layer
+
+    rng = np.random.default_rng(11)
+    n, features = 400, 32
+    gain = np.where(np.arange(features) % 7 == 0, 12.0, 1.0)
+    x = rng.standard_normal((n, features)) * gain
+    xq = x + 0.2 * rng.standard_normal(x.shape) * gain if objective == "model" else x
+    ws = [rng.standard_normal((o, features)).astype(np.float32) for o in (16, 8)]
+    moments = (x.T @ xq / n, xq.T @ xq / n, x.T @ x / n) if objective == "model" else None
+    quantize_layer = partial(_quantize_layer, use_gptq=True, observer="minmax", damp=0.01)
+    loss = loss_after_gptq(quantize_layer, ws, xq.T @ xq / n, moments, W4G16)
+    for s in (np.ones(features, np.float32), rng.lognormal(0, 0.5, features).astype(np.float32)):
+        s64 = s.astype(np.float64)
+        xs = xq / s64  # the scaled inputs the folded model gives
+        want = 0.0
+        for w in ws:
+            w_s = w * s[None, :]
+            h_s = xs.T @ xs / n
+            if objective == "layer":
+                q = gptq(w_s, h_s, W4G16).dequantize()
+            else:
+                target = model_target(w, x.T @ xs / n, h_s, anchor=w_s)
+                q = refit_scales(gptq(target, h_s, W4G16), target, h_s).dequantize()
+            want += float(((x @ w.astype(np.float64).T - xs @ q.astype(np.float64).T) ** 2).sum()) / n
+        # Two float64 forms of one sum of ~10^4 squares: ~1e-12 apart unless a code flips between the two
+        # Hessians' float rounding (it does not at this seed); 1e-8 relative.
+        np.testing.assert_allclose(loss(s), want, rtol=1e-8)

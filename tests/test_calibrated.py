@@ -252,12 +252,43 @@ def test_quantize_gptq_writes_what_load_reads(tiny_dir, encoder, tmp_path, capsy
     assert code == 0 and "GPTQ per layer" in printed and "GPTQ / RTN" in printed
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_quantize_awq_writes_the_folded_value_that_load_reads(method, tiny_dir, encoder, tmp_path, capsys):
+    # The codes and scales of encoder.quantized(method), and the value projections' folded biases (and no
+    # other float tensor changed) in place of the model's.
+    from safetensors.numpy import load_file
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts(50, seed=4)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["quantize", str(tiny_dir), "-o", str(out), "--scheme", "w4-g32", "--method", method,
+                 "--calibration", str(calib), "--max-samples", "30", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    scaled = [r["name"] for r in rows if r.get("awq_alpha")]
+    assert scaled and all("attention.output.dense" in n for n in scaled)
+    want = encoder.quantized("w4-g32", method=method, calibration=texts(50, seed=4)[:30])
+    loaded = npquant.load(out)
+    for name in encoder.linear_names():
+        np.testing.assert_array_equal(loaded[f"bert.{name}"].codes, want.tensors[name].codes)
+        np.testing.assert_array_equal(loaded[f"bert.{name}"].scale, want.tensors[name].scale)
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    stored = load_file(str(out / "model.safetensors"))
+    changed = {n for n, t in stored.items() if n in before and not np.array_equal(t, before[n])}
+    value_biases = {n.replace("attention.output.dense.weight", "attention.self.value.bias") for n in scaled}
+    assert changed == value_biases
+    for n in value_biases:
+        np.testing.assert_array_equal(stored[n], want.tensors[n.removeprefix("bert.")])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--scheme", "fp8-channel", "--method", "gptq", "--objective", "layer"], "--method gptq takes int schemes"),
     (["--scheme", "w4-g32", "--method", "gptq", "--calibration", "MISSING"], "No such file"),
     (["--scheme", "w4-g32", "--method", "gptq", "--calibration", "EMPTY"], "holds no text"),
     (["--scheme", "w4-g32", "--method", "gptq", "--max-samples", "0"], "--max-samples must be at least 1"),
     (["--scheme", "w4-g32", "--calibration", "EMPTY"], "--calibration and --max-samples are for --method gptq"),
+    (["--scheme", "w4-g32", "--method", "awq", "--objective", "layer"], "--objective is for --method gptq or awq+gptq"),
+    (["--scheme", "fp8-channel", "--method", "awq+gptq", "--objective", "layer"], "--method awq+gptq takes int"),
     (["--scheme", "w4-g32", "--method", "gptq", "--observer", "mse", "--scheme", "w8-tensor"], "per-tensor int"),
 ])
 def test_quantize_gptq_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, argv, message):

@@ -342,6 +342,51 @@ def test_quantize_gptq_writes_a_checkpoint_that_loads_with_its_config_and_tokeni
     assert code == 0 and "GPTQ per layer" in printed and "8 layers quantized" in printed
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_quantize_awq_writes_the_folded_model_that_load_reads(method, decoder_dir, tmp_path, capsys):
+    # The checkpoint holds awq_decoder's codes and scales, and the float tensors its folds changed (norm weights)
+    # in place of the model's: run from the checkpoint, the decoder gives the logits of the model AWQ made.
+    from safetensors.numpy import load_file
+
+    from npquant.models.awq_calibrated_lm import awq_decoder
+    from npquant.models.causal_lm import CausalLM
+
+    lines = word_lines(40)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w4-g32", "--method", method,
+                 "--calibration", str(calib), "--max-samples", "30", "--seq-len", "16", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = json.loads(captured.out)
+    assert len(rows) == 14 and all(r["method"] == method for r in rows)
+    assert any(r["awq_alpha"] for r in rows)
+    index = {w: i for i, w in enumerate(WORDS)}
+    ids = [index[w] for w in "\n".join(lines[:30]).split()]
+    want, replaced, want_rows, _ = awq_decoder(CONFIG, tiny_weights(), "w4-g32", calibration_windows(ids, 16),
+                                               method=method)
+    assert replaced and all(n.endswith(("norm.weight", "v_proj.bias")) for n in replaced)  # weights are quantized
+    loaded = npquant.load(out)
+    stored = load_file(str(out / "model.safetensors"))
+    for name, qt in want.items():
+        np.testing.assert_array_equal(loaded[name].codes, qt.codes)
+        np.testing.assert_array_equal(loaded[name].scale, qt.scale)
+    for name, t in replaced.items():
+        np.testing.assert_array_equal(stored[name], t)  # float32 model: written as they are
+    assert any(not np.array_equal(stored[n], tiny_weights()[n]) for n in replaced)  # (a = 0 folds s = 1)
+    # The error column of a folded weight is against that folded weight (as awq_decoder measured it).
+    by = {r["name"]: r for r in rows}
+    for r in want_rows:
+        if "weight_error" in r:
+            assert by[r["name"]]["rel_error"] == r["weight_error"][0]
+    float_tensors = {n: t for n, t in stored.items() if n in tiny_weights()}
+    x = np.asarray([ids[:12]])
+    got = CausalLM(CONFIG, float_tensors, quantized={n: loaded[n] for n in want}).logits(x)
+    expect = CausalLM(CONFIG, {**tiny_weights(), **replaced}, quantized=want).logits(x)
+    np.testing.assert_array_equal(got, expect)
+
+
 def test_quantize_gptq_on_a_bfloat16_model_writes_rtns_scales(decoder_dir, tmp_path, capsys):
     # GPTQ's static scales are the engine's, made from the stored bfloat16 weight: the same scales (values and
     # dtype) as a round-to-nearest checkpoint of the same model.
@@ -429,7 +474,7 @@ def test_quantize_gptq_takes_a_gguf_file(tmp_path, capsys):
     (["--method", "gptq", "--seq-len", "0"], r"--seq-len must be at least 1 token per calibration window, got 0"),
     (["--method", "gptq", "--seq-len", "65"], r"--seq-len 65 is longer than the model's max_position_embeddings=64"),
     (["--method", "gptq", "--calibration", "EMPTY"], r"empty.txt holds no text"),
-    (["--seq-len", "16"], r"--seq-len is for --method gptq on decoders"),
+    (["--seq-len", "16"], r"--seq-len is for --method gptq, awq or awq\+gptq on decoders"),
     (["--method", "gptq", "NO_TOKENIZER"], r"has no tokenizer.json: GPTQ tokenizes the calibration text"),
     (["--method", "gptq", "--exclude", "proj"], r"no tensor of .* was selected|no int decoder-layer linear"),
 ])

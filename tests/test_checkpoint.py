@@ -532,3 +532,52 @@ def test_sigterm_unwinds_like_ctrl_c():
     finally:
         restore()
     assert signal.getsignal(signal.SIGTERM) is old
+
+
+# --- replaced float tensors (AWQ's folds) ----------------------------------------------------------------
+def test_replaced_tensors_are_written_in_their_dtype_and_quantized_where_selected(sharded, tmp_path):
+    # A norm weight (bf16) written rounded to bf16; a bias (f32) as given; a selected layer (f16) quantized from
+    # the replacement, rounded to f16 first, as if the checkpoint had held it; the rest as before.
+    ts = tensors()
+    rng = np.random.default_rng(5)
+    norm = rng.uniform(0.5, 2.0, 256)  # float64: rounded to the stored bfloat16
+    bias = rng.standard_normal(64).astype(np.float32)
+    up = (0.03 * rng.standard_normal((96, 256))).astype(np.float32)
+    replaced = {"model.layers.0.input_layernorm.weight": norm, "model.layers.0.self_attn.q_proj.bias": bias,
+                "model.layers.0.mlp.up_proj.weight": up}
+    out = tmp_path / "out"
+    quantize_checkpoint(sharded, out, "w8-channel", replaced=replaced)
+    got = read_all(out)
+    assert got["model.layers.0.input_layernorm.weight"][0] == "BF16"
+    np.testing.assert_array_equal(got["model.layers.0.input_layernorm.weight"][2], norm.astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(got["model.layers.0.self_attn.q_proj.bias"][2], bias)
+    np.testing.assert_array_equal(got["model.norm.weight"][2], ts["model.norm.weight"])
+    # The layer as a checkpoint that held up (as float16) would have it quantized, tensor for tensor.
+    other = tmp_path / "other"
+    write_model(other)
+    held = {**ts, "model.layers.0.mlp.up_proj.weight": up.astype(np.float16)}
+    save_file(held, str(other / "model.safetensors"), metadata={"format": "pt"})
+    quantize_checkpoint(other, tmp_path / "other-out", "w8-channel")
+    want = read_all(tmp_path / "other-out")
+    for key in ("weight_packed", "weight_scale", "weight"):
+        name = f"model.layers.0.mlp.up_proj.{key}"
+        if name in want:
+            assert got[name][:2] == want[name][:2]
+            np.testing.assert_array_equal(got[name][2], want[name][2])
+    assert "model.layers.0.mlp.up_proj.weight_scale" in want
+
+
+@pytest.mark.parametrize("replaced, message", [
+    ({"model.missing.weight": np.ones(3, np.float32)}, "replaced tensor 'model.missing.weight' is not in"),
+    ({"model.norm.weight": np.ones(255, np.float32)}, "must be a float array of shape (256,)"),
+    ({"model.norm.weight": np.ones(256, np.int32)}, "must be a float array of shape (256,), got int32"),
+    ({"model.norm.weight": np.full(256, np.nan, np.float32)}, "holds NaN or Inf"),
+    ({"model.layers.0.input_layernorm.weight": np.full(256, 1e39)}, "overflows BF16"),
+    ({"model.rotary.inv_freq": np.ones(8)}, "stored as I64"),
+])
+def test_bad_replacements_are_refused_before_anything_is_written(model, tmp_path, replaced, message):
+    out = tmp_path / "out"
+    with pytest.raises(NpquantError) as err:
+        quantize_checkpoint(model, out, "w8-channel", replaced=replaced)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))

@@ -225,34 +225,42 @@ def print_layer_table(model: str, rows, sums, skipped, worst: int) -> None:
 
 
 def print_gptq_table(out, rows, scheme: str, observer: str) -> None:
-    """``quantize --method gptq``: each layer's GPTQ and RTN losses on the calibration tokens."""
-    heads = ("layer", "shape", "tokens", "RTN loss", "GPTQ loss", "GPTQ / RTN", "seconds")
+    """``quantize --method gptq|awq|awq+gptq``: each layer's loss and RTN's on the calibration tokens (and AWQ's a)."""
+    label = str(rows[0].get("method", "gptq")).upper()
+    awq = any("alpha" in r for r in rows)
+    heads = ("layer", "shape", "tokens", "RTN loss", f"{label} loss", f"{label} / RTN", *(("AWQ a",) if awq else ()),
+             "seconds")
     columns = [(h, "left" if h == "layer" else "right") for h in heads]
     cells = [[r["name"].removesuffix(".weight"), "x".join(map(str, r["shape"])), f"{r['tokens']:,}",
-              f"{r['rtn_loss']:.3e}", f"{r['gptq_loss']:.3e}", f"{r['ratio']:.3f}", f"{r['seconds']:.2f}"]
+              f"{r['rtn_loss']:.3e}", f"{r.get('loss', r.get('gptq_loss')):.3e}", f"{r['ratio']:.3f}",
+              *((("-" if r.get("alpha") is None else f"{r['alpha']:.2f}"),) if awq else ()), f"{r['seconds']:.2f}"]
              for r in rows]
     if any(r.get("objective") == "model" for r in rows):
         measure = ("the float model's output at the layer, ||X W^T - X~ Q^T||^2 / ||X W^T||^2 (X the float model's "
                    "inputs, X~ the quantized model's)")
     else:
         measure = "tr(dW H dW^T) / tr(W H W^T)"
-    print_rows(out, f"GPTQ per layer ({scheme}, observer {observer}): output error on the calibration tokens, "
+    print_rows(out, f"{label} per layer ({scheme}, observer {observer}): output error on the calibration tokens, "
                     f"{measure}", columns, cells, long=0)
     total = sum(r["seconds"] for r in rows)
-    out.print(f"GPTQ: {len(rows)} layers, mean loss ratio {sum(r['ratio'] for r in rows) / len(rows):.3f}, "
-              f"{total:.1f} s in the solver", highlight=False)
+    out.print(f"{label}: {len(rows)} layers, mean loss ratio {sum(r['ratio'] for r in rows) / len(rows):.3f}, "
+              f"{total:.1f} s in the solver" + ("; AWQ a: the exponent of the input scale mean|x|^a, '-' where "
+                                                "the layer is not scaled" if awq else ""), highlight=False)
+    if any("weight_error" in r for r in rows):
+        out.print("the rel error and SQNR of a folded weight below are against the folded float weight its codes "
+                  "stand for", highlight=False)
 
 
 def print_quantized(summary: dict, scheme: str, observer: str, gptq_rows, rtn_only) -> None:
     """``quantize``: GPTQ's table (if it ran), each layer's bytes and error, the totals.
 
-    ``rtn_only``: names of the layers rounded to nearest in a GPTQ run (not on the path GPTQ runs).
+    ``rtn_only``: names of the layers rounded to nearest in a calibrated run (not on the path it runs).
     """
     out = console()
     if gptq_rows:
         print_gptq_table(out, gptq_rows, scheme, observer)
     layers = summary["layers"]
-    method = "GPTQ" if gptq_rows else "round to nearest"
+    method = str(gptq_rows[0].get("method", "gptq")).upper() if gptq_rows else "round to nearest"
     heads = ("layer", "shape", "bytes before", "bytes after", "rel error", "SQNR dB")
     columns = [(h, "left" if h == "layer" else "right") for h in heads]
     cells = [[r.name.removesuffix(".weight"), "x".join(map(str, r.shape)), f"{r.bytes_before:,}", f"{r.bytes_after:,}",
@@ -262,8 +270,8 @@ def print_quantized(summary: dict, scheme: str, observer: str, gptq_rows, rtn_on
     out.print(f"linear layers: {before:,} -> {after:,} bytes ({before / after:.2f}x smaller); "
               f"{len(summary['skipped'])} tensors left alone", highlight=False)
     if rtn_only:
-        out.print(f"rounded to nearest (not on the path GPTQ runs): {', '.join(n.removesuffix('.weight') for n in rtn_only)}",
-                  highlight=False)
+        out.print(f"rounded to nearest (not on the path {method} runs): "
+                  f"{', '.join(n.removesuffix('.weight') for n in rtn_only)}", highlight=False)
 
 
 def print_plan(plan: dict, path) -> None:

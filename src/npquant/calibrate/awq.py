@@ -50,6 +50,7 @@ __all__ = [
     "awq_scale",
     "fold_into_norm",
     "fold_into_rows",
+    "loss_after_gptq",
     "scale_columns",
     "scale_hessian",
     "search_scale",
@@ -165,7 +166,8 @@ def awq_loss(ws, hessian, scale, scheme, *, observer: str = "minmax") -> float:
     return _group_loss(ws, h, s, scheme, observer)
 
 
-def search_scale(ws, abs_mean, hessian, scheme, *, grid: int = DEFAULT_GRID, observer: str = "minmax") -> AwqResult:
+def search_scale(ws, abs_mean, hessian, scheme, *, grid: int = DEFAULT_GRID, observer: str = "minmax",
+                 loss=None) -> AwqResult:
     """The AWQ scale of a group of weights sharing an input: the ``a`` of the grid with the least loss.
 
     Parameters
@@ -181,6 +183,13 @@ def search_scale(ws, abs_mean, hessian, scheme, *, grid: int = DEFAULT_GRID, obs
     grid : int
         ``a = j / grid`` for ``j = 0 .. grid - 1``; ties go to the smaller ``a``.
     observer : {"minmax", "mse"}
+    loss : callable or None
+        ``loss(s) -> float``: the group's output error with the scale ``s``
+        (float32 ``(I,)``) under the quantizer that will run, e.g. GPTQ on
+        ``W * s`` (AWQ+GPTQ: a scale chosen for rounding to nearest is not
+        the one GPTQ does best with). None: :func:`awq_loss`, round to
+        nearest. Called once per point of the grid, ``a = 0`` (``s = 1``)
+        first; it must return a finite float >= 0.
 
     Returns
     -------
@@ -199,11 +208,13 @@ def search_scale(ws, abs_mean, hessian, scheme, *, grid: int = DEFAULT_GRID, obs
     m = _check_abs_mean(abs_mean, h.shape[0])
     if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
         raise NpquantError(f"grid must be a positive int (points of a in [0, 1)), got {grid!r}")
+    if loss is not None and not callable(loss):
+        raise NpquantError(f"loss must be a callable loss(scale) -> float or None, got {type(loss).__name__}")
     losses = np.empty(int(grid), np.float64)
     best = None
     for j in range(int(grid)):
         s = awq_scale(m, j / grid)
-        losses[j] = _group_loss(ws, h, s, scheme, observer)
+        losses[j] = _group_loss(ws, h, s, scheme, observer) if loss is None else _checked_loss(loss, s, j / grid)
         if best is None or losses[j] < losses[best[0]]:  # strict: ties keep the smaller a
             best = (j, s)
     j, s = best
@@ -258,6 +269,43 @@ def fold_into_norm(weight, bias, scale) -> tuple[np.ndarray, np.ndarray | None]:
     return g.astype(np.float32) / s, None if bias is None else np.asarray(bias).astype(np.float32) / s
 
 
+def loss_after_gptq(quantize_layer, ws, h, moments, scheme):
+    """``loss(s)`` for :func:`search_scale`: the group's output error after GPTQ on ``W * s`` (AWQ+GPTQ).
+
+    ``quantize_layer(w, h, scheme, moments=None, anchor=None)`` is the
+    driver's GPTQ: ``anchor`` (``w`` when None) by GPTQ with ``h``, or with
+    ``moments`` GPTQ on the model objective's target of ``w`` anchored there
+    (:func:`~npquant.calibrate.target.model_target`). ``ws``: float32
+    ``(O_k, I)``; ``h``: float64 ``(I, I)``, ``X~.T X~ / N``.
+
+    Layer objective (``moments`` None): ``sum_k tr((W_k s - Q_k) H_s (W_k s - Q_k).T)``, ``H_s = H / (s s.T)``, the
+    loss GPTQ itself minimises. Model objective (``moments = (C, H~, H)`` of the unscaled quantized inputs):
+    the scaled inputs' ``C / s`` and ``H~ / (s s.T)`` (exact up to the fold's float rounding), GPTQ on the
+    target of ``W`` anchored at ``W * s``, scored by :func:`~npquant.calibrate.target.model_loss`. ``s = 1``
+    scores what GPTQ alone gives, so the chosen scale never does worse on the calibration inputs.
+    """
+    from .hessian import hessian_loss
+    from .target import model_loss
+
+    def loss(s):
+        s64 = s.astype(np.float64)
+        if moments is not None:
+            scaled = (moments[0] / s64[None, :], moments[1] / np.outer(s64, s64), moments[2])
+        else:
+            h_s = scale_hessian(h, s)
+        total = 0.0
+        for w in ws:
+            w_s = w * s[None, :]  # float32, as folded
+            if moments is None:
+                total += hessian_loss(w_s, quantize_layer(w_s, h_s, scheme), h_s)
+            else:
+                qt = quantize_layer(w, None, scheme, scaled, anchor=w_s)
+                total += model_loss(w, qt.dequantize(), *scaled)
+        return total
+
+    return loss
+
+
 # --- the loss and the checks --------------------------------------------------------------------------------
 def _group_loss(ws, h: np.ndarray, s: np.ndarray, scheme, observer: str) -> float:
     """``sum_k tr(dW_k H dW_k.T)``, float64, for float32 ``ws`` and float32 ``s``."""
@@ -268,6 +316,14 @@ def _group_loss(ws, h: np.ndarray, s: np.ndarray, scheme, observer: str) -> floa
         d = w.astype(np.float64) - qt.dequantize().astype(np.float64) / s64[None, :]  # (O, I)
         total += float(np.einsum("oi,oi->", d @ h, d))
     return total
+
+
+def _checked_loss(loss, s: np.ndarray, alpha: float) -> float:
+    value = loss(s)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value) \
+            or value < 0:
+        raise NpquantError(f"loss(scale) must return a finite float >= 0, got {value!r} at a={alpha}")
+    return float(value)
 
 
 def _check_group(ws, hessian, scheme, observer):

@@ -176,6 +176,7 @@ def quantize_checkpoint(
     progress: Callable[[str, int], None] | None = None,
     quantized: Mapping[str, QuantizedTensor] | None = None,
     observer: str = "minmax",
+    replaced: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Write ``model`` quantized with ``scheme`` as a compressed-tensors directory ``out``.
 
@@ -213,6 +214,14 @@ def quantize_checkpoint(
     GPTQ, say) with their layer's scheme: those are written as given, the
     other selected layers are quantized here (with ``observer``, see
     :func:`npquant.quantize`).
+
+    ``replaced`` maps tensor names to float arrays that stand in for the
+    checkpoint's (what AWQ's folds change: norm weights, biases, a
+    producer's rows), each of the checkpoint tensor's shape and written in
+    its dtype (rounded to nearest): a selected layer not in ``quantized`` is
+    quantized from it, any other tensor written as it is. The error of a
+    ``quantized`` tensor is measured against ``replaced``'s array where it
+    has one, else against the checkpoint's weight.
     """
     per_layer = None
     if isinstance(scheme, Mapping):
@@ -226,6 +235,7 @@ def quantize_checkpoint(
     out = check_output(model, out, force=force)
     quantized = dict(quantized or {})
     with Checkpoint(model) as ckpt:
+        replaced = _checked_replacements(ckpt, replaced or {})
         if per_layer is None:
             choices = select_layers(ckpt, scheme, include, exclude)
             layer_scheme = {c.name: scheme for c in choices if c.quantize}
@@ -261,7 +271,8 @@ def quantize_checkpoint(
         tmp = lock.directory
         try:
             _chmod_as_umask(tmp)  # mkdtemp makes 0700; OUT should look like any new directory
-            shard_files = _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer)
+            shard_files = _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer,
+                                        replaced)
             notes += _write_sidecars(ckpt, tmp, written, choices, shard_files)
             lock.finish()
             _replace(tmp, out, force)
@@ -321,20 +332,45 @@ def _choices_for_mapping(ckpt, per_layer: dict[str, Scheme]) -> list[LayerChoice
     return out
 
 
-def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer) -> dict[str, list[str]]:
+def _checked_replacements(ckpt, replaced: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``replaced`` checked against ``ckpt`` and cast to each tensor's dtype (see :func:`quantize_checkpoint`)."""
+    out = {}
+    for name, a in replaced.items():
+        t = ckpt.tensors.get(name)
+        if t is None:
+            raise NpquantError(f"replaced tensor {name!r} is not in {ckpt.path}")
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.shape != tuple(t.shape):
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise NpquantError(f"replaced tensor {name!r} must be a float array of shape {tuple(t.shape)}, got {got}")
+        if t.code not in ("F64", "F32", "F16", "BF16"):
+            raise NpquantError(f"replaced tensor {name!r} is stored as {t.code} in {ckpt.path}: only float tensors "
+                               f"(F32, F16, BF16) can be replaced")
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            cast = a.astype(t.dtype)
+        if not np.isfinite(cast.astype(np.float32)).all():
+            raise NpquantError(f"replaced tensor {name!r} holds NaN or Inf (or overflows {t.code})")
+        out[name] = cast
+    return out
+
+
+def _write_shards(ckpt, tmp, layer_scheme, picked, results, workers, progress, quantized, observer,
+                  replaced) -> dict[str, list[str]]:
     """Write every shard into ``tmp``; return each output file's tensor names."""
     def job(src: TensorSource) -> dict:
         if src.name in quantized:
             qt = quantized[src.name]
-            rel, sqnr = weight_error(src, qt)
+            rel, sqnr = weight_error(replaced.get(src.name, src), qt)
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
         elif src.name in picked:
-            qt, rel, sqnr = quantize_measured(src, _stored_scheme(layer_scheme[src.name], src),
+            qt, rel, sqnr = quantize_measured(replaced.get(src.name, src),
+                                              _stored_scheme(layer_scheme[src.name], src),
                                               name=f"tensor {src.name!r} in {src.file.name}:",
                                               observer=observer)
             results.append(LayerResult(src.name, src.shape, src.nbytes, qt.nbytes, rel, sqnr))
             arrays = _layer_arrays(src.name[: -len(".weight")], qt)
+        elif src.name in replaced:
+            arrays = {src.name: replaced[src.name]}
         else:
             arrays = {src.name: src}  # copied in row chunks by the writer
         if progress is not None:

@@ -169,9 +169,11 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
     else:
         method_help = ("rtn: round to nearest (any checkpoint); gptq: calibrate each layer on text run through "
                        "the model, block by block (BERT sentence encoders and Llama-family decoders, which npquant "
-                       "can run)")
-    # AWQ is evaluated on encoders; quantize and plan take it once they can write and cost it.
-    methods = ["rtn", "gptq", "awq", "awq+gptq"] if eval_mode else ["rtn", "gptq"]
+                       "can run); awq: activation-aware input scales folded into the norms and linears before "
+                       "(the checkpoint stays an ordinary one), then round to nearest; awq+gptq: the scales "
+                       "chosen for GPTQ, then GPTQ")
+    # plan costs its candidates by RTN or GPTQ; quantize and eval take every method.
+    methods = ["rtn", "gptq"] if plan_mode else ["rtn", "gptq", "awq", "awq+gptq"]
     default = ("gptq on BERT sentence encoders, whose costs npquant measures with it; rtn elsewhere"
                if plan_mode else "rtn")
     parser.add_argument("--method", choices=methods, default=None, help=f"{method_help} (default {default})")

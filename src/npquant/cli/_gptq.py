@@ -1,4 +1,4 @@
-"""GPTQ over a checkpoint for ``quantize --method gptq``, and the checks a plan gets before it is used.
+"""GPTQ and AWQ over a checkpoint for ``quantize --method gptq|awq|awq+gptq``, and the checks a plan gets first.
 
 A BERT sentence encoder runs through :class:`~npquant.models.SentenceEncoder`
 (its sentences are the calibration texts); a Llama-family decoder through
@@ -34,7 +34,7 @@ def check_plan_fits(plan, model, plan_path) -> None:
 
 
 def check_gptq_schemes(scheme, args, model=None) -> None:
-    """Refuse --method gptq with float codes only (fp8, fp4: rounded to nearest), before any work; a sentence
+    """Refuse a calibrated --method with float codes only (fp8, fp4: rounded to nearest), before any work; a sentence
     encoder (``model`` not a decoder) with the model objective rounds their float targets, and takes them."""
     from .eval import is_decoder
 
@@ -42,15 +42,20 @@ def check_gptq_schemes(scheme, args, model=None) -> None:
         return
     if isinstance(scheme, dict):
         if all(s.is_float for s in scheme.values()):
-            raise NpquantError("--method gptq needs int schemes; this plan has fp8 layers only: use --method rtn")
+            raise NpquantError(f"--method {args.method} needs int schemes; this plan has fp8 layers only: use "
+                               f"--method rtn")
     elif scheme.is_float:
-        raise NpquantError(f"--method gptq takes int schemes; {args.scheme} has {scheme.dtype} codes, which are "
-                           f"rounded to nearest: use --method rtn")
+        raise NpquantError(f"--method {args.method} takes int schemes; {args.scheme} has {scheme.dtype} codes, "
+                           f"which are rounded to nearest: use --method rtn")
 
 
 def calibrate_checkpoint(model, scheme, args):
-    """GPTQ tensors of a BERT encoder checkpoint, keyed by the checkpoint's tensor names, and GPTQ's rows.
+    """``(quantized, rows, replaced)`` of ``args.method`` (gptq, awq, awq+gptq) on a BERT encoder or a decoder.
 
+    ``quantized``: QuantizedTensors keyed by the checkpoint's tensor names;
+    ``rows``: the method's per-layer rows (same names); ``replaced``: float32
+    arrays by checkpoint name that AWQ's folds changed (norm weights, the
+    producers' biases; empty for GPTQ), written in place of the checkpoint's.
     ``scheme``: one Scheme, or ``{checkpoint tensor name: Scheme}`` (a plan's).
     """
     from ..models import SentenceEncoder
@@ -73,7 +78,7 @@ def calibrate_checkpoint(model, scheme, args):
                            "calibrated on whole sentences")
     if not root.is_dir() or model_type != "bert":
         raise NpquantError(
-            f"--method gptq runs the model on calibration text, and npquant runs BERT sentence encoders "
+            f"--method {args.method} runs the model on calibration text, and npquant runs BERT sentence encoders "
             f"(config.json model_type 'bert', e.g. all-MiniLM-L6-v2) and Llama-family decoders "
             f"({', '.join(_architectures())}); {model} has model_type {model_type!r}. "
             f"--method rtn quantizes any checkpoint"
@@ -82,23 +87,31 @@ def calibrate_checkpoint(model, scheme, args):
     encoder = SentenceEncoder.from_pretrained(root)
     if isinstance(scheme, dict):
         scheme = {encoder_name(n): s for n, s in scheme.items() if encoder_name(n) in encoder.linear_names()}
-    encoder = _run_gptq(encoder, scheme, texts, args.observer, getattr(args, "objective", None) or "model")
+    quantized = _run_calibrated(encoder, scheme, texts, args.observer, getattr(args, "objective", None) or "model",
+                                args.method)
+    from ..models.calibrated import changed_tensors
+
     with Checkpoint(root) as ckpt:
         names = set(ckpt.tensors)
-    out = {}
-    for key in encoder.linear_names():
-        if isinstance(encoder.tensors[key], QuantizedTensor):
-            out[key if key in names else f"bert.{key}"] = encoder.tensors[key]
-    rows = [{**r, "name": r["name"] if r["name"] in names else f"bert.{r['name']}"} for r in encoder.layer_report]
-    return out, rows
+    key = lambda n: n if n in names else f"bert.{n}"
+    out = {key(n): t for n, t in quantized.tensors.items()
+           if n in encoder.linear_names() and isinstance(t, QuantizedTensor)}
+    replaced = {key(n): t for n, t in changed_tensors(encoder.tensors, quantized.tensors)[1].items()}
+    rows = [{**r, "name": key(r["name"])} for r in quantized.layer_report]
+    return out, rows, replaced
 
 
-def _run_gptq(encoder, scheme, texts, observer, objective="model"):
-    """``encoder.quantized(scheme, "gptq", ...)`` with a progress bar per layer on a terminal."""
+def _run_calibrated(encoder, scheme, texts, observer, objective="model", method="gptq"):
+    """``encoder.quantized(scheme, method, ...)`` with a progress bar per layer on a terminal."""
     total = len(scheme) if isinstance(scheme, dict) else len(encoder.linear_names())
-    with Progress(total, f"on {len(texts)} texts", unit="steps", prefix="GPTQ ") as bar:
-        return encoder.quantized(scheme, "gptq", texts, observer=observer, objective=objective,
+    with Progress(total, f"on {len(texts)} texts", unit="steps", prefix=f"{_label(method)} ") as bar:
+        return encoder.quantized(scheme, method, texts, observer=observer, objective=objective,
                                  progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
+
+
+def _label(method: str) -> str:
+    """The progress bar's prefix: GPTQ, AWQ, AWQ+GPTQ."""
+    return method.upper()
 
 
 def _architectures() -> tuple[str, ...]:
@@ -136,6 +149,7 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
     """Sequential GPTQ of a decoder directory: its quantized tensors by checkpoint name, and GPTQ's rows."""
     from ..checkpoints import select_layers
     from ..checkpoints.writer import _stored_scheme
+    from ..models.awq_calibrated_lm import awq_decoder
     from ..models.calibrated_lm import gptq_decoder
     from ..models.causal_lm_config import CausalLMConfig
     from ..safetensors_io import Checkpoint
@@ -156,16 +170,22 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
         # layers get the scheme the writer stores (full-grid scales in a 16-bit layer's dtype, as RTN's).
         schemes = {n: _stored_scheme(s, ckpt.tensors[n]) for n, s in schemes.items() if not s.is_float}
         if not schemes:
-            raise NpquantError("--method gptq has no int decoder-layer linear weight to calibrate: the scheme "
-                               "or --include/--exclude left none; use --method rtn")
+            raise NpquantError(f"--method {args.method} has no int decoder-layer linear weight to calibrate: the "
+                               f"scheme or --include/--exclude left none; use --method rtn")
         total = len(schemes)
         with Progress(total, f"on {tokens:,} tokens in windows of up to {windows[0].shape[1]}", unit="steps",
-                      prefix="GPTQ ") as bar:
-            quantized, rows, _ = gptq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
-                                              observer=args.observer,
-                                              objective=getattr(args, "objective", None),
-                                              progress=lambda name, done, n: bar(name.removesuffix(".weight"), 1))
-    return quantized, rows
+                      prefix=f"{_label(args.method)} ") as bar:
+            step = lambda name, done, n: bar(name.removesuffix(".weight"), 1)
+            objective = getattr(args, "objective", None)
+            if args.method == "gptq":
+                quantized, rows, _ = gptq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
+                                                  observer=args.observer, objective=objective, progress=step)
+                replaced = {}
+            else:
+                quantized, replaced, rows, _ = awq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
+                                                           method=args.method, observer=args.observer,
+                                                           objective=objective, progress=step)
+    return quantized, rows, replaced
 
 
 def _unmapped(ckpt):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -73,7 +74,7 @@ def add_parser(sub) -> None:
                          "the plan's method unless --method is given)")
     add_method_arguments(qz)
     qz.add_argument("--seq-len", type=int, metavar="N",
-                    help="decoders with --method gptq: tokens per calibration window (default 512, or the model's "
+                    help="decoders with a calibrated --method: tokens per calibration window (default 512, or the model's "
                          "max_position_embeddings where that is less); the calibration texts are joined by "
                          "newlines and cut into windows of N tokens")
     qz.set_defaults(run=run)
@@ -166,15 +167,16 @@ def run(args) -> int:
         check_loadable(scheme)  # refuse before any calibration work
     args.method = args.method or "rtn"
     args.observer = args.observer or "minmax"
-    if args.method != "gptq" and (args.calibration or args.max_samples):
-        raise NpquantError("--calibration and --max-samples are for --method gptq")
-    if args.method != "gptq" and args.seq_len is not None:
-        raise NpquantError("--seq-len is for --method gptq on decoders")
+    calibrated_method = args.method != "rtn"
+    if not calibrated_method and (args.calibration or args.max_samples):
+        raise NpquantError("--calibration and --max-samples are for --method gptq, awq or awq+gptq")
+    if not calibrated_method and args.seq_len is not None:
+        raise NpquantError("--seq-len is for --method gptq, awq or awq+gptq on decoders")
     if args.seq_len is not None and args.seq_len < 1:
         raise NpquantError(f"--seq-len must be at least 1 token per calibration window, got {args.seq_len}")
-    if args.method != "gptq" and getattr(args, "objective", None) is not None:
-        raise NpquantError("--objective is for --method gptq")
-    if args.method == "gptq":
+    if args.method not in ("gptq", "awq+gptq") and getattr(args, "objective", None) is not None:
+        raise NpquantError("--objective is for --method gptq or awq+gptq")
+    if calibrated_method:
         from ._gptq import check_gptq_schemes
 
         check_gptq_schemes(scheme, args, model)
@@ -183,7 +185,7 @@ def run(args) -> int:
     check_output(model, args.out, force=args.force)
     if not is_gguf(model):
         return _quantize(args, model, scheme, plan)
-    if args.method == "gptq":
+    if calibrated_method:
         from ._common import calibration_texts
 
         calibration_texts(args)  # a bad --calibration file is refused before the conversion
@@ -211,13 +213,17 @@ def _quantize(args, model, scheme, plan, conversion=None) -> int:
     with Checkpoint(model) as ckpt:  # an already-quantized model is refused before GPTQ's calibration
         refuse_quantized(ckpt)
         total = ckpt.nbytes
-    calibrated, gptq_rows = {}, None
-    if args.method == "gptq":
-        calibrated, gptq_rows = calibrate_checkpoint(model, scheme, args)
+    calibrated, gptq_rows, replaced = {}, None, {}
+    if args.method != "rtn":
+        calibrated, gptq_rows, replaced = calibrate_checkpoint(model, scheme, args)
     with Progress(total, "writing" if calibrated else "quantizing") as progress:
         summary = quantize_checkpoint(model, args.out, scheme, include=args.include, exclude=args.exclude,
                                       force=args.force, workers=args.workers, progress=progress,
-                                      quantized=calibrated, observer=args.observer)
+                                      quantized=calibrated, observer=args.observer, replaced=replaced)
+    folded = {r["name"]: r["weight_error"] for r in gptq_rows or [] if "weight_error" in r}
+    # AWQ: the error of a folded weight's codes is against that folded weight, not the checkpoint's
+    summary["layers"] = [dataclasses.replace(r, rel_error=folded[r.name][0], sqnr_db=folded[r.name][1])
+                         if r.name in folded else r for r in summary["layers"]]
     notes = own_notes_removed(summary["warnings"], conversion)
     if plan is None:
         note = kept_in_float_note(scheme, args.scheme, summary["skipped"])
@@ -232,10 +238,14 @@ def _quantize(args, model, scheme, plan, conversion=None) -> int:
             label = plan["layers"][r.name]["scheme"] if args.plan else args.scheme
             row = {"name": r.name, "shape": list(r.shape), "scheme": label, "bytes_before": r.bytes_before,
                    "bytes_after": r.bytes_after, "rel_error": r.rel_error, "sqnr_db": json_value(r.sqnr_db),
-                   "method": "gptq" if r.name in gptq_by_name else "rtn", "observer": args.observer}
+                   "method": args.method if r.name in gptq_by_name else "rtn", "observer": args.observer}
             if r.name in gptq_by_name:
                 g = gptq_by_name[r.name]
-                row.update(rtn_loss=g["rtn_loss"], gptq_loss=g["gptq_loss"], loss_ratio=g["ratio"], seconds=g["seconds"])
+                row.update(rtn_loss=g["rtn_loss"], loss=g.get("loss", g.get("gptq_loss")), loss_ratio=g["ratio"], seconds=g["seconds"])
+                if "gptq_loss" in g:
+                    row["gptq_loss"] = g["gptq_loss"]
+                if "alpha" in g:
+                    row["awq_alpha"] = g["alpha"]
             rows.append(row)
         print(json.dumps(rows, indent=2))
         return 0

@@ -9,7 +9,11 @@ scaled and quantized until the group has seen its input; ``mean |x|`` and
 the query heads that share a value head, :func:`~npquant.models.awq_lm.tie_heads`);
 ``1 / s`` is folded into the producer (:func:`~npquant.models.awq_lm.fold_scale`)
 and ``W * s`` is quantized: rounded to nearest (``"awq"``) or by GPTQ with
-the Hessian of the scaled inputs (``"awq+gptq"``).
+the Hessian of the scaled inputs (``"awq+gptq"``). With ``"awq+gptq"`` each
+point of the grid is scored by the group's error after GPTQ (under the
+objective GPTQ runs with), not after rounding to nearest: ``a = 0`` is then
+GPTQ alone, and a scale is taken only where it beats it on the calibration
+inputs (:func:`~npquant.calibrate.awq.loss_after_gptq`).
 
 The producers of o and down (v_proj, up_proj) are quantized before their
 consumer's input can be seen: once its scale is chosen, the producer is
@@ -30,14 +34,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import partial
 
 import numpy as np
 
 from ..calibrate import gptq, hessian_loss
-from ..calibrate.awq import DEFAULT_GRID, InputStats, scale_hessian, search_scale
+from ..calibrate.awq import (
+    DEFAULT_GRID,
+    InputStats,
+    loss_after_gptq,
+    scale_hessian,
+    search_scale,
+)
 from ..calibrate.refit import refit_scales
 from ..calibrate.target import model_loss, model_target
 from ..errors import NpquantError
+from ..metrics import weight_error
 from ..quantize import quantize
 from ..schemes import Scheme, get_scheme
 from .awq_lm import DECODER_GROUPS, fold_scale, tie_heads
@@ -77,7 +89,9 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
         v_proj/up_proj biases, weights a mapping leaves float); a checkpoint writes them instead of the input's
     rows : list of dict per quantized int weight: ``name``, ``shape``, ``scheme``, ``tokens``, ``method``,
         ``rtn_loss``, ``loss`` (relative to ``ref``, ``tr(W H W.T)``), ``ratio``, ``alpha`` (None: unscaled),
-        ``seconds``. AWQ minimises the loss of a group (q/k/v; gate/up) as a whole: one weight's may exceed RTN's
+        ``seconds``; folded weights also ``weight_error``, :func:`~npquant.metrics.weight_error` against the
+        folded float weight the codes stand for. AWQ minimises the loss of a group (q/k/v; gate/up) as a whole:
+        one weight's may exceed RTN's
     left : dict, weight name -> why it stays float (a group size that does not divide its ``in_features``); a
         group with a float weight is quantized without a scale
     """
@@ -124,17 +138,7 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
     rows: list[dict] = []
     done = 0
 
-    def quantize_layer(w, h, scheme, moments=None, anchor=None):
-        """``anchor`` (``w`` by default) quantized by the method; ``moments`` ``(C, H~, H)`` make the model
-        objective's target of the float ``w`` (whose input is the float model's)."""
-        anchor = w if anchor is None else anchor
-        if not (use_gptq and not scheme.is_float):
-            return quantize(anchor, scheme, observer=observer, backend="numpy")
-        if moments is None:
-            return gptq(anchor, h, scheme, observer=observer, damp=damp)
-        target = model_target(w, moments[0], moments[1], anchor=anchor)
-        qt = gptq(target, moments[1], scheme, observer=observer, damp=damp)
-        return refit_scales(qt, target, moments[1]) if scheme.symmetric else qt
+    quantize_layer = partial(_quantize_layer, use_gptq=use_gptq, observer=observer, damp=damp)
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
@@ -155,7 +159,10 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                 m = stats.abs_mean()
                 if group == ("self_attn.o_proj",):
                     m = tie_heads(m, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-                found = search_scale(ws, m, h, schemes[wnames[0]], grid=grid, observer=observer)
+                scheme0 = schemes[wnames[0]]
+                loss = loss_after_gptq(quantize_layer, ws, h, moments, scheme0) \
+                    if use_gptq and not scheme0.is_float else None
+                found = search_scale(ws, m, h, scheme0, grid=grid, observer=observer, loss=loss)
             h_q, ws_q, moments_q = h, ws, moments
             if found is not None:
                 view = {n: model._tensor(n) for n in _fold_inputs(p, group, producer, how, cfg)}
@@ -168,6 +175,9 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                     # (its float input is unchanged; its float target is the folded rows themselves)
                     quantized[prod] = quantize_layer(floats[prod], hessians[prod], schemes[prod],
                                                      moments_of.get(prod))
+                    for row in rows:
+                        if row["name"] == prod:
+                            row["weight_error"] = weight_error(floats[prod], quantized[prod])
                     if use_gptq:
                         h_q = _gather(model, i, xs, p + group[0]).hessian()
                 if to_model:  # the scaled inputs, against the float model's unscaled ones
@@ -199,6 +209,8 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
                                  "ratio": ours / rtn if rtn > 0 else 1.0,
                                  "alpha": None if found is None else found.alpha,
                                  "seconds": time.perf_counter() - start})
+                    if found is not None:  # the checkpoint's error column: against the folded weight
+                        rows[-1]["weight_error"] = weight_error(w_q, qt)
                 if progress is not None:
                     progress(name, done, total)
         del float_inputs
@@ -208,6 +220,20 @@ def awq_decoder(config, weights, schemes, windows, *, method: str = "awq", obser
             del floats[name]  # the layer is done: its quantized weights are what runs
     replaced = {n: t for n, t in floats.items() if n not in quantized}
     return quantized, replaced, rows, left
+
+
+def _quantize_layer(w, h, scheme, moments=None, anchor=None, *, use_gptq: bool, observer: str, damp: float):
+    """``anchor`` (``w`` by default) quantized: by GPTQ with ``h`` where ``use_gptq`` (and ``scheme`` is int), else
+    to nearest; ``moments`` ``(C, H~, H)`` make GPTQ round the model objective's target of the float ``w`` (whose
+    input is the float model's), scales refitted."""
+    anchor = w if anchor is None else anchor
+    if not (use_gptq and not scheme.is_float):
+        return quantize(anchor, scheme, observer=observer, backend="numpy")
+    if moments is None:
+        return gptq(anchor, h, scheme, observer=observer, damp=damp)
+    target = model_target(w, moments[0], moments[1], anchor=anchor)
+    qt = gptq(target, moments[1], scheme, observer=observer, damp=damp)
+    return refit_scales(qt, target, moments[1]) if scheme.symmetric else qt
 
 
 def _fold_inputs(p: str, group, producer: str, how: str, cfg: CausalLMConfig) -> list[str]:

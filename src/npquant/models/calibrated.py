@@ -17,8 +17,10 @@ Methods (``method=``):
 - ``"awq"``: AWQ's per-input-channel scales (:mod:`npquant.calibrate.awq`)
   where ``1 / s`` folds into the model, then round to nearest; elsewhere
   round to nearest.
-- ``"awq+gptq"``: the same scales, then GPTQ on the scaled weights with the
-  Hessian of the scaled inputs; elsewhere GPTQ.
+- ``"awq+gptq"``: AWQ's scales, each point of its grid scored by the
+  error after GPTQ (:func:`~npquant.calibrate.awq.loss_after_gptq`: ``a = 0``
+  is GPTQ alone), then GPTQ on the scaled weights with the Hessian of the
+  scaled inputs; elsewhere GPTQ.
 
 **Where AWQ folds in a BERT encoder.** The model is post-LayerNorm: each
 LayerNorm's output is both the next linears' input *and* the residual added
@@ -65,10 +67,17 @@ import time
 import numpy as np
 
 from ..calibrate import calibration_texts, gptq, hessian_loss
-from ..calibrate.awq import DEFAULT_GRID, InputStats, scale_hessian, search_scale
+from ..calibrate.awq import (
+    DEFAULT_GRID,
+    InputStats,
+    loss_after_gptq,
+    scale_hessian,
+    search_scale,
+)
 from ..calibrate.refit import refit_scales
 from ..calibrate.target import CrossMoment, model_loss, model_target
 from ..errors import NpquantError
+from ..metrics import weight_error
 from ..quantize import quantize
 from ..schemes import Scheme
 from .awq_bert import SCALED_GROUPS, fold_scale
@@ -140,7 +149,9 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
     rows : list of dict per layer: ``name``, ``shape``, ``scheme``, ``tokens``, ``method``, ``rtn_loss``,
         ``loss`` (the method's; GPTQ methods also as ``gptq_loss``), both relative (module docstring),
         ``objective`` (GPTQ methods),
-        ``ratio`` (method / RTN), ``alpha`` (AWQ's exponent, None where unscaled), ``seconds``
+        ``ratio`` (method / RTN), ``alpha`` (AWQ's exponent, None where unscaled), ``seconds``; folded weights
+        (scaled ones, and value quantized again) also ``weight_error``, :func:`~npquant.metrics.weight_error`
+        against the folded float weight the codes stand for
     """
     if method not in CALIBRATED_METHODS:
         raise NpquantError(f"method={method!r} is not a calibrated method; expected one of {CALIBRATED_METHODS}")
@@ -208,9 +219,11 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
             names = [prefix + m + ".weight" for m in group]
             ws = [work.tensors[n] for n in names]
             found = None
-            if method != "gptq" and group[0] in SCALED_GROUPS:
-                found = search_scale(ws, stats.abs_mean(), h, schemes[names[0]], grid=grid, observer=observer) \
-                    if len({schemes[n] for n in names}) == 1 else None
+            if method != "gptq" and group[0] in SCALED_GROUPS and len({schemes[n] for n in names}) == 1:
+                scheme0 = schemes[names[0]]  # awq+gptq: each scale scored by the error after GPTQ
+                loss = loss_after_gptq(quantize_layer, ws, h, moments, scheme0) \
+                    if use_gptq and not scheme0.is_float else None
+                found = search_scale(ws, stats.abs_mean(), h, scheme0, grid=grid, observer=observer, loss=loss)
             h_q, moments_q = h, moments
             if found is not None:
                 value = prefix + SCALED_GROUPS[group[0]] + ".weight"  # the producer: value
@@ -220,6 +233,9 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
                     # (its float input is unchanged, and its float target is the folded rows: w = anchor)
                     work.tensors[value] = quantize_layer(folded[value], qkv_hessian, schemes[value], qkv_moments,
                                                          folded[value] if qkv_moments is not None else None)
+                    for row in rows:
+                        if row["name"] == value:  # the checkpoint's error column: against the folded weight
+                            row["weight_error"] = weight_error(folded[value], work.tensors[value])
                 ws_q = [folded[n] for n in names]
                 if use_gptq:  # the context as the folded, quantized value makes it
                     stats_q, moments_q = _gather(work, i, batches, prefix + group[0], float_inputs)
@@ -253,6 +269,8 @@ def calibrated_tensors(encoder, schemes, texts=None, *, method: str = "gptq", ob
                     if use_gptq:
                         row["gptq_loss"] = ours
                         row["objective"] = objective
+                    if found is not None:  # the checkpoint's error column: against the folded weight
+                        row["weight_error"] = weight_error(w_q, qt)
                     rows.append(row)
                 if progress is not None:
                     progress(name, done, total)
