@@ -381,6 +381,33 @@ def test_plan_measures_output_costs_and_its_checkpoint_matches_eval(tiny_dir, en
     assert [r["scheme"] for r in rows] == ["float32", "w4-g32", "plan.json gptq"]
 
 
+def test_plan_with_awq_gptq_measures_gptq_costs_and_quantize_runs_awq_gptq(tiny_dir, encoder, tmp_path, capsys):
+    # AWQ's scales depend on a group's schemes, which the plan chooses: its costs are GPTQ's (the same plan as
+    # --method gptq) and quantize --plan runs AWQ+GPTQ with the plan's schemes.
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts(40, seed=8)))
+    argv = ["--bits", "5.5", "--calibration", str(calib), "--schemes", "w4-g32,w8-channel"]
+    assert main(["plan", str(tiny_dir), *argv, "--method", "awq+gptq", "-o", str(tmp_path / "awq.json")]) == 0
+    assert main(["plan", str(tiny_dir), *argv, "--method", "gptq", "-o", str(tmp_path / "gptq.json")]) == 0
+    capsys.readouterr()
+    awq, plain = (json.loads((tmp_path / f).read_text()) for f in ("awq.json", "gptq.json"))
+    assert (awq["method"], awq["cost_method"], plain["method"], plain["cost_method"]) == ("awq+gptq", "gptq",
+                                                                                          "gptq", "gptq")
+    assert awq["layers"] == plain["layers"]
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_dir), "-o", str(out), "--plan", str(tmp_path / "awq.json"), "--calibration",
+                 str(calib), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rows if r["name"].startswith("bert.encoder")} == {"awq+gptq"}
+    mapping = {n[len("bert."):]: e["scheme"] for n, e in awq["layers"].items() if n.startswith("bert.")}
+    from npquant.calibrate import calibration_texts
+
+    want = encoder.quantized(mapping, method="awq+gptq", calibration=calibration_texts(calib))
+    loaded = npquant.load(out)
+    for name in mapping:
+        np.testing.assert_array_equal(loaded[f"bert.{name}"].codes, want.tensors[name].codes)
+
+
 def test_plan_defaults_to_gptq_where_npquant_runs_the_model(tiny_dir, tmp_path, capsys):
     # Issue: 'plan' without --method measured round-to-nearest costs, whose checkpoint keeps less than GPTQ's.
     calib = tmp_path / "calib.txt"

@@ -211,7 +211,7 @@ def test_plan_bad_input(tmp_path, capsys):
         (["--bits", "5", "--schemes", "w4-g128,nope"], "scheme='nope' is not a preset"),
         (["--bits", "-1"], "--bits must be a positive number"),
         (["--size", "0"], "--size must be a positive number of bytes"),
-        (["--bits", "5", "--method", "gptq"], "npquant runs BERT sentence encoders only"),
+        (["--bits", "5", "--method", "gptq"], "npquant runs BERT sentence encoders and Llama-family decoders"),
         (["--bits", "5", "--schemes", "w8-tensor"], "per-tensor int"),
     ]
     for argv, message in cases:

@@ -231,6 +231,13 @@ def test_cli_plan_measures_on_calibration_text_never_the_eval_text(decoder_dir, 
 def test_cli_plan_gptq_on_a_decoder_says_rtn(decoder_dir, tmp_path, capsys):
     _, raw, captured = plan_cli(decoder_dir, tmp_path, capsys, "--method", "gptq")
     assert "GPTQ costs are not measured for decoders" in captured.err and raw["method"] == "rtn"
+    assert raw["cost_method"] == "rtn"
+
+
+def test_cli_plan_awq_gptq_on_a_decoder_records_the_method_quantize_runs(decoder_dir, tmp_path, capsys):
+    _, raw, captured = plan_cli(decoder_dir, tmp_path, capsys, "--method", "awq+gptq")
+    assert "quantize --plan runs awq+gptq" in captured.err
+    assert (raw["method"], raw["cost_method"]) == ("awq+gptq", "rtn")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -34,7 +34,7 @@ import numpy as np
 from .errors import NpquantError
 from .schemes import Scheme, get_scheme
 
-__all__ = ["solve_budget", "layer_bytes", "budget_bytes", "check_budget", "fused_units", "PLAN_VERSION",
+__all__ = ["solve_budget", "layer_bytes", "budget_bytes", "check_budget", "fused_units", "PLAN_VERSION", "PLAN_METHODS",
            "DEFAULT_CANDIDATES", "DECODER_CANDIDATES", "DEFAULT_COST_TOKENS", "read_plan", "write_plan", "check_plan_path", "plan_schemes"]
 
 #: Candidate presets of ``npquant plan``: w4-g128, w4-g32, w8-channel and fp8-channel, plus the two
@@ -49,6 +49,9 @@ DECODER_CANDIDATES = ("w4-channel", "mxfp4", "w4-g128", "w4-g64", "nvfp4", "w4-g
 DEFAULT_COST_TOKENS = 128
 #: The ``version`` of the plan.json schema this module writes and reads.
 PLAN_VERSION = 1
+#: The methods a plan may record: what ``quantize --plan`` and ``eval --plan`` run (its ``cost_method``: how the
+#: costs were measured, RTN or GPTQ).
+PLAN_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 # A plan.json larger than this is not one of npquant's (a large model's is a few hundred KiB).
 _PLAN_MAX_BYTES = 64 << 20
 # Shards vLLM fuses into one module (a leaf module name -> the fused module's name): Llama-family q/k/v and
@@ -348,8 +351,9 @@ def read_plan(path) -> dict:
         shape = entry.get("shape")
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
             raise NpquantError(f"--plan {path}: layer {name!r} needs 'shape' [out, in] of positive ints, got {shape!r}")
-    if plan.get("method", "rtn") not in ("rtn", "gptq"):
-        raise NpquantError(f"--plan {path}: method must be 'rtn' or 'gptq', got {plan.get('method')!r}")
+    if plan.get("method", "rtn") not in PLAN_METHODS:
+        raise NpquantError(f"--plan {path}: method must be one of {', '.join(map(repr, PLAN_METHODS))}, got "
+                           f"{plan.get('method')!r}")
     return plan
 
 

@@ -160,7 +160,9 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
     """--method, --calibration, --max-samples, --observer (quantize, eval and plan)."""
     if plan_mode:
         method_help = ("how each candidate is measured and later quantized: rtn (round to nearest) or gptq "
-                       "(each layer GPTQ'd on its Hessian; 'npquant quantize --plan' then runs sequential GPTQ)")
+                       "(each layer GPTQ'd on its Hessian; 'npquant quantize --plan' then runs sequential GPTQ); "
+                       "awq and awq+gptq measure costs as rtn and gptq do and record the method, so that "
+                       "'npquant quantize --plan' runs AWQ's scales with the plan's schemes, then RTN or GPTQ")
     elif eval_mode:
         method_help = ("rtn: round to nearest; gptq, awq or awq+gptq: also run that method for each int scheme and "
                        "show it beside RTN (calibrated on --calibration, never on the evaluation sentences; awq: "
@@ -172,8 +174,7 @@ def add_method_arguments(parser, eval_mode: bool = False, plan_mode: bool = Fals
                        "can run); awq: activation-aware input scales folded into the norms and linears before "
                        "(the checkpoint stays an ordinary one), then round to nearest; awq+gptq: the scales "
                        "chosen for GPTQ, then GPTQ")
-    # plan costs its candidates by RTN or GPTQ; quantize and eval take every method.
-    methods = ["rtn", "gptq"] if plan_mode else ["rtn", "gptq", "awq", "awq+gptq"]
+    methods = ["rtn", "gptq", "awq", "awq+gptq"]
     default = ("gptq on BERT sentence encoders, whose costs npquant measures with it; rtn elsewhere"
                if plan_mode else "rtn")
     parser.add_argument("--method", choices=methods, default=None, help=f"{method_help} (default {default})")

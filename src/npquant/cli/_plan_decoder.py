@@ -41,9 +41,10 @@ def decoder_costs(args, model, config: dict, units: dict, candidates: dict, meth
     from ..plan import layer_bytes
     from ..safetensors_io import Checkpoint
 
-    if method == "gptq":
+    if method in ("gptq", "awq+gptq"):
+        then = "the plan records method rtn" if method == "gptq" else f"quantize --plan runs {method}"
         print("npquant plan: note: GPTQ costs are not measured for decoders yet: each unit is measured rounded to "
-              "nearest (RTN) and the plan records method rtn", file=sys.stderr)
+              f"nearest (RTN); {then}", file=sys.stderr)
     tokens = DEFAULT_COST_TOKENS if args.tokens is None else args.tokens
     if tokens < 2:
         raise NpquantError(f"--tokens must be at least 2 (one token to condition on, one to predict), got {tokens}")

@@ -126,19 +126,24 @@ def _plan(args, model, shown) -> int:
     sizes = check_budget(layers, candidates, budget, units)
     if args.tokens is not None and not decoder:
         raise NpquantError("--tokens is for decoders (Llama-family models), whose costs are measured on tokens")
-    if method == "gptq" and not (runnable or decoder):
-        raise NpquantError(f"--method gptq runs the model, and npquant runs BERT sentence encoders only; {shown} "
-                           f"has model_type {config.get('model_type')!r}: plan with --method rtn")
+    if method != "rtn" and not (runnable or decoder):
+        raise NpquantError(f"--method {method} runs the model, and npquant runs BERT sentence encoders and "
+                           f"Llama-family decoders; {shown} has model_type {config.get('model_type')!r}: plan with "
+                           f"--method rtn")
+    # AWQ's scales depend on the schemes of a whole group, which the plan is choosing: its costs are measured
+    # with the method AWQ runs after (GPTQ or RTN), and quantize --plan runs AWQ with the plan's schemes.
+    measured = {"awq": "rtn", "awq+gptq": "gptq"}.get(method, method)
     calibration, seconds, layer_cost = None, None, None
     if decoder:
         unit_cost, unit_bytes, cost_kind, calibration, seconds = decoder_costs(args, model, config, units,
                                                                                candidates, method)
-        method = "rtn"  # GPTQ costs are not measured for decoders (decoder_costs says so)
+        measured = "rtn"  # GPTQ costs are not measured for decoders (decoder_costs says so)
+        method = "rtn" if method == "gptq" else method
     else:
         if runnable:
             texts = calibration_texts(args)
             calibration = {"texts": len(texts), "file": args.calibration}
-            layer_cost, nbytes, cost_kind = _encoder_costs(model, layers, candidates, sizes, texts, method,
+            layer_cost, nbytes, cost_kind = _encoder_costs(model, layers, candidates, sizes, texts, measured,
                                                            args.observer)
         else:
             if args.calibration:
@@ -168,6 +173,7 @@ def _plan(args, model, shown) -> int:
         "version": PLAN_VERSION,
         "model": str(shown),
         "method": method,
+        "cost_method": measured,
         "observer": args.observer,
         "cost": cost_kind,
         "calibration": calibration,
