@@ -90,14 +90,16 @@ def linear(x, qt: QuantizedTensor | PreparedTensor, bias=None, backend: str = "a
     if isinstance(qt, QuantizedTensor) and qt.perm is not None:  # act-order groups: the stored weight is W[:, perm]
         x2 = x2[:, qt.perm]
         qt = qt.in_stored_order()
-    if backend == "numba":
-        y = _kernels().numba_linear(x2, qt)  # converts x2 to float32 itself; numpy's tiles where no kernel reads qt
-    elif qt.scheme.activations is not None:  # W8A8: x quantized per token, the exact reference
-        y = w8a8_reference(x2.astype(np.float32, copy=False), qt)
+    b32 = None if bias is None else bias if bias.dtype is _FLOAT32 else bias.astype(np.float32)
+    if backend == "numba":  # converts x2 to float32 itself; numpy's tiles where no kernel reads qt; adds the bias
+        y = _kernels().numba_linear(x2, qt, bias=b32)
     else:
-        y = numpy_linear(x2.astype(np.float32, copy=False), qt)
-    if bias is not None:
-        y += bias.astype(np.float32)
+        if qt.scheme.activations is not None:  # W8A8: x quantized per token, the exact reference
+            y = w8a8_reference(x2.astype(np.float32, copy=False), qt)
+        else:
+            y = numpy_linear(x2.astype(np.float32, copy=False), qt)
+        if b32 is not None:
+            y += b32
     return y if ndim == 2 else y.reshape(*x.shape[:-1], out_features)
 
 

@@ -229,13 +229,17 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
 
 
 def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
-                 threads: int | None = None, tile_k: int = _TILE_K) -> np.ndarray:
-    """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` for a floating ``x2 (M, I)``, by the kernel :data:`ROUTES` names.
+                 threads: int | None = None, tile_k: int = _TILE_K, bias: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` (``+ bias``) for a floating ``x2 (M, I)``, by the kernel
+    :data:`ROUTES` names.
 
     ``tile_elements`` bounds each float32 tile of the tiled paths;
     ``threads`` is the number of threads (default: :func:`default_threads`,
     one for small layers). A tensor no kernel reads (:func:`has_kernels`)
     goes through numpy's tiles (:func:`npquant.linear`'s ``"numpy"`` backend).
+    ``bias``: float32 ``(O,)`` or None, added to the float32 product: in the
+    int8 GEMM's epilogue (one pass over ``y`` less), else after the kernel;
+    the same sum either way.
     """
     out_features, in_features = qt.shape
     m_rows = x2.shape[0]
@@ -247,13 +251,16 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     if route.run is None:
         from ..linear_numpy import numpy_linear
 
-        return numpy_linear(x2, qt, tile_elements)
-    if qt.scheme.activations is not None:  # W8A8: x quantized per token inside the call, the runner's own output
-        return route.run(x2, qt, None, _Call(tile_elements, tile_k, threads))
-    # The kernels read x by whole lines; BLAS (larger batches) does not care, and
-    # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
-    x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
-    route.run(x2, qt, y, _Call(tile_elements, tile_k, threads))
+        y = numpy_linear(x2, qt, tile_elements)
+    elif qt.scheme.activations is not None:  # W8A8: x quantized per token inside the call, the runner's own output
+        return route.run(x2, qt, None, _Call(tile_elements, tile_k, threads, bias))
+    else:
+        # The kernels read x by whole lines; BLAS (larger batches) does not care, and
+        # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
+        x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
+        route.run(x2, qt, y, _Call(tile_elements, tile_k, threads))
+    if bias is not None:
+        y += bias
     return y
 
 
@@ -263,6 +270,7 @@ class _Call(NamedTuple):
     tile_elements: int
     tile_k: int
     threads: int | None
+    bias: np.ndarray | None = None  # float32 (O,): added by the W8A8 runners, in their epilogue or after
 
 
 def _cost(x2: np.ndarray, t) -> int:
@@ -455,12 +463,15 @@ def _run_w8a8_int8(x2, t, y, call) -> np.ndarray:
 
     p = t if isinstance(t, PreparedW8A8) else _w8a8_layout(t)
     weight = _w8a8.Int8Weight(p.packed, p.corr, p.w_scale, p.shape)
-    return _w8a8.w8a8_int8_linear(x2, weight, threads=call.threads)
+    return _w8a8.w8a8_int8_linear(x2, weight, call.bias, threads=call.threads)
 
 
 def _run_w8a8_reference(x2, t, y, call) -> np.ndarray:
     """:func:`npquant.linear_w8a8_apply.w8a8_reference`: no kernel for these W8A8 codes (fp8); returns ``y``."""
-    return w8a8_reference(x2, t)
+    y = w8a8_reference(x2, t)
+    if call.bias is not None:
+        y += call.bias
+    return y
 
 
 # --- the kernel choice ----------------------------------------------------------------------------------------
