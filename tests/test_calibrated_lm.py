@@ -387,6 +387,62 @@ def test_quantize_awq_writes_the_folded_model_that_load_reads(method, decoder_di
     np.testing.assert_array_equal(got, expect)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_smooth_writes_the_smoothed_model(method, decoder_dir, tmp_path, capsys):
+    # --smooth: the checkpoint holds smooth_decoder's norms, and its linears quantized from the smoothed weights
+    # (round to nearest, or GPTQ reading the smoothed model): run from the checkpoint, the logits of that model.
+    from safetensors.numpy import load_file
+
+    from npquant.models.causal_lm import CausalLM
+    from npquant.models.smooth_lm import smooth_decoder
+
+    lines = word_lines(40)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w8a8-int8", "--smooth", "0.5",
+                 "--method", method, "--calibration", str(calib), "--max-samples", "30", "--seq-len", "16"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    index = {w: i for i, w in enumerate(WORDS)}
+    windows = calibration_windows([index[w] for w in "\n".join(lines[:30]).split()], 16)
+    smoothed = smooth_decoder(CONFIG, tiny_weights(), windows, alpha=0.5)
+    source = {**tiny_weights(), **smoothed}
+    if method == "rtn":
+        want = {n: quantize(source[n], "w8a8-int8") for n in CausalLMConfig.from_json(CONFIG).linear_names()}
+    else:
+        want, _, _ = gptq_decoder(CONFIG, source, "w8a8-int8", windows)
+    loaded = npquant.load(out)
+    stored = load_file(str(out / "model.safetensors"))
+    for name, qt in want.items():
+        np.testing.assert_array_equal(loaded[name].codes, qt.codes)
+        np.testing.assert_array_equal(loaded[name].scale, qt.scale)
+    for name in smoothed:
+        if name.endswith("norm.weight"):
+            np.testing.assert_array_equal(stored[name], smoothed[name])
+    ids = np.asarray([windows[0][0, :12]])
+    floats = {n: t for n, t in stored.items() if n in tiny_weights()}
+    got = CausalLM(CONFIG, floats, quantized={n: loaded[n] for n in want}).logits(ids)
+    np.testing.assert_array_equal(got, CausalLM(CONFIG, source, quantized=want).logits(ids))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scheme", "w8a8-int8", "--smooth", "1.5"], "--smooth must be in [0, 1]"),
+    (["--scheme", "w4-g32", "--smooth", "0.5"], "--smooth is for W8A8 schemes"),
+    (["--scheme", "w8a8-int8", "--smooth", "0.5", "--method", "awq"], "--smooth takes --method rtn or gptq"),
+])
+def test_quantize_smooth_bad_input_is_one_line(decoder_dir, tmp_path, capsys, argv, message):
+    assert main(["quantize", str(decoder_dir), "-o", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_smooth_refuses_an_encoder(tmp_path, capsys):
+    assert main(["quantize", "-o", str(tmp_path / "out"), "--scheme", "w8a8-int8", "--smooth", "0.5"]) == 2
+    assert "--smooth runs on decoders" in capsys.readouterr().err
+
+
 def test_quantize_gptq_on_a_bfloat16_model_writes_rtns_scales(decoder_dir, tmp_path, capsys):
     # GPTQ's static scales are the engine's, made from the stored bfloat16 weight: the same scales (values and
     # dtype) as a round-to-nearest checkpoint of the same model.

@@ -284,6 +284,62 @@ def test_awq_rows_beside_rtn_match_a_brute_force_reference():
         assert row["bits_per_weight"] == rows[1]["bits_per_weight"]
 
 
+def test_smoothquant_rows_beside_w8a8_rtn_match_a_brute_force_reference():
+    from npquant.models.smooth_lm import smooth_decoder
+
+    weights = tiny_weights(seed=3)
+    batches = token_windows(ids_of(5, 75), context=16, batch_tokens=32)
+    calibration = [ids_of(21, (3, 24)), ids_of(22, (1, 9))]
+    rows = evaluate_lm(CONFIG, weights, batches, ["w8a8-int8", "w4-g32", "w8a8-fp8"], backend="numpy",
+                       calibration=calibration, smooth=0.5)
+    assert [(r["scheme"], r["method"]) for r in rows] == [
+        ("float32", None), ("w8a8-int8", "rtn"), ("w8a8-int8", "smoothquant"), ("w4-g32", "rtn"),
+        ("w8a8-fp8", "rtn"), ("w8a8-fp8", "smoothquant")]
+    smoothed = {**weights, **smooth_decoder(CONFIG, weights, calibration, alpha=0.5)}
+    for row in (rows[2], rows[5]):
+        qts = {n: npquant.quantize(smoothed[n], row["scheme"]) for n in CausalLMConfig.from_json(CONFIG).linear_names()}
+        ref = brute_force(CONFIG, weights, batches, row["scheme"], qts, q_weights=smoothed)
+        tol = 1e-5  # as in test_evaluate_matches_a_brute_force_float64_reference
+        assert row["alpha"] == 0.5 and row["mean_kl"] == pytest.approx(ref["mean_kl"], abs=tol)
+        assert row["perplexity"] == pytest.approx(ref["ppl"], rel=tol) and row["top1_agreement"] == ref["top1"]
+    with pytest.raises(NpquantError, match="smooth is for W8A8 schemes"):
+        evaluate_lm(CONFIG, weights, batches, ["w4-g32"], calibration=calibration, smooth=0.5)
+    with pytest.raises(NpquantError, match="smooth needs calibration windows"):
+        evaluate_lm(CONFIG, weights, batches, ["w8a8-int8"], smooth=0.5)
+
+
+def test_cli_decoder_smooth_rows_and_refusals(decoder_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    rng = np.random.default_rng(30)
+    calib.write_text("\n".join(" ".join(WORDS[i] for i in rng.integers(1, len(WORDS), 12)) for _ in range(20)))
+    text = words_file(tmp_path, 50)
+    argv = ["eval", str(decoder_dir), "--text", str(text), "--context", "16", "--scheme", "w8a8-int8",
+            "--calibration", str(calib), "--backend", "numpy"]
+    assert main([*argv, "--smooth", "0.5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["scheme"], r["method"]) for r in rows] == [("float32", None), ("w8a8-int8", "rtn"),
+                                                          ("w8a8-int8", "smoothquant")]
+    assert main([*argv, "--smooth", "0.5"]) == 0
+    assert "SmoothQuant (alpha 0.5) calibrated on 240 tokens" in " ".join(capsys.readouterr().out.split())
+    for extra, message in ((["--smooth", "1.5"], "--smooth must be in [0, 1]"),
+                           (["--smooth", "0.5", "--scheme", "w4-g32"], None),
+                           ([], "--calibration and --max-samples are for a calibrated --method or --smooth")):
+        code = main([*argv, *extra])
+        err = capsys.readouterr().err
+        if message is None:
+            assert code == 0
+        else:
+            assert code == 2 and message in err, err
+    argv_no_w8a8 = [a if a != "w8a8-int8" else "w4-g32" for a in argv]
+    assert main([*argv_no_w8a8, "--smooth", "0.5"]) == 2
+    assert "--smooth is for W8A8 schemes" in capsys.readouterr().err
+
+
+def test_cli_encoder_refuses_smooth(capsys):
+    assert main(["eval", "--scheme", "w8a8-int8", "--smooth", "0.5"]) == 2
+    assert "--smooth is for decoders" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "gptq"}, r"method='gptq' needs calibration windows"),
     ({"method": "rtn", "calibration": [np.zeros((1, 4), np.int64)]}, r"calibration windows are for a calibrated"),
@@ -553,7 +609,7 @@ def test_cli_gguf_model(tmp_path, capsys):
     (["--method", "gptq", "--max-samples", "0"], r"--max-samples must be at least 1"),
     (["--method", "gptq", "--calibration", "TEXT"], r"1 calibration text of .* also occur in --text"),
     (["--sentences", "x.txt"], r"--sentences is not available for decoders yet; a decoder reads --text FILE"),
-    (["--observer", "mse"], r"--calibration, --max-samples, --observer and --objective are for a calibrated --method"),
+    (["--observer", "mse"], r"--observer and --objective are for a calibrated --method"),
     (["--objective", "layer"], r"--observer and --objective are for a calibrated --method"),
     (["--method", "awq", "--objective", "layer"], r"--objective is for the GPTQ methods"),
     (["--batch-size", "4"], r"--batch-size is not available for decoders yet"),

@@ -240,7 +240,7 @@ def perplexity(log_probs) -> float:
 # --- the evaluation --------------------------------------------------------------------------------------
 def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto", progress=None,
                 method: str = "rtn", calibration=None, observer: str = "minmax",
-                objective: str | None = None) -> list[dict]:
+                objective: str | None = None, smooth: float | None = None) -> list[dict]:
     """Run the float32 decoder and, per scheme, its linear layers rounded to nearest, on the same windows.
 
     With a calibrated ``method``, each int scheme also gets a row with its
@@ -272,6 +272,9 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     observer : {"minmax", "mse"}, GPTQ's block ranges
     objective : {"layer", "model"} or None (the model's default), what GPTQ reproduces
         (:func:`~npquant.models.calibrated_lm.gptq_decoder`)
+    smooth : float in [0, 1] or None: SmoothQuant's ``alpha``; each W8A8 scheme also gets a row (method
+        ``"smoothquant"``) rounded to nearest after the model is smoothed on the ``calibration`` windows
+        (:func:`~npquant.models.smooth_lm.smooth_decoder`)
 
     Returns
     -------
@@ -288,12 +291,16 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
     batches = _check_batches(batches)
     if method not in LM_METHODS:
         raise NpquantError(f"method={method!r} is not known; expected one of {LM_METHODS}")
-    if method != "rtn":
+    if method != "rtn" or smooth is not None:
         if calibration is None:
-            raise NpquantError(f"method={method!r} needs calibration windows (calibration=[int (B, T) arrays])")
+            what = f"method={method!r}" if method != "rtn" else "smooth"
+            raise NpquantError(f"{what} needs calibration windows (calibration=[int (B, T) arrays])")
         calibration = _check_batches(calibration, "calibration", min_tokens=1)
     elif calibration is not None:
-        raise NpquantError("calibration windows are for a calibrated method (gptq, awq, awq+gptq)")
+        raise NpquantError("calibration windows are for a calibrated method (gptq, awq, awq+gptq) or smooth")
+    if smooth is not None and not any(scheme.activations for _, scheme in resolved):
+        raise NpquantError("smooth is for W8A8 schemes (w8a8-int8, w8a8-fp8), whose activations are quantized: "
+                           "none was given")
     reference = CausalLM(cfg, weights, backend=backend)
     names = cfg.linear_names()
     shapes = cfg.tensor_shapes()
@@ -319,10 +326,11 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
              "perplexity": float_ppl, "perplexity_ratio": 1.0, "mean_kl": 0.0, "top1_agreement": 1.0,
              "left_float": {}, "layers": len(names)}]
 
-    runs = [(label, scheme, "rtn") for label, scheme in resolved]
-    if method != "rtn":
-        runs = [run for label, scheme in resolved
-                for run in [(label, scheme, "rtn")] + ([(label, scheme, method)] if not scheme.is_float else [])]
+    runs = [run for label, scheme in resolved
+            for run in [(label, scheme, "rtn")] + ([(label, scheme, method)] if method != "rtn" and not scheme.is_float
+                                                   else [])
+            + ([(label, scheme, "smoothquant")] if smooth is not None and scheme.activations else [])]
+    smoothed = None
     for label, scheme, how in runs:
         stored: dict[str, int] = {}  # weight name -> bytes of its quantized form
         left: dict[str, str] = {}  # weight name -> why it stays float32
@@ -339,6 +347,13 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
                                                        observer=observer, objective=objective, progress=tick)
             stored = {name: qt.nbytes for name, qt in quantized.items()}
             model = CausalLM(cfg, _overlay(weights, replaced), quantized=quantized, backend=backend)
+        elif how == "smoothquant":
+            if smoothed is None:  # once for every W8A8 scheme: the float model smoothed
+                from .models.smooth_lm import smooth_decoder
+
+                smoothed = smooth_decoder(cfg, weights, calibration, alpha=smooth)
+            model = CausalLM(cfg, _overlay(weights, smoothed), quantizer=_rtn(scheme, backend, stored, left),
+                             backend=backend)
         else:
             model = CausalLM(cfg, weights, quantizer=_rtn(scheme, backend, stored, left), backend=backend)
         lp_sum = kl_sum = same = 0.0
@@ -354,7 +369,8 @@ def evaluate_lm(config, weights, batches, schemes=None, *, backend: str = "auto"
                 progress(label if how == "rtn" else f"{label} {how.upper()}", len(t))
         nbytes = sum(stored.values()) + sum(4 * shapes[n][0] * shapes[n][1] for n in left)
         ppl = math.exp(-lp_sum / n_tokens)
-        rows.append({"scheme": label, "method": how, "bits_per_weight": 8.0 * nbytes / n_weights,
+        rows.append({"scheme": label, "method": how, **({"alpha": smooth} if how == "smoothquant" else {}),
+                     "bits_per_weight": 8.0 * nbytes / n_weights,
                      "tokens": n_tokens, "perplexity": ppl, "perplexity_ratio": ppl / float_ppl,
                      "mean_kl": kl_sum / n_tokens, "top1_agreement": same / n_tokens,
                      "left_float": dict(left), "layers": len(names)})

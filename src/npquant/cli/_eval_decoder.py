@@ -44,16 +44,25 @@ def run_decoder(args) -> int:
         flag = encoder_only[0][0]
         hint = "; a decoder reads --text FILE" if flag == "--sentences" else ""
         raise NpquantError(f"{flag} is not available for decoders yet{hint}")
-    if method == "rtn" and (args.calibration or args.max_samples is not None or args.observer is not None
-                            or getattr(args, "objective", None) is not None):
-        raise NpquantError("--calibration, --max-samples, --observer and --objective are for a calibrated --method "
-                           "(decoders are rounded to nearest with the minmax observer)")
+    smooth = getattr(args, "smooth", None)
+    if smooth is not None and not 0 <= smooth <= 1:
+        raise NpquantError(f"--smooth must be in [0, 1] (SmoothQuant's migration strength; 0.5 its default), got "
+                           f"{smooth}")
+    if method == "rtn" and (args.observer is not None or getattr(args, "objective", None) is not None):
+        raise NpquantError("--observer and --objective are for a calibrated --method (decoders are rounded to "
+                           "nearest with the minmax observer)")
+    if method == "rtn" and smooth is None and (args.calibration or args.max_samples is not None):
+        raise NpquantError("--calibration and --max-samples are for a calibrated --method or --smooth (decoders "
+                           "are rounded to nearest)")
     if method == "awq" and getattr(args, "objective", None) is not None:
         raise NpquantError("--objective is for the GPTQ methods (--method gptq or awq+gptq)")
-    texts = calibration_texts(args) if method != "rtn" else None  # a bad file is refused before the model
+    texts = calibration_texts(args) if method != "rtn" or smooth is not None else None  # refused before the model
     labels = args.scheme or list(DEFAULT_LM_SCHEMES)
     for label in labels:
         get_scheme(label)  # unknown presets, before the model is read
+    if smooth is not None and not any(get_scheme(label).activations for label in labels):
+        raise NpquantError("--smooth is for W8A8 schemes, whose activations are quantized: add --scheme w8a8-int8 "
+                           "or --scheme w8a8-fp8")
     if args.context is not None and args.context < 2:
         raise NpquantError(f"--context must be at least 2 tokens (one to condition on, one to predict), "
                            f"got {args.context}")
@@ -82,7 +91,9 @@ def run_decoder(args) -> int:
             seq_len = DEFAULT_SEQ_LEN if limit is None else min(DEFAULT_SEQ_LEN, limit)
             calib_ids = tokenizer.encode("\n".join(texts), add_special_tokens=False).ids
             calibration = calibration_windows(calib_ids, seq_len)
-            facts["calibration"] = (f"{method.upper()} calibrated on {len(calib_ids):,} tokens of "
+            what = " and ".join(([method.upper()] if method != "rtn" else []) + (
+                [f"SmoothQuant (alpha {smooth})"] if smooth is not None else []))
+            facts["calibration"] = (f"{what} calibrated on {len(calib_ids):,} tokens of "
                                     f"{args.calibration or 'the built-in calibration text'} ({len(texts)} texts) in "
                                     f"windows of up to {seq_len}, disjoint from the evaluation text")
         n_windows = sum(b.shape[0] for b in batches)
@@ -102,10 +113,11 @@ def run_decoder(args) -> int:
                 + "; --objective layer|model)")
         start = time.monotonic()
         n_gptq = sum(1 for label in labels if not get_scheme(label).is_float) if method != "rtn" else 0
-        with Progress((1 + len(labels) + n_gptq) * n_scored, "scoring", unit="steps") as bar:
+        n_smooth = sum(1 for label in labels if get_scheme(label).activations) if smooth is not None else 0
+        with Progress((1 + len(labels) + n_gptq + n_smooth) * n_scored, "scoring", unit="steps") as bar:
             rows = evaluate_lm(config, weights, batches, labels, backend=args.backend,
                                progress=lambda label, n: bar(label, n), method=method, calibration=calibration,
-                               observer=args.observer or "minmax", objective=objective)
+                               observer=args.observer or "minmax", objective=objective, smooth=smooth)
         seconds = time.monotonic() - start
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))

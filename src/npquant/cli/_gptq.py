@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import NpquantError
 from ._common import Progress, calibration_texts, encoder_name, model_tokenizer
 
-__all__ = ["calibrate_checkpoint", "check_plan_fits", "check_gptq_schemes", "decoder_windows"]
+__all__ = ["calibrate_checkpoint", "check_plan_fits", "check_gptq_schemes", "decoder_windows", "smooth_checkpoint"]
 
 
 def check_plan_fits(plan, model, plan_path) -> None:
@@ -49,14 +49,34 @@ def check_gptq_schemes(scheme, args, model=None) -> None:
                            f"which are rounded to nearest: use --method rtn")
 
 
-def calibrate_checkpoint(model, scheme, args):
+def smooth_checkpoint(model, args) -> dict:
+    """SmoothQuant's float tensors for a decoder directory (:func:`~npquant.models.smooth_lm.smooth_decoder`), on
+    the calibration text in windows of ``--seq-len``; a BERT encoder is refused (nothing folds there)."""
+    from ..models.smooth_lm import smooth_decoder
+    from ..safetensors_io import Checkpoint
+
+    root = Path(model)
+    with Checkpoint(root) as ckpt:
+        config = ckpt.config if isinstance(ckpt.config, dict) else {}
+        if not (root.is_dir() and _is_decoder(config)):
+            raise NpquantError(f"--smooth runs on decoders (Llama, Mistral, Qwen2, Qwen3); {model} is not one (a "
+                               f"post-LayerNorm BERT's norms also feed the residual: SmoothQuant has nowhere to fold)")
+        windows = decoder_windows(root, config, args, calibration_texts(args))
+        with Progress(1, f"on {sum(w.size for w in windows):,} tokens", unit="steps", prefix="SmoothQuant ") as bar:
+            out = smooth_decoder(config, _unmapped(ckpt), windows, alpha=args.smooth)
+            bar("done", 1)
+    return out
+
+
+def calibrate_checkpoint(model, scheme, args, smoothed=None):
     """``(quantized, rows, replaced)`` of ``args.method`` (gptq, awq, awq+gptq) on a BERT encoder or a decoder.
 
     ``quantized``: QuantizedTensors keyed by the checkpoint's tensor names;
     ``rows``: the method's per-layer rows (same names); ``replaced``: float32
     arrays by checkpoint name that AWQ's folds changed (norm weights, the
     producers' biases; empty for GPTQ), written in place of the checkpoint's.
-    ``scheme``: one Scheme, or ``{checkpoint tensor name: Scheme}`` (a plan's).
+    ``scheme``: one Scheme, or ``{checkpoint tensor name: Scheme}`` (a plan's). ``smoothed``: a decoder's
+    float tensors by checkpoint name that stand in for the checkpoint's (:func:`smooth_checkpoint`), or None.
     """
     from ..models import SentenceEncoder
     from ..safetensors_io import Checkpoint
@@ -72,7 +92,7 @@ def calibrate_checkpoint(model, scheme, args):
             raise NpquantError(f"{root / 'config.json'} is not valid JSON: {exc}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if root.is_dir() and _is_decoder(config):
-        return _calibrate_decoder(root, config, scheme, args)
+        return _calibrate_decoder(root, config, scheme, args, smoothed or {})
     if getattr(args, "seq_len", None) is not None:
         raise NpquantError("--seq-len is for decoders (Llama, Mistral, Qwen2, Qwen3): a sentence encoder is "
                            "calibrated on whole sentences")
@@ -145,7 +165,7 @@ def decoder_windows(root: Path, config: dict, args, texts: list[str]):
     return calibration_windows(ids, seq_len)
 
 
-def _calibrate_decoder(root: Path, config: dict, scheme, args):
+def _calibrate_decoder(root: Path, config: dict, scheme, args, smoothed: dict):
     """Sequential GPTQ of a decoder directory: its quantized tensors by checkpoint name, and GPTQ's rows."""
     from ..checkpoints import select_layers
     from ..checkpoints.writer import _stored_scheme
@@ -177,18 +197,19 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args):
                       prefix=f"{_label(args.method)} ") as bar:
             step = lambda name, done, n: bar(name.removesuffix(".weight"), 1)
             objective = getattr(args, "objective", None)
+            source = _unmapped(ckpt, smoothed)
             if args.method == "gptq":
-                quantized, rows, _ = gptq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
+                quantized, rows, _ = gptq_decoder(ckpt.config, source, schemes, windows,
                                                   observer=args.observer, objective=objective, progress=step)
                 replaced = {}
             else:
-                quantized, replaced, rows, _ = awq_decoder(ckpt.config, _unmapped(ckpt), schemes, windows,
+                quantized, replaced, rows, _ = awq_decoder(ckpt.config, source, schemes, windows,
                                                            method=args.method, observer=args.observer,
                                                            objective=objective, progress=step)
     return quantized, rows, replaced
 
 
-def _unmapped(ckpt):
+def _unmapped(ckpt, replaced=None):
     """A tensor source that reads each tensor of ``ckpt`` with one file read, not through its memory map.
 
     GPTQ reads every weight of the model several times while a Hessian of up
@@ -202,6 +223,8 @@ def _unmapped(ckpt):
     import numpy as np
 
     def read(name: str):
+        if replaced and name in replaced:  # SmoothQuant's tensors, in place of the checkpoint's
+            return replaced[name]
         t = ckpt.tensors[name]  # a KeyError for a missing tensor: CausalLM names it
         if t.code.startswith("F8"):
             return t.read()

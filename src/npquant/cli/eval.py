@@ -73,6 +73,11 @@ def add_parser(sub) -> None:
                     help="encoders: also evaluate a size plan from 'npquant plan' (repeatable), beside the "
                          "presets; its rows are labelled by the plan's file name")
     add_method_arguments(ev, eval_mode=True)
+    ev.add_argument("--smooth", type=float, metavar="ALPHA",
+                    help="decoders, W8A8 schemes: also a row with the model smoothed first (SmoothQuant: each "
+                         "input channel of q/k/v and gate/up divided by max|x|^ALPHA / max|W|^(1-ALPHA), measured "
+                         "on the calibration text, folded into the RMSNorm before it); 0.5 is SmoothQuant's "
+                         "default")
     ev.set_defaults(run=run)
 
 
@@ -118,6 +123,9 @@ def run(args) -> int:
         from ._eval_decoder import run_decoder
 
         return run_decoder(args)
+    if args.smooth is not None:
+        raise NpquantError("--smooth is for decoders: a BERT encoder is post-LayerNorm, its norms' outputs are also "
+                           "the residual, so SmoothQuant's scales have nowhere to fold (docs/formats.md)")
     used = [flag for flag, value in (("--text", args.text), ("--max-tokens", args.max_tokens),
                                      ("--context", args.context)) if value is not None]
     if used:

@@ -77,6 +77,11 @@ def add_parser(sub) -> None:
                     help="decoders with a calibrated --method: tokens per calibration window (default 512, or the model's "
                          "max_position_embeddings where that is less); the calibration texts are joined by "
                          "newlines and cut into windows of N tokens")
+    qz.add_argument("--smooth", type=float, metavar="ALPHA",
+                    help="decoders, W8A8 schemes: smooth the model first (SmoothQuant: each input channel of "
+                         "q/k/v and gate/up divided by max|x|^ALPHA / max|W|^(1-ALPHA), measured on the "
+                         "calibration text, folded into the RMSNorm before it; the checkpoint holds the smoothed "
+                         "norms); with --method rtn or gptq; 0.5 is SmoothQuant's default")
     qz.set_defaults(run=run)
 
 
@@ -168,10 +173,13 @@ def run(args) -> int:
     args.method = args.method or "rtn"
     args.observer = args.observer or "minmax"
     calibrated_method = args.method != "rtn"
-    if not calibrated_method and (args.calibration or args.max_samples):
-        raise NpquantError("--calibration and --max-samples are for --method gptq, awq or awq+gptq")
-    if not calibrated_method and args.seq_len is not None:
-        raise NpquantError("--seq-len is for --method gptq, awq or awq+gptq on decoders")
+    smooth = getattr(args, "smooth", None)
+    if smooth is not None:
+        _check_smooth(smooth, args, scheme)
+    if not calibrated_method and smooth is None and (args.calibration or args.max_samples):
+        raise NpquantError("--calibration and --max-samples are for --method gptq, awq or awq+gptq, or --smooth")
+    if not calibrated_method and smooth is None and args.seq_len is not None:
+        raise NpquantError("--seq-len is for --method gptq, awq or awq+gptq on decoders, or --smooth")
     if args.seq_len is not None and args.seq_len < 1:
         raise NpquantError(f"--seq-len must be at least 1 token per calibration window, got {args.seq_len}")
     if args.method not in ("gptq", "awq+gptq") and getattr(args, "objective", None) is not None:
@@ -185,7 +193,7 @@ def run(args) -> int:
     check_output(model, args.out, force=args.force)
     if not is_gguf(model):
         return _quantize(args, model, scheme, plan)
-    if calibrated_method:
+    if calibrated_method or smooth is not None:
         from ._common import calibration_texts
 
         calibration_texts(args)  # a bad --calibration file is refused before the conversion
@@ -201,6 +209,18 @@ def run(args) -> int:
         return _quantize(args, conversion.out, scheme, plan, conversion)
 
 
+def _check_smooth(smooth: float, args, scheme) -> None:
+    """Refuse --smooth where it cannot run, before any work."""
+    if not 0 <= smooth <= 1:
+        raise NpquantError(f"--smooth must be in [0, 1] (SmoothQuant's migration strength; 0.5 its default), got "
+                           f"{smooth}")
+    if args.method not in ("rtn", "gptq"):
+        raise NpquantError(f"--smooth takes --method rtn or gptq: {args.method}'s scales fold into the same norms")
+    schemes = scheme.values() if isinstance(scheme, dict) else [scheme]
+    if not any(s.activations for s in schemes):
+        raise NpquantError("--smooth is for W8A8 schemes (w8a8-int8, w8a8-fp8), whose activations are quantized")
+
+
 def _quantize(args, model, scheme, plan, conversion=None) -> int:
     """Quantize the safetensors checkpoint ``model`` (``conversion``: the GGUF conversion it came from, or None)."""
     from .. import render
@@ -214,8 +234,13 @@ def _quantize(args, model, scheme, plan, conversion=None) -> int:
         refuse_quantized(ckpt)
         total = ckpt.nbytes
     calibrated, gptq_rows, replaced = {}, None, {}
+    if getattr(args, "smooth", None) is not None:
+        from ._gptq import smooth_checkpoint
+
+        replaced = smooth_checkpoint(model, args)
     if args.method != "rtn":
-        calibrated, gptq_rows, replaced = calibrate_checkpoint(model, scheme, args)
+        calibrated, gptq_rows, folded = calibrate_checkpoint(model, scheme, args, replaced)
+        replaced = {**replaced, **folded}
     with Progress(total, "writing" if calibrated else "quantizing") as progress:
         summary = quantize_checkpoint(model, args.out, scheme, include=args.include, exclude=args.exclude,
                                       force=args.force, workers=args.workers, progress=progress,
