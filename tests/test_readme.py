@@ -124,7 +124,8 @@ def _lighter(cmd: tuple[str, ...]) -> tuple[str, ...]:
     """
     if _subcommand(cmd) == "plan" and "--schemes" not in cmd:
         cmd += ("--schemes", FEW_SCHEMES)
-    calibrates = _subcommand(cmd) == "plan" or "gptq" in cmd or "--plan" in cmd
+    calibrates = (_subcommand(cmd) == "plan" or any(t in ("gptq", "awq", "awq+gptq") for t in cmd) or "--plan" in cmd
+                  or "--smooth" in cmd)
     return cmd + ("--max-samples", FEW_SAMPLES) if calibrates and "--max-samples" not in cmd else cmd
 
 
