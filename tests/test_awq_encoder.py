@@ -125,29 +125,12 @@ def test_awq_scales_the_attention_output_on_inputs_from_the_quantized_layers_bef
     np.testing.assert_array_equal(q.tensors[p + "attention.self.value.weight"].codes, expect_v.codes)
 
 
-def test_awq_gptq_model_objective_targets_the_value_quantized_again(encoder, monkeypatch):
+def test_awq_gptq_model_objective_targets_the_value_quantized_again(encoder, model_target_calls):
     # Value is quantized before the attention output's scale folds into its rows; quantized again, it too must
     # round its float target (one model_target call), not its folded weight.
     from npquant.models import calibrated
 
-    calls = []
-    searching = []  # the scale search runs GPTQ (and model_target) once per point of its grid: not counted
-    real, real_search = calibrated.model_target, calibrated.search_scale
-
-    def search(*a, **k):
-        searching.append(1)
-        try:
-            return real_search(*a, **k)
-        finally:
-            searching.pop()
-
-    def target(*a, **k):
-        if not searching:
-            calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(calibrated, "search_scale", search)
-    monkeypatch.setattr(calibrated, "model_target", target)
+    calls = model_target_calls(calibrated)
     q = encoder.quantized("w4-g32", method="awq+gptq", calibration=texts(40, seed=1), objective="model")
     scaled = [r for r in q.layer_report if r["alpha"]]
     assert scaled  # the test needs a value quantized again

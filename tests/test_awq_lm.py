@@ -190,7 +190,7 @@ def test_awq_gptq_with_the_model_objective_keeps_the_model(arch, extra):
     assert error("model") < error("layer")  # a fact of this model, on its calibration windows
 
 
-def test_awq_gptq_model_objective_targets_the_producers_quantized_again(monkeypatch):
+def test_awq_gptq_model_objective_targets_the_producers_quantized_again(model_target_calls):
     # v_proj and up_proj are quantized before o_proj's and down_proj's scales fold into their rows; quantized
     # again, they too must round their float target (one model_target call each), not their folded weight.
     from npquant import Scheme
@@ -199,25 +199,7 @@ def test_awq_gptq_model_objective_targets_the_producers_quantized_again(monkeypa
     config, weights = tiny(hidden_size=32, intermediate_size=48, head_dim=8)
     weights = loud(config, weights)
     windows = [np.random.default_rng(3).integers(0, 32, (4, 12))]
-    calls = []
-    searching = []  # the scale search runs GPTQ (and model_target) once per point of its grid: not counted
-    real = awq_calibrated_lm.model_target
-    real_search = awq_calibrated_lm.search_scale
-
-    def search(*a, **k):
-        searching.append(1)
-        try:
-            return real_search(*a, **k)
-        finally:
-            searching.pop()
-
-    monkeypatch.setattr(awq_calibrated_lm, "search_scale", search)
-    def target(*a, **k):
-        if not searching:
-            calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(awq_calibrated_lm, "model_target", target)
+    calls = model_target_calls(awq_calibrated_lm)
     _, _, rows, _ = awq_calibrated_lm.awq_decoder(config, weights, Scheme("int", 4, "group", 16), windows,
                                                    method="awq+gptq", objective="model")
     refolded = [r for r in rows if r["alpha"] and r["name"].endswith(("o_proj.weight", "down_proj.weight"))]
