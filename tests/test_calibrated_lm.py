@@ -342,6 +342,18 @@ def test_quantize_gptq_writes_a_checkpoint_that_loads_with_its_config_and_tokeni
     assert code == 0 and "GPTQ per layer" in printed and "8 layers quantized" in printed
 
 
+def quantize_on_word_lines(decoder_dir, tmp_path, capsys, *argv):
+    """``npquant quantize decoder_dir -o tmp_path/out *argv`` calibrated on the first 30 of 40 word lines in windows of
+    16: ``(exit code, captured output, the calibration windows made by hand as the CLI makes them)``."""
+    lines = word_lines(40)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(lines) + "\n")
+    code = main(["quantize", str(decoder_dir), "-o", str(tmp_path / "out"), *argv, "--calibration", str(calib),
+                 "--max-samples", "30", "--seq-len", "16"])
+    index = {w: i for i, w in enumerate(WORDS)}
+    return code, capsys.readouterr(), calibration_windows([index[w] for w in "\n".join(lines[:30]).split()], 16)
+
+
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_quantize_awq_writes_the_folded_model_that_load_reads(method, decoder_dir, tmp_path, capsys):
     # The checkpoint holds awq_decoder's codes and scales, and the float tensors its folds changed (norm weights)
@@ -351,21 +363,14 @@ def test_quantize_awq_writes_the_folded_model_that_load_reads(method, decoder_di
     from npquant.models.awq_calibrated_lm import awq_decoder
     from npquant.models.causal_lm import CausalLM
 
-    lines = word_lines(40)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(lines) + "\n")
+    code, captured, windows = quantize_on_word_lines(decoder_dir, tmp_path, capsys, "--scheme", "w4-g32",
+                                                     "--method", method, "--json")
     out = tmp_path / "out"
-    code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w4-g32", "--method", method,
-                 "--calibration", str(calib), "--max-samples", "30", "--seq-len", "16", "--json"])
-    captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = json.loads(captured.out)
     assert len(rows) == 14 and all(r["method"] == method for r in rows)
     assert any(r["awq_alpha"] for r in rows)
-    index = {w: i for i, w in enumerate(WORDS)}
-    ids = [index[w] for w in "\n".join(lines[:30]).split()]
-    want, replaced, want_rows, _ = awq_decoder(CONFIG, tiny_weights(), "w4-g32", calibration_windows(ids, 16),
-                                               method=method)
+    want, replaced, want_rows, _ = awq_decoder(CONFIG, tiny_weights(), "w4-g32", windows, method=method)
     assert replaced and all(n.endswith(("norm.weight", "v_proj.bias")) for n in replaced)  # weights are quantized
     loaded = npquant.load(out)
     stored = load_file(str(out / "model.safetensors"))
@@ -381,7 +386,7 @@ def test_quantize_awq_writes_the_folded_model_that_load_reads(method, decoder_di
         if "weight_error" in r:
             assert by[r["name"]]["rel_error"] == r["weight_error"][0]
     float_tensors = {n: t for n, t in stored.items() if n in tiny_weights()}
-    x = np.asarray([ids[:12]])
+    x = np.asarray([windows[0][0, :12]])
     got = CausalLM(CONFIG, float_tensors, quantized={n: loaded[n] for n in want}).logits(x)
     expect = CausalLM(CONFIG, {**tiny_weights(), **replaced}, quantized=want).logits(x)
     np.testing.assert_array_equal(got, expect)
@@ -396,16 +401,10 @@ def test_quantize_smooth_writes_the_smoothed_model(method, decoder_dir, tmp_path
     from npquant.models.causal_lm import CausalLM
     from npquant.models.smooth_lm import smooth_decoder
 
-    lines = word_lines(40)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(lines) + "\n")
+    code, captured, windows = quantize_on_word_lines(decoder_dir, tmp_path, capsys, "--scheme", "w8a8-int8",
+                                                     "--smooth", "0.5", "--method", method)
     out = tmp_path / "out"
-    code = main(["quantize", str(decoder_dir), "-o", str(out), "--scheme", "w8a8-int8", "--smooth", "0.5",
-                 "--method", method, "--calibration", str(calib), "--max-samples", "30", "--seq-len", "16"])
-    captured = capsys.readouterr()
     assert code == 0, captured.err
-    index = {w: i for i, w in enumerate(WORDS)}
-    windows = calibration_windows([index[w] for w in "\n".join(lines[:30]).split()], 16)
     smoothed = smooth_decoder(CONFIG, tiny_weights(), windows, alpha=0.5)
     source = {**tiny_weights(), **smoothed}
     if method == "rtn":

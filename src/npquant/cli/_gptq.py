@@ -124,14 +124,10 @@ def calibrate_checkpoint(model, scheme, args, smoothed=None):
 def _run_calibrated(encoder, scheme, texts, observer, objective="model", method="gptq"):
     """``encoder.quantized(scheme, method, ...)`` with a progress bar per layer on a terminal."""
     total = len(scheme) if isinstance(scheme, dict) else len(encoder.linear_names())
-    with Progress(total, f"on {len(texts)} texts", unit="steps", prefix=f"{_label(method)} ") as bar:
+    with Progress(total, f"on {len(texts)} texts", unit="steps", prefix=f"{method.upper()} ") as bar:
         return encoder.quantized(scheme, method, texts, observer=observer, objective=objective,
                                  progress=lambda name, done, total: bar(name.removesuffix(".weight"), 1))
 
-
-def _label(method: str) -> str:
-    """The progress bar's prefix: GPTQ, AWQ, AWQ+GPTQ."""
-    return method.upper()
 
 
 def _architectures() -> tuple[str, ...]:
@@ -194,7 +190,7 @@ def _calibrate_decoder(root: Path, config: dict, scheme, args, smoothed: dict):
                                f"scheme or --include/--exclude left none; use --method rtn")
         total = len(schemes)
         with Progress(total, f"on {tokens:,} tokens in windows of up to {windows[0].shape[1]}", unit="steps",
-                      prefix=f"{_label(args.method)} ") as bar:
+                      prefix=f"{args.method.upper()} ") as bar:
             step = lambda name, done, n: bar(name.removesuffix(".weight"), 1)
             objective = getattr(args, "objective", None)
             source = _unmapped(ckpt, smoothed)
