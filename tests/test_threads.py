@@ -245,6 +245,36 @@ def test_kernel_plan_follows_its_tensor(where):
     assert kernels._plan(nv)[3] is None
 
 
+def test_nonlinear_kernels_on_threads_change_no_bit(where, monkeypatch):
+    # GELU, residual LayerNorm and softmax share a call out by rows (heads for softmax) on every thread; each row
+    # is computed alone, so the result must equal one thread's, bit for bit, and every row must be written.
+    from npquant.kernels import _nonlinear
+
+    rng = np.random.default_rng(3)
+    h = rng.standard_normal((301, 1536)).astype(np.float32)  # 462k elements: above the threaded size
+    a, b = rng.standard_normal((2, 301, 384)).astype(np.float32)
+    gamma, beta = rng.standard_normal((2, 384)).astype(np.float32)
+    scores = rng.standard_normal((7, 12, 29, 29)).astype(np.float32)
+    key_bias = np.where(rng.random((7, 29)) < 0.2, np.finfo(np.float32).min, 0).astype(np.float32)
+
+    one = h.copy()
+    _nonlinear.gelu(one, np.zeros(1, np.int64), one.shape[0])
+    ln_one = np.empty_like(a)
+    _nonlinear.add_layer_norm(a, b, gamma, beta, 1e-12, ln_one, np.zeros(1, np.int64), a.shape[0])
+    sm_one = np.empty_like(scores)
+    _nonlinear.softmax_scaled(scores.reshape(-1, 29, 29), np.float32(0.125), key_bias, 12, sm_one.reshape(-1, 29, 29),
+                              np.zeros(1, np.int64), 7 * 12)
+
+    runs = []
+    target = kernels._pool if where == "npquant pool" else kernels._blas_threads
+    real = target.run
+    monkeypatch.setattr(target, "run", lambda *args: runs.append(1) or real(*args))
+    np.testing.assert_array_equal(kernels.gelu(h), one)
+    np.testing.assert_array_equal(kernels.add_layer_norm(a, b, gamma, beta, 1e-12), ln_one)
+    np.testing.assert_array_equal(kernels.softmax_scaled(scores, 0.125, key_bias), sm_one)
+    assert len(runs) == 3  # each call ran on several threads
+
+
 @pytest.mark.parametrize("shape", [(1, 8), (3, 7), (2, 1), (4, 0)])
 def test_even_odd_columns(shape):
     from npquant.kernels import _buffers

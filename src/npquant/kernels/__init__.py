@@ -87,6 +87,9 @@ _PARALLEL_FROM = 1 << 22
 # the model's own matmul, are still polling, so handing them work is cheap.
 _PARALLEL_TILE_FROM = 1 << 18
 _CHUNKS_PER_THREAD = 8
+# GELU, LayerNorm and softmax (elements) run on all threads from this size: one sentence's feed-forward
+# activations (12 x 1536) stay in the caller's thread, a batch's (480 x 1536) take every core.
+_NONLINEAR_PARALLEL_FROM = 1 << 16
 #: Whether kernels run on OpenBLAS's threads where they can (tests switch it off to reach the pool).
 USE_BLAS_THREADS = True
 #: Whether batch-1 4-bit calls take the table-lookup kernels where numba's target has AVX-512
@@ -620,7 +623,8 @@ def gelu(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         raise NpquantError(f"gelu: out must be a C-contiguous float32 {h.shape} array, got {out.dtype} {out.shape}")
     if out is not h:
         np.copyto(out, h)
-    _nonlinear.gelu(out.reshape(-1, h.shape[-1]))  # in place (see there)
+    x2 = out.reshape(-1, h.shape[-1])
+    _parallel(_nonlinear.gelu, (x2,), x2.shape[0], x2.size, None, _NONLINEAR_PARALLEL_FROM)  # in place (see there)
     return out
 
 
@@ -630,8 +634,10 @@ def add_layer_norm(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.nda
         raise NpquantError(f"add_layer_norm: a {a.shape}, b {b.shape}, gamma {gamma.shape} and beta {beta.shape} "
                            f"must be (..., C), (..., C), (C,), (C,)")
     out = np.empty(a.shape, np.float32)
-    _nonlinear.add_layer_norm(_rows_f32(a, "a"), _rows_f32(b, "b"), _rows_f32(gamma, "gamma")[0],
-                              _rows_f32(beta, "beta")[0], float(eps), out.reshape(-1, a.shape[-1]))
+    out2 = out.reshape(-1, a.shape[-1])
+    args = (_rows_f32(a, "a"), _rows_f32(b, "b"), _rows_f32(gamma, "gamma")[0], _rows_f32(beta, "beta")[0],
+            float(eps), out2)
+    _parallel(_nonlinear.add_layer_norm, args, out2.shape[0], out2.size, None, _NONLINEAR_PARALLEL_FROM)
     return out
 
 
@@ -646,6 +652,9 @@ def softmax_scaled(scores: np.ndarray, scale, key_bias: np.ndarray) -> np.ndarra
                            f"{key_bias.shape} (B, K)")
     if scores.dtype != np.float32 or key_bias.dtype != np.float32:
         raise NpquantError(f"softmax_scaled: scores and key_bias must be float32, got {scores.dtype}, {key_bias.dtype}")
+    B, H, T, K = scores.shape
     out = np.empty(scores.shape, np.float32)
-    _nonlinear.softmax_scaled(np.ascontiguousarray(scores), np.float32(scale), np.ascontiguousarray(key_bias), out)
+    args = (np.ascontiguousarray(scores).reshape(B * H, T, K), np.float32(scale), np.ascontiguousarray(key_bias), H,
+            out.reshape(B * H, T, K))
+    _parallel(_nonlinear.softmax_scaled, args, B * H, scores.size, None, _NONLINEAR_PARALLEL_FROM)
     return out

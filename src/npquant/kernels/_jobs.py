@@ -18,6 +18,7 @@ from numba.extending import overload
 
 from ._env import threads_allowed
 from ._gemv import gemv_bytes, gemv_bytes_blocks, gemv_int4, gemv_int4_blocks
+from ._nonlinear import add_layer_norm, gelu, softmax_scaled
 from ._llvm import _address_as, _blas_level1_thread, _call_int_function, _i64_bits_to_f64, _stack_empty
 from ._small_m import gemm_small_m, gemm_small_m_bytes_blocks, gemm_small_m_int4_blocks
 from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequantize_rows, dequantize_rows_16,
@@ -181,6 +182,11 @@ def _i64_1d(blk, i):
 @njit(inline="always")
 def _f32(blk, i):
     return np.float32(_i64_bits_to_f64(blk[i])), i + 1
+
+
+@njit(inline="always")
+def _f64(blk, i):
+    return _i64_bits_to_f64(blk[i]), i + 1
 
 
 @cfunc(SIGNATURE, cache=True)
@@ -415,3 +421,45 @@ JOBS.update({
     dequantize_int4_blocks_t: dequantize_int4_blocks_t_job,
     dequantize_bytes_blocks_t: dequantize_bytes_blocks_t_job,
 })
+
+
+@cfunc(SIGNATURE, cache=True)
+def gelu_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`~npquant.kernels._nonlinear.gelu` (x, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    work, i = _i64_1d(blk, i)
+    gelu(x, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def add_layer_norm_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`~npquant.kernels._nonlinear.add_layer_norm` (a, b, gamma, beta, eps, out, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    y, i = _f32_2d(blk, i)
+    gamma, i = _f32_1d(blk, i)
+    beta, i = _f32_1d(blk, i)
+    eps, i = _f64(blk, i)
+    out, i = _f32_2d(blk, i)
+    work, i = _i64_1d(blk, i)
+    add_layer_norm(x, y, gamma, beta, eps, out, work, blk[i])
+    return 0
+
+
+@cfunc(SIGNATURE, cache=True)
+def softmax_scaled_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`~npquant.kernels._nonlinear.softmax_scaled` (scores, scale, bias, n_heads, out, work, per)."""
+    blk = carray(a, (n,))
+    scores, i = _f32_3d(blk, 0)
+    scale, i = _f32(blk, i)
+    bias, i = _f32_2d(blk, i)
+    n_heads = blk[i]
+    out, i = _f32_3d(blk, i + 1)
+    work, i = _i64_1d(blk, i)
+    softmax_scaled(scores, scale, bias, n_heads, out, work, blk[i])
+    return 0
+
+
+JOBS.update({gelu: gelu_job, add_layer_norm: add_layer_norm_job, softmax_scaled: softmax_scaled_job})

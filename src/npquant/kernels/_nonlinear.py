@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._llvm import _i32_bits_to_f32
+from ._llvm import _claim, _i32_bits_to_f32
 
 __all__ = ["gelu", "add_layer_norm", "softmax_scaled"]
 
@@ -96,65 +96,84 @@ def _gelu_one(v):
 
 
 @njit(nogil=True, cache=True, fastmath=_EXACT, error_model="numpy")
-def gelu(x):
-    """``x (N, C) = GELU(x)`` in place, float32, exact-erf GELU.
+def gelu(x, work, per):
+    """``x (N, C) = GELU(x)`` in place, float32, exact-erf GELU; rows taken in chunks of ``per`` from ``work``.
 
     In place by design: given an output array that is the input, the
     vectorized loop's overlap check fails and numba runs it one element at a
-    time (10x slower).
+    time (10x slower). Each row is computed alone, so the threads that share
+    a call out (:func:`npquant.kernels._parallel`) change no bit.
     """
-    for i in range(x.shape[0]):
-        xi = x[i]
-        for j in range(x.shape[1]):
-            xi[j] = _gelu_one(xi[j])
+    n_rows = x.shape[0]
+    while True:
+        lo, hi = _claim(work, per, n_rows)
+        if lo >= hi:
+            break
+        for i in range(lo, hi):
+            xi = x[i]
+            for j in range(x.shape[1]):
+                xi[j] = _gelu_one(xi[j])
 
 
 @njit(nogil=True, cache=True, fastmath=_SUMS, error_model="numpy")
-def add_layer_norm(a, b, gamma, beta, eps, out):
+def add_layer_norm(a, b, gamma, beta, eps, out, work, per):
     """``out (N, C) = LayerNorm(a + b)`` over the last axis: ``(s - mean) / sqrt(var + eps) * gamma + beta``.
 
     ``a``, ``b``, ``out`` float32 (N, C) (``out`` may be either input),
     ``gamma``, ``beta`` float32 (C,), ``eps`` float. Biased variance, as
-    torch; mean and variance summed in float64, the rest in float32.
+    torch; mean and variance summed in float64, the rest in float32. Rows
+    taken in chunks of ``per`` from ``work``, each computed alone.
     """
     n_cols = a.shape[1]
     s = np.empty(n_cols, np.float32)
-    for i in range(a.shape[0]):
-        ai = a[i]
-        bi = b[i]
-        total = 0.0
-        for j in range(n_cols):
-            s[j] = ai[j] + bi[j]
-            total += s[j]
-        mean = np.float32(total / n_cols)
-        sq = 0.0
-        for j in range(n_cols):
-            d = s[j] - mean
-            s[j] = d
-            sq += np.float64(d) * d
-        inv = np.float32(1.0 / math.sqrt(np.float32(sq / n_cols) + eps))
-        oi = out[i]
-        for j in range(n_cols):
-            oi[j] = s[j] * inv * gamma[j] + beta[j]
+    while True:
+        lo, hi = _claim(work, per, a.shape[0])
+        if lo >= hi:
+            break
+        for i in range(lo, hi):
+            _norm_row(a[i], b[i], gamma, beta, eps, out[i], s)
+
+
+@njit(inline="always", fastmath=_SUMS, error_model="numpy")
+def _norm_row(ai, bi, gamma, beta, eps, oi, s):
+    """``oi = LayerNorm(ai + bi)`` for one row (``s`` float32 scratch of its length)."""
+    n_cols = ai.shape[0]
+    total = 0.0
+    for j in range(n_cols):
+        s[j] = ai[j] + bi[j]
+        total += s[j]
+    mean = np.float32(total / n_cols)
+    sq = 0.0
+    for j in range(n_cols):
+        d = s[j] - mean
+        s[j] = d
+        sq += np.float64(d) * d
+    inv = np.float32(1.0 / math.sqrt(np.float32(sq / n_cols) + eps))
+    for j in range(n_cols):
+        oi[j] = s[j] * inv * gamma[j] + beta[j]
 
 
 @njit(nogil=True, cache=True, fastmath=_EXACT, error_model="numpy")
-def softmax_scaled(scores, scale, bias, out):
-    """``out (B, H, T, K) = softmax(scores * scale + bias)`` over the last axis.
+def softmax_scaled(scores, scale, bias, n_heads, out, work, per):
+    """``out (B H, T, K) = softmax(scores * scale + bias)`` over the last axis; heads in chunks of ``per`` from ``work``.
 
-    ``scores`` float32 (B, H, T, K), ``scale`` float32, ``bias`` float32
-    (B, K): added to every head and query row (0, or float32's lowest for
-    padded keys). Each row: ``e = exp(s - max(s))``, ``e / sum(e)``. A head's
-    ``T K`` exponentials run as one loop (SIMD lanes across rows: ``K`` is
-    often below a vector's 16 lanes).
+    ``scores`` float32 (B H, T, K), batch-major, ``n_heads`` heads a batch
+    entry; ``scale`` float32, ``bias`` float32 (B, K): added to every head
+    and query row (0, or float32's lowest for padded keys). Each row:
+    ``e = exp(s - max(s))``, ``e / sum(e)``. A head's ``T K`` exponentials
+    run as one loop (SIMD lanes across rows: ``K`` is often below a
+    vector's 16 lanes); each head is computed alone.
     """
-    n_batch, n_heads, n_queries, n_keys = scores.shape
+    _, n_queries, n_keys = scores.shape
     shifted = np.empty(n_queries * n_keys, np.float32)  # (T K,)
-    for b in range(n_batch):
-        kb = bias[b]
-        for h in range(n_heads):
+    while True:
+        lo, hi = _claim(work, per, scores.shape[0])
+        if lo >= hi:
+            break
+        for bh in range(lo, hi):
+            kb = bias[bh // n_heads]
             for t in range(n_queries):
-                si = scores[b, h, t]
+                si = scores[bh, t]
                 row = shifted[t * n_keys : (t + 1) * n_keys]
                 top = np.float32(-np.inf)
                 for k in range(n_keys):
@@ -170,6 +189,6 @@ def softmax_scaled(scores, scale, bias, out):
                 for k in range(n_keys):
                     total += shifted[t * n_keys + k]
                 inv = _ONE / total
-                oi = out[b, h, t]
+                oi = out[bh, t]
                 for k in range(n_keys):
                     oi[k] = shifted[t * n_keys + k] * inv

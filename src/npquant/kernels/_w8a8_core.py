@@ -96,10 +96,26 @@ def store_tile(acc, rows, m0, n0, pairs, corr, x_scale, w_scale, bias, has_bias,
     row, summed here) for weight rows ``n0 .. n0 + 63``, minus ``corr[n]``, into ``acc_out`` (``want_acc``) or
     scaled into ``y``: ``x_scale[m] * (w_scale[n] * float32(acc))`` (+ ``bias[n]``), each step rounded in float32."""
     n_out = y.shape[1] if not want_acc else acc_out.shape[1]
+    width = min(BLOCK, n_out - n0)
+    if pairs == 1 and not want_acc:  # the common case, a loop of its own: SIMD lanes across the row
+        cs = corr[n0 : n0 + width]
+        ws = w_scale[n0 : n0 + width]
+        bs = bias[n0 : n0 + width] if has_bias else ws
+        for i in range(rows):
+            xs = x_scale[m0 + i]
+            ai = acc[i]
+            yi = y[m0 + i, n0 : n0 + width]
+            if has_bias:
+                for j in range(width):
+                    yi[j] = xs * (ws[j] * np.float32(np.int32(np.int64(ai[j]) - np.int64(cs[j])))) + bs[j]
+            else:
+                for j in range(width):
+                    yi[j] = xs * (ws[j] * np.float32(np.int32(np.int64(ai[j]) - np.int64(cs[j]))))
+        return
     for i in range(rows):
         m = m0 + i
         xs = x_scale[m]
-        for j in range(min(BLOCK, n_out - n0)):
+        for j in range(width):
             n = n0 + j
             a = np.int64(acc[i, j]) if pairs == 1 else np.int64(acc[i, 2 * j]) + np.int64(acc[i, 2 * j + 1])
             exact = np.int32(a - np.int64(corr[n]))  # wraps as the lanes did: right when the true sum fits
