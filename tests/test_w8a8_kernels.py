@@ -95,6 +95,10 @@ def test_threads_and_zero_tokens(path, blas_threads, monkeypatch):
     for threads in (1, 2, 3):
         np.testing.assert_array_equal(_w8a8.w8a8_int8_linear(x, weight, None, path, threads), ref)
     assert not ref[5].any()
+    x[-1, -1] = np.inf  # in the last chunk of rows: whichever thread quantizes it must report it
+    for threads in (1, 2, 3):
+        with pytest.raises(NpquantError, match="^x must be finite"):
+            _w8a8.w8a8_int8_linear(x, weight, None, path, threads)
 
 
 @settings(max_examples=25, deadline=None)

@@ -47,7 +47,7 @@ from ..errors import NpquantError
 from . import _blas_threads, _pool
 from ._env import threads_allowed
 from ._target import has_vnni, target_has
-from ._w8a8_core import compile_portable_job, gemm_portable, pack_weight, quantize_x_int8
+from ._w8a8_core import compile_portable_job, compile_quantize_job, gemm_portable, pack_weight, quantize_x_int8
 
 __all__ = ["Int8Weight", "prepare_int8", "w8a8_int8_linear", "int8_accumulators", "int8_path", "PATHS"]
 
@@ -55,6 +55,7 @@ __all__ = ["Int8Weight", "prepare_int8", "w8a8_int8_linear", "int8_accumulators"
 PATHS = ("vnni", "avx2", "portable")
 _MAX_K = (2**31 - 1) // (128 * 128)  # npquant.linear_w8a8.MAX_INT32_K: int32 sums exact whatever the codes
 _PARALLEL_FROM = 1 << 22  # multiply-adds below which a call stays on the caller's thread (as the other kernels)
+_QUANTIZE_PARALLEL_FROM = 1 << 16  # elements of x below which its quantization stays on the caller's thread
 #: Whether calls run on OpenBLAS's threads where they can (tests and benchmarks switch it off to reach the pool).
 USE_BLAS_THREADS = True
 _CHUNKS_PER_THREAD = 32  # small chunks (3 blocks of 64 rows for 11008 rows, 2 threads): a thread the OS
@@ -169,6 +170,28 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None)
     _pool.run(lambda: kernel(*args, work, per), n)
 
 
+def _quantize_x(x2: np.ndarray, k_pad: int, offset: bool, threads: int | None):
+    """``(codes_u8, codes_i16, scale, finite)`` of float32 ``x2 (M, K)``: :func:`quantize_x_int8` on the threads
+    a call of ``M K`` elements deserves (from ``_QUANTIZE_PARALLEL_FROM``; ``threads`` caps them), codes offset
+    by 128 into uint8 ``(M, k_pad)`` (padding 128) when ``offset``, else int16 (padding 0)."""
+    m_rows, k = x2.shape
+    if offset:
+        codes_u8 = np.full((m_rows, k_pad), 128, np.uint8)
+        codes_i16 = _NO_I16
+    else:
+        codes_u8 = _NO_U8
+        codes_i16 = np.zeros((m_rows, k_pad), np.int16)
+    scale = np.empty(m_rows, np.float32)
+    bad = np.zeros(1, np.int64)
+    if threads is None:
+        threads = 1 if m_rows * k < _QUANTIZE_PARALLEL_FROM else 0
+    compile_quantize_job()
+    _parallel(quantize_x_int8, (x2, offset, codes_u8, codes_i16, scale, bad), m_rows, m_rows * k, threads)
+    return codes_u8, codes_i16, scale, bad[0] == 0
+
+
+_NO_U8 = np.zeros((1, 1), np.uint8)
+_NO_I16 = np.zeros((1, 1), np.int16)
 _NO_F32 = np.zeros(1, np.float32)
 _NO_Y = np.zeros((1, 1), np.float32)
 _NO_ACC = np.zeros((1, 1), np.int32)
@@ -213,7 +236,7 @@ def w8a8_int8_linear(x, weight: Int8Weight, bias: np.ndarray | None = None, path
         bias = np.ascontiguousarray(bias)
     p = int8_path(path)
     k_pad = weight.packed.shape[1] * 4
-    codes_u8, codes_i16, x_scale, finite = quantize_x_int8(x2, k_pad, p == "vnni")
+    codes_u8, codes_i16, x_scale, finite = _quantize_x(x2, k_pad, p == "vnni", threads)
     if not finite:
         raise NpquantError("x must be finite: it holds NaN or Inf, which have no int8 code")
     y = _run(p, codes_u8 if p == "vnni" else codes_i16, x_scale, weight, bias, False, threads)

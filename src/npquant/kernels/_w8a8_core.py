@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit
 
-from ._jobs import JOBS, SIGNATURE, _f32_1d, _f32_2d, _i64_1d, _u8_3d
+from ._jobs import JOBS, SIGNATURE, _f32_1d, _f32_2d, _i64_1d, _u8_2d, _u8_3d
 from ._llvm import _address_as, _claim
 
 #: Weight rows per block of the layout (one unit of work for the threads).
@@ -50,44 +50,42 @@ def pack_weight(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, cache=True)
-def quantize_x_int8(x, k_pad, offset):
+def quantize_x_int8(x, offset, codes_u8, codes_i16, scale, bad, work, per):
     """Per-token int8 codes of float32 ``x (M, K)`` by :func:`npquant.activations.quantize_activations_int8`'s rule,
-    bit for bit: ``(codes, scale, finite)``.
+    bit for bit, rows claimed in chunks of ``per`` from ``work``.
 
-    ``offset``: codes ``+ 128`` as uint8 ``(M, k_pad)`` (padding 128, for
-    ``vpdpbusd``'s unsigned operand), else int16 ``(M, k_pad)`` (padding 0).
-    ``scale`` float32 ``(M,)``. ``finite`` False when ``x`` holds NaN or Inf
-    (the codes are then meaningless).
+    ``offset``: codes ``+ 128`` into uint8 ``codes_u8 (M, Kp)`` (its padding
+    columns left as they are: 128, for ``vpdpbusd``'s unsigned operand),
+    else into int16 ``codes_i16 (M, Kp)`` (padding 0); the other may be a
+    placeholder. ``scale`` float32 ``(M,)``. ``bad`` int64 ``(1,)`` is set
+    to 1 when ``x`` holds NaN or Inf (the codes are then meaningless). Each
+    row is read once from memory: its two passes (max, then codes) find it
+    in L1.
     """
     m_rows, k = x.shape
-    scale = np.empty(m_rows, np.float32)
-    if offset:
-        codes_u8 = np.full((m_rows, k_pad), np.uint8(128))
-        codes_i16 = np.zeros((1, 1), np.int16)
-    else:
-        codes_u8 = np.zeros((1, 1), np.uint8)
-        codes_i16 = np.zeros((m_rows, k_pad), np.int16)
-    finite = True
-    for m in range(m_rows):
-        # |x| as int32 bits: for finite floats their order is the floats' (an integer max, which vectorises); NaN and
-        # Inf are the patterns from 0x7F800000 up.
-        bits = x[m].view(np.int32)
-        top = np.int32(0)
-        for j in range(k):
-            top = max(top, bits[j] & np.int32(0x7FFFFFFF))
-        if top >= np.int32(0x7F800000):
-            finite = False
-        absmax = np.array([top], np.int32).view(np.float32)[0]
-        scale[m] = absmax / np.float32(127.0)
-        inv = np.float32(127.0) / absmax if absmax > 0 else np.float32(0.0)
-        for j in range(k):
-            p = np.rint(x[m, j] * inv)
-            p = np.float32(0.0) if p != p else min(max(p, np.float32(-128.0)), np.float32(127.0))  # NaN (0 * inf): 0
-            if offset:
-                codes_u8[m, j] = np.uint8(np.int32(p) + 128)
-            else:
-                codes_i16[m, j] = np.int16(p)
-    return codes_u8, codes_i16, scale, finite
+    while True:
+        lo, hi = _claim(work, per, m_rows)
+        if lo >= hi:
+            break
+        for m in range(lo, hi):
+            # |x| as int32 bits: for finite floats their order is the floats' (an integer max, which vectorises);
+            # NaN and Inf are the patterns from 0x7F800000 up.
+            bits = x[m].view(np.int32)
+            top = np.int32(0)
+            for j in range(k):
+                top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+            if top >= np.int32(0x7F800000):
+                bad[0] = 1
+            absmax = np.array([top], np.int32).view(np.float32)[0]
+            scale[m] = absmax / np.float32(127.0)
+            inv = np.float32(127.0) / absmax if absmax > 0 else np.float32(0.0)
+            for j in range(k):
+                p = np.rint(x[m, j] * inv)
+                p = np.float32(0.0) if p != p else min(max(p, np.float32(-128.0)), np.float32(127.0))  # 0 * inf: 0
+                if offset:
+                    codes_u8[m, j] = np.uint8(np.int32(p) + 128)
+                else:
+                    codes_i16[m, j] = np.int16(p)
 
 
 @njit(inline="always")
@@ -185,6 +183,28 @@ def unpack_tail(blk, i):
     acc_out, i = _i32_2d(blk, i + 1)
     work, i = _i64_1d(blk, i)
     return corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_out, work, blk[i]
+
+
+def _quantize_x_int8_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    """:func:`quantize_x_int8` (x, offset, codes_u8, codes_i16, scale, bad, work, per)."""
+    blk = carray(a, (n,))
+    x, i = _f32_2d(blk, 0)
+    offset = blk[i] != 0
+    codes_u8, i = _u8_2d(blk, i + 1)
+    codes_i16, i = _i16_2d(blk, i)
+    scale, i = _f32_1d(blk, i)
+    bad, i = _i64_1d(blk, i)
+    work, i = _i64_1d(blk, i)
+    quantize_x_int8(x, offset, codes_u8, codes_i16, scale, bad, work, blk[i])
+    return 0
+
+
+def compile_quantize_job() -> None:
+    """Compile :func:`quantize_x_int8`'s job for OpenBLAS's threads and enter it in ``JOBS`` (once; any target)."""
+    if quantize_x_int8 not in JOBS:
+        from numba import cfunc
+
+        JOBS[quantize_x_int8] = cfunc(SIGNATURE, cache=True)(_quantize_x_int8_job)
 
 
 def _gemm_portable_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
