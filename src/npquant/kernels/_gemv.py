@@ -14,6 +14,7 @@ _PREFETCH_FROM = 8 << 20
 
 
 _NO_SUMS = (np.float32(0.0),) * 8
+_AHEAD_COLUMNS = 64  # byte positions of a block of rows (4 KiB) ahead of the one read: its line is prefetched
 
 
 @njit(inline="always")
@@ -202,6 +203,12 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
     (B, G, R), whose values ``scale_table`` float32 (256,) holds (``scale``
     is then not read, and ``scale_codes`` not otherwise). Every output is
     multiplied by ``y_mult`` (NVFP4: one over the global scale; else 1).
+
+    Each byte position asks for the line ``_AHEAD_COLUMNS`` positions on
+    (4 KiB): the 64 lanes of sums fill the out-of-order window with
+    dependent work, so without it too few loads run ahead. Measured on AVX2
+    (numba targeting Zen 2), 11008 x 4096 w4-g128 from memory, each call
+    after a float32 matmul: 2.1-2.2 -> 1.68-1.74 ms (1.4 ms in cache).
     """
     n_blocks = codes.shape[0]  # codes (B, I / 2, _ROWS): PreparedTensor checks the last dimension
     rows = _ROWS  # a compile-time constant: LLVM unrolls the lanes loops and keeps t in registers
@@ -230,6 +237,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                     for r in range(rows):
                         zi[r] = _I32(zg[r])
                     for j in range(half_block):
+                        _prefetch(codes[blk], (j0 + j + _AHEAD_COLUMNS) * rows)
                         b = cg[j]
                         e = xe[j]
                         f = xo[j]
@@ -239,6 +247,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                             t[r] += e * np.float32(_I32(_I32(c & _I32(15)) - z)) + f * np.float32(_I32(_I32(c >> _I32(4)) - z))
                 elif fp4:
                     for j in range(half_block):
+                        _prefetch(codes[blk], (j0 + j + _AHEAD_COLUMNS) * rows)
                         b = cg[j]
                         e = xe[j]
                         f = xo[j]
@@ -249,6 +258,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                         t[r] *= _FP4_UNSCALE
                 else:
                     for j in range(half_block):
+                        _prefetch(codes[blk], (j0 + j + _AHEAD_COLUMNS) * rows)
                         b = cg[j]
                         e = xe[j]
                         f = xo[j]
@@ -263,9 +273,6 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
             o0 = blk * rows
             for r in range(min(rows, out_features - o0)):
                 y[0, o0 + r] = acc[r] * y_mult
-
-
-_AHEAD_COLUMNS = 64  # columns of a block of rows (4 KiB) ahead of the one read: its line is prefetched
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
