@@ -6,6 +6,12 @@ from numba import njit
 from ._decode import (_block_scales, _CHUNK, _decode, _decode_lanes, _FASTMATH, _fp4_high_as_f16, _fp4_low_as_f16,
                       _FP4_UNSCALE, _high_nibble_signed, _I32, _KCHUNK, _KCHUNK4, _low_nibble_signed, _ROWS)
 from ._llvm import _claim, _stack_empty
+from ._target import has_avx512
+
+# Output rows (lanes) of a block accumulated at once against two rows of x: two vectors of sums each time, and
+# the decoded codes and x's broadcasts, must fit the vector registers: 2 x 64 lanes are 8 of AVX-512's 32
+# registers, but all 16 of AVX2's, whose sums then spill; there, two passes of 32 lanes over each chunk.
+_LANE_ROWS = _ROWS if has_avx512() else _ROWS // 2
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per):
@@ -173,16 +179,17 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_tab
                         fa = x_odd[m, j0 : j0 + n]
                         eb = x_even[m1, j0 : j0 + n]
                         fb = x_odd[m1, j0 : j0 + n]
-                        for jj in range(n):
-                            e0 = ea[jj]
-                            f0 = fa[jj]
-                            e1 = eb[jj]
-                            f1 = fb[jj]
-                            lj = lo[jj]
-                            hj = hi[jj]
-                            for r in range(_ROWS):
-                                t0[r] += e0 * lj[r] + f0 * hj[r]
-                                t1[r] += e1 * lj[r] + f1 * hj[r]
+                        for h0 in range(0, _ROWS, _LANE_ROWS):
+                            for jj in range(n):
+                                e0 = ea[jj]
+                                f0 = fa[jj]
+                                e1 = eb[jj]
+                                f1 = fb[jj]
+                                lj = lo[jj]
+                                hj = hi[jj]
+                                for r in range(h0, h0 + _LANE_ROWS):
+                                    t0[r] += e0 * lj[r] + f0 * hj[r]
+                                    t1[r] += e1 * lj[r] + f1 * hj[r]
                         _add_pair_sums(acc, m, m1, sc, t)
             _store_block(acc, blk * _ROWS, y)
 
@@ -228,12 +235,13 @@ def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y, w
                         t1[:] = 0
                         xa = x[m, c0 : c0 + n]
                         xb = x[m1, c0 : c0 + n]
-                        for kk in range(n):
-                            e = xa[kk]
-                            f = xb[kk]
-                            bk = buf[kk]
-                            for r in range(_ROWS):
-                                t0[r] += e * bk[r]
-                                t1[r] += f * bk[r]
+                        for h0 in range(0, _ROWS, _LANE_ROWS):
+                            for kk in range(n):
+                                e = xa[kk]
+                                f = xb[kk]
+                                bk = buf[kk]
+                                for r in range(h0, h0 + _LANE_ROWS):
+                                    t0[r] += e * bk[r]
+                                    t1[r] += f * bk[r]
                         _add_pair_sums(acc, m, m1, sc, t)
             _store_block(acc, blk * _ROWS, y)
