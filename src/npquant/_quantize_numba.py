@@ -8,6 +8,10 @@ the engine, not in :mod:`npquant.kernels`, whose package imports the engine.
 import numpy as np
 from numba import njit
 
+from ._numba_cache import install as _install_cache_keys
+
+_install_cache_keys()  # before the kernels below are defined (see npquant._numba_cache)
+
 # --- quantization -----------------------------------------------------------------
 # Exact IEEE division and rounding: fastmath only for the reductions ("reassoc"
 # to vectorise the sums, "nnan"/"nsz" to vectorise the max; callers have

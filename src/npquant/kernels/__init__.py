@@ -48,10 +48,14 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .. import _numba_cache
 from ..errors import NpquantError
 from ..linear_w8a8_apply import w8a8_reference
 from ..prepared import _W8A8_MAX_K, ROWS, PreparedTensor, PreparedW8A8, prepare
 from ..tensor import QuantizedTensor, _float_code_values
+
+_numba_cache.install()  # before any kernel is defined: one cache key for all numba sources (see there)
+
 from . import _blas_threads, _buffers, _pool
 from . import _nonlinear
 from ._args import (_BYTE_KIND, _FP8, _INT4_OFFSET, _INT4_TWOS, _NIBBLES, _NO_E4M3, _NO_SCALE_2D,  # noqa: F401
