@@ -195,3 +195,24 @@ def test_bench_w8a8_quick():
     rows = [line for line in done.stdout.splitlines() if line.strip().startswith("512 x 768")]
     assert len(rows) == 2 and all(row.split()[-1] in _w8a8.PATHS for row in rows)
     assert "int8 GEMM path:" in done.stdout and "instruction set:" in done.stdout
+
+
+def test_one_token_takes_the_avx2_kernel_where_vnni_would_serve(monkeypatch):
+    # Batch 1 only streams the weight, which the AVX2 kernel reads faster: an unasked path at M = 1 takes it where
+    # it compiled; a path asked for is kept; larger batches keep the fastest path. Results are the same bits.
+    fastest = _w8a8.int8_path()
+    has_avx2 = _w8a8.int8_path("avx2") == "avx2"
+    assert _w8a8._path_for(1, None) == ("avx2" if fastest == "vnni" and has_avx2 else fastest)
+    assert _w8a8._path_for(2, None) == fastest
+    for p in PATHS:
+        assert _w8a8._path_for(1, p) == p
+    rng = np.random.default_rng(11)
+    wq = codes(rng, (300, 200))
+    ws = rng.uniform(1e-3, 1e-1, 300).astype(np.float32)
+    weight = _w8a8.prepare_int8(wq, ws)
+    x = rng.standard_normal((1, 200)).astype(np.float32)
+    taken = []
+    real = _w8a8._run
+    monkeypatch.setattr(_w8a8, "_run", lambda p, *args: taken.append(p) or real(p, *args))
+    np.testing.assert_array_equal(_w8a8.w8a8_int8_linear(x, weight), w8a8_int8_linear(x, wq, ws))
+    assert taken == [_w8a8._path_for(1, None)]

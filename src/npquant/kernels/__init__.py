@@ -604,9 +604,9 @@ def explain(t: QuantizedTensor | PreparedTensor, batch: int = 1) -> str:
     if "*" in kernel:
         kernel = kernel.replace("*", "bytes" if t.scheme.bits == 8 else "int4")
     if route.run is _run_w8a8_int8:
-        from ._w8a8 import int8_path
+        from ._w8a8 import _path_for
 
-        kernel += f" on the {int8_path()} path"
+        kernel += f" on the {_path_for(int(batch), None)} path"
     return f"{route.layout} layout, batch {rows}, {route.codes}: {kernel} ({route.why}{needs})"
 
 
