@@ -136,7 +136,7 @@ def _path_for(m_rows: int, path: str | None) -> str:
     for, takes the AVX2 kernel where the VNNI one would serve and AVX2 compiled.
 
     At batch 1 the GEMM only streams the weight, and the AVX2 kernel's tiles
-    of 16 rows (four passes over each 8 KiB of the layout, a line of each
+    of 16 rows (four passes over each 4 KiB of the layout, a line of each
     quad at a time) read it faster than the VNNI kernel's 64-row tile: 11008
     x 4096, each call after a float32 matmul of another matrix, one of four
     weights in turn, medians of 30, the two alternating in one process (Intel
