@@ -36,7 +36,8 @@ def sources() -> tuple[str, ...]:
     """The files whose numba functions share the key: ``kernels/*.py`` and ``_quantize_numba.py``, absolute."""
     kernels = os.path.join(_PACKAGE, "kernels")
     names = sorted(os.path.join(kernels, n) for n in os.listdir(kernels) if n.endswith(".py"))
-    return tuple(names) + (os.path.join(_PACKAGE, "_quantize_numba.py"),)
+    names.append(os.path.join(_PACKAGE, "_quantize_numba.py"))
+    return tuple(n for n in names if os.path.isfile(n))
 
 
 @functools.lru_cache(maxsize=8)
@@ -78,7 +79,10 @@ def _locator(base):
             return super().from_function(py_func, py_file)
 
         def get_source_stamp(self):
-            return stamp()
+            try:
+                return stamp()
+            except OSError:  # a source gone or unreadable since: numba's own key for this file
+                return super().get_source_stamp()
 
     Locator.__name__ = Locator.__qualname__ = "Npquant" + base.__name__
     return Locator
