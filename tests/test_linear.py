@@ -728,18 +728,18 @@ def test_numba_int8_float32_kernel_where_vnni_is_switched_off(kernels, monkeypat
     assert np.all(np.abs(y - ref) <= 2 * sum_bound(x, qt.dequantize(), 258))
 
 
-FAR_SHAPE = (2017, 4160)  # 8.4 MB of one-byte codes: past _PREFETCH_FROM; 4160 = 8 steps of 512 columns and 64 more
+FAR_SHAPE = (2017, 4160)  # 8.4 MB of one-byte codes: past PREFETCH_FROM; 4160 = 8 steps of 512 columns and 64 more
 
 
 @pytest.mark.parametrize("scheme", ["fp8-channel", Scheme("fp8_e5m2", 8, "channel"), Scheme("fp8_e4m3", 8, "group", 32),
                                     "w8-channel", Scheme("int", 8, "group", 64)], ids=str)
 def test_numba_batch1_bytes_kernel_on_codes_from_memory(kernels, monkeypatch, scheme):
-    # Codes of _PREFETCH_FROM bytes and more take gemv_bytes's steps of _SUB_BLOCK columns, each asking for the
+    # Codes of PREFETCH_FROM bytes and more take gemv_bytes's steps of _SUB_BLOCK columns, each asking for the
     # lines a pass ahead: the same bound as every float32 kernel (the steps only regroup the sum), on every row
     # (the last block of eight repeats the last row) and both e4m3 decodes. int8 with USE_VNNI off: the float32 kernel.
     from npquant.kernels import _gemv
 
-    assert FAR_SHAPE[0] * FAR_SHAPE[1] >= _gemv._PREFETCH_FROM and FAR_SHAPE[1] % _gemv._SUB_BLOCK
+    assert FAR_SHAPE[0] * FAR_SHAPE[1] >= _gemv.PREFETCH_FROM and FAR_SHAPE[1] % _gemv._SUB_BLOCK
     monkeypatch.setattr(kernels, "USE_VNNI", False)
     qt = quantize(weight(FAR_SHAPE), scheme)
     x = np.random.default_rng(3).standard_normal((1, FAR_SHAPE[1])).astype(np.float32)

@@ -4,17 +4,16 @@ import numpy as np
 from numba import njit
 
 from ._decode import _FASTMATH, _block_scales, _FP4_UNSCALE, _I32, _ROWS, _SIXTEENTH, _U8_15, _U8_4, _U8_88, _e4m3_as_f16, _e4m3_as_f32_bits, _e5m2_as_f16, _int8_as_f32, _fp4_high_as_f16, _fp4_low_as_f16, _high_nibble_x16, _low_nibble_x16
-from ._llvm import PREFETCH_AHEAD, _claim, _prefetch, _prefetch_l2, _stack_empty
+from ._llvm import AHEAD_COLUMNS, PREFETCH_AHEAD, PREFETCH_FROM, _claim, _prefetch, _prefetch_l2, _stack_empty
 
 # Columns of a step of gemv_bytes: before each, its eight rows' lines a pass ahead are asked for into L2 (64
 # prefetches), and its float32 sums are reduced across SIMD lanes (8 reductions per 4 KiB of codes).
 _SUB_BLOCK = 512
-# Codes from this many bytes on take those steps; smaller ones read all columns of a block in one loop, unprefetched.
-_PREFETCH_FROM = 8 << 20
+# Codes from PREFETCH_FROM bytes on take those steps; smaller ones read all columns of a block in one loop,
+# unprefetched.
 
 
 _NO_SUMS = (np.float32(0.0),) * 8
-_AHEAD_COLUMNS = 64  # byte positions of a block of rows (4 KiB) ahead of the one read: its line is prefetched
 
 
 @njit(inline="always")
@@ -78,7 +77,7 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
     three runs). Steps of 1024 or 2048 columns (bursts of 128 or 256
     prefetches) were 5% slower than no prefetching. With its codes in
     cache, prefetching cost 12-25% (512 x 4096, one thread), so codes
-    under ``_PREFETCH_FROM`` bytes are read as before, each block of
+    under ``PREFETCH_FROM`` bytes are read as before, each block of
     columns in one loop.
 
     e4m3 decodes to its value times a power of two that ``x`` and ``y``
@@ -98,7 +97,7 @@ def gemv_bytes(x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per):
     n_col_blocks = in_features // bi
     last = out_features - 1
     n_units = (out_features + 7) // 8
-    far = codes.size >= _PREFETCH_FROM  # else the codes are likely in cache, where prefetching only costs
+    far = codes.size >= PREFETCH_FROM  # else the codes are likely in cache, where prefetching only costs
     sub = min(_SUB_BLOCK, bi) if far else bi
     flat = codes.reshape(-1)
     while True:
@@ -204,7 +203,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
     is then not read, and ``scale_codes`` not otherwise). Every output is
     multiplied by ``y_mult`` (NVFP4: one over the global scale; else 1).
 
-    Each byte position asks for the line ``_AHEAD_COLUMNS`` positions on
+    Each byte position asks for the line ``AHEAD_COLUMNS`` positions on
     (4 KiB): the 64 lanes of sums fill the out-of-order window with
     dependent work, so without it too few loads run ahead. Measured on AVX2
     (numba targeting Zen 2), 11008 x 4096 w4-g128 from memory, each call
@@ -237,7 +236,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                     for r in range(rows):
                         zi[r] = _I32(zg[r])
                     for j in range(half_block):
-                        _prefetch(codes[blk], (j0 + j + _AHEAD_COLUMNS) * rows)
+                        _prefetch(codes[blk], (j0 + j + AHEAD_COLUMNS) * rows)
                         b = cg[j]
                         e = xe[j]
                         f = xo[j]
@@ -247,7 +246,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                             t[r] += e * np.float32(_I32(_I32(c & _I32(15)) - z)) + f * np.float32(_I32(_I32(c >> _I32(4)) - z))
                 elif fp4:
                     for j in range(half_block):
-                        _prefetch(codes[blk], (j0 + j + _AHEAD_COLUMNS) * rows)
+                        _prefetch(codes[blk], (j0 + j + AHEAD_COLUMNS) * rows)
                         b = cg[j]
                         e = xe[j]
                         f = xo[j]
@@ -258,7 +257,7 @@ def gemv_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, 
                         t[r] *= _FP4_UNSCALE
                 else:
                     for j in range(half_block):
-                        _prefetch(codes[blk], (j0 + j + _AHEAD_COLUMNS) * rows)
+                        _prefetch(codes[blk], (j0 + j + AHEAD_COLUMNS) * rows)
                         b = cg[j]
                         e = xe[j]
                         f = xo[j]
@@ -280,7 +279,7 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, p
     """``y (1, O) = x @ W.T`` for one-byte codes in blocks of rows.
 
     Each block's codes are read as one stream, a cache line per column
-    (the line ``_AHEAD_COLUMNS`` on prefetched: measured 4-30% faster from
+    (the line ``AHEAD_COLUMNS`` on prefetched: measured 4-30% faster from
     memory, each call alternating with a float32 matmul), and every lane
     accumulates its own row in a register: measured for
     11008 x 4096 int8, codes from memory, 1.43 ms against 1.93 ms for
@@ -313,28 +312,28 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, p
                 xg = xs[c0 : c0 + bi]
                 if code_kind == 0:
                     for k in range(bi):
-                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (c0 + k + AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k]
                         for r in range(_ROWS):
                             t[r] += e * np.float32(np.int8(b[r]))
                 elif code_kind == 1 and f32_bits:
                     for k in range(bi):
-                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (c0 + k + AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k] * xm
                         for r in range(_ROWS):
                             t[r] += e * _e4m3_as_f32_bits(b[r])
                 elif code_kind == 1:
                     for k in range(bi):
-                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (c0 + k + AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k] * xm
                         for r in range(_ROWS):
                             t[r] += e * _e4m3_as_f16(b[r])
                 elif code_kind == 2:
                     for k in range(bi):
-                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (c0 + k + AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k]
                         for r in range(_ROWS):
@@ -344,7 +343,7 @@ def gemv_bytes_blocks(x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, p
                     for r in range(_ROWS):
                         zi[r] = _I32(zg[r])
                     for k in range(bi):
-                        _prefetch(codes[blk], (c0 + k + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (c0 + k + AHEAD_COLUMNS) * _ROWS)
                         b = cg[k]
                         e = xg[k]
                         for r in range(_ROWS):

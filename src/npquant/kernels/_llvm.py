@@ -136,6 +136,12 @@ def _i64_bits_to_f64(typingctx, v):
 #: Bytes ahead of the line a batch-1 kernel over the checkpoint layout reads at which it asks for the codes it will
 #: read next (:func:`_prefetch_l2`): one pass of eight 4 KiB rows (see :func:`npquant.kernels._gemv.gemv_bytes`).
 PREFETCH_AHEAD = 32 * 1024
+#: Byte positions of a block of rows (the prepared layout: 64 rows a position, 4 KiB for one-byte codes) ahead of
+#: the one a kernel reads at which it asks for the line it will read then.
+AHEAD_COLUMNS = 64
+#: Codes from this many bytes on are prefetched by the checkpoint-layout kernels; smaller ones are likely in cache,
+#: where prefetching only costs.
+PREFETCH_FROM = 8 << 20
 
 
 def prefetch_call(builder, address, locality: int) -> None:

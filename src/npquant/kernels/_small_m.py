@@ -5,18 +5,13 @@ from numba import njit
 
 from ._decode import (_block_scales, _CHUNK, _decode, _decode_lanes, _FASTMATH, _fp4_high_as_f16, _fp4_low_as_f16,
                       _FP4_UNSCALE, _high_nibble_signed, _I32, _KCHUNK, _KCHUNK4, _low_nibble_signed, _ROWS)
-from ._llvm import _claim, _prefetch, _stack_empty
+from ._llvm import AHEAD_COLUMNS, PREFETCH_FROM, _claim, _prefetch, _stack_empty
 from ._target import has_avx512
 
 # Output rows (lanes) of a block accumulated at once against two rows of x: two vectors of sums each time, and
 # the decoded codes and x's broadcasts, must fit the vector registers: 2 x 64 lanes are 8 of AVX-512's 32
 # registers, but all 16 of AVX2's, whose sums then spill; there, two passes of 32 lanes over each chunk.
 _LANE_ROWS = _ROWS if has_avx512() else _ROWS // 2
-# Byte positions of a block (4 KiB of codes for one-byte ones) ahead of the one decoded: its line is prefetched.
-_AHEAD_COLUMNS = 64
-# Checkpoint-layout codes from this many bytes on are prefetched a quad of rows ahead; smaller ones are likely in
-# cache, where prefetching only costs.
-_PREFETCH_FROM = 8 << 20
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per):
@@ -32,7 +27,7 @@ def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_
     out_features = y.shape[1]
     last = out_features - 1
     n_units = (out_features + 3) // 4
-    prefetch = codes.size >= _PREFETCH_FROM
+    prefetch = codes.size >= PREFETCH_FROM
     while True:
         u_lo, u_hi = _claim(work, per, n_units)
         if u_lo >= u_hi:
@@ -161,7 +156,7 @@ def gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_tab
                 for j0 in range(g * half_block, (g + 1) * half_block, _KCHUNK4):
                     n = min(_KCHUNK4, (g + 1) * half_block - j0)
                     for jj in range(n):
-                        _prefetch(codes[blk], (j0 + jj + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (j0 + jj + AHEAD_COLUMNS) * _ROWS)
                         b = codes[blk, j0 + jj]
                         lj = lo[jj]
                         hj = hi[jj]
@@ -238,7 +233,7 @@ def gemm_small_m_bytes_blocks(x, codes, scale, zp, code_kind, fp8_mult, bi, y, w
                 for c0 in range(g * bi, (g + 1) * bi, _KCHUNK):
                     n = min(_KCHUNK, (g + 1) * bi - c0)
                     for kk in range(n):
-                        _prefetch(codes[blk], (c0 + kk + _AHEAD_COLUMNS) * _ROWS)
+                        _prefetch(codes[blk], (c0 + kk + AHEAD_COLUMNS) * _ROWS)
                         _decode_lanes(code_kind, codes[blk, c0 + kk], zi, fp8_mult, buf[kk])
                     for m in range(0, m_rows, 2):
                         m1 = min(m + 1, m_rows - 1)  # an odd last row pairs with itself, stored once

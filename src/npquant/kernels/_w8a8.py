@@ -170,11 +170,12 @@ def _threads_default() -> int:
     return _pool.cpu_count()
 
 
-def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None) -> None:
+def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
+              parallel_from: int = _PARALLEL_FROM) -> None:
     """``kernel(*args, work, per)`` on OpenBLAS's threads or npquant's pool, as
-    :func:`npquant.kernels._parallel` runs the other kernels (one thread below ``_PARALLEL_FROM`` multiply-adds)."""
+    :func:`npquant.kernels._parallel` runs the other kernels (one thread below a ``cost`` of ``parallel_from``)."""
     if threads is None:
-        threads = 1 if cost < _PARALLEL_FROM else 0
+        threads = 1 if cost < parallel_from else 0
     blas = threads != 1 and n_units > 1 and USE_BLAS_THREADS and _blas_threads.usable()
     if blas and _blas_threads.run(kernel, args, n_units, threads, _CHUNKS_PER_THREAD):
         return
@@ -203,10 +204,9 @@ def _quantize_x(x2: np.ndarray, k_pad: int, offset: bool, threads: int | None):
         codes_i16 = np.zeros((m_rows, k_pad), np.int16)
     scale = np.empty(m_rows, np.float32)
     bad = np.zeros(1, np.int64)
-    if threads is None:
-        threads = 1 if m_rows * k < _QUANTIZE_PARALLEL_FROM else 0
     compile_quantize_job()
-    _parallel(quantize_x_int8, (x2, offset, codes_u8, codes_i16, scale, bad), m_rows, m_rows * k, threads)
+    _parallel(quantize_x_int8, (x2, offset, codes_u8, codes_i16, scale, bad), m_rows, m_rows * k, threads,
+              _QUANTIZE_PARALLEL_FROM)
     return codes_u8, codes_i16, scale, bad[0] == 0
 
 

@@ -199,14 +199,6 @@ def _quantize_x_int8_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-def compile_quantize_job() -> None:
-    """Compile :func:`quantize_x_int8`'s job for OpenBLAS's threads and enter it in ``JOBS`` (once; any target)."""
-    if quantize_x_int8 not in JOBS:
-        from numba import cfunc
-
-        JOBS[quantize_x_int8] = cfunc(SIGNATURE, cache=True)(_quantize_x_int8_job)
-
-
 def _gemm_portable_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemm_portable` (xi, wp, corr, x_scale, w_scale, bias, has_bias, y, want_acc, acc_out, work, per)."""
     blk = carray(a, (n,))
@@ -216,9 +208,19 @@ def _gemm_portable_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-def compile_portable_job() -> None:
-    """Compile :func:`gemm_portable`'s job for OpenBLAS's threads and enter it in ``JOBS`` (once; any target)."""
-    if gemm_portable not in JOBS:
+def _enter_job(kernel, job) -> None:
+    """Compile ``job``, ``kernel``'s twin for OpenBLAS's threads, and enter it in ``JOBS`` (once; any target)."""
+    if kernel not in JOBS:
         from numba import cfunc
 
-        JOBS[gemm_portable] = cfunc(SIGNATURE, cache=True)(_gemm_portable_job)
+        JOBS[kernel] = cfunc(SIGNATURE, cache=True)(job)
+
+
+def compile_portable_job() -> None:
+    """Compile :func:`gemm_portable`'s job (see :func:`_enter_job`)."""
+    _enter_job(gemm_portable, _gemm_portable_job)
+
+
+def compile_quantize_job() -> None:
+    """Compile :func:`quantize_x_int8`'s job (see :func:`_enter_job`)."""
+    _enter_job(quantize_x_int8, _quantize_x_int8_job)
