@@ -13,6 +13,7 @@ pytest.importorskip("numba", reason="numba is not installed (pip install 'npquan
 from npquant import _numba_cache
 from npquant import kernels  # installs the locators
 from npquant.kernels import _gemv, _jobs, _nonlinear
+from numba import cfunc
 
 
 def _locator(dispatcher):
@@ -21,7 +22,8 @@ def _locator(dispatcher):
 
 def test_kernels_and_their_jobs_share_one_key_over_every_source():
     # The job OpenBLAS's threads run holds the kernel from another file: both must be keyed on both files.
-    for fn in (_gemv.gemv_int4_blocks, _nonlinear.gelu, _jobs.gemv_int4_blocks_job, kernels._buffers.empty_aligned):
+    job = cfunc(_jobs.SIGNATURE, cache=True)(_jobs.gemv_int4_blocks_job)  # as _jobs.job_address compiles it
+    for fn in (_gemv.gemv_int4_blocks, _nonlinear.gelu, job, kernels._buffers.empty_aligned):
         loc = _locator(fn)
         assert getattr(type(loc), "_npquant", False), type(loc).__name__
         assert loc.get_source_stamp() == _numba_cache.stamp()

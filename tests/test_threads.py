@@ -12,6 +12,8 @@ from npquant import NpquantError, Scheme, linear, prepare, quantize
 numba = pytest.importorskip("numba", reason="numba is not installed (pip install 'npquant[fast]'); the kernels are optional")
 from npquant import kernels  # noqa: E402
 from npquant.kernels import _pool  # noqa: E402
+from npquant.kernels._jobs import _f32_1d, _i64_1d  # noqa: E402
+from npquant.kernels._llvm import _claim  # noqa: E402
 
 SCHEMES = {"w8-channel": "w8-channel", "w4-g128": "w4-g128", "fp8-channel": "fp8-channel",
            "w4-g128-asym": "w4-g128-asym", "w8-g64-asym": Scheme("int", 8, "group", 64, symmetric=False)}
@@ -205,6 +207,53 @@ def test_launch_takes_blas_thread_count_at_each_call():
         assert run(8, 2) == 1
     assert run(8, 2) == 2  # the limit lifted: read again
     assert run(1, 2) == 1  # one unit of work: one thread
+
+
+def _toy_kernel(x, y, work, per):
+    while True:
+        lo, hi = _claim(work, per, x.shape[0])
+        if lo >= hi:
+            break
+        for i in range(lo, hi):
+            y[i] = 2 * x[i]
+
+
+def _toy_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
+    blk = numba.carray(a, (n,))
+    x, i = _f32_1d(blk, 0)
+    y, i = _f32_1d(blk, i)
+    work, i = _i64_1d(blk, i)
+    _TOY(x, y, work, blk[i])
+    return 0
+
+
+_TOY = numba.njit(nogil=True)(_toy_kernel)
+
+
+def test_job_compiles_after_its_kernel_for_the_same_types(monkeypatch):
+    # A job's call binds to a copy of its kernel already loaded (the same name: the same types), else to its own,
+    # compiled apart: the kernel first, so that a job runs the code the kernel runs on one thread.
+    from npquant.kernels import _blas_threads, _jobs
+
+    compiled_before_job = []
+    real = _jobs.cfunc
+
+    def spy(sig, **options):
+        compiled_before_job.append(list(_TOY.signatures))
+        return real(sig, **options)
+
+    monkeypatch.setattr(_jobs, "cfunc", spy)
+    monkeypatch.setitem(_jobs.JOBS, _TOY, _toy_job)
+    x = np.arange(100, dtype=np.float32)
+    y = np.zeros(100, np.float32)
+    address = _jobs.job_address(_TOY, (x, y))
+    assert address and _jobs.job_address(_TOY, (x, y)) == address  # once
+    want = tuple(numba.typeof(a) for a in (x, y, np.zeros(1, np.int64))) + (numba.types.int64,)
+    assert compiled_before_job == [[want]]
+    if _blas_threads.blas_threads() >= 2:  # and it runs, on OpenBLAS's threads
+        assert _blas_threads.run(_TOY, (x, y), 100, 2, 8) == 2
+        np.testing.assert_array_equal(y, 2 * x)
+    monkeypatch.delitem(_jobs._ADDRESSES, _TOY)
 
 
 def test_kernel_plan_follows_its_tensor(where):

@@ -137,9 +137,6 @@ def _addresses() -> tuple:
             _ALPHA.ctypes.data, unit)
 
 
-_JOB_ADDRESSES: dict = {}  # kernel -> the address of its job (jobs are compiled on first use, some later than others)
-
-
 def run(kernel, args: tuple, n_units: int, threads: int, chunks: int) -> int:
     """``kernel(*args, work, per)`` on OpenBLAS's threads (:func:`blas_threads` > 0): ``threads`` at most (0:
     :func:`npquant.kernels.default_threads`), BLAS's count now at most; about ``chunks`` chunks of its ``n_units``
@@ -149,10 +146,8 @@ def run(kernel, args: tuple, n_units: int, threads: int, chunks: int) -> int:
 
     The arrays in ``args`` must be C-contiguous; the caller keeps them alive.
     """
-    from ._jobs import JOBS, launch
+    from ._jobs import job_address, launch
 
-    job = _JOB_ADDRESSES.get(kernel)
-    if job is None:
-        job = _JOB_ADDRESSES[kernel] = JOBS[kernel].address
+    job = job_address(kernel, args)
     fn, get_threads, alpha, unit = _addresses()
     return launch(fn, get_threads, _MODE, alpha, job, unit, threads, n_units, chunks, *args)

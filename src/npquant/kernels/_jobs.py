@@ -9,11 +9,13 @@ a float as its float64 bit pattern (:func:`launch` packs it). It rebuilds the ar
 around the same memory and calls the kernel, which takes its chunks of
 work from the shared counter as in every other thread.
 
-Compiled on first use (imported lazily) and cached on disk like the kernels.
+A job is compiled at its kernel's first call on OpenBLAS's threads
+(:func:`job_address`), its kernel first, and cached on disk like the
+kernels.
 """
 
 import numpy as np
-from numba import carray, cfunc, literal_unroll, njit, types
+from numba import carray, cfunc, literal_unroll, njit, typeof, types
 from numba.extending import overload
 
 from ._env import threads_allowed
@@ -189,7 +191,6 @@ def _f64(blk, i):
     return _i64_bits_to_f64(blk[i]), i + 1
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemv_bytes_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_bytes` (x, codes, scale, bo, bi, code_kind, e4m3_mults, y, work, per)."""
     blk = carray(a, (n,))
@@ -204,7 +205,6 @@ def gemv_bytes_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemv_int4_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_int4` (x_even, x_odd, codes, scale, zp, has_zp, bo, bi, base_off, y, work, per)."""
     blk = carray(a, (n,))
@@ -220,7 +220,6 @@ def gemv_int4_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemv_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_int4_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block,
     y_mult, y, work, per)."""
@@ -241,7 +240,6 @@ def gemv_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemv_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemv_bytes_blocks` (x, codes, scale, zp, code_kind, bi, e4m3_mults, y, work, per)."""
     blk = carray(a, (n,))
@@ -257,7 +255,6 @@ def gemv_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemm_small_m_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemm_small_m` (x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per)."""
     blk = carray(a, (n,))
@@ -274,7 +271,6 @@ def gemm_small_m_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemm_small_m_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemm_small_m_int4_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4,
     half_block, y, work, per)."""
@@ -294,7 +290,6 @@ def gemm_small_m_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def gemm_small_m_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`gemm_small_m_bytes_blocks` (x, codes, scale, zp, code_kind, fp8_mult, bi, y, work, per)."""
     blk = carray(a, (n,))
@@ -311,7 +306,8 @@ def gemm_small_m_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-#: kernel -> its job
+#: kernel -> its job: a Python function (compiled by :func:`job_address`), or a compiled ``cfunc`` where a
+#: module compiles its own after a check of the CPU's features (``_lut``, ``_vnni``, the W8A8 kernels)
 JOBS = {
     gemv_bytes: gemv_bytes_job,
     gemv_int4: gemv_int4_job,
@@ -323,7 +319,6 @@ JOBS = {
 }
 
 
-@cfunc(SIGNATURE, cache=True)
 def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_rows` (codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, o0, k0, out, work, per)."""
     blk = carray(a, (n,))
@@ -342,7 +337,6 @@ def dequantize_rows_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_rows_int4_split` (codes, scale, zp, has_zp, bo, bi, base_off, o0, k0, out, work, per)."""
     blk = carray(a, (n,))
@@ -357,7 +351,6 @@ def dequantize_rows_int4_split_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_rows_16` (codes, scale, scale_codes, table, zp, has_zp, bo, bi, vk, base_off, fp8_mult,
     transposed, o0, k0, out, work, per)."""
@@ -378,7 +371,6 @@ def dequantize_rows_16_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_int4_blocks_t` (codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, blk0,
     k0, out_t, work, per)."""
@@ -397,7 +389,6 @@ def dequantize_int4_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def dequantize_bytes_blocks_t_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`dequantize_bytes_blocks_t` (codes, scale, zp, code_kind, fp8_mult, bi, blk0, k0, out_t, work, per)."""
     blk = carray(a, (n,))
@@ -423,7 +414,6 @@ JOBS.update({
 })
 
 
-@cfunc(SIGNATURE, cache=True)
 def gelu_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`~npquant.kernels._nonlinear.gelu` (x, work, per)."""
     blk = carray(a, (n,))
@@ -433,7 +423,6 @@ def gelu_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def add_layer_norm_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`~npquant.kernels._nonlinear.add_layer_norm` (a, b, gamma, beta, eps, out, work, per)."""
     blk = carray(a, (n,))
@@ -448,7 +437,6 @@ def add_layer_norm_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-@cfunc(SIGNATURE, cache=True)
 def softmax_scaled_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     """:func:`~npquant.kernels._nonlinear.softmax_scaled` (scores, scale, bias, n_heads, out, work, per)."""
     blk = carray(a, (n,))
@@ -463,3 +451,31 @@ def softmax_scaled_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 
 JOBS.update({gelu: gelu_job, add_layer_norm: add_layer_norm_job, softmax_scaled: softmax_scaled_job})
+
+
+_ADDRESSES: dict = {}  # kernel -> the address of its compiled job
+
+
+def job_address(kernel, args: tuple) -> int:
+    """The address of ``kernel``'s job for ``kernel(*args, work, per)``: compiled (or loaded from the cache) at its first
+    use, ``kernel`` itself first, for the types ``args`` have.
+
+    A job's machine code holds a copy of its kernel, and numba's linker
+    binds the job's call to a copy already loaded in the process under the
+    same name (the kernel for the same types), else to the job's own. The
+    two copies are compiled apart, with different register allocation, and
+    need not run alike: measured for ``gemv_int4`` (numba targeting Zen 2,
+    11008 x 4096 w4-g128 at batch 1, each call after a float32 matmul, 30
+    calls), 4.3-5.3 ms on both threads where the job was loaded first, 2.7-2.8
+    ms where the kernel was (the same 1.8-2.0 ms either way with the codes in
+    cache). Loading the kernel first makes the order of a process's first
+    calls not matter: a job runs the code the kernel runs on one thread.
+    """
+    address = _ADDRESSES.get(kernel)
+    if address is None:
+        job = JOBS[kernel]
+        if not hasattr(job, "address"):
+            kernel.compile(tuple(typeof(a) for a in args) + (typeof(np.zeros(1, np.int64)), types.int64))
+            job = JOBS[kernel] = cfunc(SIGNATURE, cache=True)(job)
+        address = _ADDRESSES[kernel] = job.address
+    return address
