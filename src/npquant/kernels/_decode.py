@@ -56,6 +56,7 @@ import numpy as np
 from numba import njit
 
 from ._llvm import _f16_bits_to_f32, _i32_bits_to_f32
+from ._target import has_avx512
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _CHUNK = 512  # columns decoded per step: four float32 buffers and x's chunks stay in L1
@@ -213,6 +214,10 @@ def _high_nibble_x16(c):
 
 # --- 4-bit codes in blocks of rows (npquant.prepared) ---------------------------------
 _ROWS = 64  # npquant.prepared.ROWS
+# Lanes (rows of a block) summed in one pass where the kernels keep a vector of sums per lane group: 64 lanes are
+# 8 of AVX-512's 32 registers, but with a second set of sums, or two nibbles' decodes, more than AVX2's 16 hold
+# (its sums then spill): there, two passes of 32 lanes.
+_LANE_ROWS = _ROWS if has_avx512() else _ROWS // 2
 # Byte positions of a block the small-M kernels decode at a time: 64 columns,
 # 16 KiB of float32 (one buffer for one-byte codes, two for 4-bit ones).
 _KCHUNK = 64

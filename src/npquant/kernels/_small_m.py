@@ -4,14 +4,10 @@ import numpy as np
 from numba import njit
 
 from ._decode import (_block_scales, _CHUNK, _decode, _decode_lanes, _FASTMATH, _fp4_high_as_f16, _fp4_low_as_f16,
-                      _FP4_UNSCALE, _high_nibble_signed, _I32, _KCHUNK, _KCHUNK4, _low_nibble_signed, _ROWS)
+                      _FP4_UNSCALE, _high_nibble_signed, _I32, _KCHUNK, _KCHUNK4, _LANE_ROWS, _low_nibble_signed,
+                      _ROWS)
 from ._llvm import AHEAD_COLUMNS, PREFETCH_FROM, _claim, _prefetch, _stack_empty
-from ._target import has_avx512
 
-# Output rows (lanes) of a block accumulated at once against two rows of x: two vectors of sums each time, and
-# the decoded codes and x's broadcasts, must fit the vector registers: 2 x 64 lanes are 8 of AVX-512's 32
-# registers, but all 16 of AVX2's, whose sums then spill; there, two passes of 32 lanes over each chunk.
-_LANE_ROWS = _ROWS if has_avx512() else _ROWS // 2
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def gemm_small_m(x, codes, scale, zp, has_zp, bo, bi, kind, bits, base_off, fp8_e4m3, fp8_mult, y, work, per):
