@@ -7,10 +7,9 @@ from ._decode import _FASTMATH, _block_scales, _FP4_UNSCALE, _I32, _LANE_ROWS, _
 from ._llvm import AHEAD_COLUMNS, PREFETCH_AHEAD, PREFETCH_FROM, _claim, _prefetch, _prefetch_l2, _stack_empty
 
 # Columns of a step of gemv_bytes: before each, its eight rows' lines a pass ahead are asked for into L2 (64
-# prefetches), and its float32 sums are reduced across SIMD lanes (8 reductions per 4 KiB of codes).
+# prefetches), and its float32 sums are reduced across SIMD lanes (8 reductions per 4 KiB of codes). Codes from
+# PREFETCH_FROM bytes on take those steps; smaller ones read all columns of a block in one loop, unprefetched.
 _SUB_BLOCK = 512
-# Codes from PREFETCH_FROM bytes on take those steps; smaller ones read all columns of a block in one loop,
-# unprefetched.
 
 
 _NO_SUMS = (np.float32(0.0),) * 8

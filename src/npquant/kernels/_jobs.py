@@ -306,8 +306,8 @@ def gemm_small_m_bytes_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-#: kernel -> its job: a Python function (compiled by :func:`job_address`), or a compiled ``cfunc`` where a
-#: module compiles its own after a check of the CPU's features (``_lut``, ``_vnni``, the W8A8 kernels)
+#: kernel -> its job: a Python function (compiled by :func:`job_address`; ``_w8a8_core`` enters two), or a compiled
+#: ``cfunc`` where a module compiles its own after a check of the CPU's features (``_lut``, ``_vnni``, the W8A8 GEMMs)
 JOBS = {
     gemv_bytes: gemv_bytes_job,
     gemv_int4: gemv_int4_job,
@@ -475,7 +475,7 @@ def job_address(kernel, args: tuple) -> int:
     if address is None:
         job = JOBS[kernel]
         if not hasattr(job, "address"):
-            kernel.compile(tuple(typeof(a) for a in args) + (typeof(np.zeros(1, np.int64)), types.int64))
+            kernel.compile(tuple(typeof(a) for a in args) + (types.int64[::1], types.int64))
             job = JOBS[kernel] = cfunc(SIGNATURE, cache=True)(job)
         address = _ADDRESSES[kernel] = job.address
     return address

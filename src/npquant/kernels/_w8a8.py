@@ -49,7 +49,7 @@ from ..errors import NpquantError
 from . import _blas_threads, _pool
 from ._env import threads_allowed
 from ._target import has_vnni, target_has
-from ._w8a8_core import compile_portable_job, compile_quantize_job, gemm_portable, pack_weight, quantize_x_int8
+from ._w8a8_core import gemm_portable, pack_weight, quantize_x_int8
 
 __all__ = ["Int8Weight", "prepare_int8", "w8a8_int8_linear", "int8_accumulators", "int8_path", "PATHS"]
 
@@ -151,7 +151,6 @@ def _path_for(m_rows: int, path: str | None) -> str:
 
 def _kernel(path: str):
     if path == "portable":
-        compile_portable_job()
         return gemm_portable
     module = _module(path)
     return module.gemm_vnni if path == "vnni" else module.gemm_avx2
@@ -204,7 +203,6 @@ def _quantize_x(x2: np.ndarray, k_pad: int, offset: bool, threads: int | None):
         codes_i16 = np.zeros((m_rows, k_pad), np.int16)
     scale = np.empty(m_rows, np.float32)
     bad = np.zeros(1, np.int64)
-    compile_quantize_job()
     _parallel(quantize_x_int8, (x2, offset, codes_u8, codes_i16, scale, bad), m_rows, m_rows * k, threads,
               _QUANTIZE_PARALLEL_FROM)
     return codes_u8, codes_i16, scale, bad[0] == 0

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit
 
-from ._jobs import JOBS, SIGNATURE, _f32_1d, _f32_2d, _i64_1d, _u8_2d, _u8_3d
+from ._jobs import JOBS, _f32_1d, _f32_2d, _i64_1d, _u8_2d, _u8_3d
 from ._llvm import _address_as, _claim
 
 #: Weight rows per block of the layout (one unit of work for the threads).
@@ -208,19 +208,5 @@ def _gemm_portable_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     return 0
 
 
-def _enter_job(kernel, job) -> None:
-    """Compile ``job``, ``kernel``'s twin for OpenBLAS's threads, and enter it in ``JOBS`` (once; any target)."""
-    if kernel not in JOBS:
-        from numba import cfunc
-
-        JOBS[kernel] = cfunc(SIGNATURE, cache=True)(job)
-
-
-def compile_portable_job() -> None:
-    """Compile :func:`gemm_portable`'s job (see :func:`_enter_job`)."""
-    _enter_job(gemm_portable, _gemm_portable_job)
-
-
-def compile_quantize_job() -> None:
-    """Compile :func:`quantize_x_int8`'s job (see :func:`_enter_job`)."""
-    _enter_job(quantize_x_int8, _quantize_x_int8_job)
+#: Compiled at their kernels' first call on OpenBLAS's threads, the kernel first (see _jobs.job_address)
+JOBS.update({gemm_portable: _gemm_portable_job, quantize_x_int8: _quantize_x_int8_job})
