@@ -85,7 +85,7 @@ def test_longest_rows_whose_sums_fit_int32(path):
 def test_threads_and_zero_tokens(path, blas_threads, monkeypatch):
     monkeypatch.setattr(_w8a8, "USE_BLAS_THREADS", blas_threads)  # OpenBLAS's threads where usable, else the pool
     rng = np.random.default_rng(7)
-    n, k, m = 1000, 515, 33  # 17 blocks of 64 rows: several chunks per thread
+    n, k, m = 1000, 515, 33  # 16 blocks of 64 rows: several chunks per thread
     wq = codes(rng, (n, k))
     ws = rng.uniform(1e-3, 1e-1, n).astype(np.float32)
     weight = _w8a8.prepare_int8(wq, ws)
@@ -94,6 +94,10 @@ def test_threads_and_zero_tokens(path, blas_threads, monkeypatch):
     ref = w8a8_int8_linear(x, wq, ws)
     for threads in (1, 2, 3):
         np.testing.assert_array_equal(_w8a8.w8a8_int8_linear(x, weight, None, path, threads), ref)
+        # one token, a different one each time (an output left unwritten could hold the last call's values):
+        # its own chunking (_STREAM_CHUNKS, one part of the blocks per thread)
+        t = x[threads : threads + 1]
+        np.testing.assert_array_equal(_w8a8.w8a8_int8_linear(t, weight, None, path, threads), ref[threads : threads + 1])
     assert not ref[5].any()
     x[-1, -1] = np.inf  # in the last chunk of rows: whichever thread quantizes it must report it
     for threads in (1, 2, 3):

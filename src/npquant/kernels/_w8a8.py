@@ -62,6 +62,11 @@ _QUANTIZE_PARALLEL_FROM = 1 << 16  # elements of x below which its quantization 
 USE_BLAS_THREADS = True
 _CHUNKS_PER_THREAD = 32  # small chunks (3 blocks of 64 rows for 11008 rows, 2 threads): a thread the OS
 # holds back leaves little for the others to wait on
+# Chunks per thread at batch 1, where a call only streams the weight: one contiguous part each, as OpenBLAS
+# splits its own GEMV. 11008 x 4096, prepared, each call after a float32 matmul of another matrix, six weights in
+# turn, the two settings alternating in one process (3 runs): 1.553 / 1.609 / 1.590 ms with 32 chunks, 1.535 /
+# 1.556 / 1.569 ms with one (AVX-512 host; numba targeting Zen 2: 1.643 / 1.619 -> 1.620 / 1.607).
+_STREAM_CHUNKS = 1
 
 
 class Int8Weight(NamedTuple):
@@ -170,23 +175,23 @@ def _threads_default() -> int:
 
 
 def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
-              parallel_from: int = _PARALLEL_FROM) -> None:
+              parallel_from: int = _PARALLEL_FROM, chunks: int = _CHUNKS_PER_THREAD) -> None:
     """``kernel(*args, work, per)`` on OpenBLAS's threads or npquant's pool, as
     :func:`npquant.kernels._parallel` runs the other kernels (one thread below a ``cost`` of ``parallel_from``)."""
     if threads is None:
         threads = 1 if cost < parallel_from else 0
     blas = threads != 1 and n_units > 1 and USE_BLAS_THREADS and _blas_threads.usable()
-    if blas and _blas_threads.run(kernel, args, n_units, threads, _CHUNKS_PER_THREAD):
+    if blas and _blas_threads.run(kernel, args, n_units, threads, chunks):
         return
     n = max(1, min(threads or _threads_default(), n_units))
     if blas and n > 1:
-        _blas_threads.run(kernel, args, n_units, n, _CHUNKS_PER_THREAD)
+        _blas_threads.run(kernel, args, n_units, n, chunks)
         return
     work = np.zeros(1, np.int64)
     if n == 1:
         kernel(*args, work, n_units)
         return
-    per = max(1, -(-n_units // (n * _CHUNKS_PER_THREAD)))
+    per = max(1, -(-n_units // (n * chunks)))
     _pool.run(lambda: kernel(*args, work, per), n)
 
 
@@ -223,7 +228,8 @@ def _run(path, codes, x_scale, weight, bias, want_acc, threads) -> np.ndarray:
     has_bias = bias is not None
     args = (codes, weight.packed, corr, x_scale, weight.w_scale, bias if has_bias else _NO_F32, has_bias,
             _NO_Y if want_acc else y, want_acc, y if want_acc else _NO_ACC)
-    _parallel(_kernel(path), args, weight.packed.shape[0], m_rows * n * k, threads)
+    _parallel(_kernel(path), args, weight.packed.shape[0], m_rows * n * k, threads,
+              chunks=_STREAM_CHUNKS if m_rows == 1 else _CHUNKS_PER_THREAD)
     return y
 
 
