@@ -19,7 +19,7 @@ brackets to float32 in this process.
   over rounds of one call.
 
 W8A8 schemes (``w8a8-int8`` by default; ``w8a8-fp8`` with ``--scheme``, on
-the numpy reference: no fp8 kernel) quantize every linear's ``x`` per
+its exact float64 GEMM) quantize every linear's ``x`` per
 token; the header names the int8 GEMM's instruction path (vnni, avx2,
 portable). Target for ``w8a8-int8``: at most 0.6x float32's 64-sentence
 time.
@@ -186,7 +186,7 @@ def main() -> int:
         try:
             from npquant.kernels._w8a8 import int8_path
 
-            print(f"W8A8 int8 path: {int8_path()} (w8a8-int8's linears; w8a8-fp8 runs the numpy reference)")
+            print(f"W8A8 int8 path: {int8_path()} (w8a8-int8's linears; w8a8-fp8 its exact float64 GEMM)")
         except ImportError:
             print("W8A8: numba not installed, the numpy reference")
     print(f"one sentence: {ONE[0]!r}, median of {args.repeats} rounds x {STEPS - 2} calls; "

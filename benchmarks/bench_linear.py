@@ -29,10 +29,10 @@ beside ``w8-channel``.
 W8A8 schemes (``w8a8-int8`` by default, ``w8a8-fp8`` with ``--scheme``)
 quantize ``x`` per token inside each call: ``w8a8-int8`` runs the int8 GEMM
 on the instruction path the header names (``W8A8 int8 path``: vnni, avx2
-or portable; its ``prep`` row is the GEMM's own layout), ``w8a8-fp8`` the
-numpy reference (no fp8 kernel: float64 products, slow). Each W8A8 row adds
-the float32 GFLOP/s and the integer GOP/s reached (``2 M O I`` operations
-over the median time).
+or portable; its ``prep`` row is the GEMM's own layout), ``w8a8-fp8`` its
+exact float64 GEMM (about float32's time at small batches, 2-3x at large).
+Each W8A8 row adds the float32 GFLOP/s and the integer GOP/s reached (``2 M
+O I`` operations over the median time).
 
     python benchmarks/bench_linear.py --shape 11008 4096 --batch 1 --batch 8 --batch 128 --scheme w8a8-int8
     python benchmarks/bench_linear.py              # full run (a few minutes)

@@ -21,7 +21,8 @@ def weight(shape=(128, 256)):
 
 def tensors():
     """Every preset in the checkpoint layout and, where prepare takes it, the prepared one; int4 in blocks the
-    table lookup does not take; and a weight whose blocks are cut at its edge."""
+    table lookup does not take; a weight whose blocks are cut at its edge; and W8A8 rows too long for the int8
+    GEMM's int32 sums."""
     out = []
     for name in PRESETS:
         qt = quantize(weight(), name)
@@ -31,6 +32,7 @@ def tensors():
             out.append((f"{name} prepared", p))
     out.append(("int4 in groups of 8", quantize(weight(), Scheme("int", 4, "group", 8))))  # no table lookup
     out.append(("cut blocks", quantize(weight((200, 256)), "fp8-block")))
+    out.append(("w8a8 rows past int32 sums", quantize(weight((4, 131080)), "w8a8-int8")))  # the W8A8 reference
     return out
 
 

@@ -6,8 +6,8 @@ the weight codes ``wq (O, I)`` (int8 or float8_e4m3fn) and one scale per
 output row; :func:`w8a8_reference` quantizes ``x`` per token and multiplies
 by :mod:`npquant.linear_w8a8`'s exact rules (integer or exact sums, then
 ``x_scale * (w_scale * float32(acc))`` in float32). The numba backend's
-int8 GEMM is bit-equal to it; its fp8 route is this function itself (no fp8
-kernel exists).
+int8 GEMM and fp8 GEMM (exact float64 sums) are bit-equal to it; tensors
+neither takes (act-order, rows past their limits) run this function there too.
 
 >>> import numpy as np, npquant
 >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)

@@ -57,7 +57,7 @@ from ..tensor import QuantizedTensor, _float_code_values
 _numba_cache.install()  # before any kernel is defined: one cache key for all numba sources (see there)
 
 from . import _blas_threads, _buffers, _pool
-from . import _nonlinear
+from . import _nonlinear, _w8a8_fp8
 from ._args import (_BYTE_KIND, _FP8, _INT4_OFFSET, _INT4_TWOS, _NIBBLES, _NO_E4M3, _NO_SCALE_2D,  # noqa: F401
                     _NO_SCALE_BLOCKS, _NO_SCALE_CODES, _NO_SCALE_CODES_2D, _NO_SCALE_TABLE, _NO_ZP, _NO_ZP_BLOCKS,
                     _PLANS, _VK_OF_KIND, _code_kind, _code_scale_values, _dequantize_rows_args, _dequantizes,
@@ -479,6 +479,45 @@ def _run_w8a8_int8(x2, t, y, call) -> np.ndarray:
     return _w8a8.w8a8_int8_linear(x2, weight, call.bias, threads=call.threads)
 
 
+def _w8a8_fp8_fits(qt: QuantizedTensor) -> bool:
+    """Whether the fp8 GEMM takes ``qt``: w8a8-fp8 codes in stored order, sums exact (in_features up to 2**17)."""
+    return qt.scheme.activations == "fp8-token" and qt.perm is None and qt.shape[1] <= _FP8_MAX_K
+
+
+_FP8_MAX_K = 1 << 17  # npquant.linear_w8a8.fp8_dot: float64 sums exact up to this many columns
+
+
+def _run_w8a8_fp8(x2, t, y, call) -> np.ndarray:
+    """:mod:`~npquant.kernels._w8a8_fp8`: ``x`` quantized per token to e4m3 (numpy, the reference's rule), exact
+    float64 sums (:func:`~npquant.kernels._w8a8_fp8.fp8_sums` for few tokens, decoded tiles and BLAS for more),
+    then the reference's epilogue; returns ``y``, bit-equal to :func:`npquant.linear_w8a8_apply.w8a8_reference`."""
+    from ..activations import quantize_activations_fp8
+    from ..linear_w8a8 import scale_outputs
+    from ..linear_w8a8_apply import weight_codes
+    wq, w_scale = weight_codes(t)
+    codes = np.ascontiguousarray(wq).view(np.uint8)  # (N, K) e4m3 bytes
+    xq, x_scale = quantize_activations_fp8(x2)
+    xd = _w8a8_fp8.decode_x(np.ascontiguousarray(xq).view(np.uint8))  # (M, K) float64, values / 2**8
+    m_rows, k = xd.shape
+    n = codes.shape[0]
+    if m_rows <= _w8a8_fp8.DOT_MAX_M:
+        acc = np.empty((m_rows, n), np.float64)
+        _parallel(_w8a8_fp8.fp8_sums, (xd, codes, acc), n, m_rows * n * k, call.threads)
+    else:
+        acc_t = np.empty((n, m_rows), np.float64)  # tiles of rows of the weight land on rows of acc_t
+        rows = max(1, min(n, _w8a8_fp8.TILE_ELEMENTS // k))
+        tile = np.empty((rows, k), np.float64)
+        for r0 in range(0, n, rows):
+            part = tile[: min(rows, n - r0)]
+            _parallel(_w8a8_fp8.decode_rows, (codes, r0, part), part.shape[0], part.nbytes, call.threads,
+                      _PARALLEL_TILE_FROM)
+            np.matmul(part, xd.T, out=acc_t[r0 : r0 + part.shape[0]])  # BLAS dgemm: exact in any order
+        acc = acc_t.T
+    acc32 = (acc * _w8a8_fp8.UNSCALE).astype(np.float32, order="C")  # exact product (a power of two); C order,
+    # as every other path's y (a transposed one would reach the model's next matmul in another BLAS order)
+    return scale_outputs(acc32, x_scale, w_scale, call.bias)
+
+
 def _run_w8a8_reference(x2, t, y, call) -> np.ndarray:
     """:func:`npquant.linear_w8a8_apply.w8a8_reference`: no kernel for these W8A8 codes (fp8); returns ``y``."""
     y = w8a8_reference(x2, t)
@@ -526,9 +565,12 @@ ROUTES = (
     Route("checkpoint", (1, _BIG), "int8 codes with int8 activations per token (w8a8-int8)", _w8a8_fits, "", None,
           "_w8a8.w8a8_int8_linear", _run_w8a8_int8, "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 "
           "or portable: _w8a8.int8_path()) on prepare's layout, made at the first call and kept with the tensor"),
-    Route("checkpoint", (1, _BIG), "codes with activations per token the int8 GEMM does not take (w8a8-fp8)",
+    Route("checkpoint", (1, _BIG), "fp8 e4m3 codes with fp8 activations per token (w8a8-fp8)", _w8a8_fp8_fits, "",
+          None, "_w8a8_fp8.fp8_sums / decode_rows + BLAS", _run_w8a8_fp8, "x quantized per token, exact float64 sums of "
+          f"the decoded codes: a pass over the weight's bytes up to {_w8a8_fp8.DOT_MAX_M} tokens, float64 tiles and BLAS beyond"),
+    Route("checkpoint", (1, _BIG), "codes with activations per token no kernel takes (act-order, very long rows)",
           lambda qt: qt.scheme.activations is not None, "", None, "npquant.linear_w8a8_apply.w8a8_reference",
-          _run_w8a8_reference, "no fp8 kernel: the exact numpy reference, x quantized per token"),
+          _run_w8a8_reference, "the exact numpy reference, x quantized per token"),
     Route("prepared", (1, _BIG), "int8 codes with int8 activations per token (PreparedW8A8)",
           lambda p: isinstance(p, PreparedW8A8), "", None, "_w8a8.w8a8_int8_linear", _run_w8a8_int8,
           "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 or portable: _w8a8.int8_path())"),
