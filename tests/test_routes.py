@@ -48,7 +48,7 @@ def avx2(monkeypatch):
     _target.has_vnni.cache_clear()
 
 
-@pytest.mark.parametrize("batch", [1, 2, 16, 17, 128])
+@pytest.mark.parametrize("batch", [1, 2, 16, 17, 128, 129])  # 128 and 129: the prepared tiles' two sizes
 def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
     for name, t in tensors():
         route = kernels._choose(t, batch)

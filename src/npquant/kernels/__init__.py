@@ -13,7 +13,7 @@ the codes it reads and the CPU features it needs; the first row a call
 fits takes it, and :func:`explain` says which and why. Batch 1 and small
 batches read each code once, decoded in registers (by table lookup where
 AVX-512 is, as exact integer dot products for int8 where AVX-512 VNNI is);
-larger batches dequantize tiles of about 2 MiB on all threads for
+larger batches dequantize tiles of 1-2 MiB on all threads for
 OpenBLAS to multiply, so the float32 weight never exists whole. The
 kernels run on OpenBLAS's own threads where numpy's BLAS lets them
 (:mod:`~npquant.kernels._blas_threads`), else on npquant's pool.
@@ -80,6 +80,20 @@ SMALL_M = 16
 _FLOAT32 = np.dtype(np.float32)
 _TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
 _TILE_K = 256  # its columns, where tiles add into y (see _tiling.tiled)
+# The prepared layout's tiles up to this many rows of x: 1 MiB, 128 columns. 11008 x 4096, each call after a
+# float32 matmul of another matrix, the two sizes alternating in one process (4 rounds), ratio to float32 for
+# 2 MiB / 256 -> 1 MiB / 128: batch 32 w8-channel 0.922 -> 0.857, w4-g128 0.903 -> 0.829, fp8-channel 0.935 ->
+# 0.868, nvfp4 0.914 -> 0.856; batch 128 1.035 -> 1.005, 1.040 -> 0.977, 1.043 -> 0.997, 1.058 -> 1.000 (numba
+# targeting Zen 2: batch 32 0.952 -> 0.909, 0.947 -> 0.888, 0.985 -> 0.980; 128 1.047 -> 1.037, 1.024 -> 0.995,
+# 1.048 -> 1.062); batch 64 0.957 -> 0.904; 4096 x 11008 at 128 1.062 -> 1.031, 1.069 -> 1.020. More rows of x
+# want deeper tiles (each pass adds into y: M x T floats): batch 256 1.057 -> 1.082, 512 1.057 -> 1.116. The
+# checkpoint layout's tiles gained nothing clear (within 2% either way) and keep 2 MiB / 256. bench_linear.py at
+# batch 128, prepared, two runs each way in turn: w8 / w4-g128 / fp8 1.040 1.053 1.035 and 1.023 1.043 1.027 ->
+# 1.005 0.988 1.003 and 1.009 1.022 1.013 (host); Zen 2 target 1.041 1.018 1.067 and 1.058 1.062 1.051 ->
+# 1.049 1.041 1.039 and 1.038 1.024 1.056.
+_NARROW_TILES_UP_TO = 128
+_NARROW_TILE_ELEMENTS = 1 << 18
+_NARROW_TILE_K = 128
 # Below this cost (weights times rows of x: the multiply-adds, whatever the
 # code width) a call runs in the caller's thread alone: handing work to
 # another thread costs more than it saves. Measured on the MiniLM encoder
@@ -241,12 +255,14 @@ def _parallel(kernel, args: tuple, n_units: int, cost: int, threads: int | None,
     _pool.run(lambda: kernel(*args, work, per), n)
 
 
-def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int = _TILE_ELEMENTS,
-                 threads: int | None = None, tile_k: int = _TILE_K, bias: np.ndarray | None = None) -> np.ndarray:
+def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elements: int | None = None,
+                 threads: int | None = None, tile_k: int | None = None, bias: np.ndarray | None = None) -> np.ndarray:
     """float32 ``(M, O)`` = ``x2 (M, I) @ W.T`` (``+ bias``) for a floating ``x2 (M, I)``, by the kernel
     :data:`ROUTES` names.
 
-    ``tile_elements`` bounds each float32 tile of the tiled paths;
+    ``tile_elements`` bounds each float32 tile of the tiled paths, ``tile_k``
+    its columns (None: 2 MiB and 256, or for the prepared layout up to 128
+    rows of ``x``, 1 MiB and 128);
     ``threads`` is the number of threads (default: :func:`default_threads`,
     one for small layers). A tensor no kernel reads (:func:`has_kernels`)
     goes through numpy's tiles (:func:`npquant.linear`'s ``"numpy"`` backend).
@@ -264,7 +280,7 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     if route.run is None:
         from ..linear_numpy import numpy_linear
 
-        y = numpy_linear(x2, qt, tile_elements)
+        y = numpy_linear(x2, qt, tile_elements or _TILE_ELEMENTS)
     elif qt.scheme.activations is not None:  # W8A8: x quantized per token inside the call, the runner's own output
         return route.run(x2, qt, None, _Call(tile_elements, tile_k, threads, bias))
     else:
@@ -280,8 +296,8 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
 class _Call(NamedTuple):
     """What a call asks of its kernel besides ``x`` and the weight."""
 
-    tile_elements: int
-    tile_k: int
+    tile_elements: int | None  # None: the path's own (see numba_linear)
+    tile_k: int | None
     threads: int | None
     bias: np.ndarray | None = None  # float32 (O,): added by the W8A8 runners, in their epilogue or after
 
@@ -302,7 +318,8 @@ def _run_lut_rows(x2, qt, y, call) -> None:
 
 def _run_tiles(x2, qt, y, call) -> None:
     """Tiles dequantized by all threads, then BLAS (:func:`_rows_linear`)."""
-    _rows_linear(x2, qt, _plan(qt)[0], y, call.tile_elements, call.tile_k, call.threads)
+    _rows_linear(x2, qt, _plan(qt)[0], y, call.tile_elements or _TILE_ELEMENTS, call.tile_k or _TILE_K,
+                 call.threads)
 
 
 def _run_vnni(x2, qt, y, call) -> None:
@@ -446,7 +463,10 @@ def _run_prepared_tiles(x2, p, y, call) -> None:
         _parallel(kernel, (*args, o0 // ROWS, k0, w_t), -(-w_t.shape[1] // ROWS), w_t.nbytes, call.threads,
                   _PARALLEL_TILE_FROM, as_gemm=True)
 
-    tile_rows, tile_cols = tile_shape(p.shape[0], p.shape[1], call.tile_elements, call.tile_k, ROWS)
+    narrow = x2.shape[0] <= _NARROW_TILES_UP_TO
+    elements = call.tile_elements or (_NARROW_TILE_ELEMENTS if narrow else _TILE_ELEMENTS)
+    cols = call.tile_k or (_NARROW_TILE_K if narrow else _TILE_K)
+    tile_rows, tile_cols = tile_shape(p.shape[0], p.shape[1], elements, cols, ROWS)
     tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
 
 
@@ -579,7 +599,7 @@ ROUTES = (
     Route("checkpoint", _ONE, f"{_P4} in blocks of 32s or paired 16s", lambda qt: _plan(qt)[1], "AVX-512", _has_lut,
           "_lut.gemv_lut_rows", _run_lut_rows, "each row's block is a 16-entry table in a register (vpermps)"),
     Route("checkpoint", _LARGE, "any codes", _always, "", None, "_tiles (per format) + OpenBLAS", _run_tiles,
-          "compute-bound: tiles of about 2 MiB dequantized by all threads, multiplied by BLAS"),
+          "compute-bound: tiles of 1-2 MiB dequantized by all threads, multiplied by BLAS"),
     Route("checkpoint", _ONE, "symmetric int8 codes in blocks of 64s", lambda qt: _code_kind(qt) == 0
           and qt.block_shape[1] % _vnni_kernels()._CHUNK == 0, "AVX-512 VNNI", _has_vnni, "_vnni.gemv_int8_exact",
           _run_vnni, "exact integer dot products (vpdpwssd), one widening per 32 codes"),
