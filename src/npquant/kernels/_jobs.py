@@ -167,6 +167,11 @@ def _f32_3d(blk, i):
 
 
 @njit(inline="always")
+def _f64_2d(blk, i):
+    return carray(_address_as(blk[i], np.float64), (blk[i + 1], blk[i + 2])), i + 3
+
+
+@njit(inline="always")
 def _u8_2d(blk, i):
     return carray(_address_as(blk[i], np.uint8), (blk[i + 1], blk[i + 2])), i + 3
 

@@ -37,8 +37,8 @@ import numpy as np
 from numba import carray, njit
 
 from ._decode import _e4m3_as_f16
-from ._jobs import JOBS, _i64_1d, _u8_2d
-from ._llvm import _address_as, _claim
+from ._jobs import JOBS, _f64_2d, _i64_1d, _u8_2d
+from ._llvm import _claim
 
 #: Tokens up to which :func:`fp8_sums` runs; more take decoded tiles and BLAS.
 DOT_MAX_M = 16
@@ -114,11 +114,6 @@ def decode_x(codes: np.ndarray) -> np.ndarray:
     out = np.empty(codes.shape, np.float64)
     decode_rows(codes, 0, out, np.zeros(1, np.int64), max(1, codes.shape[0]))
     return out
-
-
-@njit(inline="always")
-def _f64_2d(blk, i):
-    return carray(_address_as(blk[i], np.float64), (blk[i + 1], blk[i + 2])), i + 3
 
 
 def fp8_sums_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
