@@ -97,3 +97,19 @@ def test_random_codes_and_shapes(m, n, k, seed):
     _w8a8_fp8.fp8_sums(xd, codes, acc, np.zeros(1, np.int64), max(1, n // 3))
     exact = xc.view(E4M3).astype(np.float64) @ codes.view(E4M3).astype(np.float64).T
     assert np.array_equal(acc * _w8a8_fp8.UNSCALE, exact)
+
+
+def test_rows_past_exact_float64_sums_are_refused():
+    """Up to 2**17 columns every float64 sum is exact and the GEMM takes the tensor; past it neither the GEMM nor the
+    reference can promise the exact sum, and the call says so on both backends."""
+    k = npquant.linear_w8a8.MAX_FP8_K
+    fits = npquant.quantize(np.ones((2, k), np.float32), "w8a8-fp8")
+    assert "_w8a8_fp8" in kernels.explain(fits, 1)
+    assert np.array_equal(npquant.linear(np.ones((1, k), np.float32), fits, backend="numba"),
+                          npquant.linear(np.ones((1, k), np.float32), fits, backend="numpy"))
+    past = npquant.quantize(np.ones((2, k + 1), np.float32), "w8a8-fp8")
+    assert "_w8a8_fp8" not in kernels.explain(past, 1)
+    for backend in ("numba", "numpy"):
+        with pytest.raises(npquant.NpquantError,
+                           match=r"in_features=131073: fp8 sums are exact in float64 up to 2\*\*17"):
+            npquant.linear(np.ones((1, k + 1), np.float32), past, backend=backend)

@@ -41,10 +41,12 @@ from .activations import quantize_activations_fp8, quantize_activations_int8
 from .errors import NpquantError
 
 __all__ = ["int8_dot", "fp8_dot", "scale_outputs", "w8a8_int8_matmul", "w8a8_int8_linear", "w8a8_fp8_matmul",
-           "w8a8_fp8_linear", "MAX_INT32_K"]
+           "w8a8_fp8_linear", "MAX_INT32_K", "MAX_FP8_K"]
 
 #: Longest rows whose int8 dot products fit int32 whatever the codes: ``131071 * 128 * 128 < 2**31``.
 MAX_INT32_K = (2**31 - 1) // (128 * 128)
+#: Longest rows whose fp8 products sum exactly in float64 in any order (the module docstring).
+MAX_FP8_K = 2**17
 
 
 def _check_codes(q: np.ndarray, name: str, dtype, ndim: int = 2) -> np.ndarray:
@@ -79,7 +81,7 @@ def fp8_dot(xq: np.ndarray, wq: np.ndarray) -> np.ndarray:
     wq = _check_codes(wq, "wq", e4m3)
     if xq.shape[1] != wq.shape[1]:
         raise NpquantError(f"xq {xq.shape} and wq {wq.shape} must share in_features (their last axis)")
-    if xq.shape[1] > 2**17:
+    if xq.shape[1] > MAX_FP8_K:
         raise NpquantError(f"in_features={xq.shape[1]}: fp8 sums are exact in float64 up to 2**17 columns")
     xf = xq.astype(np.float64)
     wf = wq.astype(np.float64)

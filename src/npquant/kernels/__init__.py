@@ -50,7 +50,9 @@ import numpy as np
 
 from .. import _numba_cache
 from ..errors import NpquantError
-from ..linear_w8a8_apply import w8a8_reference
+from ..activations import quantize_activations_fp8
+from ..linear_w8a8 import MAX_FP8_K, scale_outputs
+from ..linear_w8a8_apply import w8a8_reference, weight_codes
 from ..prepared import _W8A8_MAX_K, ROWS, PreparedTensor, PreparedW8A8, prepare
 from ..tensor import QuantizedTensor, _float_code_values
 
@@ -501,19 +503,13 @@ def _run_w8a8_int8(x2, t, y, call) -> np.ndarray:
 
 def _w8a8_fp8_fits(qt: QuantizedTensor) -> bool:
     """Whether the fp8 GEMM takes ``qt``: w8a8-fp8 codes in stored order, sums exact (in_features up to 2**17)."""
-    return qt.scheme.activations == "fp8-token" and qt.perm is None and qt.shape[1] <= _FP8_MAX_K
-
-
-_FP8_MAX_K = 1 << 17  # npquant.linear_w8a8.fp8_dot: float64 sums exact up to this many columns
+    return qt.scheme.activations == "fp8-token" and qt.perm is None and qt.shape[1] <= MAX_FP8_K
 
 
 def _run_w8a8_fp8(x2, t, y, call) -> np.ndarray:
     """:mod:`~npquant.kernels._w8a8_fp8`: ``x`` quantized per token to e4m3 (numpy, the reference's rule), exact
     float64 sums (:func:`~npquant.kernels._w8a8_fp8.fp8_sums` for few tokens, decoded tiles and BLAS for more),
     then the reference's epilogue; returns ``y``, bit-equal to :func:`npquant.linear_w8a8_apply.w8a8_reference`."""
-    from ..activations import quantize_activations_fp8
-    from ..linear_w8a8 import scale_outputs
-    from ..linear_w8a8_apply import weight_codes
     wq, w_scale = weight_codes(t)
     codes = np.ascontiguousarray(wq).view(np.uint8)  # (N, K) e4m3 bytes
     xq, x_scale = quantize_activations_fp8(x2)
@@ -539,7 +535,7 @@ def _run_w8a8_fp8(x2, t, y, call) -> np.ndarray:
 
 
 def _run_w8a8_reference(x2, t, y, call) -> np.ndarray:
-    """:func:`npquant.linear_w8a8_apply.w8a8_reference`: no kernel for these W8A8 codes (fp8); returns ``y``."""
+    """:func:`npquant.linear_w8a8_apply.w8a8_reference`, for W8A8 tensors neither GEMM takes; returns ``y``."""
     y = w8a8_reference(x2, t)
     if call.bias is not None:
         y += call.bias
@@ -586,8 +582,9 @@ ROUTES = (
           "_w8a8.w8a8_int8_linear", _run_w8a8_int8, "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 "
           "or portable: _w8a8.int8_path()) on prepare's layout, made at the first call and kept with the tensor"),
     Route("checkpoint", (1, _BIG), "fp8 e4m3 codes with fp8 activations per token (w8a8-fp8)", _w8a8_fp8_fits, "",
-          None, "_w8a8_fp8.fp8_sums / decode_rows + BLAS", _run_w8a8_fp8, "x quantized per token, exact float64 sums of "
-          f"the decoded codes: a pass over the weight's bytes up to {_w8a8_fp8.DOT_MAX_M} tokens, float64 tiles and BLAS beyond"),
+          None, "_w8a8_fp8.fp8_sums / decode_rows + BLAS", _run_w8a8_fp8, "x quantized per token, exact float64 sums "
+          f"of the decoded codes: a pass over the weight's bytes up to {_w8a8_fp8.DOT_MAX_M} tokens, float64 tiles "
+          "and BLAS beyond"),
     Route("checkpoint", (1, _BIG), "codes with activations per token no kernel takes (act-order, very long rows)",
           lambda qt: qt.scheme.activations is not None, "", None, "npquant.linear_w8a8_apply.w8a8_reference",
           _run_w8a8_reference, "the exact numpy reference, x quantized per token"),
