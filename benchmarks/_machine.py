@@ -13,3 +13,32 @@ def instruction_set() -> str:
     target = config.CPU_NAME or "host"
     given = " with NUMBA_CPU_FEATURES" if config.CPU_FEATURES is not None else ""
     return f"{isa}; numba's target {target}{given}"
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Bytes of the largest CPU cache cpu0 reports (Linux sysfs, else ``sysconf``), or ``default``.
+
+    A benchmark whose weights must come from memory, as a large model's do,
+    rotates over copies that together outgrow this.
+    """
+    import glob
+    import os
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if unit > 1 else text
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    if not sizes:
+        try:
+            sizes.append(int(os.sysconf("SC_LEVEL3_CACHE_SIZE")))
+        except (ValueError, OSError, AttributeError):
+            pass
+    best = max(sizes, default=0)
+    return best if best > 0 else default

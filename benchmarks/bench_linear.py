@@ -13,6 +13,11 @@ numpy's. ``rounds q1-q3`` is the spread of the ratio: the quartiles, over
 the rounds, of each round's quantized median over the same round's
 float32-alone median.
 
+Every weight comes from memory, as each layer's does in a model larger than
+the cache: float32 and quantized weights alike are taken in turn from equal
+copies that together outgrow the last-level cache (5/4 of its size, read
+from sysfs; ``--rotate-mib`` to set it), one copy per call.
+
 ``--bursts``: the old measurement, a best case: each (shape, batch) in a
 fresh process, each function timed in bursts of five calls of its own kind
 after a warm-up, nothing else in between.
@@ -69,6 +74,10 @@ def _parse() -> argparse.Namespace:
                         "process: a best case, not what a model sees (default: calls alternate with float32 "
                         "matmuls of another matrix, all in this process)")
     p.add_argument("--same-process", action="store_true", help="with --bursts: every case in this process")
+    p.add_argument("--rotate-mib", type=int, default=None, metavar="MIB",
+                   help="each weight (float32 and quantized) is taken in turn from copies totalling at least "
+                        "this many MiB, so that every call reads it from memory (default: 5/4 of the "
+                        "last-level cache, at least 128; --quick: 128)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -81,7 +90,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NPQUA
 import numpy as np  # noqa: E402
 
 import npquant  # noqa: E402
-from _machine import instruction_set  # noqa: E402 (a module beside this script)
+from _machine import instruction_set, last_level_cache_bytes  # noqa: E402 (a module beside this script)
 
 
 BURST = 5  # timed calls of one function in a row within a round
@@ -175,7 +184,23 @@ def ratio_spread(num: list, den: list) -> str:
     return f"{q1:.2f}-{q3:.2f}"
 
 
-ROTATE_BYTES = 128 << 20  # well past this machine's 32 MiB of L3
+ROTATE_MIN = 128 << 20  # the least bytes of copies a case rotates over
+
+
+def rotate_bytes() -> int:
+    """Bytes of copies each case rotates over: ``--rotate-mib``, else 5/4 of the last-level cache.
+
+    Every weight, float32 or quantized, is taken from a set of equal copies
+    in turn, one per call, that together outgrow the last-level cache: each
+    call reads its weight from memory, as each layer of a model larger than
+    the cache does. (Calling one float32 matrix back to back would let part
+    of it stay in a large L3 between calls: a baseline no model sees.)
+    """
+    if ARGS.rotate_mib is not None:
+        return ARGS.rotate_mib << 20
+    if ARGS.quick:
+        return ROTATE_MIN
+    return max(ROTATE_MIN, last_level_cache_bytes() * 5 // 4)
 
 
 def _rotating(items: list, fn):
@@ -213,18 +238,18 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
     return buf.nbytes / min(rounds)
 
 
-def torch_case(w, x):
-    """A callable running torch's int8 weight-only kernel on w's per-channel codes, or None."""
+def torch_case(w, x, rotate: int):
+    """A callable running torch's int8 weight-only kernel on copies of w's per-channel codes in turn, or None."""
     try:
         import torch
     except ImportError:
         return None
     q, scales = npquant.quantize_per_channel(w)
-    tq = torch.from_numpy(q)
+    tqs = [torch.from_numpy(q.copy()) for _ in range(-(-rotate // q.nbytes))]
     ts = torch.from_numpy(scales).to(torch.bfloat16)
     tx = torch.from_numpy(x).to(torch.bfloat16)
     torch.set_num_threads(ARGS.threads)
-    return lambda: torch._weight_int8pack_mm(tx, tq, ts)
+    return _rotating(tqs, lambda tq: torch._weight_int8pack_mm(tx, tq, ts))
 
 
 def main() -> int:
@@ -252,7 +277,9 @@ def explain(qt, m: int) -> str:
 
 
 def _read_bandwidth() -> float:
-    return read_bandwidth(1 << 26 if ARGS.quick else 1 << 29, 3 if ARGS.quick else 7)
+    if ARGS.quick:
+        return read_bandwidth(1 << 26, 3)
+    return read_bandwidth(max(1 << 29, 2 * last_level_cache_bytes()), 7)
 
 
 def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> None:
@@ -273,6 +300,8 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
         print(f"IN A MODEL: each quantized call alternates with a float32 matmul of another matrix, all in this "
               f"process; medians of {repeats} rounds of {STEPS - 2} timed steps; ratio = quantized in the loop / "
               f"float32 alone")
+    print(f"weights from memory: each taken in turn from copies totalling {rotate_bytes() >> 20} MiB or more "
+          f"(last-level cache {last_level_cache_bytes() >> 20} MiB)")
     print()
     loop = "" if ARGS.bursts else f" {'f32 in loop':>11}"
     head = (f"{'shape':>13} {'M':>4} {'scheme':<16} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
@@ -325,17 +354,21 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
         # Enough copies of each quantized weight, taken in turn, that their
         # codes outgrow the last-level cache as the float32 weight does:
         # every call reads its weight from memory.
-        copies = {name: [qt] + [_copy(qt) for _ in range(-(-ROTATE_BYTES // qt.nbytes) - 1)] for name, qt in qts.items()}
+        rotate = rotate_bytes()
+        copies = {name: [qt] + [_copy(qt) for _ in range(-(-rotate // qt.nbytes) - 1)] for name, qt in qts.items()}
         for name, qt in qts.items():  # w8a8-int8 not prepared: its GEMM layout is made at each copy's first call,
             if qt.scheme.activations == "int8-token" and backend == "numba":  # outside the timing (a first forward)
                 for c in copies[name]:
                     npquant.linear(np.ones((1, in_features), np.float32), c, backend=backend)
+        # float32 in bursts: copies of w; in a model: of another matrix, called alone and between quantized calls
+        base = w if ARGS.bursts else (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
+        f32_copies = [base] + [base.copy() for _ in range(-(-rotate // base.nbytes) - 1)]
         for m in batches:
             x = rng.standard_normal((m, in_features)).astype(np.float32)
-            fns = {"f32": lambda: x @ w.T}
+            fns = {"f32": _rotating(f32_copies, lambda v: x @ v.T)}
             for name, qt in qts.items():
                 fns[name] = _rotating(copies[name], lambda qt: npquant.linear(x, qt, backend=backend))
-            tc = torch_case(w, x)
+            tc = torch_case(w, x, rotate)
             if tc is not None:
                 fns["torch int8"] = tc
             bw = _read_bandwidth()  # the machine's memory now, for this case's limits
@@ -343,9 +376,8 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
                 t, rounds = interleaved(fns, repeats, warm_s=0.0 if ARGS.quick else WARM_S)
                 f_loop = {}
             else:
-                other = (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
-                del fns["f32"]  # timed on the other matrix, alone and in the loop
-                t, rounds, f_loop = in_model(fns, lambda: x @ other.T, repeats)
+                del fns["f32"]  # timed on other matrices, alone and in the loop
+                t, rounds, f_loop = in_model(fns, _rotating(f32_copies, lambda v: x @ v.T), repeats)
             for name in fns:
                 if name == "f32":
                     continue

@@ -8,6 +8,10 @@ ratio (kernel over float32; lower is better, below 1 beats float32), the
 float32 GFLOP/s and the integer GOP/s reached (``2 M N K`` operations), and
 which instruction path ran (VNNI, AVX2, portable). Rounds interleave the
 two calls (each warmed up before its timed calls), so drift hits both.
+Each function calls one weight back to back, in bursts: a best case for
+both (a large last-level cache keeps part of either weight between calls);
+``bench_linear.py`` measures what a model sees (weights from memory, calls
+alternating with other work).
 
     python benchmarks/bench_w8a8.py --shape 11008 4096 --batch 1 --batch 8 --batch 128
     python benchmarks/bench_w8a8.py --quick
