@@ -15,8 +15,9 @@ def instruction_set() -> str:
     return f"{isa}; numba's target {target}{given}"
 
 
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """Bytes of the largest CPU cache cpu0 reports (Linux sysfs, else ``sysconf``), or ``default``.
+def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Bytes of the largest CPU cache cpu0 reports (Linux sysfs under ``root``, sizes such as ``491520K``;
+    else ``sysconf``), or ``default``.
 
     A benchmark whose weights must come from memory, as a large model's do,
     rotates over copies that together outgrow this.
@@ -25,7 +26,7 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     import os
 
     sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    for path in glob.glob(os.path.join(root, "index*", "size")):
         try:
             with open(path) as f:
                 text = f.read().strip()

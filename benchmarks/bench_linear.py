@@ -79,7 +79,10 @@ def _parse() -> argparse.Namespace:
                         "this many MiB, so that every call reads it from memory (default: 5/4 of the "
                         "last-level cache, at least 128; --quick: 128)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.rotate_mib is not None and args.rotate_mib < 0:
+        p.error(f"--rotate-mib must be 0 or more, got {args.rotate_mib}")
+    return args
 
 
 ARGS = _parse()

@@ -35,6 +35,29 @@ def test_bench_linear_quick():
     assert "read bandwidth (measured, best round)" in out and "instruction set:" in out
 
 
+def test_last_level_cache_is_the_largest_size_sysfs_gives(tmp_path, monkeypatch):
+    # bench_linear sizes the copies it rotates over by this: read apart from the benchmark, on a fake sysfs.
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _machine import last_level_cache_bytes
+
+    for index, size in (("index0", "48K\n"), ("index2", "2048K\n"), ("index3", "491520K\n"), ("index4", "junk\n")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size)
+    assert last_level_cache_bytes(root=str(tmp_path)) == 491520 * 1024
+    (tmp_path / "index3" / "size").write_text("1G")
+    assert last_level_cache_bytes(root=str(tmp_path)) == 1 << 30
+    empty = tmp_path / "none"
+    empty.mkdir()
+    monkeypatch.setattr("os.sysconf", lambda name: 0)  # no sysfs, no sysconf figure: the default
+    assert last_level_cache_bytes(default=12345, root=str(empty)) == 12345
+
+
+def test_bench_linear_refuses_a_negative_rotation():
+    done = subprocess.run([sys.executable, str(BENCH / "bench_linear.py"), "--rotate-mib", "-1"],
+                          capture_output=True, text=True, timeout=LIMIT_S)
+    assert done.returncode == 2 and "--rotate-mib must be 0 or more, got -1" in done.stderr
+
+
 def test_bench_checkpoint_quick():
     out = run("bench_checkpoint.py", "--quick")
     assert "GB/s of input" in out and "peak RssAnon" in out
