@@ -303,8 +303,16 @@ def _header(bw: float, repeats: int, backend: str, isolated: bool = True) -> Non
         print(f"IN A MODEL: each quantized call alternates with a float32 matmul of another matrix, all in this "
               f"process; medians of {repeats} rounds of {STEPS - 2} timed steps; ratio = quantized in the loop / "
               f"float32 alone")
-    print(f"weights from memory: each taken in turn from copies totalling {rotate_bytes() >> 20} MiB or more "
-          f"(last-level cache {last_level_cache_bytes() >> 20} MiB)")
+    rotate, llc = rotate_bytes() >> 20, last_level_cache_bytes() >> 20
+    if rotate >= llc:
+        print(f"weights from memory: each taken in turn from copies totalling {rotate} MiB or more "
+              f"(last-level cache {llc} MiB)")
+    elif rotate > 0:
+        print(f"each weight taken in turn from copies totalling {rotate} MiB or more, less than the last-level "
+              f"cache ({llc} MiB): part of them may come from cache (--rotate-mib sets it)")
+    else:
+        print(f"one copy of each weight (--rotate-mib 0): the last-level cache ({llc} MiB) may serve part of it "
+              f"between calls, as no model larger than it sees")
     print()
     loop = "" if ARGS.bursts else f" {'f32 in loop':>11}"
     head = (f"{'shape':>13} {'M':>4} {'scheme':<16} {'f32 ms':>8} {'quant ms':>9} {'ratio':>6} "
