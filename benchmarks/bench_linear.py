@@ -206,6 +206,12 @@ def rotate_bytes() -> int:
     return max(ROTATE_MIN, last_level_cache_bytes() * 5 // 4)
 
 
+def _copies(item, copy, nbytes: int, rotate: int) -> list:
+    """``item`` and enough copies of it (``copy(item)``, each ``nbytes``) that together they hold ``rotate``
+    bytes: at least ``item`` itself."""
+    return [item] + [copy(item) for _ in range(-(-rotate // nbytes) - 1)]
+
+
 def _rotating(items: list, fn):
     """A callable applying ``fn`` to ``items`` in turn, one per call."""
     state = {"i": 0}
@@ -248,7 +254,7 @@ def torch_case(w, x, rotate: int):
     except ImportError:
         return None
     q, scales = npquant.quantize_per_channel(w)
-    tqs = [torch.from_numpy(q.copy()) for _ in range(-(-rotate // q.nbytes))]
+    tqs = [torch.from_numpy(c) for c in _copies(q, np.copy, q.nbytes, rotate)]
     ts = torch.from_numpy(scales).to(torch.bfloat16)
     tx = torch.from_numpy(x).to(torch.bfloat16)
     torch.set_num_threads(ARGS.threads)
@@ -366,14 +372,14 @@ def _run_cases(shapes, batches, names, repeats, backend) -> int:
         # codes outgrow the last-level cache as the float32 weight does:
         # every call reads its weight from memory.
         rotate = rotate_bytes()
-        copies = {name: [qt] + [_copy(qt) for _ in range(-(-rotate // qt.nbytes) - 1)] for name, qt in qts.items()}
+        copies = {name: _copies(qt, _copy, qt.nbytes, rotate) for name, qt in qts.items()}
         for name, qt in qts.items():  # w8a8-int8 not prepared: its GEMM layout is made at each copy's first call,
             if qt.scheme.activations == "int8-token" and backend == "numba":  # outside the timing (a first forward)
                 for c in copies[name]:
                     npquant.linear(np.ones((1, in_features), np.float32), c, backend=backend)
         # float32 in bursts: copies of w; in a model: of another matrix, called alone and between quantized calls
         base = w if ARGS.bursts else (0.02 * rng.standard_normal((out_features, in_features))).astype(np.float32)
-        f32_copies = [base] + [base.copy() for _ in range(-(-rotate // base.nbytes) - 1)]
+        f32_copies = _copies(base, np.copy, base.nbytes, rotate)
         for m in batches:
             x = rng.standard_normal((m, in_features)).astype(np.float32)
             fns = {"f32": _rotating(f32_copies, lambda v: x @ v.T)}
