@@ -101,7 +101,7 @@ def test_every_route_multiplies_every_code_exactly(bits, granularity, group_size
     layouts = [qt] + ([p] if p is not qt else [])
     reached = set()
     for t in layouts:
-        for batch in (1, 2, 16, 17, 128):
+        for batch in (1, 2, 16, 17, 128, 129):
             route = kernels._route(t, batch)
             reached.add(route.kernel)
             # batch 1 calls cover 8 columns; the larger batches cover hundreds: every code in every row is met
@@ -129,7 +129,7 @@ def test_every_int_route_of_the_table_is_reached(monkeypatch):
             qt = tensor(bits, granularity, group_size)
             p = prepare(qt)
             for t in [qt] + ([p] if p is not qt else []):
-                for batch in (1, 2, 17):
+                for batch in (1, 2, 17, 129):
                     reached.add(kernels._choose(t, batch).kernel)
     monkeypatch.undo()
     rows = [r.kernel for r in kernels.ROUTES

@@ -329,7 +329,7 @@ def test_numba_large_m_where_blas_cannot_add_into_y(kernels, scheme, monkeypatch
     monkeypatch.setattr(_sgemm, "usable", lambda: False)
     monkeypatch.setattr(_sgemm, "sgemm", None)  # called, it would fail the test
     qt = quantize(weight((150, 256), seed=3), scheme)
-    x = np.random.default_rng(3).standard_normal((20, 256)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((130, 256)).astype(np.float32)
     ref = linear(x, qt, backend="numpy")
     for t in (qt, prepare(qt)):
         fast = kernels.numba_linear(x, t, tile_elements=64 * 256, threads=2, tile_k=64)

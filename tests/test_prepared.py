@@ -228,7 +228,7 @@ def test_numba_dequantize_blocks_is_bit_equal(kernels, scheme):
 
 
 @pytest.mark.parametrize("scheme", PREPARABLE, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 40, 129])  # 40: small-batch kernels or tiles (small_m 32); 129: tiles
 @pytest.mark.parametrize("out_features", [37, 64, 150])
 def test_numba_matches_numpy(kernels, scheme, m, out_features):
     qt = quantize(weight((out_features, in_features_for(scheme)), seed=m), scheme)
@@ -242,12 +242,36 @@ def test_numba_matches_numpy(kernels, scheme, m, out_features):
     assert np.all(np.abs(fast - ref) <= 2 * sum_bound(x, qt.dequantize(), qt.shape[1] + 2) + 1e-30)
 
 
+def test_numba_e4m3_tiles_with_scales_past_the_folded_multiplier(kernels):
+    # The tiles fold e4m3's 2**8 into each block's scales; a scale past float32's largest / 2**8 (a tensor made
+    # by hand: quantize never makes one) must not turn its row to Inf or NaN: it takes the multiplier per lane.
+    from npquant.kernels._tiles import dequantize_bytes_blocks_t
+
+    qt = quantize(weight((130, 256)), "fp8-channel")
+    scale = qt.scale.copy()
+    scale[3] = 1e37  # 256 * 1e37 overflows float32; codes up to 4 (byte 0x44) keep 4e37 finite
+    scale[70] = 3e36
+    codes = qt.codes.view(np.uint8).copy()
+    codes[3] = np.arange(256, dtype=np.uint8) % 0x45
+    codes[70] = np.where(np.arange(256) % 2, 0x00, 0xC0).astype(np.uint8)  # 0 and -2
+    big = npquant.QuantizedTensor(codes.view(qt.codes.dtype), scale, None, qt.shape, qt.scheme)
+    want = big.dequantize()
+    assert np.isfinite(want).all()
+    p = prepare(big)
+    out_t = np.empty((256, 130), np.float32)
+    dequantize_bytes_blocks_t(p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), 1, np.float32(256), 256, 0, 0,
+                              out_t, *one_thread())
+    np.testing.assert_array_equal(out_t.T, want)
+    x = np.random.default_rng(1).standard_normal((130, 256)).astype(np.float32) * np.float32(1e-30)
+    assert np.isfinite(linear(x, p, backend="numba")).all()
+
+
 @pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", "fp8-channel"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("tile_k", [256, 64])
 def test_numba_tiles_and_threads(kernels, scheme, threads, tile_k):
     qt = quantize(weight((300, 256)), scheme)
-    x = np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((130, 256)).astype(np.float32)  # past every small_m: tiles
     # One block of 64 rows a tile: five blocks, the last one short; whole rows or 64 columns a tile.
     fast = kernels.numba_linear(x, prepare(qt), tile_elements=ROWS * tile_k, threads=threads, tile_k=tile_k)
     ref = linear(x, qt, backend="numpy")

@@ -48,11 +48,13 @@ def avx2(monkeypatch):
     _target.has_vnni.cache_clear()
 
 
-@pytest.mark.parametrize("batch", [1, 2, 16, 17, 128, 129])  # 128 and 129: the prepared tiles' two sizes
+# 16/17, 32/33, 64/65, 128/129: the small-batch kernels' last batches (checkpoint; prepared fp4, AVX-512, AVX2)
+# and the tiles' first; 128 and 129 also the prepared tiles' two sizes
+@pytest.mark.parametrize("batch", [1, 2, 16, 17, 32, 33, 64, 65, 128, 129])
 def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
     for name, t in tensors():
         route = kernels._choose(t, batch)
-        lo, hi = route.batch
+        lo, hi = kernels.batch_rows(route, t)
         assert lo <= batch <= hi and route.layout == ("prepared" if "prepared" in name else "checkpoint")
         assert route.available is None or route.available()
         assert kernels._route(t, batch) is route  # the cached choice is the table's
@@ -66,7 +68,7 @@ def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
 
 
 def test_every_row_of_the_table_is_reached():
-    reached = {kernels._choose(t, b) for _, t in tensors() for b in (1, 8, 64)}
+    reached = {kernels._choose(t, b) for _, t in tensors() for b in (1, 8, 200)}
     missing = [r.kernel for r in kernels.ROUTES if r not in reached and (r.available is None or r.available())]
     assert not missing, f"rows no tensor reaches: {missing}"
 
@@ -88,11 +90,31 @@ def test_the_choice_follows_the_switches(monkeypatch):
     assert kernels._route(qt, 1).kernel == "_gemv.gemv_int4"  # the same tensor, chosen again
 
 
+def test_small_batches_end_where_measured():
+    # kernels.small_m's measured crossovers: the checkpoint layout's small-batch kernel to 16 rows, the prepared
+    # layout's to 32 where scales come every 16 or 32 columns (fp4), else to 64 with AVX-512 and 128 without.
+    wide = 64 if kernels.has_avx512() else 128
+    for name, expect in [("w8-channel", 16), ("nvfp4", 16), ("w8-channel prepared", wide),
+                         ("w4-g128 prepared", wide), ("fp8-channel prepared", wide), ("w4-g32 prepared", 32),
+                         ("nvfp4 prepared", 32), ("mxfp4 prepared", 32)]:
+        t = dict(tensors())[name]
+        assert kernels.small_m(t) == expect, name
+        small, large = kernels._choose(t, expect), kernels._choose(t, expect + 1)
+        assert "_small_m" in small.kernel and "_tiles" in large.kernel, (name, small.kernel, large.kernel)
+        assert kernels.batch_rows(small, t) == (1, expect) and kernels.batch_rows(large, t)[0] == expect + 1
+
+
+def test_small_batches_without_avx512(avx2):
+    p = prepare(quantize(weight(), "w8-channel"))
+    assert kernels.small_m(p) == 128 and "_small_m" in kernels._choose(p, 128).kernel
+    assert kernels.small_m(prepare(quantize(weight(), "nvfp4"))) == 32
+
+
 def test_explain_names_the_kernel_and_why():
     qt = quantize(weight(), "w8-channel")
     line = kernels.explain(qt, 128)
     assert line.startswith("checkpoint layout, batch 17+, any codes: _tiles.dequantize_rows_16 + OpenBLAS")
-    assert "prepared layout, batch 1-16" in kernels.explain(prepare(qt), 3)
+    assert f"prepared layout, batch 1-{kernels.small_m(prepare(qt))}" in kernels.explain(prepare(qt), 3)
     assert "_small_m.gemm_small_m_bytes_blocks" in kernels.explain(prepare(qt), 3)
     cut = quantize(weight((200, 256)), "fp8-block")
     assert "numpy_linear" in kernels.explain(cut, 1)

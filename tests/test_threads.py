@@ -96,7 +96,7 @@ def test_tiles_in_threads_match_numpy(name, qt):
     # the tolerance is test_linear's float32 summation bound).
     from test_linear import sum_bound
 
-    x = weight((40, 256), seed=9)
+    x = weight((130, 256), seed=9)  # past every small_m: tiles
     want = linear(x, qt, backend="numpy")
     bound = 2 * sum_bound(x, qt.dequantize(), 256)  # both sides stray at most this far from the exact sum
     for threads in (1, 2, 3):
@@ -151,7 +151,7 @@ def test_user_threads_with_weights_of_their_own_run_tiles_at_once(where):
 
     def user(k):
         w = weight((300 + 37 * k, 256), seed=20 + k)
-        x = weight((40, 256), seed=30 + k)
+        x = weight((130, 256), seed=30 + k)
         tensors = [quantize(w, "w8-channel"), prepare(quantize(w, "w4-g128"))]
         bounds = [2 * sum_bound(x, t.dequantize(), 256) for t in tensors]
         wants = [linear(x, t, backend="numpy") for t in tensors]
@@ -603,7 +603,7 @@ def test_prepared_tiles_split_as_blas_splits_its_gemm(scheme):
 
     kernels._parallel = capture
     try:
-        kernels.numba_linear(weight((40, 256), seed=3), p, tile_elements=64 * 7 * 128, tile_k=128)
+        kernels.numba_linear(weight((130, 256), seed=3), p, tile_elements=64 * 7 * 128, tile_k=128)
     finally:
         kernels._parallel = real
     kernel, args = captured[-1]

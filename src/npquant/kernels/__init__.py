@@ -8,7 +8,7 @@ import (:mod:`~npquant.kernels._target`).
 
 Which kernel a call runs is one table, :data:`ROUTES`: a row per kernel,
 by layout (:class:`~npquant.QuantizedTensor`, the checkpoint layout, or
-:class:`~npquant.PreparedTensor`), batch (1, 2 to ``SMALL_M``, larger),
+:class:`~npquant.PreparedTensor`), batch (1, 2 to :func:`small_m`, larger),
 the codes it reads and the CPU features it needs; the first row a call
 fits takes it, and :func:`explain` says which and why. Batch 1 and small
 batches read each code once, decoded in registers (by table lookup where
@@ -19,7 +19,7 @@ kernels run on OpenBLAS's own threads where numpy's BLAS lets them
 (:mod:`~npquant.kernels._blas_threads`), else on npquant's pool.
 
 The modules, one idea each: ``_decode`` (code formats to float32),
-``_gemv`` (batch 1), ``_small_m`` (batch 2 to ``SMALL_M``), ``_tiles``
+``_gemv`` (batch 1), ``_small_m`` (batch 2 to :func:`small_m`), ``_tiles``
 and ``_vector`` (dequantization for BLAS, 16 codes as one LLVM vector),
 ``_tiling`` (the large-batch tiles and BLAS over them), ``_sgemm``
 (OpenBLAS's GEMM adding into its output), ``_lut`` (batch-1 4-bit kernels
@@ -75,9 +75,10 @@ from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequan
                      dequantize_rows_int4_split)
 
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "explain", "ROUTES", "Route", "default_threads", "SMALL_M",
-           "gelu", "add_layer_norm", "softmax_scaled"]
+           "small_m", "batch_rows", "gelu", "add_layer_norm", "softmax_scaled"]
 
-#: Largest batch handled by the fused small-M kernel.
+#: Largest batch the checkpoint layout's small-batch kernel takes; the prepared layout's go further
+#: (:func:`small_m`).
 SMALL_M = 16
 _FLOAT32 = np.dtype(np.float32)
 _TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
@@ -102,7 +103,7 @@ _NARROW_TILE_K = 128
 # (one sentence, ~12 tokens): 384 x 384 layers alone, 1536 x 384 and the
 # fused 1152 x 384 QKV on both threads. Dequantizing a tile counts its bytes.
 _PARALLEL_FROM = 1 << 22
-# The small-batch kernels (2-16 rows of x) take both threads from a quarter of that: there each weight meets
+# The small-batch kernels (2 to small_m rows of x) take both threads from a quarter of that: there each weight meets
 # several rows, so a call of 1-4 M multiply-adds runs long enough to share. Measured on an Intel Xeon, MiniLM one
 # sentence (12 tokens: its 384 x 384 layers, 1.8 M, now on both threads), the thresholds alternating in one
 # process, 30 rounds: w8-channel 0.541 -> 0.520 of float32 (AVX2 build), 0.433 -> 0.418 (host); w4-g128 and
@@ -288,7 +289,7 @@ def numba_linear(x2: np.ndarray, qt: QuantizedTensor | PreparedTensor, tile_elem
     else:
         # The kernels read x by whole lines; BLAS (larger batches) does not care, and
         # copying a batch of hundreds of rows to align it cost 0.2-0.5 ms a call.
-        x2, y = _buffers.io_aligned(x2, out_features, m_rows <= SMALL_M)  # one compiled call (see _buffers)
+        x2, y = _buffers.io_aligned(x2, out_features, route.batch != _LARGE)  # one compiled call (see _buffers)
         route.run(x2, qt, y, _Call(tile_elements, tile_k, threads))
     if bias is not None:
         y += bias
@@ -549,7 +550,7 @@ class Route(NamedTuple):
     """One row of :data:`ROUTES`: which calls a kernel takes, what it needs of the CPU, and how it is run."""
 
     layout: str  # "checkpoint" (QuantizedTensor) or "prepared" (PreparedTensor)
-    batch: tuple[int, int]  # rows of x, lo and hi inclusive
+    batch: str  # rows of x: "1", "small", "large" (past small_m(t)) or "any" (batch_rows says which numbers)
     codes: str  # the codes it reads, in words
     fits: Callable  # tensor -> bool: the codes, in code
     needs: str  # CPU features, in words ("" for none)
@@ -572,26 +573,66 @@ def _has_vnni() -> bool:
     return _vnni_kernels() is not None
 
 
+def small_m(t) -> int:
+    """The largest batch for which ``t`` takes the small-batch kernels (each block decoded once into L1 for every
+    row of ``x``); larger batches take tiles and BLAS.
+
+    ``SMALL_M`` (16) for the checkpoint layout, whose general kernel loses
+    to tiles beyond it for most formats (11008 x 4096, batch 64, of float32
+    in one process: nvfp4 5.5, mxfp6 4.2, w3-g128 2.6 against tiles'
+    1.25-1.35). The prepared layout's kernels run their inner loop at the
+    FMA units' pace, a row of ``x`` costing about the same at any batch,
+    where BLAS gains on them only as the batch grows. Measured, 11008 x
+    4096, each call between float32 matmuls in one process (small-batch
+    kernel / tiles, of float32): AVX-512 build, batch 17 w8-channel 0.49 /
+    1.05; 32: w8-channel 0.69 / 1.09, w4-g128 0.65 / 1.08, fp8-channel 0.69
+    / 1.08, nvfp4 0.83 / 1.03, mxfp4 0.74 / 1.05; 64: w8-channel 0.89-1.01
+    / 1.12-1.14, w4-g128 0.99 / 1.12, w8-g128 0.99 / 1.04, nvfp4 1.27 /
+    1.07; 96: w8-channel 1.20 / 1.13. AVX2 build (Zen 2 target), 32:
+    0.68-0.90 / 1.04-1.14 (every preset above); 128: w8-channel 1.05-1.08 /
+    1.13, fp8-channel 1.05 / 1.11, w4-g128 1.10 / 1.13, w8-g128 1.04 /
+    1.09, nvfp4 1.38 / 1.14, mxfp4 1.17 / 1.08; 160: w8-channel 1.13 /
+    1.13; 192: 1.28 / 1.13. Scales every 16 or 32 columns (fp4) close each
+    short run of the inner loop with a scaling pass: those reach 32 rows.
+    """
+    if not isinstance(t, PreparedTensor):
+        return SMALL_M
+    if t.block_shape[1] < 128:
+        return 32
+    return 64 if has_avx512() else 128
+
+
 _BIG = 1 << 62
-_ONE, _SMALL, _LARGE = (1, 1), (1, SMALL_M), (SMALL_M + 1, _BIG)
+_ONE, _SMALL, _LARGE, _ANY = "1", "small", "large", "any"
+
+
+def batch_rows(route, t) -> tuple[int, int]:
+    """The batches (rows of ``x``, lo and hi inclusive) ``route`` takes for tensor ``t`` (see :func:`small_m`)."""
+    if route.batch == _ONE:
+        return 1, 1
+    if route.batch == _SMALL:
+        return 1, small_m(t)
+    if route.batch == _LARGE:
+        return small_m(t) + 1, _BIG
+    return 1, _BIG
 _P4 = "4-bit codes (int4, fp4)"
 
 #: Every quantized-linear kernel, by layout, batch, codes and CPU features: the first row a call fits takes it.
 ROUTES = (
-    Route("checkpoint", (1, _BIG), "int8 codes with int8 activations per token (w8a8-int8)", _w8a8_fits, "", None,
+    Route("checkpoint", _ANY, "int8 codes with int8 activations per token (w8a8-int8)", _w8a8_fits, "", None,
           "_w8a8.w8a8_int8_linear", _run_w8a8_int8, "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 "
           "or portable: _w8a8.int8_path()) on prepare's layout, made at the first call and kept with the tensor"),
-    Route("checkpoint", (1, _BIG), "fp8 e4m3 codes with fp8 activations per token (w8a8-fp8)", _w8a8_fp8_fits, "",
+    Route("checkpoint", _ANY, "fp8 e4m3 codes with fp8 activations per token (w8a8-fp8)", _w8a8_fp8_fits, "",
           None, "_w8a8_fp8.fp8_sums / decode_rows + BLAS", _run_w8a8_fp8, "x quantized per token, exact float64 sums "
           f"of the decoded codes: a pass over the weight's bytes up to {_w8a8_fp8.DOT_MAX_M} tokens, float64 tiles "
           "and BLAS beyond"),
-    Route("checkpoint", (1, _BIG), "codes with activations per token no kernel takes (act-order, very long rows)",
+    Route("checkpoint", _ANY, "codes with activations per token no kernel takes (act-order, very long rows)",
           lambda qt: qt.scheme.activations is not None, "", None, "npquant.linear_w8a8_apply.w8a8_reference",
           _run_w8a8_reference, "the exact numpy reference, x quantized per token"),
-    Route("prepared", (1, _BIG), "int8 codes with int8 activations per token (PreparedW8A8)",
+    Route("prepared", _ANY, "int8 codes with int8 activations per token (PreparedW8A8)",
           lambda p: isinstance(p, PreparedW8A8), "", None, "_w8a8.w8a8_int8_linear", _run_w8a8_int8,
           "x quantized per token, an int8 GEMM summing in int32 (VNNI, AVX2 or portable: _w8a8.int8_path())"),
-    Route("checkpoint", (1, _BIG), "codes in blocks cut at the weight's edge", lambda qt: not _dequantizes(qt), "", None,
+    Route("checkpoint", _ANY, "codes in blocks cut at the weight's edge", lambda qt: not _dequantizes(qt), "", None,
           "npquant.linear_numpy.numpy_linear", None, "no kernel reads a block cut short"),
     Route("checkpoint", _ONE, f"{_P4} in blocks of 32s or paired 16s", lambda qt: _plan(qt)[1], "AVX-512", _has_lut,
           "_lut.gemv_lut_rows", _run_lut_rows, "each row's block is a 16-entry table in a register (vpermps)"),
@@ -629,8 +670,8 @@ def _route(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
     key = id(t)
     entry = _CHOSEN.get(key)
     if entry is None or entry[0]() is not t:
-        entry = _CHOSEN[key] = (weakref.ref(t, lambda _, key=key: _CHOSEN.pop(key, None)), {})
-    regime = (1 if m_rows == 1 else 2 if m_rows <= SMALL_M else 3, USE_LUT, USE_VNNI)
+        entry = _CHOSEN[key] = (weakref.ref(t, lambda _, key=key: _CHOSEN.pop(key, None)), {}, small_m(t))
+    regime = (1 if m_rows == 1 else 2 if m_rows <= entry[2] else 3, USE_LUT, USE_VNNI)
     route = entry[1].get(regime)
     if route is None:
         route = entry[1][regime] = _choose(t, m_rows)
@@ -640,7 +681,7 @@ def _route(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
 def _choose(t: QuantizedTensor | PreparedTensor, m_rows: int) -> Route:
     layout = "prepared" if isinstance(t, (PreparedTensor, PreparedW8A8)) else "checkpoint"
     for route in ROUTES:
-        lo, hi = route.batch
+        lo, hi = batch_rows(route, t)
         if (route.layout == layout and lo <= m_rows <= hi and (route.available is None or route.available())
                 and route.fits(t)):
             return route
@@ -660,7 +701,7 @@ def explain(t: QuantizedTensor | PreparedTensor, batch: int = 1) -> str:
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise NpquantError(f"batch must be a positive integer, got {batch!r}")
     route = _route(t, int(batch))
-    lo, hi = route.batch
+    lo, hi = batch_rows(route, t)
     rows = str(lo) if lo == hi else f"{lo}+" if hi == _BIG else f"{lo}-{hi}"
     kernel = route.kernel
     if route.run is _run_tiles:

@@ -338,6 +338,12 @@ def _e4m3_value(b, z, mult):
 
 
 @njit(inline="always")
+def _e4m3_as_f16_value(b, z, mult):
+    """e4m3's value / 2**8 (the float16 decode, not scaled back): for callers that fold 2**8 into their scales."""
+    return _e4m3_as_f16(b)
+
+
+@njit(inline="always")
 def _e5m2_value(b, z, mult):
     return _e5m2_as_f16(b)
 

@@ -1,4 +1,5 @@
-"""Small-batch kernels: ``y (M, O) = x @ W.T`` for ``M <= SMALL_M``, each code decoded once into L1."""
+"""Small-batch kernels: ``y (M, O) = x @ W.T`` for ``M`` up to ``kernels.small_m(t)``, each code decoded once
+into L1."""
 
 import numpy as np
 from numba import njit
