@@ -48,9 +48,10 @@ def avx2(monkeypatch):
     _target.has_vnni.cache_clear()
 
 
-# 16/17, 32/33, 64/65, 128/129: the small-batch kernels' last batches (checkpoint; prepared fp4, AVX-512, AVX2)
-# and the tiles' first; 128 and 129 also the prepared tiles' two sizes
-@pytest.mark.parametrize("batch", [1, 2, 16, 17, 32, 33, 64, 65, 128, 129])
+# 1/2, 4/5, 32/33, 64/65, 128/129: the small-batch kernels' last batches (checkpoint: batch 1 alone, MXFP4, one-byte
+# and 4-bit codes; prepared: fp4 and the rest with AVX-512, without) and the tiles' first; 128 and 129 also the
+# prepared tiles' two sizes
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 16, 32, 33, 64, 65, 128, 129])
 def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
     for name, t in tensors():
         route = kernels._choose(t, batch)
@@ -91,17 +92,22 @@ def test_the_choice_follows_the_switches(monkeypatch):
 
 
 def test_small_batches_end_where_measured():
-    # kernels.small_m's measured crossovers: the checkpoint layout's small-batch kernel to 16 rows, the prepared
-    # layout's to 32 where scales come every 16 or 32 columns (fp4), else to 64 with AVX-512 and 128 without.
+    # kernels.small_m's measured crossovers: the checkpoint layout's small-batch kernel to 32 rows for one-byte
+    # and byte-aligned 4-bit codes, 4 for MXFP4, batch 1 alone for the rest; the prepared layout's to 32 where
+    # scales come every 16 or 32 columns (fp4), else to 64 with AVX-512 and 128 without.
     wide = 64 if kernels.has_avx512() else 128
-    for name, expect in [("w8-channel", 16), ("nvfp4", 16), ("w8-channel prepared", wide),
+    for name, expect in [("w8-channel", 32), ("w8-g128", 32), ("fp8-block", 32), ("w4-g128", 32),
+                         ("w4-g128-asym", 32), ("mxfp4", 4), ("nvfp4", 1), ("mxfp6", 1), ("w3-g128", 1),
+                         ("w2-g64", 1), ("w8-channel prepared", wide),
                          ("w4-g128 prepared", wide), ("fp8-channel prepared", wide), ("w4-g32 prepared", 32),
                          ("nvfp4 prepared", 32), ("mxfp4 prepared", 32)]:
         t = dict(tensors())[name]
         assert kernels.small_m(t) == expect, name
-        small, large = kernels._choose(t, expect), kernels._choose(t, expect + 1)
-        assert "_small_m" in small.kernel and "_tiles" in large.kernel, (name, small.kernel, large.kernel)
-        assert kernels.batch_rows(small, t) == (1, expect) and kernels.batch_rows(large, t)[0] == expect + 1
+        large = kernels._choose(t, expect + 1)
+        assert "_tiles" in large.kernel and kernels.batch_rows(large, t)[0] == expect + 1, (name, large.kernel)
+        if expect > 1:  # batch 1 has kernels of its own
+            small = kernels._choose(t, expect)
+            assert "_small_m" in small.kernel and kernels.batch_rows(small, t) == (1, expect), (name, small.kernel)
 
 
 def test_small_batches_without_avx512(avx2):
@@ -113,7 +119,7 @@ def test_small_batches_without_avx512(avx2):
 def test_explain_names_the_kernel_and_why():
     qt = quantize(weight(), "w8-channel")
     line = kernels.explain(qt, 128)
-    assert line.startswith("checkpoint layout, batch 17+, any codes: _tiles.dequantize_rows_16 + OpenBLAS")
+    assert line.startswith("checkpoint layout, batch 33+, any codes: _tiles.dequantize_rows_16 + OpenBLAS")
     assert f"prepared layout, batch 1-{kernels.small_m(prepare(qt))}" in kernels.explain(prepare(qt), 3)
     assert "_small_m.gemm_small_m_bytes_blocks" in kernels.explain(prepare(qt), 3)
     cut = quantize(weight((200, 256)), "fp8-block")

@@ -77,9 +77,9 @@ from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequan
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "explain", "ROUTES", "Route", "default_threads", "SMALL_M",
            "small_m", "batch_rows", "gelu", "add_layer_norm", "softmax_scaled"]
 
-#: Largest batch the checkpoint layout's small-batch kernel takes; the prepared layout's go further
-#: (:func:`small_m`).
-SMALL_M = 16
+#: Largest batch a checkpoint tensor's small-batch kernel takes (one-byte and byte-aligned 4-bit codes; others stop
+#: earlier, the prepared layout's kernels go further: :func:`small_m`).
+SMALL_M = 32
 _FLOAT32 = np.dtype(np.float32)
 _TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
 _TILE_K = 256  # its columns, where tiles add into y (see _tiling.tiled)
@@ -577,12 +577,21 @@ def small_m(t) -> int:
     """The largest batch for which ``t`` takes the small-batch kernels (each block decoded once into L1 for every
     row of ``x``); larger batches take tiles and BLAS.
 
-    ``SMALL_M`` (16) for the checkpoint layout, whose general kernel loses
-    to tiles beyond it for most formats (11008 x 4096, batch 64, of float32
-    in one process: nvfp4 5.5, mxfp6 4.2, w3-g128 2.6 against tiles'
-    1.25-1.35). The prepared layout's kernels run their inner loop at the
-    FMA units' pace, a row of ``x`` costing about the same at any batch,
-    where BLAS gains on them only as the batch grows. Measured, 11008 x
+    The checkpoint layout's kernel (four rows a pass, scalar sums, every
+    format through one decoder) to ``SMALL_M`` (32) for one-byte codes and
+    byte-aligned 4-bit ones, to 4 for MXFP4, and not past batch 1 for the
+    rest (NVFP4, fp6, bit streams): measured as below, small-batch kernel /
+    tiles, AVX-512 build, batch 32: w8-channel 0.75-0.77 / 1.28-1.34,
+    fp8-channel 0.74 / 1.22, w8-g128 1.03 / 1.17, fp8-block 1.02 / 1.26,
+    w4-g128 1.15 / 1.20 (24: 0.95 / 1.19), at 64 w8-channel 1.09-1.17 /
+    1.24-1.34; AVX2 build, 32: w8-channel 0.77 / 1.28, fp8-channel 0.84 /
+    1.32, w8-g128 0.98 / 1.30, w4-g128 1.00 / 1.23; batch 2: nvfp4 1.94 /
+    1.26, mxfp6 2.66 / 1.27, w3-g128 1.82 / 1.30, mxfp4 1.07 / 1.21 (4: 1.13
+    / 1.12, 8: 1.41 / 1.14).
+
+    The prepared layout's kernels run their inner loop at the FMA units'
+    pace, a row of ``x`` costing about the same at any batch, where BLAS
+    gains on them only as the batch grows. Measured, 11008 x
     4096, each call between float32 matmuls in one process (small-batch
     kernel / tiles, of float32): AVX-512 build, batch 17 w8-channel 0.49 /
     1.05; 32: w8-channel 0.69 / 1.09, w4-g128 0.65 / 1.08, fp8-channel 0.69
@@ -595,7 +604,12 @@ def small_m(t) -> int:
     1.13; 192: 1.28 / 1.13. Scales every 16 or 32 columns (fp4) close each
     short run of the inner loop with a scaling pass: those reach 32 rows.
     """
-    if not isinstance(t, PreparedTensor):
+    if isinstance(t, QuantizedTensor):
+        kind = _code_kind(t)
+        if kind in (0, 1, 2, 4):  # int8 (with or without a zero point), byte-aligned 4-bit, fp8
+            return SMALL_M
+        return 4 if kind == 5 and t.scheme.scale_dtype == "e8m0" else 1
+    if not isinstance(t, PreparedTensor):  # W8A8's layout: its GEMM takes every batch
         return SMALL_M
     if t.block_shape[1] < 128:
         return 32
@@ -696,7 +710,7 @@ def explain(t: QuantizedTensor | PreparedTensor, batch: int = 1) -> str:
     >>> import numpy as np, npquant
     >>> qt = npquant.quantize(np.ones((64, 128), np.float32), "w8-channel")
     >>> explain(qt, 4)
-    'checkpoint layout, batch 1-16, any codes: _small_m.gemm_small_m (each weight row decoded once into L1 for every row of x)'
+    'checkpoint layout, batch 1-32, any codes: _small_m.gemm_small_m (each weight row decoded once into L1 for every row of x)'
     """
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise NpquantError(f"batch must be a positive integer, got {batch!r}")
