@@ -450,21 +450,16 @@ def _bytes_block_t(value, codes, scale, zp, has_zp, mult, bi, blk, k0, c0, n, ou
             _prefetch(codes, ((blk + _BLOCKS_AHEAD) * codes.shape[1] + k) * _ROWS)  # see _BLOCKS_AHEAD
             src = codes[blk, k]
             dst = out_t[k - k0, c0 : c0 + n]
-            if n == _ROWS:
-                if folded:
-                    for r in range(_ROWS):
-                        dst[r] = value(src[r], zi[r], mult) * sc[r]
-                else:
-                    for r in range(_ROWS):
-                        dst[r] = value(src[r], zi[r], mult)
-                    _scale_unfolded(dst, mult, sc, _ROWS)
-            elif folded:
-                for r in range(n):
-                    dst[r] = value(src[r], zi[r], mult) * sc[r]
-            else:
+            if not folded:  # rare: no loop of its own at a constant count
                 for r in range(n):
                     dst[r] = value(src[r], zi[r], mult)
                 _scale_unfolded(dst, mult, sc, n)
+            elif n == _ROWS:
+                for r in range(_ROWS):
+                    dst[r] = value(src[r], zi[r], mult) * sc[r]
+            else:
+                for r in range(n):
+                    dst[r] = value(src[r], zi[r], mult) * sc[r]
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
