@@ -629,6 +629,8 @@ def batch_rows(route, t) -> tuple[int, int]:
     if route.batch == _LARGE:
         return small_m(t) + 1, _BIG
     return 1, _BIG
+
+
 _P4 = "4-bit codes (int4, fp4)"
 
 #: Every quantized-linear kernel, by layout, batch, codes and CPU features: the first row a call fits takes it.
