@@ -77,8 +77,8 @@ from ._tiles import (dequantize_bytes_blocks_t, dequantize_int4_blocks_t, dequan
 __all__ = ["numba_linear", "numba_dequantize", "has_kernels", "explain", "ROUTES", "Route", "default_threads", "SMALL_M",
            "small_m", "batch_rows", "gelu", "add_layer_norm", "softmax_scaled"]
 
-#: Largest batch a checkpoint tensor's small-batch kernel takes (one-byte and byte-aligned 4-bit codes; others stop
-#: earlier, the prepared layout's kernels go further: :func:`small_m`).
+#: Largest batch a checkpoint tensor's small-batch kernel takes (one-byte codes; others stop earlier, the prepared
+#: layout's kernels go further: :func:`small_m`).
 SMALL_M = 32
 _FLOAT32 = np.dtype(np.float32)
 _TILE_ELEMENTS = 1 << 19  # 2 MiB float32 tile for the large-M path
@@ -577,43 +577,47 @@ def small_m(t) -> int:
     """The largest batch for which ``t`` takes the small-batch kernels (each block decoded once into L1 for every
     row of ``x``); larger batches take tiles and BLAS.
 
-    The checkpoint layout's kernel (four rows a pass, scalar sums, every
-    format through one decoder) to ``SMALL_M`` (32) for one-byte codes and
-    byte-aligned 4-bit ones, to 4 for MXFP4, and not past batch 1 for the
-    rest (NVFP4, fp6, bit streams): measured as below, small-batch kernel /
-    tiles, AVX-512 build, batch 32: w8-channel 0.75-0.77 / 1.28-1.34,
-    fp8-channel 0.74 / 1.22, w8-g128 1.03 / 1.17, fp8-block 1.02 / 1.26,
-    w4-g128 1.15 / 1.20 (24: 0.95 / 1.19), at 64 w8-channel 1.09-1.17 /
-    1.24-1.34; AVX2 build, 32: w8-channel 0.77 / 1.28, fp8-channel 0.84 /
-    1.32, w8-g128 0.98 / 1.30, w4-g128 1.00 / 1.23; batch 2: nvfp4 1.94 /
-    1.26, mxfp6 2.66 / 1.27, w3-g128 1.82 / 1.30, mxfp4 1.07 / 1.21 (4: 1.13
-    / 1.12, 8: 1.41 / 1.14).
+    Where each kernel was measured to beat the tiles, in this machine's
+    fast phases and in its slow ones (which slow the tiles more, moving the
+    crossover up): 11008 x 4096, each call between float32 matmuls in one
+    process, small-batch kernel / tiles as ratios to float32 (slow phase ->
+    fast phase where both were measured).
 
-    The prepared layout's kernels run their inner loop at the FMA units'
-    pace, a row of ``x`` costing about the same at any batch, where BLAS
-    gains on them only as the batch grows. Measured, 11008 x
-    4096, each call between float32 matmuls in one process (small-batch
-    kernel / tiles, of float32): AVX-512 build, batch 17 w8-channel 0.49 /
-    1.05; 32: w8-channel 0.69 / 1.09, w4-g128 0.65 / 1.08, fp8-channel 0.69
-    / 1.08, nvfp4 0.83 / 1.03, mxfp4 0.74 / 1.05; 64: w8-channel 0.89-1.01
-    / 1.12-1.14, w4-g128 0.99 / 1.12, w8-g128 0.99 / 1.04, nvfp4 1.27 /
-    1.07; 96: w8-channel 1.20 / 1.13. AVX2 build (Zen 2 target), 32:
-    0.68-0.90 / 1.04-1.14 (every preset above); 128: w8-channel 1.05-1.08 /
-    1.13, fp8-channel 1.05 / 1.11, w4-g128 1.10 / 1.13, w8-g128 1.04 /
-    1.09, nvfp4 1.38 / 1.14, mxfp4 1.17 / 1.08; 160: w8-channel 1.13 /
-    1.13; 192: 1.28 / 1.13. Scales every 16 or 32 columns (fp4) close each
-    short run of the inner loop with a scaling pass: those reach 32 rows.
+    Prepared layout: 48 rows with AVX-512, 64 without, and 32 where scales
+    come every 16 or 32 columns (fp4: each short run of the inner loop ends
+    in a scaling pass). Its inner loop runs at the FMA units' pace, a row of
+    ``x`` costing about the same at any batch, where BLAS gains on it as the
+    batch grows. AVX-512 build, w8-channel: batch 17 0.49 / 1.05; 32 0.69 /
+    1.09; 48 0.85 / 1.09 -> 0.84 / 0.90; 64 0.89-1.01 / 1.12-1.14 -> 0.97 /
+    0.88; w4-g128 at 64 0.99 / 1.12 -> 1.00 / 0.91; nvfp4 at 32 0.83 / 1.03
+    -> 0.82 / 0.89, at 64 1.27 / 1.07. AVX2 build (Zen 2 target),
+    w8-channel: 32 0.68 / 1.05; 64 0.89 / 1.14 -> 0.88 / 0.97; 96 1.01 /
+    1.10 -> 0.98 / 0.96; 128 1.05-1.08 / 1.13 -> 1.06 / 1.00; nvfp4 at 64
+    1.16 / 1.15.
+
+    Checkpoint layout (four rows a pass, scalar sums, every format through
+    one decoder): 32 for one-byte codes, 24 for byte-aligned 4-bit ones, 4
+    for MXFP4, and not past batch 1 for the rest (NVFP4, fp6, bit streams).
+    AVX-512 build: w8-channel at 32 0.75-0.77 / 1.28-1.34 -> 0.71 / 1.17,
+    fp8-channel 0.74 / 1.22, w8-g128 1.03 / 1.17, fp8-block 1.02 / 1.26;
+    w4-g128 at 24 0.95 / 1.19 -> 0.98 / 1.06, at 32 1.15 / 1.20 -> 1.17 /
+    1.08; at batch 2 nvfp4 1.94 / 1.26 -> 2.03 / 1.20, mxfp6 2.66 / 1.27,
+    w3-g128 1.82 / 1.30, mxfp4 1.07 / 1.21 (4: 1.13 / 1.12, 8: 1.41 /
+    1.14). AVX2 build at 32: w8-channel 0.77 / 1.28, fp8-channel 0.84 /
+    1.32, w4-g128 1.00 / 1.23 -> 0.96 / 1.09.
     """
     if isinstance(t, QuantizedTensor):
         kind = _code_kind(t)
-        if kind in (0, 1, 2, 4):  # int8 (with or without a zero point), byte-aligned 4-bit, fp8
+        if kind in (0, 1, 4):  # int8 (with or without a zero point), fp8
             return SMALL_M
+        if kind == 2:  # 4-bit ints in byte-aligned blocks
+            return 24
         return 4 if kind == 5 and t.scheme.scale_dtype == "e8m0" else 1
     if not isinstance(t, PreparedTensor):  # W8A8's layout: its GEMM takes every batch
         return SMALL_M
     if t.block_shape[1] < 128:
         return 32
-    return 64 if has_avx512() else 128
+    return 48 if has_avx512() else 64
 
 
 _BIG = 1 << 62
