@@ -304,3 +304,62 @@ def test_numba_e4m3_blocks_batch1_decodes_agree_bit_for_bit(kernels, amax):
         ys.append(y)
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], linear(x, p, backend="numba"))
+
+
+# --- stacked layers (parts) ---------------------------------------------------------------------------------
+def test_row_tiles_cut_each_part_as_it_would_be_alone():
+    from npquant.kernels._tiling import row_tiles
+
+    # Reference written out: a part alone is cut in tiles of min(cap, rows); parts of one tile share a tile
+    # while their rows fit in the cap.
+    assert row_tiles(1152, 2048, (384, 384, 384)) == [(0, 1152, [(0, 384), (384, 384), (768, 384)])]
+    assert row_tiles(1152, 512, (384, 384, 384)) == [(0, 384, [(0, 384)]), (384, 384, [(384, 384)]),
+                                                      (768, 384, [(768, 384)])]
+    assert row_tiles(6144, 2048, (4096, 1024, 1024)) == [(0, 2048, [(0, 2048)]), (2048, 2048, [(2048, 2048)]),
+                                                          (4096, 2048, [(4096, 1024), (5120, 1024)])]
+    assert row_tiles(640, 256, (64, 576)) == [(0, 64, [(0, 64)]), (64, 256, [(64, 256)]), (320, 256, [(320, 256)]),
+                                              (576, 64, [(576, 64)])]
+    assert row_tiles(300, 128) == [(0, 128, [(0, 128)]), (128, 128, [(128, 128)]), (256, 44, [(256, 44)])]
+    assert row_tiles(300, 128, (300,)) == row_tiles(300, 128)
+
+
+@pytest.mark.parametrize("parts", [(64, 64, 64), (128, 64), (192,)])
+def test_parts_are_kept_and_checked(parts):
+    qt = quantize(weight((192, 256)), "w4-g128")
+    p = prepare(qt, parts=list(parts))
+    assert p.parts == parts
+    assert_same_tensor(p.quantized(), qt)
+    assert prepare(qt).parts is None
+    for bad in ([64, 64], [64, 100, 28], [0, 192], [-64, 256], "abc", [64.0, 128]):
+        with pytest.raises(NpquantError, match=r"parts must be"):
+            prepare(qt, parts=bad)
+
+
+@pytest.mark.parametrize("scheme", ["w4-g128", "w8-channel", "fp8-channel"])
+@pytest.mark.parametrize("m, tile_elements", [(130, None), (300, None), (130, 128 * 128)])
+def test_stacked_layers_give_each_layers_own_bits(kernels, monkeypatch, scheme, m, tile_elements):
+    # A stacked tensor with parts runs in one call, and each part's outputs are its own layer's bit for bit:
+    # BLAS gets, per part, the very products that layer alone gives it (recorded here, so the test can fail on
+    # any machine, whether or not its BLAS's summation order depends on the product's width), and the outputs
+    # are compared exactly. tile_elements 128 x 128: parts of several tiles.
+    from npquant.kernels import _sgemm
+
+    layers = [quantize(weight((rows, 384), seed=i), scheme) for i, rows in enumerate((384, 128, 256))]
+    stacked = npquant.QuantizedTensor(np.concatenate([q.codes for q in layers]),
+                                      np.concatenate([q.scale for q in layers]), None, (768, 384), layers[0].scheme)
+    fused = prepare(stacked, parts=(384, 128, 256))
+    x = np.random.default_rng(m).standard_normal((m, 384)).astype(np.float32)  # past every small_m: tiles
+    calls = []
+    real = _sgemm.sgemm
+
+    def recording(x_at, lda, m_rows, tile_at, tile_shape, ldb, transposed, beta, y_at, ldc):
+        calls.append((m_rows, tile_shape, transposed, beta))
+        real(x_at, lda, m_rows, tile_at, tile_shape, ldb, transposed, beta, y_at, ldc)
+
+    monkeypatch.setattr(_sgemm, "sgemm", recording)
+    y = kernels.numba_linear(x, fused, tile_elements=tile_elements)
+    fused_calls, calls[:] = list(calls), []
+    own = [kernels.numba_linear(x, prepare(q), tile_elements=tile_elements) for q in layers]
+    if _sgemm.usable():
+        assert sorted(fused_calls) == sorted(calls) and len(calls) >= 3
+    np.testing.assert_array_equal(y, np.concatenate(own, axis=1))

@@ -59,6 +59,7 @@ True
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,10 @@ class PreparedTensor:
     shape : (O, I)
     scheme : Scheme (4-bit int or fp4 with an even block width, or one-byte codes)
     global_scale : float32 (1,) or None (NVFP4's)
+    parts : tuple of int or None: the row counts of the layers stacked in this
+        tensor, in order (an engine's fused QKV; vLLM's ``output_partition_sizes``),
+        each a multiple of ``ROWS``, summing to ``O``. The large-batch path then
+        hands each part to BLAS as that layer alone would be (see :func:`prepare`).
     """
 
     codes: np.ndarray
@@ -115,11 +120,14 @@ class PreparedTensor:
     shape: tuple[int, int]
     scheme: Scheme
     global_scale: np.ndarray | None = None
+    parts: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         out_features, in_features = self.shape
         scheme = self.scheme
+        if self.parts is not None:
+            object.__setattr__(self, "parts", _checked_parts(self.parts, out_features))
         if not preparable(scheme, self.shape):
             raise NpquantError(
                 f"PreparedTensor holds one-byte codes or 4-bit int codes in blocks of an even width, got {scheme}"
@@ -294,7 +302,19 @@ def _prepare_w8a8(qt: QuantizedTensor) -> PreparedW8A8 | QuantizedTensor:
     return PreparedW8A8(packed, corr, w_scale, qt.shape, qt.scheme)
 
 
-def prepare(qt: QuantizedTensor) -> PreparedTensor | PreparedW8A8 | QuantizedTensor:
+def _checked_parts(parts, out_features: int) -> tuple[int, ...]:
+    """``parts`` as a tuple of ints, each a positive multiple of ``ROWS``, summing to ``out_features``."""
+    try:
+        sizes = tuple(operator.index(n) for n in parts)
+    except TypeError:
+        raise NpquantError(f"parts must be a sequence of row counts, got {parts!r}") from None
+    if not sizes or any(n <= 0 or n % ROWS for n in sizes) or sum(sizes) != out_features:
+        raise NpquantError(f"parts must be positive multiples of {ROWS} rows summing to out_features "
+                           f"{out_features}, got {list(sizes)}")
+    return sizes
+
+
+def prepare(qt: QuantizedTensor, parts=None) -> PreparedTensor | PreparedW8A8 | QuantizedTensor:
     """Rearrange ``qt`` for the numba backend's kernels, when a layout of its own helps.
 
     One-byte codes (``w8-channel``, ``fp8-channel``, ...) and 4-bit int
@@ -305,9 +325,20 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | PreparedW8A8 | QuantizedTen
     tensor (``w8a8-fp8`` included) is returned as it is. Any result goes
     to :func:`npquant.linear` with any backend.
 
+    ``parts``: where ``qt`` is several layers' tensors stacked by rows (an
+    engine's fused QKV projection, vLLM's ``output_partition_sizes``), their
+    row counts, each a multiple of 64. One call still runs the whole tensor,
+    and at large batches each part's tiles are handed to BLAS as that layer
+    alone would hand them, so every output is that layer's bit for bit:
+    BLAS's summation order may depend on the shape of the product it is
+    given (OpenBLAS's AVX2 kernels on an AMD EPYC sum some outputs of ``x @
+    W.T`` for an 1152-row ``W`` in another order than for its first 384
+    rows alone). Kept only where the result is a PreparedTensor.
+
     Parameters
     ----------
     qt : QuantizedTensor of shape (O, I)
+    parts : sequence of int summing to O, or None
 
     Returns
     -------
@@ -319,6 +350,8 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | PreparedW8A8 | QuantizedTen
     if scheme.activations == "int8-token":
         return _prepare_w8a8(qt)
     out_features, in_features = qt.shape
+    if parts is not None:
+        parts = _checked_parts(parts, out_features)
     if not preparable(scheme, qt.shape) or qt.perm is not None:
         return qt
     n_blocks = -(-out_features // ROWS)
@@ -337,4 +370,4 @@ def prepare(qt: QuantizedTensor) -> PreparedTensor | PreparedW8A8 | QuantizedTen
         scale = np.ascontiguousarray(qt.scale[index]).view(np.uint8)
     else:
         scale = scale_values(qt.scale[index], scheme)
-    return PreparedTensor(blocks_of(codes), blocks_of(scale), zero_point, qt.shape, scheme, qt.global_scale)
+    return PreparedTensor(blocks_of(codes), blocks_of(scale), zero_point, qt.shape, scheme, qt.global_scale, parts)

@@ -451,7 +451,8 @@ def _run_prepared_small_m(x2, p, y, call) -> None:
 
 
 def _run_prepared_tiles(x2, p, y, call) -> None:
-    """Tiles of whole blocks dequantized transposed, ``(K, T)``, by all threads, then BLAS."""
+    """Tiles of whole blocks dequantized transposed, ``(K, T)``, by all threads, then BLAS (each of ``p.parts`` as
+    its own layer's: see :func:`~npquant.kernels._tiling.row_tiles`)."""
     zp, has_zp = _prepared_zp(p)
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
@@ -470,7 +471,7 @@ def _run_prepared_tiles(x2, p, y, call) -> None:
     elements = call.tile_elements or (_NARROW_TILE_ELEMENTS if narrow else _TILE_ELEMENTS)
     cols = call.tile_k or (_NARROW_TILE_K if narrow else _TILE_K)
     tile_rows, tile_cols = tile_shape(p.shape[0], p.shape[1], elements, cols, ROWS)
-    tiled(x2, y, tile_rows, tile_cols, dequantize_t, True)
+    tiled(x2, y, tile_rows, tile_cols, dequantize_t, True, parts=p.parts)
 
 
 # id(w8a8-int8 QuantizedTensor) -> (weak reference to it, its PreparedW8A8); an entry leaves with its tensor

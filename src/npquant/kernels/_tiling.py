@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _buffers, _sgemm
 
-__all__ = ["tile_shape", "odd_lines", "tiled"]
+__all__ = ["tile_shape", "odd_lines", "row_tiles", "tiled"]
 
 
 def tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int,
@@ -57,8 +57,47 @@ def odd_lines(n: int) -> int:
     return 16 * (lines + 1 - lines % 2)
 
 
+def row_tiles(out_features: int, tile_rows: int, parts: tuple | None = None) -> list:
+    """``[(o0, n, pieces)]``: the weight's rows ``[o0, o0 + n)`` dequantized as one tile, and the ``(start, rows)``
+    of it that BLAS multiplies in one call each.
+
+    Without ``parts``, tiles of ``tile_rows`` rows, each one piece. With
+    ``parts`` (the row counts of layers stacked in the weight, summing to
+    ``out_features``), each part is cut as it would be alone, in tiles of
+    ``min(tile_rows, part)`` rows (``tile_rows`` is at most the weight's own
+    rows, so a part alone would get this same cut), each its own piece, so
+    that BLAS sees the products that part alone gives it; parts of one tile
+    each share a tile while their rows fit in ``tile_rows``.
+
+    >>> row_tiles(1152, 2048, (384, 384, 384))
+    [(0, 1152, [(0, 384), (384, 384), (768, 384)])]
+    >>> row_tiles(1536, 512, (1024, 256, 256))
+    [(0, 512, [(0, 512)]), (512, 512, [(512, 512)]), (1024, 512, [(1024, 256), (1280, 256)])]
+    """
+    tiles, group = [], []  # group: the pieces of the tile being filled
+
+    def close():
+        if group:
+            tiles.append((group[0][0], sum(m for _, m in group), group.copy()))
+            group.clear()
+
+    start = 0
+    for size in parts or (out_features,):
+        if size > tile_rows:  # a part of several tiles: each alone
+            close()
+            tiles += [(o0, min(tile_rows, start + size - o0), [(o0, min(tile_rows, start + size - o0))])
+                      for o0 in range(start, start + size, tile_rows)]
+        else:
+            if sum(m for _, m in group) + size > tile_rows:
+                close()
+            group.append((start, size))
+        start += size
+    close()
+    return tiles
+
+
 def tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequantize, transposed: bool,
-          padded: bool = False) -> None:
+          padded: bool = False, parts: tuple | None = None) -> None:
     """``y (M, O) = x2 (M, I) @ W.T`` tile by tile: ``dequantize(o0, k0, tile)`` writes the weight's rows
     ``[o0, o0 + T)``, columns ``[k0, k0 + K)`` into ``tile``, ``(T, K)`` or, ``transposed``, ``(K, T)``; BLAS
     multiplies it and adds the product into ``y``.
@@ -67,6 +106,8 @@ def tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequant
     number of lines that holds its ``T`` (:func:`odd_lines`), its first ``T``
     columns the weight's rows; ``tile_rows`` should be such a number itself
     (:func:`tile_shape`), then only the last tile is wider than its rows.
+    ``parts``: the row counts of layers stacked in the weight, each handed to
+    BLAS as it would be alone (:func:`row_tiles`; not with ``padded``).
     The tile is the calling thread's (:func:`~npquant.kernels._buffers.tile`).
     Tiles narrower than ``I`` only where :mod:`~npquant.kernels._sgemm` is usable.
     """
@@ -75,15 +116,17 @@ def tiled(x2: np.ndarray, y: np.ndarray, tile_rows: int, tile_cols: int, dequant
     buf = _buffers.tile((odd_lines(tile_rows) if padded else tile_rows) * tile_cols)  # this thread's, reused
     whole_rows = tile_cols == in_features and not _sgemm.usable()
     x_at, y_at, tile_at = (0, 0, 0) if whole_rows else (x2.ctypes.data, y.ctypes.data, buf.ctypes.data)
-    for o0 in range(0, out_features, tile_rows):
-        n = min(tile_rows, out_features - o0)
+    for o0, n, pieces in row_tiles(out_features, tile_rows, None if padded else parts):
         ld = odd_lines(n) if padded else n
         for k0 in range(0, in_features, tile_cols):
             k = min(tile_cols, in_features - k0)
             tile = buf[: ld * k].reshape((k, ld) if transposed else (n, k))
             dequantize(o0, k0, tile)
-            if whole_rows:
-                np.matmul(x2, tile[:, :n] if transposed else tile.T, out=y[:, o0 : o0 + n])
-            else:
-                _sgemm.sgemm(x_at + 4 * k0, in_features, m_rows, tile_at, (k, n) if transposed else (n, k),
-                             tile.shape[1], transposed, 0.0 if k0 == 0 else 1.0, y_at + 4 * o0, out_features)
+            for a, m in pieces:
+                t0 = a - o0  # the piece's first row in the tile
+                if whole_rows:
+                    np.matmul(x2, tile[:, t0 : t0 + m] if transposed else tile[t0 : t0 + m].T, out=y[:, a : a + m])
+                else:
+                    _sgemm.sgemm(x_at + 4 * k0, in_features, m_rows, tile_at + 4 * (t0 if transposed else t0 * k),
+                                 (k, m) if transposed else (m, k), tile.shape[1], transposed,
+                                 0.0 if k0 == 0 else 1.0, y_at + 4 * a, out_features)

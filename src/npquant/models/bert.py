@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import NpquantError
 from .._backends import resolve_backend
 from ..linear import linear
-from ..prepared import prepare
+from ..prepared import ROWS, PreparedTensor, prepare
 from ..schemes import Scheme
 from ..tensor import QuantizedTensor
 
@@ -277,10 +277,13 @@ class BertEncoder:
         An engine's fused QKV projection: one call reads ``x`` once and
         splits its work over more rows. The codes and scales are the three
         tensors' rows stacked, so every output row is computed as by its own
-        layer, bit for bit. Only where the three are quantized alike with
-        scales per row or per block of rows that fits ``C`` (not per tensor,
-        no global scale or act-order permutation). Made once per set of
-        tensors, like :meth:`_runnable`.
+        layer, bit for bit (at large batches each part goes to BLAS as its
+        own layer's: :func:`~npquant.prepare`'s ``parts``). Only on the numba
+        backend (the numpy one is the reference), where the three are quantized
+        alike with scales per row or per block of rows that fits ``C`` (not
+        per tensor, no global scale or act-order permutation) and
+        :func:`~npquant.prepare` lays them out. Made once per set of tensors,
+        like :meth:`_runnable`.
         """
         p = f"encoder.layer.{i}.attention.self."
         ws = tuple(self.tensors[p + m + ".weight"] for m in ("query", "key", "value"))
@@ -289,7 +292,8 @@ class BertEncoder:
             return cached[1]
         fused = None
         first = ws[0]
-        fits = (all(isinstance(w, QuantizedTensor) for w in ws)
+        fits = (resolve_backend(self.backend) == "numba"
+                and all(isinstance(w, QuantizedTensor) for w in ws)
                 and all(w.scheme == first.scheme and w.shape == first.shape for w in ws)
                 and first.scheme.granularity != "tensor"
                 and all(w.global_scale is None and w.perm is None for w in ws)
@@ -298,8 +302,10 @@ class BertEncoder:
             zp = None if first.zero_point is None else np.concatenate([w.zero_point for w in ws])
             qt = QuantizedTensor(np.concatenate([w.codes for w in ws]), np.concatenate([w.scale for w in ws]), zp,
                                  (3 * first.shape[0], first.shape[1]), first.scheme)
-            bias = np.concatenate([self.tensors[p + m + ".bias"] for m in ("query", "key", "value")])
-            fused = (prepare(qt) if resolve_backend(self.backend) == "numba" else qt, bias.astype(np.float32))
+            run = prepare(qt, parts=tuple(w.shape[0] for w in ws)) if first.shape[0] % ROWS == 0 else qt
+            if isinstance(run, PreparedTensor):
+                bias = np.concatenate([self.tensors[p + m + ".bias"] for m in ("query", "key", "value")])
+                fused = (run, bias.astype(np.float32))
         self._prepared[p + "qkv"] = (ws, fused)
         return fused
 
