@@ -363,3 +363,27 @@ def test_stacked_layers_give_each_layers_own_bits(kernels, monkeypatch, scheme, 
     if _sgemm.usable():
         assert sorted(fused_calls) == sorted(calls) and len(calls) >= 3
     np.testing.assert_array_equal(y, np.concatenate(own, axis=1))
+
+
+def test_l2_size_is_read_from_sysfs_and_sets_the_tiles(tmp_path, monkeypatch):
+    from npquant import kernels
+    from npquant.kernels import _tiling
+
+    def cache_dir(entries):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for i, (level, size) in enumerate(entries):
+            (root / f"index{i}").mkdir(parents=True)
+            (root / f"index{i}" / "level").write_text(f"{level}\n")
+            (root / f"index{i}" / "size").write_text(f"{size}\n")
+        return str(root)
+
+    assert _tiling.l2_bytes(cache_dir([(1, "32K"), (1, "32K"), (2, "512K"), (3, "32768K")])) == 512 << 10
+    assert _tiling.l2_bytes(cache_dir([(1, "48K"), (2, "2048K"), (3, "491520K")])) == 2 << 20
+    assert _tiling.l2_bytes(cache_dir([(2, "2M")])) == 2 << 20
+    assert _tiling.l2_bytes(cache_dir([(1, "32K"), (3, "8M")])) is None
+    assert _tiling.l2_bytes(cache_dir([(2, "garbage")])) is None
+    assert _tiling.l2_bytes(str(tmp_path / "none")) is None
+    # The narrow tiles (1 MiB) where the L2 holds two of them, or cannot be read.
+    for l2, narrow in ((512 << 10, False), (1 << 20, False), (2 << 20, True), (None, True)):
+        monkeypatch.setattr(_tiling, "l2_bytes", lambda l2=l2: l2)
+        assert kernels._narrow_tiles_fit() is narrow, l2

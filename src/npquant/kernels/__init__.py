@@ -58,7 +58,7 @@ from ..tensor import QuantizedTensor, _float_code_values
 
 _numba_cache.install()  # before any kernel is defined: one cache key for all numba sources (see there)
 
-from . import _blas_threads, _buffers, _pool
+from . import _blas_threads, _buffers, _pool, _tiling
 from . import _nonlinear, _w8a8_fp8
 from ._args import (_BYTE_KIND, _FP8, _INT4_OFFSET, _INT4_TWOS, _NIBBLES, _NO_E4M3, _NO_SCALE_2D,  # noqa: F401
                     _NO_SCALE_BLOCKS, _NO_SCALE_CODES, _NO_SCALE_CODES_2D, _NO_SCALE_TABLE, _NO_ZP, _NO_ZP_BLOCKS,
@@ -94,6 +94,10 @@ _TILE_K = 256  # its columns, where tiles add into y (see _tiling.tiled)
 # batch 128, prepared, two runs each way in turn: w8 / w4-g128 / fp8 1.040 1.053 1.035 and 1.023 1.043 1.027 ->
 # 1.005 0.988 1.003 and 1.009 1.022 1.013 (host); Zen 2 target 1.041 1.018 1.067 and 1.058 1.062 1.051 ->
 # 1.049 1.041 1.039 and 1.038 1.024 1.056.
+# Only where the L2 holds such a tile twice (the tile and BLAS's packed copy of it): on an AMD EPYC (Zen 3, 512 KiB
+# of L2 a core, 32 MiB of L3), 11008 x 4096, numba for the host (AVX2), the two sizes alternating in one process
+# (11 rounds), 1 MiB / 128 -> 2 MiB / 256: batch 128 w8-channel 1.115 -> 1.052, w4-g128 1.090 -> 1.060; batch 80
+# w8-channel 1.085 -> 1.054; batch 100 w4-g128 1.081 -> 1.044 (larger tiles, 4-8 MiB, gained nothing clear more).
 _NARROW_TILES_UP_TO = 128
 _NARROW_TILE_ELEMENTS = 1 << 18
 _NARROW_TILE_K = 128
@@ -450,6 +454,13 @@ def _run_prepared_small_m(x2, p, y, call) -> None:
     _parallel(kernel, (*args, y), p.codes.shape[0], _cost(x2, p), call.threads, _SMALL_M_PARALLEL_FROM)
 
 
+def _narrow_tiles_fit() -> bool:
+    """Whether the prepared layout's narrow tiles (see ``_NARROW_TILES_UP_TO``) fit twice in the L2 (where its size
+    cannot be read, as on the machine they were measured on: yes)."""
+    l2 = _tiling.l2_bytes()
+    return l2 is None or l2 >= 2 * 4 * _NARROW_TILE_ELEMENTS
+
+
 def _run_prepared_tiles(x2, p, y, call) -> None:
     """Tiles of whole blocks dequantized transposed, ``(K, T)``, by all threads, then BLAS (each of ``p.parts`` as
     its own layer's: see :func:`~npquant.kernels._tiling.row_tiles`)."""
@@ -467,7 +478,7 @@ def _run_prepared_tiles(x2, p, y, call) -> None:
         _parallel(kernel, (*args, o0 // ROWS, k0, w_t), -(-w_t.shape[1] // ROWS), w_t.nbytes, call.threads,
                   _PARALLEL_TILE_FROM, as_gemm=True)
 
-    narrow = x2.shape[0] <= _NARROW_TILES_UP_TO
+    narrow = x2.shape[0] <= _NARROW_TILES_UP_TO and _narrow_tiles_fit()
     elements = call.tile_elements or (_NARROW_TILE_ELEMENTS if narrow else _TILE_ELEMENTS)
     cols = call.tile_k or (_NARROW_TILE_K if narrow else _TILE_K)
     tile_rows, tile_cols = tile_shape(p.shape[0], p.shape[1], elements, cols, ROWS)

@@ -10,11 +10,35 @@ through numpy's ``matmul``. :func:`tile_shape` chooses the tiles,
 
 from __future__ import annotations
 
+import functools
+import glob
+import os
+
 import numpy as np
 
 from . import _buffers, _sgemm
 
-__all__ = ["tile_shape", "odd_lines", "row_tiles", "tiled"]
+__all__ = ["tile_shape", "odd_lines", "row_tiles", "tiled", "l2_bytes"]
+
+
+@functools.cache
+def l2_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Bytes of cpu0's level-2 cache as Linux's sysfs under ``root`` gives them (sizes such as ``512K``), or None
+    where they cannot be read (another system, no such files)."""
+    for level_path in sorted(glob.glob(os.path.join(root, "index*", "level"))):
+        try:
+            with open(level_path) as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(os.path.dirname(level_path), "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if unit > 1 else text
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits) * unit
+    return None
 
 
 def tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int,
