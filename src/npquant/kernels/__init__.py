@@ -595,9 +595,9 @@ def small_m(t) -> int:
     process, small-batch kernel / tiles as ratios to float32 (slow phase ->
     fast phase where both were measured).
 
-    Prepared layout: 48 rows with AVX-512, 64 without, and 32 where scales
-    come every 16 or 32 columns (fp4: each short run of the inner loop ends
-    in a scaling pass). Its inner loop runs at the FMA units' pace, a row of
+    Prepared layout: 48 rows with AVX-512; without, 96 for one-byte codes
+    and 80 for 4-bit ones; 32 where scales come every 16 or 32 columns
+    (fp4: each short run of the inner loop ends in a scaling pass). Its inner loop runs at the FMA units' pace, a row of
     ``x`` costing about the same at any batch, where BLAS gains on it as the
     batch grows. AVX-512 build, w8-channel: batch 17 0.49 / 1.05; 32 0.69 /
     1.09; 48 0.85 / 1.09 -> 0.84 / 0.90; 64 0.89-1.01 / 1.12-1.14 -> 0.97 /
@@ -605,7 +605,13 @@ def small_m(t) -> int:
     -> 0.82 / 0.89, at 64 1.27 / 1.07. AVX2 build (Zen 2 target),
     w8-channel: 32 0.68 / 1.05; 64 0.89 / 1.14 -> 0.88 / 0.97; 96 1.01 /
     1.10 -> 0.98 / 0.96; 128 1.05-1.08 / 1.13 -> 1.06 / 1.00; nvfp4 at 64
-    1.16 / 1.15.
+    1.16 / 1.15. On a real AVX2 CPU, an AMD EPYC (Zen 3, 2 cores, the
+    tiles at 2 MiB: ``_narrow_tiles_fit``), the crossovers lie higher:
+    w8-channel at 64 0.95 / 1.09, 80 0.99 / 1.08, 96 1.02 / 1.04, 128 1.05
+    / 1.06; fp8-channel at 96 1.00 / 1.06, 128 1.01 / 1.03; w4-g128 at 64
+    1.00 / 1.19, 80 1.03 / 1.11, 88 1.06 / 1.12, 96 1.11 / 1.10, 128 1.10
+    / 1.06. Hence 96 and 80 there (the Zen 2 target on the Intel host had
+    w8-channel at 96 1.01 / 1.10 slow, 0.98 / 0.96 fast).
 
     Checkpoint layout (four rows a pass, scalar sums, every format through
     one decoder): 32 for one-byte codes, 24 for byte-aligned 4-bit ones, 4
@@ -629,7 +635,9 @@ def small_m(t) -> int:
         return SMALL_M
     if t.block_shape[1] < 128:
         return 32
-    return 48 if has_avx512() else 64
+    if has_avx512():
+        return 48
+    return 96 if t.scheme.bits == 8 else 80
 
 
 _BIG = 1 << 62
