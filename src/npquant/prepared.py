@@ -332,7 +332,7 @@ def prepare(qt: QuantizedTensor, parts=None) -> PreparedTensor | PreparedW8A8 | 
     alone would hand them, so every output is that layer's bit for bit:
     BLAS's summation order may depend on the shape of the product it is
     given (OpenBLAS's AVX2 kernels on an AMD EPYC sum some outputs of ``x @
-    W.T`` for an 1152-row ``W`` in another order than for its first 384
+    W.T`` for a 1152-row ``W`` in another order than for its first 384
     rows alone). Kept only where the result is a PreparedTensor.
 
     Parameters
@@ -347,11 +347,11 @@ def prepare(qt: QuantizedTensor, parts=None) -> PreparedTensor | PreparedW8A8 | 
     if not isinstance(qt, QuantizedTensor):
         raise NpquantError(f"qt must be a QuantizedTensor (see npquant.quantize), got {type(qt).__name__}")
     scheme = qt.scheme
-    if scheme.activations == "int8-token":
-        return _prepare_w8a8(qt)
     out_features, in_features = qt.shape
     if parts is not None:
         parts = _checked_parts(parts, out_features)
+    if scheme.activations == "int8-token":
+        return _prepare_w8a8(qt)
     if not preparable(scheme, qt.shape) or qt.perm is not None:
         return qt
     n_blocks = -(-out_features // ROWS)

@@ -597,9 +597,9 @@ def small_m(t) -> int:
 
     Prepared layout: 48 rows with AVX-512; without, 96 for one-byte codes
     and 80 for 4-bit ones; 32 where scales come every 16 or 32 columns
-    (fp4: each short run of the inner loop ends in a scaling pass). Its inner loop runs at the FMA units' pace, a row of
-    ``x`` costing about the same at any batch, where BLAS gains on it as the
-    batch grows. AVX-512 build, w8-channel: batch 17 0.49 / 1.05; 32 0.69 /
+    (fp4: each short run of the inner loop ends in a scaling pass). Its
+    inner loop runs at the FMA units' pace, a row of ``x`` costing about
+    the same at any batch, where BLAS gains on it as the batch grows. AVX-512 build, w8-channel: batch 17 0.49 / 1.05; 32 0.69 /
     1.09; 48 0.85 / 1.09 -> 0.84 / 0.90; 64 0.89-1.01 / 1.12-1.14 -> 0.97 /
     0.88; w4-g128 at 64 0.99 / 1.12 -> 1.00 / 0.91; nvfp4 at 32 0.83 / 1.03
     -> 0.82 / 0.89, at 64 1.27 / 1.07. AVX2 build (Zen 2 target),

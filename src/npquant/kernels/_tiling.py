@@ -88,10 +88,11 @@ def row_tiles(out_features: int, tile_rows: int, parts: tuple | None = None) -> 
     Without ``parts``, tiles of ``tile_rows`` rows, each one piece. With
     ``parts`` (the row counts of layers stacked in the weight, summing to
     ``out_features``), each part is cut as it would be alone, in tiles of
-    ``min(tile_rows, part)`` rows (``tile_rows`` is at most the weight's own
-    rows, so a part alone would get this same cut), each its own piece, so
-    that BLAS sees the products that part alone gives it; parts of one tile
-    each share a tile while their rows fit in ``tile_rows``.
+    ``min(tile_rows, part)`` rows, each its own piece, so that BLAS sees
+    the products that part alone gives it (:func:`tile_shape`'s rows are its
+    cap or the whole weight's, and a part of more rows than ``tile_rows``
+    gets the cap alone too). Parts of one tile each share a tile while
+    their rows fit in ``tile_rows``.
 
     >>> row_tiles(1152, 2048, (384, 384, 384))
     [(0, 1152, [(0, 384), (384, 384), (768, 384)])]
