@@ -16,26 +16,17 @@ def instruction_set() -> str:
 
 
 def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """Bytes of the largest CPU cache cpu0 reports (Linux sysfs under ``root``, sizes such as ``491520K``;
-    else ``sysconf``), or ``default``.
+    """Bytes of the largest CPU cache cpu0 reports (Linux sysfs under ``root``, sizes such as ``491520K``, read by
+    ``npquant._caches.cache_sizes``; else ``sysconf``), or ``default``.
 
     A benchmark whose weights must come from memory, as a large model's do,
     rotates over copies that together outgrow this.
     """
-    import glob
     import os
 
-    sizes = []
-    for path in glob.glob(os.path.join(root, "index*", "size")):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-        digits = text[:-1] if unit > 1 else text
-        if digits.isdigit():
-            sizes.append(int(digits) * unit)
+    from npquant._caches import cache_sizes
+
+    sizes = [size for _, size in cache_sizes(root)]
     if not sizes:
         try:
             sizes.append(int(os.sysconf("SC_LEVEL3_CACHE_SIZE")))

@@ -11,34 +11,20 @@ through numpy's ``matmul``. :func:`tile_shape` chooses the tiles,
 from __future__ import annotations
 
 import functools
-import glob
-import os
 
 import numpy as np
 
+from .._caches import SYSFS, cache_sizes
 from . import _buffers, _sgemm
 
 __all__ = ["tile_shape", "odd_lines", "row_tiles", "tiled", "l2_bytes"]
 
 
 @functools.cache
-def l2_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """Bytes of cpu0's level-2 cache as Linux's sysfs under ``root`` gives them (sizes such as ``512K``), or None
-    where they cannot be read (another system, no such files)."""
-    for level_path in sorted(glob.glob(os.path.join(root, "index*", "level"))):
-        try:
-            with open(level_path) as f:
-                if f.read().strip() != "2":
-                    continue
-            with open(os.path.join(os.path.dirname(level_path), "size")) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
-        digits = text[:-1] if unit > 1 else text
-        if digits.isdigit() and int(digits) > 0:
-            return int(digits) * unit
-    return None
+def l2_bytes(root: str = SYSFS) -> int | None:
+    """Bytes of cpu0's level-2 cache as Linux's sysfs under ``root`` gives them, or None where they cannot be read
+    (another system, no such files)."""
+    return next((size for level, size in cache_sizes(root) if level == 2), None)
 
 
 def tile_shape(out_features: int, in_features: int, tile_elements: int, tile_k: int, row_step: int,
@@ -99,25 +85,20 @@ def row_tiles(out_features: int, tile_rows: int, parts: tuple | None = None) -> 
     >>> row_tiles(1536, 512, (1024, 256, 256))
     [(0, 512, [(0, 512)]), (512, 512, [(512, 512)]), (1024, 512, [(1024, 256), (1280, 256)])]
     """
-    tiles, group = [], []  # group: the pieces of the tile being filled
-
-    def close():
-        if group:
-            tiles.append((group[0][0], sum(m for _, m in group), group.copy()))
-            group.clear()
-
-    start = 0
+    tiles, group, filled, start = [], [], 0, 0  # group: the pieces of the tile being filled, filled: its rows
     for size in parts or (out_features,):
+        if group and (size > tile_rows or filled + size > tile_rows):
+            tiles.append((group[0][0], filled, group))
+            group, filled = [], 0
         if size > tile_rows:  # a part of several tiles: each alone
-            close()
             tiles += [(o0, min(tile_rows, start + size - o0), [(o0, min(tile_rows, start + size - o0))])
                       for o0 in range(start, start + size, tile_rows)]
         else:
-            if sum(m for _, m in group) + size > tile_rows:
-                close()
             group.append((start, size))
+            filled += size
         start += size
-    close()
+    if group:
+        tiles.append((group[0][0], filled, group))
     return tiles
 
 
