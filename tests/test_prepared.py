@@ -306,6 +306,42 @@ def test_numba_e4m3_blocks_batch1_decodes_agree_bit_for_bit(kernels, amax):
     np.testing.assert_array_equal(ys[0], linear(x, p, backend="numba"))
 
 
+@pytest.mark.parametrize("amax", [3.0, 2.0**110])
+def test_numba_e4m3_small_batches_carry_the_2_8_in_x_bit_for_bit(kernels, amax):
+    # The small-batch kernel decodes e4m3 through float16 (the value / 2**8): below 2**100, x carries the 2**8
+    # (code kind 4, one multiply fewer a code), else the decode does (kind 1). The same products and sums either
+    # way: the kernel run with each gives the same bits, and linear's small batches give them too.
+    p = prepare(quantize(weight((150, 384)), "fp8-channel"))
+    x = np.random.default_rng(4).standard_normal((5, 384)).astype(np.float32)
+    x *= np.float32(amax / np.abs(x).max())
+    ys = []
+    for kind, xk, mult in ((1, x, 2.0**8), (4, x * np.float32(2.0**8), 1.0)):
+        y = np.empty((5, 150), np.float32)
+        kernels.gemm_small_m_bytes_blocks(xk, p.codes, p.scale, np.zeros((1, 1, 1), np.uint8), kind,
+                                          np.float32(mult), 384, y, *one_thread())
+        ys.append(y)
+    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_array_equal(linear(x, p, backend="numba"), ys[0])
+
+
+def test_numba_e4m3_small_batches_decode_every_finite_code_exactly(kernels):
+    from reference import fp8_finite_table
+
+    table = fp8_finite_table("fp8_e4m3")
+    values = np.array([v for v, _ in table])  # float64, each exact in float32
+    codes = np.array([c for _, c in table], np.uint8)[:, None].repeat(64, axis=1)  # row i: code i
+    scheme = Scheme("fp8_e4m3", 8, "tensor")
+    qt = npquant.QuantizedTensor(codes.view(ml_dtypes.float8_e4m3fn), np.ones((1, 1), np.float32), None,
+                                 codes.shape, scheme)
+    p = prepare(qt)
+    for big in (1.0, 2.0**-20, 2.0**110):  # x carries the 2**8 below 2**100, the decode above
+        x = np.zeros((3, 64), np.float32)
+        x[:, 7] = big
+        with np.errstate(over="ignore"):
+            want = (values * np.float64(big)).astype(np.float32)
+        np.testing.assert_array_equal(linear(x, p, backend="numba"), np.tile(want, (3, 1)))
+
+
 # --- stacked layers (parts) ---------------------------------------------------------------------------------
 def test_row_tiles_cut_each_part_as_it_would_be_alone():
     from npquant.kernels._tiling import row_tiles

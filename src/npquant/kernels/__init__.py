@@ -446,10 +446,15 @@ def _run_prepared_small_m(x2, p, y, call) -> None:
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
+        if code_kind == 1 and _e4m3_multipliers(x2)[2] != 1:
+            # x takes e4m3's 2**8 (exact: |x| < 2**100), so each code's decode loses its multiply; the products are
+            # the same. Measured on an AMD EPYC (Zen 3), one thread, codes in cache, 8 and 12 rows: 0.92-0.98 of
+            # the time, the same bits.
+            x2, code_kind = x2 * np.float32(2.0**8), 4
         kernel, args = gemm_small_m_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, fp8_mult, p.block_shape[1])
     else:
         fp4 = p.scheme.dtype == "fp4_e2m1"
-        kernel, args = gemm_small_m_int4_blocks, (*_even_odd(x2), p.codes, *_prepared_scales(p), zp, has_zp, fp4,
+        kernel, args = gemm_small_m_int4_blocks, (x2, p.codes, *_prepared_scales(p), zp, has_zp, fp4,
                                                   p.block_shape[1] // 2)
     _parallel(kernel, (*args, y), p.codes.shape[0], _cost(x2, p), call.threads, _SMALL_M_PARALLEL_FROM)
 

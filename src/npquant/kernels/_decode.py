@@ -311,8 +311,9 @@ def _block_scales(scale, scale_codes, scale_table, coded, blk, g, out):
 # --- one-byte codes in blocks of rows (npquant.prepared) ----------------------------
 # Codes uint8 (B, I, R), scale and zero point (B, G, R). ``code_kind``: 0
 # int8 (symmetric), 1 fp8 e4m3, 2 fp8 e5m2, 3 uint8 minus a zero point
-# (asymmetric). As for 4-bit blocks, a loop over r is a loop over SIMD
-# lanes, one output row each.
+# (asymmetric), 4 fp8 e4m3 over 2**8 (the float16 decode alone, for a
+# caller whose ``x`` holds the 2**8). As for 4-bit blocks, a loop over r is
+# a loop over SIMD lanes, one output row each.
 #
 # One byte code's ``v - z`` as float32, exact, one function per code kind: a
 # kernel passed one of them is compiled for it alone, with no branch on the
@@ -358,7 +359,8 @@ def _decode_lanes(code_kind, b, zi, fp8_mult, out):
     """``out[:R] = v - z`` for one byte position of a block (``b`` uint8 (R,)), exact in float32.
 
     fp8 through float16 (:func:`_e4m3_as_f16` times ``fp8_mult`` = 2**8,
-    or :func:`_e5m2_as_f16`): exact whatever the FPU does with subnormals.
+    or without it, kind 4; :func:`_e5m2_as_f16`): exact whatever the FPU
+    does with subnormals.
     """
     if code_kind == 0:
         for r in range(_ROWS):
@@ -369,6 +371,9 @@ def _decode_lanes(code_kind, b, zi, fp8_mult, out):
     elif code_kind == 2:
         for r in range(_ROWS):
             out[r] = _e5m2_value(b[r], zi[r], fp8_mult)
+    elif code_kind == 4:
+        for r in range(_ROWS):
+            out[r] = _e4m3_as_f16_value(b[r], zi[r], fp8_mult)
     else:
         for r in range(_ROWS):
             out[r] = _offset_value(b[r], zi[r], fp8_mult)

@@ -277,11 +277,10 @@ def gemm_small_m_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
 
 
 def gemm_small_m_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
-    """:func:`gemm_small_m_int4_blocks` (x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4,
-    half_block, y, work, per)."""
+    """:func:`gemm_small_m_int4_blocks` (x, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y,
+    work, per)."""
     blk = carray(a, (n,))
-    x_even, i = _f32_2d(blk, 0)
-    x_odd, i = _f32_2d(blk, i)
+    x, i = _f32_2d(blk, 0)
     codes, i = _u8_3d(blk, i)
     scale, i = _f32_3d(blk, i)
     scale_codes, i = _u8_3d(blk, i)
@@ -290,8 +289,7 @@ def gemm_small_m_int4_blocks_job(m, n, k, alpha, a, lda, b, ldb, c, ldc, sb):
     has_zp, fp4, half_block = blk[i] != 0, blk[i + 1] != 0, blk[i + 2]
     y, i = _f32_2d(blk, i + 3)
     work, i = _i64_1d(blk, i)
-    gemm_small_m_int4_blocks(x_even, x_odd, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y,
-                             work, blk[i])
+    gemm_small_m_int4_blocks(x, codes, scale, scale_codes, scale_table, zp, has_zp, fp4, half_block, y, work, blk[i])
     return 0
 
 
