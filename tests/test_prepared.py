@@ -307,10 +307,11 @@ def test_numba_e4m3_blocks_batch1_decodes_agree_bit_for_bit(kernels, amax):
 
 
 @pytest.mark.parametrize("amax", [3.0, 2.0**110])
-def test_numba_e4m3_small_batches_carry_the_2_8_in_x_bit_for_bit(kernels, amax):
-    # The small-batch kernel decodes e4m3 through float16 (the value / 2**8): below 2**100, x carries the 2**8
-    # (code kind 4, one multiply fewer a code), else the decode does (kind 1). The same products and sums either
-    # way: the kernel run with each gives the same bits, and linear's small batches give them too.
+def test_numba_e4m3_small_batches_carry_the_2_8_in_x_bit_for_bit(kernels, monkeypatch, amax):
+    # The small-batch kernel decodes e4m3 through float16 (the value / 2**8): in large calls with x below 2**100,
+    # x carries the 2**8 (code kind 4, one multiply fewer a code), else the decode does (kind 1). The same
+    # products and sums either way: the kernel run with each gives the same bits, and so does linear's small
+    # batch, with the size from which x takes the 2**8 as it is (this call is below it) and at 0.
     p = prepare(quantize(weight((150, 384)), "fp8-channel"))
     x = np.random.default_rng(4).standard_normal((5, 384)).astype(np.float32)
     x *= np.float32(amax / np.abs(x).max())
@@ -322,9 +323,14 @@ def test_numba_e4m3_small_batches_carry_the_2_8_in_x_bit_for_bit(kernels, amax):
         ys.append(y)
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(linear(x, p, backend="numba"), ys[0])
+    monkeypatch.setattr(kernels, "_X_TAKES_E4M3_FROM", 0)
+    np.testing.assert_array_equal(linear(x, p, backend="numba"), ys[0])
 
 
-def test_numba_e4m3_small_batches_decode_every_finite_code_exactly(kernels):
+@pytest.mark.parametrize("x_takes_from", [0, None], ids=["x takes 2**8", "as set"])
+def test_numba_e4m3_small_batches_decode_every_finite_code_exactly(kernels, monkeypatch, x_takes_from):
+    if x_takes_from is not None:
+        monkeypatch.setattr(kernels, "_X_TAKES_E4M3_FROM", x_takes_from)
     from reference import fp8_finite_table
 
     table = fp8_finite_table("fp8_e4m3")

@@ -118,6 +118,12 @@ _SMALL_M_PARALLEL_FROM = 1 << 20
 # the model's own matmul, are still polling, so handing them work is cheap.
 _PARALLEL_TILE_FROM = 1 << 18
 _CHUNKS_PER_THREAD = 8
+# From this many multiply-adds a small-batch e4m3 call scales x by 2**8 (a copy) so that each code's decode loses
+# its multiply: the same products, the same bits. Measured on an AMD EPYC (Zen 3), one thread, codes in cache, 8
+# and 12 rows of 4096 x 4096 and 1536 x 384: 0.92-0.98 of the kernel's time; but the copy and the scan of x for
+# its largest element cost about 9 us a call (more inside a model), which made MiniLM's one sentence (24 calls of
+# 1.8-7 M) 8-11% slower (two runs of 60-80 rounds, the two settings alternating in one process).
+_X_TAKES_E4M3_FROM = 1 << 24
 # GELU, LayerNorm and softmax (elements) run on all threads from this size: one sentence's feed-forward
 # activations (12 x 1536) stay in the caller's thread, a batch's (480 x 1536) take every core.
 _NONLINEAR_PARALLEL_FROM = 1 << 16
@@ -446,11 +452,8 @@ def _run_prepared_small_m(x2, p, y, call) -> None:
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
-        if code_kind == 1 and _e4m3_multipliers(x2)[2] != 1:
-            # x takes e4m3's 2**8 (exact: |x| < 2**100), so each code's decode loses its multiply; the products are
-            # the same. Measured on an AMD EPYC (Zen 3), one thread, codes in cache, 8 and 12 rows: 0.92-0.98 of
-            # the time, the same bits.
-            x2, code_kind = x2 * np.float32(2.0**8), 4
+        if code_kind == 1 and _cost(x2, p) >= _X_TAKES_E4M3_FROM and _e4m3_multipliers(x2)[2] != 1:
+            x2, code_kind = x2 * np.float32(2.0**8), 4  # x takes e4m3's 2**8 (exact: |x| < 2**100)
         kernel, args = gemm_small_m_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, fp8_mult, p.block_shape[1])
     else:
         fp4 = p.scheme.dtype == "fp4_e2m1"
