@@ -48,9 +48,9 @@ def avx2(monkeypatch):
     _target.has_vnni.cache_clear()
 
 
-# 1/2, 4/5, 24/25, 32/33, 48/49, 80/81, 96/97: the small-batch kernels' last batches (checkpoint: batch 1 alone,
-# MXFP4, 4-bit and one-byte codes; prepared: fp4 and the rest with AVX-512, 4-bit and one-byte codes without) and
-# the tiles' first; 128 and 129 the prepared tiles' two sizes
+# 1/2, 4/5, 24/25, 32/33, 48/49, 96/97, 128/129: the small-batch kernels' last batches (checkpoint: batch 1 alone,
+# MXFP4, 4-bit and one-byte codes; prepared: fp4 and the rest with AVX-512, one-byte and 4-bit codes without) and
+# the tiles' first; 128 and 129 also the prepared tiles' two sizes
 @pytest.mark.parametrize("batch", [1, 2, 4, 5, 16, 24, 25, 32, 33, 48, 49, 64, 80, 81, 96, 97, 128, 129])
 def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
     for name, t in tensors():
@@ -95,12 +95,12 @@ def test_small_batches_end_where_measured():
     # kernels.small_m's measured crossovers: the checkpoint layout's small-batch kernel to 32 rows for one-byte
     # codes, 24 for byte-aligned 4-bit ones, 4 for MXFP4, batch 1 alone for the rest; the prepared layout's to 32
     # where scales come every 16 or 32 columns (fp4), else to 48 with AVX-512 and, without, 96 for one-byte codes
-    # and 80 for 4-bit ones.
+    # and 128 for 4-bit ones.
     avx512 = kernels.has_avx512()
     for name, expect in [("w8-channel", 32), ("w8-g128", 32), ("fp8-block", 32), ("w4-g128", 24),
                          ("w4-g128-asym", 24), ("mxfp4", 4), ("nvfp4", 1), ("mxfp6", 1), ("w3-g128", 1),
                          ("w2-g64", 1), ("w8-channel prepared", 48 if avx512 else 96),
-                         ("w4-g128 prepared", 48 if avx512 else 80), ("fp8-channel prepared", 48 if avx512 else 96),
+                         ("w4-g128 prepared", 48 if avx512 else 128), ("fp8-channel prepared", 48 if avx512 else 96),
                          ("w4-g32 prepared", 32),
                          ("nvfp4 prepared", 32), ("mxfp4 prepared", 32)]:
         t = dict(tensors())[name]
@@ -117,8 +117,8 @@ def test_small_batches_without_avx512(avx2):
     assert kernels.small_m(p) == 96 and "_small_m" in kernels._choose(p, 96).kernel
     assert "_tiles" in kernels._choose(p, 97).kernel
     p = prepare(quantize(weight(), "w4-g128"))
-    assert kernels.small_m(p) == 80 and "_small_m" in kernels._choose(p, 80).kernel
-    assert "_tiles" in kernels._choose(p, 81).kernel
+    assert kernels.small_m(p) == 128 and "_small_m" in kernels._choose(p, 128).kernel
+    assert "_tiles" in kernels._choose(p, 129).kernel
     assert kernels.small_m(prepare(quantize(weight(), "nvfp4"))) == 32
 
 

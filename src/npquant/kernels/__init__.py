@@ -604,7 +604,7 @@ def small_m(t) -> int:
     fast phase where both were measured).
 
     Prepared layout: 48 rows with AVX-512; without, 96 for one-byte codes
-    and 80 for 4-bit ones; 32 where scales come every 16 or 32 columns
+    and 128 for 4-bit ones; 32 where scales come every 16 or 32 columns
     (fp4: each short run of the inner loop ends in a scaling pass). Its
     inner loop runs at the FMA units' pace, a row of ``x`` costing about
     the same at any batch, where BLAS gains on it as the batch grows. AVX-512 build, w8-channel: batch 17 0.49 / 1.05; 32 0.69 /
@@ -618,8 +618,13 @@ def small_m(t) -> int:
     w8-channel at 64 0.95 / 1.09, 80 0.99 / 1.08, 96 1.02 / 1.04, 128 1.05
     / 1.06; fp8-channel at 96 1.00 / 1.06, 128 1.01 / 1.03; w4-g128 at 64
     1.00 / 1.19, 80 1.03 / 1.11, 88 1.06 / 1.12, 96 1.11 / 1.10, 128 1.10
-    / 1.06. Hence 96 and 80 there (the Zen 2 target on the Intel host had
-    w8-channel at 96 1.01 / 1.10 slow, 0.98 / 0.96 fast).
+    / 1.06. Hence 96 for one-byte codes there (the Zen 2 target on the
+    Intel host had w8-channel at 96 1.01 / 1.10 slow, 0.98 / 0.96 fast).
+    The 4-bit kernel, once it decoded its nibbles in column order (a tenth
+    faster), beat the tiles further: w4-g128 at 96 1.02 / 1.06, 104 1.03 /
+    1.14, 112 1.03 / 1.06, 128 0.97 / 1.09 and 1.04 / 1.13 (two runs), 160
+    1.07 / 1.14, 192 1.14 / 1.07, 256 1.12 / 1.08; w4-g128-asym at 128 1.06
+    / 1.06. Hence 128 for 4-bit codes.
 
     Checkpoint layout (four rows a pass, scalar sums, every format through
     one decoder): 32 for one-byte codes, 24 for byte-aligned 4-bit ones, 4
@@ -645,7 +650,7 @@ def small_m(t) -> int:
         return 32
     if has_avx512():
         return 48
-    return 96 if t.scheme.bits == 8 else 80
+    return 96 if t.scheme.bits == 8 else 128
 
 
 _BIG = 1 << 62
