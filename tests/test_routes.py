@@ -50,7 +50,7 @@ def avx2(monkeypatch):
 
 # 1/2, 4/5, 24/25, 32/33, 48/49, 96/97, 128/129: the small-batch kernels' last batches (checkpoint: batch 1 alone,
 # MXFP4, 4-bit and one-byte codes; prepared: fp4 and the rest with AVX-512, one-byte and 4-bit codes without) and
-# the tiles' first; 128 and 129 also the prepared tiles' two sizes
+# the tiles' first, with 16, 64, 80 and 81 between; 128 and 129 also the prepared tiles' two sizes
 @pytest.mark.parametrize("batch", [1, 2, 4, 5, 16, 24, 25, 32, 33, 48, 49, 64, 80, 81, 96, 97, 128, 129])
 def test_every_tensor_and_batch_has_one_route_and_runs_it(batch):
     for name, t in tensors():

@@ -449,17 +449,18 @@ def _run_prepared_small_m(x2, p, y, call) -> None:
     """:func:`~npquant.kernels._small_m.gemm_small_m_bytes_blocks` or ``_int4_blocks``: each block decoded once for
     every row of ``x``."""
     zp, has_zp = _prepared_zp(p)
+    cost = _cost(x2, p)
     if p.scheme.bits == 8:
         code_kind = _BYTE_KIND.get(p.scheme.dtype, 3 if has_zp else 0)
         fp8_mult = np.float32(_FP8.get(p.scheme.dtype, (0, 1.0))[1])
-        if code_kind == 1 and _cost(x2, p) >= _X_TAKES_E4M3_FROM and _e4m3_multipliers(x2)[2] != 1:
+        if code_kind == 1 and cost >= _X_TAKES_E4M3_FROM and _e4m3_multipliers(x2)[2] != 1:
             x2, code_kind = x2 * np.float32(2.0**8), 4  # x takes e4m3's 2**8 (exact: |x| < 2**100)
         kernel, args = gemm_small_m_bytes_blocks, (x2, p.codes, p.scale, zp, code_kind, fp8_mult, p.block_shape[1])
     else:
         fp4 = p.scheme.dtype == "fp4_e2m1"
         kernel, args = gemm_small_m_int4_blocks, (x2, p.codes, *_prepared_scales(p), zp, has_zp, fp4,
                                                   p.block_shape[1] // 2)
-    _parallel(kernel, (*args, y), p.codes.shape[0], _cost(x2, p), call.threads, _SMALL_M_PARALLEL_FROM)
+    _parallel(kernel, (*args, y), p.codes.shape[0], cost, call.threads, _SMALL_M_PARALLEL_FROM)
 
 
 def _narrow_tiles_fit() -> bool:

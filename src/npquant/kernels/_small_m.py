@@ -163,10 +163,9 @@ def gemm_small_m_int4_blocks(x, codes, scale, scale_codes, scale_table, zp, has_
     ``x``'s even and odd columns, two multiply-adds into each sum a byte):
     0.88-0.93 of its time at 8 and 12 rows (4096 x 4096 and 1536 x 384
     w4-g128; 0.85-0.87 in a first script), 0.91-0.94 with the nibbles
-    decoded to ``q``. fp4 scales
-    are one-byte codes, ``scale_codes`` uint8 (B, G, R), whose values
-    ``scale_table`` float32 (256,) holds (NVFP4's over its global scale);
-    ``scale`` is then not read.
+    decoded to ``q``. fp4 scales are one-byte codes, ``scale_codes`` uint8
+    (B, G, R), whose values ``scale_table`` float32 (256,) holds (NVFP4's
+    over its global scale); ``scale`` is then not read.
     """
     n_blocks = codes.shape[0]
     n_col_blocks = scale_codes.shape[1] if fp4 else scale.shape[1]
